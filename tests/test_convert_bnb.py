@@ -1,0 +1,196 @@
+"""bitsandbytes 4-bit checkpoints: what transformers saves we read, what we write transformers loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlora_jax.cli import main as cli_main
+from qlora_jax.convert import bnb as bnb_format
+from qlora_jax.quant import dequantize, quantize
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+pytestmark = pytest.mark.oracle
+
+LINEARS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+
+
+def _bnb_config(quant_type: str, double_quant: bool):
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer random Llama saved in float32, with a row length (in_features) that is not a multiple of 64."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=80,
+        intermediate_size=144,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=20,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _load_4bit(path, quant_type="nf4", double_quant=True):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=_bnb_config(quant_type, double_quant), device_map="cpu"
+    )
+
+
+def _logits(model, seed=0):
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits.numpy()
+
+
+@pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", True), ("fp4", False), ("fp4", True)])
+def test_read_transformers_checkpoint_and_write_it_back(tiny_llama, tmp_path, quant_type, double_quant):
+    import bitsandbytes.functional as F
+
+    model = _load_4bit(tiny_llama, quant_type, double_quant)
+    model.save_pretrained(tmp_path / "bnb")
+    tensors = load_file(tmp_path / "bnb" / "model.safetensors")
+
+    quantized, rest = bnb_format.split_state_dict(tensors)
+    expected = {f"model.layers.{i}.{name}.weight" for i in range(2) for name in LINEARS}
+    assert set(quantized) == expected
+    assert all(k.startswith(("lm_head", "model.embed_tokens", "model.norm")) or "layernorm" in k for k in rest)
+
+    for key, qt in quantized.items():
+        assert (qt.quant_type, qt.blocksize, qt.double_quant) == (quant_type, 64, double_quant)
+        module = model.get_submodule(key.removesuffix(".weight"))
+        reference = F.dequantize_4bit(module.weight.data, module.weight.quant_state).numpy()
+        np.testing.assert_array_equal(np.asarray(dequantize(qt)), reference)
+
+    # Written back, every tensor is the same, byte for byte, and transformers computes the same logits.
+    rewritten = bnb_format.merge_state_dict(quantized, rest)
+    assert rewritten.keys() == tensors.keys()
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(rewritten[key], value, err_msg=key)
+    out = tmp_path / "ours"
+    out.mkdir()
+    shutil.copy(tmp_path / "bnb" / "config.json", out / "config.json")
+    save_file(rewritten, out / "model.safetensors", metadata={"format": "pt"})
+    np.testing.assert_array_equal(
+        _logits(transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")), _logits(model)
+    )
+
+
+def test_checkpoint_we_quantize_loads_in_transformers(tiny_llama, tmp_path):
+    """Quantized by us from the float32 weights, written with a quantization_config, loaded by transformers."""
+    reference_model = _load_4bit(tiny_llama)
+    reference_model.save_pretrained(tmp_path / "bnb")
+    reference = load_file(tmp_path / "bnb" / "model.safetensors")
+
+    float_weights = load_file(tiny_llama / "model.safetensors")
+    quantized, rest = {}, {}
+    for key, value in float_weights.items():
+        if any(f".{name}.weight" in key for name in LINEARS):
+            quantized[key] = quantize(value)
+        else:
+            rest[key] = value
+    out = tmp_path / "ours"
+    out.mkdir()
+    config = json.loads((tiny_llama / "config.json").read_text())
+    config["quantization_config"] = bnb_format.quantization_config(compute_dtype="float32")
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(bnb_format.merge_state_dict(quantized, rest), out / "model.safetensors", metadata={"format": "pt"})
+
+    for key, qt in quantized.items():
+        np.testing.assert_array_equal(np.asarray(qt.packed), reference[key].reshape(-1), err_msg=key)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert type(ours.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    # The double-quant offsets may differ from torch's mean in the last bit, nothing else does.
+    np.testing.assert_allclose(_logits(ours), _logits(reference_model), rtol=1e-4, atol=1e-5)
+
+
+def _state(tmp_path_factory=None):
+    qt = quantize(np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
+    return bnb_format.to_state_dict(qt, "layer.weight")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda s: s.pop("layer.weight.absmax"), "layer.weight.absmax: missing"),
+        (lambda s: s.__setitem__("layer.weight", s["layer.weight"][:-1]), "layer.weight: expected 512 values"),
+        (
+            lambda s: s.__setitem__("layer.weight.absmax", s["layer.weight.absmax"].astype(np.float32)),
+            "layer.weight.absmax: expected dtype uint8",
+        ),
+        (lambda s: s.__setitem__("layer.weight.quant_map", s["layer.weight.quant_map"] * 2), "quant_map: differs"),
+        (
+            lambda s: s.__setitem__("layer.weight.quant_state.bitsandbytes__nf4", np.frombuffer(b"{oops", np.uint8)),
+            "not a valid bitsandbytes quant state",
+        ),
+        (lambda s: s.pop("layer.weight.quant_state.bitsandbytes__nf4"), "expected exactly one"),
+        (
+            lambda s: s.__setitem__(
+                "layer.weight.quant_state.bitsandbytes__nf4",
+                np.frombuffer(
+                    b'{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [16, 64]}', np.uint8
+                ),
+            ),
+            "unsupported blocksize 48",
+        ),
+    ],
+)
+def test_malformed_entries_name_the_key(mutate, match):
+    state = _state()
+    mutate(state)
+    with pytest.raises(bnb_format.BnbFormatError, match=match):
+        bnb_format.from_state_dict(state, "layer.weight")
+
+
+def test_int4_cannot_be_written():
+    with pytest.raises(ValueError, match="bitsandbytes cannot store quant_type 'int4'"):
+        bnb_format.to_state_dict(quantize(np.ones(64, np.float32), quant_type="int4"), "w")
+
+
+def test_stacked_tensor_cannot_be_written():
+    import jax
+
+    stacked = jax.vmap(quantize)(jnp.ones((2, 8, 64)))
+    with pytest.raises(ValueError, match="stacked"):
+        bnb_format.to_state_dict(stacked, "w")
+
+
+def test_cli_inspect(tiny_llama, tmp_path, capsys):
+    _load_4bit(tiny_llama).save_pretrained(tmp_path / "bnb")
+    assert cli_main(["inspect", str(tmp_path / "bnb" / "model.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "14 4-bit weights" in out and "model.layers.1.mlp.down_proj.weight" in out and "bits/param" in out
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(SystemExit, match="corrupt.safetensors: not a readable safetensors file"):
+        cli_main(["inspect", str(corrupt)])
+    with pytest.raises(SystemExit, match="no such file"):
+        cli_main(["inspect", str(tmp_path / "missing.safetensors")])
