@@ -256,7 +256,7 @@ def _quantize_dynamic_8bit(x: jax.Array, blocksize: int) -> tuple[jax.Array, jax
     return codes.reshape(-1)[:n], block_max
 
 
-def _round_f32(x: jax.Array) -> jax.Array:
+def round_before_add(x: jax.Array) -> jax.Array:
     """Returns x, rounded to float32 before any later addition.
 
     XLA contracts `a * b + c` into a fused multiply-add (one rounding) on CPU and GPU; bitsandbytes rounds the
@@ -297,10 +297,12 @@ def _mean_correctly_rounded(x: jax.Array) -> jax.Array:
     q_hi, n_f = _split_high(quotient), jnp.float32(n)
     n_hi = _split_high(n_f)
     q_lo, n_lo = quotient - q_hi, n_f - n_hi
-    remainder = (total_hi - _round_f32(q_hi * n_hi)) - _round_f32(q_hi * n_lo) - _round_f32(q_lo * n_hi)
-    remainder = remainder - _round_f32(q_lo * n_lo) + total_lo
+    remainder = (
+        (total_hi - round_before_add(q_hi * n_hi)) - round_before_add(q_hi * n_lo) - round_before_add(q_lo * n_hi)
+    )
+    remainder = remainder - round_before_add(q_lo * n_lo) + total_lo
     ulp = jnp.nextafter(quotient, jnp.float32(jnp.inf)) - quotient
-    half_step = _round_f32(ulp * n_f) * 0.5  # rounding the quotient up or down moves the remainder by ulp * n
+    half_step = round_before_add(ulp * n_f) * 0.5  # rounding the quotient up or down moves the remainder by ulp * n
     up, down = remainder > half_step, remainder < -half_step
     quotient = jnp.where(up, jnp.nextafter(quotient, jnp.float32(jnp.inf)), quotient)
     return jnp.where(down, jnp.nextafter(quotient, jnp.float32(-jnp.inf)), quotient)
@@ -314,7 +316,7 @@ def decode_absmax(qt: QuantizedTensor) -> jax.Array:
     num_blocks = codes.shape[-1]
     nested_index = jnp.arange(num_blocks) // qt.dq_blocksize
     scaled = jnp.asarray(codebooks.DYNAMIC_CODE)[codes] * qt.nested_absmax[..., nested_index]
-    return _round_f32(scaled) + jnp.asarray(qt.offset, jnp.float32)[..., None]
+    return round_before_add(scaled) + jnp.asarray(qt.offset, jnp.float32)[..., None]
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))

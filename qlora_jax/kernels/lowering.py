@@ -1,0 +1,31 @@
+"""Lowering kernels for CUDA without a GPU: `jax.export` for platform "cuda" from any machine.
+
+The tests lower every kernel configuration this way, so a kernel that cannot lower for a GPU fails CI on a CPU
+machine. Pallas emits Triton IR here; PTX is produced later, when XLA compiles the module on the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax import export
+
+__all__ = ["export_for_cuda"]
+
+# The Triton custom call's target is named differently across jax versions; only its safety check is disabled.
+_TRITON_TARGETS = ("triton_kernel_call", "__gpu$xla.gpu.triton")
+
+
+def export_for_cuda(fn: Callable[..., Any], *args: Any, device_kind: str = "NVIDIA H100 80GB HBM3") -> export.Exported:
+    """Exports `jax.jit(fn)(*args)` (args may be ShapeDtypeStructs) for CUDA, as if on a `device_kind` GPU."""
+    checks = [export.DisabledSafetyCheck.custom_call(target) for target in _TRITON_TARGETS]
+    context: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if jax.default_backend() != "gpu":
+        # Newer jax asks the device for its compute capability while lowering; name an abstract one.
+        device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=132, platform="gpu")
+        context = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device))
+    with context:
+        return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)

@@ -1,0 +1,245 @@
+"""The fused 4-bit kernels against their plain-JAX references.
+
+`TestKernelsInterpret` runs every test in Pallas' interpreter on CPU (CI); `TestKernelsGPU` runs the same tests
+compiled, and only where a GPU is present (run it on the device machine).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlora_jax.kernels import (
+    DequantConfig,
+    MatmulConfig,
+    dequantize_pallas,
+    kernel_options,
+    matmul_pallas,
+    matmul_reference,
+    matmul_transposed_pallas,
+    matmul_transposed_reference,
+    nf4_matmul,
+)
+from qlora_jax.quant import dequantize, quantize
+
+# Relative to the output's largest magnitude: 16-bit inputs differ from the float32 reference by their rounding.
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+SMALL = MatmulConfig(block_m=16, block_n=32, block_k=64, split_k=2, num_warps=2, num_stages=2)
+LARGE = MatmulConfig(block_m=64, block_n=64, block_k=64)
+BACKWARD = MatmulConfig(block_m=64, block_n=32, block_k=64)
+QUANT_VARIANTS = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False), ("int4", True)]
+
+
+def _weight(n, k, dtype=jnp.bfloat16, quant_type="nf4", double_quant=True, blocksize=64, seed=0):
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+    return quantize(jnp.asarray(w, dtype), quant_type=quant_type, double_quant=double_quant, blocksize=blocksize)
+
+
+def _activations(*shape, dtype=jnp.bfloat16, seed=1):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _assert_close(got, want, dtype):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.shape == want.shape
+    scale = max(float(np.max(np.abs(want))), 1e-6)
+    np.testing.assert_allclose(got, want, atol=TOLERANCE[dtype] * scale, rtol=0)
+
+
+class KernelTests:
+    INTERPRET = False
+
+    @pytest.fixture(autouse=True)
+    def _platform(self):
+        if not self.INTERPRET and jax.default_backend() != "gpu":
+            pytest.skip("compiled kernels need a GPU; TestKernelsInterpret covers them on CPU")
+        with kernel_options(interpret=self.INTERPRET):
+            yield
+
+    # --- forward ---------------------------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("m", [1, 7, 64, 300])
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+    def test_forward_matches_reference(self, m, dtype):
+        qt = _weight(96, 256, dtype)
+        x = _activations(m, 256, dtype=dtype)
+        config = SMALL if m <= 16 else LARGE
+        _assert_close(matmul_pallas(x, qt, config=config, interpret=self.INTERPRET), matmul_reference(x, qt), dtype)
+
+    @pytest.mark.parametrize(("quant_type", "double_quant"), QUANT_VARIANTS)
+    @pytest.mark.parametrize("config", [SMALL, LARGE], ids=["small_m", "large_m"])
+    def test_forward_every_quant_variant(self, quant_type, double_quant, config):
+        qt = _weight(80, 192, quant_type=quant_type, double_quant=double_quant)  # ragged N tile, 3 K steps
+        x = _activations(7 if config is SMALL else 70, 192)
+        if config is SMALL:
+            config = MatmulConfig(block_m=16, block_n=32, block_k=64, split_k=3)
+        _assert_close(
+            matmul_pallas(x, qt, config=config, interpret=self.INTERPRET), matmul_reference(x, qt), jnp.bfloat16
+        )
+
+    def test_forward_bf16_tile_equals_dequantized_weight(self):
+        """A one-hot x picks single columns of W: the kernel's tile is exactly dequantize(W) in bfloat16."""
+        qt = _weight(64, 128, jnp.float32)
+        x = jnp.eye(128, dtype=jnp.bfloat16)[:16]
+        y = matmul_pallas(x, qt, config=SMALL, interpret=self.INTERPRET)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(dequantize(qt, jnp.bfloat16)).T[:16])
+
+    def test_forward_larger_blocksize_and_block_k(self):
+        qt = _weight(64, 512, blocksize=256)
+        x = _activations(20, 512)
+        config = MatmulConfig(block_m=32, block_n=64, block_k=128)
+        _assert_close(
+            matmul_pallas(x, qt, config=config, interpret=self.INTERPRET), matmul_reference(x, qt), jnp.bfloat16
+        )
+
+    # --- backward (dx = dy @ W) --------------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("m", [1, 7, 64, 300])
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+    def test_transposed_matches_reference(self, m, dtype):
+        qt = _weight(80, 128, dtype)
+        dy = _activations(m, 80, dtype=dtype)
+        got = matmul_transposed_pallas(dy, qt, config=BACKWARD, interpret=self.INTERPRET)
+        _assert_close(got, matmul_transposed_reference(dy, qt), dtype)
+
+    @pytest.mark.parametrize(("quant_type", "double_quant"), QUANT_VARIANTS)
+    def test_transposed_every_quant_variant(self, quant_type, double_quant):
+        qt = _weight(96, 128, jnp.float16, quant_type=quant_type, double_quant=double_quant)
+        dy = _activations(33, 96, dtype=jnp.float16)
+        got = matmul_transposed_pallas(dy, qt, config=BACKWARD, interpret=self.INTERPRET)
+        _assert_close(got, matmul_transposed_reference(dy, qt), jnp.float16)
+
+    # --- gradients through nf4_matmul -------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("impl", ["pallas", "xla"])
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+    def test_gradient_matches_reference(self, impl, dtype):
+        qt = _weight(80, 128, dtype)
+        x = _activations(3, 5, 128, dtype=dtype)
+        target = _activations(3, 5, 80, dtype=jnp.float32, seed=2)
+
+        def loss(x, impl):
+            return jnp.sum((nf4_matmul(x, qt, impl=impl).astype(jnp.float32) - target) ** 2)
+
+        value, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(x, impl)
+        ref_value, ref_grad = jax.value_and_grad(loss)(x, "reference")
+        np.testing.assert_allclose(value, ref_value, rtol=TOLERANCE[dtype] * 5)
+        _assert_close(grad, ref_grad, dtype)
+
+    def test_weight_gets_zero_cotangent_and_no_dequantized_residual(self):
+        qt = _weight(64, 128)
+        x = _activations(16, 128)
+        grad_qt = jax.grad(lambda q: nf4_matmul(x, q, impl="pallas").astype(jnp.float32).sum(), allow_int=True)(qt)
+        for leaf in jax.tree.leaves(grad_qt):
+            assert leaf.dtype == jax.dtypes.float0 or not np.any(np.asarray(leaf))
+        # Residuals of the forward pass: the packed weight, never a dense copy of W (impl="reference" keeps one).
+        for impl, keeps_dense_w in (("pallas", False), ("xla", False), ("reference", True)):
+            _, vjp = jax.vjp(lambda a, impl=impl: nf4_matmul(a, qt, impl=impl), x)
+            float_sizes = [r.size for r in jax.tree.leaves(vjp) if jnp.issubdtype(r.dtype, jnp.floating)]
+            assert (max(float_sizes) >= 64 * 128) == keeps_dense_w, (impl, float_sizes)
+
+    # --- composition: jit, vmap, scan, checkpoint --------------------------------------------------------------
+
+    def test_vmap_folds_activations_and_maps_stacked_weights(self):
+        w = np.random.default_rng(0).standard_normal((3, 64, 128)).astype(np.float32)
+        stacked = jax.vmap(quantize)(jnp.asarray(w, jnp.bfloat16))
+        x = _activations(3, 9, 128)
+        got = jax.vmap(lambda q, a: nf4_matmul(a, q, impl="pallas"))(stacked, x)
+        want = jnp.stack([matmul_reference(x[i], jax.tree.map(lambda leaf, i=i: leaf[i], stacked)) for i in range(3)])
+        _assert_close(got, want, jnp.bfloat16)
+        qt = jax.tree.map(lambda leaf: leaf[0], stacked)
+        got = jax.vmap(lambda a: nf4_matmul(a, qt, impl="pallas"))(x)
+        _assert_close(got, matmul_reference(x, qt), jnp.bfloat16)
+
+    def test_scan_over_layers_with_checkpoint_and_grad(self):
+        w = np.random.default_rng(0).standard_normal((2, 128, 128)).astype(np.float32) * 0.1
+        stacked = jax.vmap(quantize)(jnp.asarray(w, jnp.float32))
+        x = _activations(16, 128, dtype=jnp.float32)
+
+        def forward(x, impl):
+            def layer(h, qt):
+                return jnp.tanh(jax.checkpoint(lambda a: nf4_matmul(a, qt, impl=impl))(h)), None
+
+            return jnp.sum(jax.lax.scan(layer, x, stacked)[0] ** 2)
+
+        grad = jax.jit(jax.grad(forward), static_argnums=1)(x, "pallas")
+        _assert_close(grad, jax.grad(forward)(x, "reference"), jnp.float32)
+
+    # --- dequantize ------------------------------------------------------------------------------------------
+
+    @pytest.mark.parametrize(("quant_type", "double_quant"), QUANT_VARIANTS)
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+    def test_dequantize_matches_reference(self, quant_type, double_quant, dtype):
+        qt = _weight(70, 320, jnp.float32, quant_type=quant_type, double_quant=double_quant)
+        got = dequantize_pallas(qt, dtype, config=DequantConfig(block_rows=16), interpret=self.INTERPRET)
+        want = dequantize(qt, dtype)
+        if self.INTERPRET:  # the interpreter runs XLA's CPU arithmetic: bit for bit
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        else:  # the GPU compiler may fuse the absmax decode's multiply-add: an ulp of the scale
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-6)
+
+    def test_dequantize_any_flat_shape(self):
+        qt = quantize(np.random.default_rng(3).standard_normal((5, 7, 128)).astype(np.float32), blocksize=128)
+        got = dequantize_pallas(qt, config=DequantConfig(block_rows=4, block_cols=32), interpret=self.INTERPRET)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(dequantize(qt)))
+
+
+class TestKernelsInterpret(KernelTests):
+    INTERPRET = True
+
+
+class TestKernelsGPU(KernelTests):
+    INTERPRET = False
+
+
+# --- dispatch and validation (no kernel runs) -----------------------------------------------------------------
+
+
+def test_auto_is_xla_on_cpu_and_matches_reference():
+    if jax.default_backend() == "gpu":
+        pytest.skip("checks the CPU choice")
+    qt = _weight(48, 128)
+    x = _activations(4, 128)
+    _assert_close(nf4_matmul(x, qt), matmul_reference(x, qt), jnp.bfloat16)
+    from qlora_jax.kernels import plan_for
+    from qlora_jax.kernels.dispatch import current_options
+
+    plan = plan_for(4, qt, jnp.bfloat16, impl="auto", config=None, options=current_options())
+    assert (plan.forward, plan.backward, plan.dequant) == ("xla", "xla", "xla")
+
+
+def test_in_features_not_a_multiple_of_blocksize():
+    qt = _weight(16, 96)  # 96 % 64 != 0: blocks straddle rows
+    x = _activations(2, 96)
+    with pytest.raises(ValueError, match="in_features=96 must be a multiple of blocksize=64"):
+        nf4_matmul(x, qt, impl="pallas")
+    _assert_close(nf4_matmul(x, qt, impl="auto"), matmul_reference(x, qt), jnp.bfloat16)  # falls back to XLA
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"x": _activations(2, 64)}, ValueError, r"x.shape\[-1\]=64 must equal the weight's in_features=128"),
+        ({"x": jnp.ones((2, 128), jnp.int32)}, TypeError, "int32"),
+        ({"impl": "cuda"}, ValueError, "impl must be one of"),
+    ],
+)
+def test_bad_calls(kwargs, error, match):
+    args = {"x": _activations(2, 128), "impl": "auto"} | kwargs
+    with pytest.raises(error, match=match):
+        nf4_matmul(args["x"], _weight(32, 128), impl=args["impl"])
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (MatmulConfig(block_k=16), "block_k=16 must be >= 32"),
+        (MatmulConfig(block_n=48), "block_n=48 must be one of"),
+        (MatmulConfig(block_k=64, split_k=3), "must be a multiple of block_k"),
+    ],
+)
+def test_bad_configs(config, match):
+    with pytest.raises(ValueError, match=match):
+        matmul_pallas(_activations(2, 128), _weight(32, 128), config=config, interpret=True)

@@ -1,0 +1,85 @@
+"""Every kernel configuration lowers for CUDA (jax.export, platform "cuda"), so one that cannot fails CI on CPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from qlora_jax.kernels import (
+    DequantConfig,
+    MatmulConfig,
+    dequantize_pallas,
+    matmul_pallas,
+    matmul_transposed_pallas,
+    nf4_matmul,
+    tuning_space,
+)
+from qlora_jax.kernels.autotune import DEQUANT_SPACE, default_choice
+from qlora_jax.kernels.lowering import export_for_cuda
+from qlora_jax.quant import quantize
+
+N, K = 256, 512
+
+
+def _abstract_weight(dtype=jnp.bfloat16, quant_type="nf4", double_quant=True, blocksize=128, shape=(N, K)):
+    """A QuantizedTensor of ShapeDtypeStructs: lowering needs shapes only."""
+    return jax.eval_shape(
+        lambda: quantize(jnp.zeros(shape, dtype), quant_type=quant_type, double_quant=double_quant, blocksize=blocksize)
+    )
+
+
+def _spec(*shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _assert_triton_call(exported):
+    text = exported.mlir_module()
+    assert "triton" in text, "expected a Triton custom call in the CUDA module"
+
+
+@pytest.mark.parametrize(("op", "m"), [("forward", 1), ("forward", 16), ("forward", 300), ("backward", 300)])
+def test_every_config_in_the_tuning_space_lowers(op, m):
+    qt = _abstract_weight()
+    configs = tuning_space(op, m, N, K, qt.blocksize)
+    assert configs
+    for config in configs:
+        if op == "forward":
+            exported = export_for_cuda(lambda x, q, c=config: matmul_pallas(x, q, config=c), _spec(m, K), qt)
+        else:
+            exported = export_for_cuda(
+                lambda dy, q, c=config: matmul_transposed_pallas(dy, q, config=c), _spec(m, N), qt
+            )
+        _assert_triton_call(exported)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)])
+def test_every_quant_variant_and_dtype_lowers(dtype, quant_type, double_quant):
+    qt = _abstract_weight(dtype, quant_type, double_quant, blocksize=64)
+    for m in (1, 300):
+        config = default_choice("forward", m, N, K, 64).config or MatmulConfig()
+        _assert_triton_call(
+            export_for_cuda(lambda x, q, c=config: matmul_pallas(x, q, config=c), _spec(m, K, dtype=dtype), qt)
+        )
+    _assert_triton_call(
+        export_for_cuda(
+            lambda dy, q: matmul_transposed_pallas(dy, q, config=MatmulConfig()), _spec(300, N, dtype=dtype), qt
+        )
+    )
+    for config in (DequantConfig(), *DEQUANT_SPACE):
+        _assert_triton_call(export_for_cuda(lambda q, c=config: dequantize_pallas(q, dtype, config=c), qt))
+
+
+def test_training_step_through_nf4_matmul_lowers():
+    """value_and_grad through the custom VJP (fused forward and backward) inside a scan over stacked layers."""
+    stacked = jax.eval_shape(lambda: jax.vmap(quantize)(jnp.zeros((2, K, K), jnp.bfloat16)))
+
+    def loss(x, layers):
+        def layer(h, qt):
+            return jax.checkpoint(lambda a: nf4_matmul(a, qt, impl="pallas"))(h), None
+
+        return jnp.sum(jax.lax.scan(layer, x, layers)[0].astype(jnp.float32) ** 2)
+
+    exported = export_for_cuda(jax.value_and_grad(loss), _spec(4, 128, K), stacked)
+    assert exported.mlir_module().count("nf4_matmul") >= 2  # the forward and the transposed kernels
