@@ -1,13 +1,20 @@
-"""The `qlora-jax` command line."""
+"""The `qlora-jax` command line: thin wrappers over the library, one function a command."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import qlora_jax
+
+QUANT_CHOICES = ("nf4", "fp4", "int4", "none")
+
+
+def _fail(command: str, message: str) -> SystemExit:
+    return SystemExit(f"qlora-jax {command}: {message}")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -19,15 +26,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if not path.is_file():
-        raise SystemExit(f"qlora-jax inspect: {path}: no such file")
+        raise _fail("inspect", f"{path}: no such file")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise SystemExit(f"qlora-jax inspect: {path}: not a readable safetensors file ({e})") from e
+        raise _fail("inspect", f"{path}: not a readable safetensors file ({e})") from e
     try:
         quantized, rest = bnb.split_state_dict(tensors)
     except bnb.BnbFormatError as e:
-        raise SystemExit(f"qlora-jax inspect: {path}: {e}") from e
+        raise _fail("inspect", f"{path}: {e}") from e
     print(f"{path}: {len(quantized)} 4-bit weights, {len(rest)} other tensors")
     q_params = q_bytes = 0
     for key, qt in quantized.items():
@@ -45,13 +52,107 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quant_config(args: argparse.Namespace):
+    from qlora_jax.quant import QuantConfig
+
+    if args.quant == "none":
+        return None
+    return QuantConfig(quant_type=args.quant, blocksize=args.blocksize, double_quant=not args.no_double_quant)
+
+
+def _load(command: str, args: argparse.Namespace):
+    import jax.numpy as jnp
+
+    from qlora_jax.convert.hf import load_pretrained
+
+    try:
+        return load_pretrained(args.model, quantization=_quant_config(args), dtype=jnp.dtype(args.dtype))
+    except (ValueError, OSError) as e:
+        raise _fail(command, str(e)) from e
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from qlora_jax.generate import SamplingConfig, generate_text
+    from qlora_jax.tokenizer import load_tokenizer
+
+    try:
+        sampling = SamplingConfig(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise _fail("generate", str(e)) from e
+    model, _ = _load("generate", args)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    except ValueError as e:
+        raise _fail("generate", str(e)) from e
+    prompts = args.prompt
+    answers = generate_text(model, tokenizer, prompts, sampling, chat=not args.no_chat)
+    for prompt, answer in zip(prompts, answers, strict=True):
+        if len(prompts) > 1:
+            print(f"### {prompt}")
+        print(answer)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """A transformers directory or GGUF file -> a transformers checkpoint, 4-bit (bitsandbytes) or dense."""
+    from qlora_jax.convert.hf import save_pretrained
+
+    model, _ = _load("convert", args)
+    out = Path(args.output)
+    save_pretrained(model, out, dequantize_weights=args.quant == "none", max_shard_size=args.max_shard_size)
+    source = Path(args.model)
+    try:
+        from qlora_jax.tokenizer import load_tokenizer
+
+        load_tokenizer(source).save_pretrained(str(out))
+    except (ValueError, ImportError) as e:
+        print(f"qlora-jax convert: no tokenizer written ({e})", file=sys.stderr)
+    if source.is_dir() and (source / "generation_config.json").is_file():
+        shutil.copy(source / "generation_config.json", out / "generation_config.json")
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, *, default_quant: str = "nf4") -> None:
+    parser.add_argument("--model", required=True, help="a transformers model directory or a .gguf file")
+    parser.add_argument("--quant", choices=QUANT_CHOICES, default=default_quant, help="how to store linear weights")
+    parser.add_argument("--blocksize", type=int, default=64)
+    parser.add_argument("--no-double-quant", action="store_true")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-jax", description=qlora_jax.__doc__)
     parser.add_argument("--version", action="version", version=f"qlora-jax {qlora_jax.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     inspect = commands.add_parser("inspect", help="list the bitsandbytes 4-bit weights of a safetensors file")
     inspect.add_argument("path", help="a .safetensors file")
     inspect.set_defaults(run=_inspect)
+
+    gen = commands.add_parser("generate", help="generate text from a model (chat template applied)")
+    _add_model_arguments(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    gen.add_argument("--tokenizer", default=None, help="where the tokenizer is (default: the model)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--no-chat", action="store_true", help="complete the raw prompt, without the chat template")
+    gen.set_defaults(run=_generate)
+
+    convert = commands.add_parser("convert", help="write a transformers checkpoint (4-bit or dense) of a model")
+    _add_model_arguments(convert)
+    convert.add_argument("output", help="the directory to write")
+    convert.add_argument("--max-shard-size", default="5GB")
+    convert.set_defaults(run=_convert)
     return parser
 
 

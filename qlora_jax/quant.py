@@ -25,6 +25,7 @@ import numpy as np
 from qlora_jax import codebooks
 
 __all__ = [
+    "QuantConfig",
     "QuantizedTensor",
     "quantize",
     "dequantize",
@@ -39,6 +40,42 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(j
 
 # bitsandbytes clamps an all-zero final partial block's absmax to this (a float32 subnormal) and stores it.
 _TINY_ABSMAX = np.float32(1e-38)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """How a model's linear weights are stored, with the meanings of transformers' `BitsAndBytesConfig`.
+
+    Attributes:
+      quant_type: "nf4", "fp4" or "int4" (`bnb_4bit_quant_type`).
+      double_quant: quantize the absmax too (`bnb_4bit_use_double_quant`).
+      blocksize, dq_blocksize: values a block, absmax values a block of the 8-bit step.
+      compute_dtype: what activations and the dequantized tiles are computed in (`bnb_4bit_compute_dtype`).
+      skip_modules: linear layers kept in 16 bits, matched by name (`llm_int8_skip_modules`; bitsandbytes keeps
+        lm_head unquantized by default, and so do we).
+    """
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    dq_blocksize: int = 256
+    compute_dtype: Any = jnp.bfloat16
+    skip_modules: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self):
+        if self.quant_type not in codebooks.QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {codebooks.QUANT_TYPES}, got {self.quant_type!r}")
+        if self.blocksize not in SUPPORTED_BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {self.blocksize!r}")
+        if self.dq_blocksize not in SUPPORTED_BLOCKSIZES:
+            raise ValueError(f"dq_blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {self.dq_blocksize!r}")
+        object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype))
+        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+
+    def skips(self, module_path: str) -> bool:
+        """Whether the linear layer at this dotted path stays in 16 bits (a name or a dotted suffix matches)."""
+        return any(module_path == s or module_path.endswith("." + s) or module_path.split(".")[-1] == s
+                   for s in self.skip_modules)  # fmt: skip
 
 
 @functools.partial(

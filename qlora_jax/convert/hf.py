@@ -1,0 +1,326 @@
+"""Hugging Face checkpoints in and out: `load_pretrained` (safetensors, sharded, bitsandbytes 4-bit, GGUF) and
+`save_pretrained` (safetensors + config.json that transformers loads).
+
+Loading builds the model abstractly (no weights allocated), then streams the checkpoint one tensor at a time:
+each linear weight is quantized as it arrives and written into preallocated 4-bit host buffers, so peak host
+memory stays near the 4-bit model plus one tensor in 16 bits. Pre-quantized bitsandbytes checkpoints are
+copied as they are, never re-quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qlora_jax.convert import bnb
+from qlora_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
+from qlora_jax.convert.state_map import Slot, all_keys, model_slots, resolve, variable_at
+from qlora_jax.models import DecoderLM, ModelConfig
+from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
+
+__all__ = ["load_pretrained", "save_pretrained", "load_model", "CheckpointError"]
+
+NF4 = QuantConfig()  # QLoRA's storage: NF4, blocks of 64, double quantization, lm_head kept in 16 bits
+
+# Tensors some checkpoints carry that the model computes itself.
+_IGNORED = ("rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")
+
+
+class TensorSource(Protocol):
+    """What the loader reads from: safetensors directories and GGUF files alike."""
+
+    name: str  # for error messages
+
+    def keys(self) -> list[str]: ...
+
+    def tensor(self, key: str) -> np.ndarray: ...
+
+    def file_of(self, key: str) -> Path: ...
+
+
+def _stored_quant_config(hf: dict[str, Any], source: SafetensorsReader, config: ModelConfig) -> QuantConfig:
+    """The QuantConfig a bitsandbytes 4-bit checkpoint was written with, from its config.json and tensors."""
+    qc = hf["quantization_config"]
+    if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
+        raise CheckpointError(f"{source.directory}: only bitsandbytes 4-bit checkpoints are supported, got {qc}")
+    keys = source.keys()
+    quantized = bnb.quantized_weight_prefixes(keys)
+    if not quantized:
+        raise CheckpointError(f"{source.directory}: quantization_config says 4-bit but no tensor is stored in 4 bits")
+    first = _read_bnb(source, quantized[0], _statistics_keys(keys, set(quantized))[quantized[0]])
+    # Linear layers the checkpoint keeps in 16 bits (lm_head, usually) stay dense here too.
+    all_linear = nnx.eval_shape(lambda: DecoderLM(config, quant=QuantConfig(skip_modules=()), rngs=nnx.Rngs(0)))
+    dense = {
+        slot.name.split(".")[-2]
+        for slot in model_slots(all_linear).values()
+        if slot.quantized and slot.key(0 if slot.stacked else None) in keys
+        and slot.key(0 if slot.stacked else None) not in quantized
+    }  # fmt: skip
+    return QuantConfig(
+        quant_type=first.quant_type,
+        double_quant=first.double_quant,
+        blocksize=first.blocksize,
+        dq_blocksize=first.dq_blocksize or 256,
+        compute_dtype=jnp.dtype(qc.get("bnb_4bit_compute_dtype") or "float32"),
+        skip_modules=tuple(sorted(dense)),
+    )
+
+
+def _statistics_keys(keys: list[str], quantized: set[str]) -> dict[str, list[str]]:
+    """For each 4-bit weight name, the names of its statistics tensors (`<weight>.absmax`, ...)."""
+    stats: dict[str, list[str]] = {name: [] for name in quantized}
+    for key in keys:
+        owner = key.split(".weight.")[0] + ".weight" if ".weight." in key else None
+        if owner in stats:
+            stats[owner].append(key)
+    return stats
+
+
+def _read_bnb(source: TensorSource, key: str, statistics: list[str]) -> QuantizedTensor:
+    try:
+        return bnb.from_state_dict({k: source.tensor(k) for k in [key, *statistics]}, key)
+    except bnb.BnbFormatError as e:
+        raise CheckpointError(f"{source.file_of(key)}: {e}") from e
+
+
+def _check_shape(slot: Slot, key: str, shape: tuple[int, ...], source: TensorSource) -> None:
+    if tuple(shape) != slot.shape:
+        raise CheckpointError(f"{source.file_of(key)}: tensor {key} has shape {tuple(shape)}, expected {slot.shape}")
+
+
+def _float_tensor(source: TensorSource, key: str) -> np.ndarray:
+    array = source.tensor(key)
+    if array.dtype.kind != "f" and array.dtype != jnp.bfloat16:
+        raise CheckpointError(f"{source.file_of(key)}: tensor {key} has unsupported dtype {array.dtype}")
+    return array
+
+
+def load_model(
+    config: ModelConfig,
+    source: TensorSource,
+    *,
+    quantization: QuantConfig | None,
+    dtype: Any = jnp.bfloat16,
+    param_dtype: Any = None,
+) -> DecoderLM:
+    """Builds a DecoderLM for `config` and fills it from `source`, one tensor at a time, checking every name,
+    shape and dtype. 16-bit weights are quantized as they arrive (if `quantization`); bitsandbytes 4-bit weights
+    are copied (or dequantized, into a dense model)."""
+    param_dtype = jnp.dtype(dtype if param_dtype is None else param_dtype)
+    abstract = nnx.eval_shape(
+        lambda: DecoderLM(config, quant=quantization, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
+    slots = model_slots(abstract)
+    buffers = {}
+    for slot in slots.values():
+        for path in slot.paths:
+            spec = variable_at(abstract, path).get_value()
+            buffers[path] = np.zeros(spec.shape, spec.dtype)
+    keys = source.keys()
+    stored_4bit = set(bnb.quantized_weight_prefixes(keys))
+    statistics = _statistics_keys(keys, stored_4bit)
+    owned = {k for names in statistics.values() for k in names}
+    filled: set[str] = set()
+    for key in keys:
+        if key in owned:
+            continue
+        found = resolve(key, slots, config.num_layers)
+        if found is None:
+            if key.endswith(_IGNORED) or (key == "lm_head.weight" and config.tie_word_embeddings):
+                continue
+            raise CheckpointError(
+                f"{source.file_of(key)}: unexpected tensor {key} for a {config.model_type} model with "
+                f"{config.num_layers} layers"
+            )
+        slot, layer = found
+        index = () if layer is None else (layer,)
+        if key in stored_4bit:
+            qt = _read_bnb(source, key, statistics[key])
+            _check_shape(slot, key, qt.shape, source)
+            if slot.quantized:
+                _fill_quantized(buffers, slot, index, qt, key, source)
+            else:
+                (path,) = slot.paths
+                buffers[path][index] = np.asarray(dequantize(qt, buffers[path].dtype))
+        else:
+            array = _float_tensor(source, key)
+            _check_shape(slot, key, array.shape, source)
+            if slot.quantized:
+                q = quantization
+                qt = quantize(
+                    jnp.asarray(array).astype(param_dtype),
+                    quant_type=q.quant_type,
+                    blocksize=q.blocksize,
+                    double_quant=q.double_quant,
+                    dq_blocksize=q.dq_blocksize,
+                )
+                _fill_quantized(buffers, slot, index, qt, key, source)
+            else:
+                (path,) = slot.paths
+                buffers[path][index] = np.asarray(jnp.asarray(array).astype(buffers[path].dtype))
+        filled.add(key)
+    expected = {key for key, _, _ in all_keys(slots, config.num_layers)}
+    if missing := sorted(expected - filled):
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{source.name}: missing tensors {missing[:5]}{more}")
+    for path in list(buffers):
+        variable_at(abstract, path).set_value(jnp.asarray(buffers.pop(path)))  # frees each host buffer in turn
+    return abstract
+
+
+def _fill_quantized(buffers, slot: Slot, index, qt: QuantizedTensor, key: str, source: TensorSource) -> None:
+    for path in slot.paths:
+        value = np.asarray(getattr(qt, path[-1]))
+        target = buffers[path]
+        if value.shape != target.shape[len(index) :] or value.dtype != target.dtype:
+            raise CheckpointError(
+                f"{source.file_of(key)}: 4-bit tensor {key}.{path[-1]} is {value.dtype}{list(value.shape)}, "
+                f"expected {target.dtype}{list(target.shape[len(index) :])} (another blocksize or quant type?)"
+            )
+        target[index] = value
+
+
+class _GGUFSource:
+    """A GGUF file as a TensorSource (tensors dequantized to float32 one at a time, in HF names)."""
+
+    def __init__(self, path: Path):
+        from qlora_jax.convert.gguf import read_gguf
+
+        self.checkpoint = read_gguf(path)
+        self.path, self.name = path, str(path)
+
+    def keys(self) -> list[str]:
+        return list(self.checkpoint.tensor_names)
+
+    def tensor(self, key: str) -> np.ndarray:
+        return self.checkpoint.tensor(key)
+
+    def file_of(self, key: str) -> Path:
+        return self.path
+
+
+class _LanguageModelOnly:
+    """A Gemma 3 image-text checkpoint seen as its text decoder: `language_model.model.*` (or
+    `model.language_model.*`) renamed to `model.*`, the vision tower and projector left out."""
+
+    _RENAMES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                ("language_model.lm_head.", "lm_head."))  # fmt: skip
+    _DROPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+    def __init__(self, source: SafetensorsReader):
+        self.source, self.name = source, source.name
+        self._original: dict[str, str] = {}
+        for key in source.keys():
+            if key.startswith(self._DROPPED):
+                continue
+            renamed = next((new + key[len(old) :] for old, new in self._RENAMES if key.startswith(old)), key)
+            self._original[renamed] = key
+
+    def keys(self) -> list[str]:
+        return list(self._original)
+
+    def tensor(self, key: str) -> np.ndarray:
+        return self.source.tensor(self._original[key])
+
+    def file_of(self, key: str) -> Path:
+        return self.source.file_of(self._original[key])
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    quantization: QuantConfig | None = NF4,
+    dtype: Any = jnp.bfloat16,
+    param_dtype: Any = None,
+) -> tuple[DecoderLM, ModelConfig]:
+    """Loads a transformers model directory (config.json + safetensors) or a GGUF file.
+
+    Args:
+      path: a directory with config.json and model.safetensors (or shards + index), or a .gguf file.
+      quantization: how to store the linear weights (None: dense, in param_dtype). A bitsandbytes 4-bit
+        checkpoint keeps its stored layout whatever this says, unless it is None (then it is dequantized).
+      dtype: compute dtype; param_dtype: storage dtype of dense weights, embeddings and norms (default: dtype).
+
+    Returns (model, config). Errors name the file and tensor: unknown model_type (with the supported list),
+    missing or truncated shards, unexpected or missing tensors, shape or dtype mismatches.
+    """
+    path = Path(path)
+    if path.suffix == ".gguf" or _is_gguf(path):
+        source = _GGUFSource(path)
+        config = ModelConfig.from_hf_config(source.checkpoint.config, source=str(path))
+        return load_model(config, source, quantization=quantization, dtype=dtype, param_dtype=param_dtype), config
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a model directory or a .gguf file")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    config = ModelConfig.from_file(path / "config.json")
+    reader = SafetensorsReader(path)
+    if json.loads((path / "config.json").read_text()).get("model_type") == "gemma3":
+        reader = _LanguageModelOnly(reader)
+    hf = dict(config.hf_config)
+    if (hf.get("quantization_config") or {}).get("quant_method") == "bitsandbytes" and quantization is not None:
+        quantization = _stored_quant_config(hf, reader, config)
+    model = load_model(config, reader, quantization=quantization, dtype=dtype, param_dtype=param_dtype)
+    return model, config
+
+
+def _checkpoint_tensors(model: DecoderLM, *, dequantize_weights: bool) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of every base-model tensor, in transformers' names, layer by layer."""
+    slots = model_slots(model)
+    for key, slot, layer in all_keys(slots, model.config.num_layers):
+        index = () if layer is None else (layer,)
+        if slot.quantized:
+            linear = variable_at(model, slot.module_path)
+            qt = jax.tree.map(lambda a, index=index: a[index] if index else a, linear.quantized_tensor())
+            if dequantize_weights:
+                yield key, np.asarray(dequantize(qt))
+            else:
+                yield from bnb.to_state_dict(qt, key).items()
+        else:
+            (path,) = slot.paths
+            yield key, np.asarray(variable_at(model, path).get_value()[index])
+
+
+def save_pretrained(
+    model: DecoderLM,
+    directory: str | os.PathLike,
+    *,
+    dequantize_weights: bool = False,
+    max_shard_size: int | str = "5GB",
+) -> list[Path]:
+    """Writes the base model as transformers saves it: safetensors (sharded past max_shard_size) + config.json.
+
+    A 4-bit model is written in bitsandbytes' 4-bit format with a `quantization_config` (transformers loads it
+    with bitsandbytes), or dequantized to its dtype with `dequantize_weights=True`. LoRA adapters are not part of
+    the base model: see `qlora_jax.convert.peft` and `qlora_jax.convert.merge`.
+    """
+    config = model.config
+    hf = config.to_hf_config()
+    hf["torch_dtype"] = hf["dtype"] = jnp.dtype(model.model.embed_tokens.weight.get_value().dtype).name
+    if model.quant is not None and not dequantize_weights:
+        q = model.quant
+        hf["quantization_config"] = bnb.quantization_config(
+            quant_type=q.quant_type,
+            double_quant=q.double_quant,
+            compute_dtype=q.compute_dtype.name,
+            skip_modules=list(q.skip_modules) or None,
+        )
+    tensors = _checkpoint_tensors(model, dequantize_weights=dequantize_weights)
+    return write_sharded(
+        directory, tensors, max_shard_size=max_shard_size, extra_files={"config.json": json.dumps(hf, indent=2)}
+    )

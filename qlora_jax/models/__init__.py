@@ -1,0 +1,15 @@
+"""The decoder (every supported family) and its configuration."""
+
+from qlora_jax.models.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeConfig, UnsupportedModelError
+from qlora_jax.models.decoder import REMAT_POLICIES, DecoderLM, KVCache
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "REMAT_POLICIES",
+    "ConfigError",
+    "DecoderLM",
+    "KVCache",
+    "ModelConfig",
+    "RopeConfig",
+    "UnsupportedModelError",
+]

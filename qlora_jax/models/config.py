@@ -1,0 +1,262 @@
+"""ModelConfig: one frozen description of every supported decoder family, parsed from Hugging Face config.json.
+
+Families: Llama 2/3/3.1/3.2 (incl. llama3 RoPE scaling), Mistral (sliding window), Qwen2/2.5 (qkv bias),
+Qwen3 (q/k RMSNorm), Gemma 2 and 3 (1 + w RMSNorm, embedding scaling, sandwich norms, soft-capping,
+local/global layers), Phi-3 (fused qkv_proj and gate_up_proj).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ModelConfig", "RopeConfig", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "ConfigError"]
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+ROPE_TYPES = ("default", "linear", "llama3")
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+class UnsupportedModelError(ValueError):
+    """A config.json for a model family (or feature) that qlora-jax does not implement."""
+
+
+class ConfigError(ValueError):
+    """A config.json field that is missing or malformed."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    """Rotary embedding frequencies: theta, and the HF rope_type's scaling parameters."""
+
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def inverse_frequencies(self, rotary_dim: int) -> np.ndarray:
+        """float32[rotary_dim / 2], computed in float32 exactly as transformers does."""
+        exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+        inv_freq = (np.float32(1.0) / np.power(np.float32(self.theta), exponents)).astype(np.float32)
+        if self.rope_type == "linear":
+            return (inv_freq / np.float32(self.factor)).astype(np.float32)
+        if self.rope_type == "llama3":
+            old_len = self.original_max_position_embeddings
+            low_wavelen, high_wavelen = old_len / self.low_freq_factor, old_len / self.high_freq_factor
+            wavelen = 2 * math.pi / inv_freq
+            scaled = np.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+            smooth = (old_len / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            return np.where(medium, smoothed, scaled).astype(np.float32)
+        return inv_freq
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Everything the decoder needs to know about a model family and size (static and hashable)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float = 1e-6
+    gemma_norm: bool = False  # RMSNorm scales by (1 + w), computed in float32
+    hidden_act: str = "silu"  # "silu" or "gelu_tanh" (the gated MLP's activation)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k before RoPE
+    sandwich_norms: bool = False  # Gemma 2/3: norms after attention and around the MLP
+    fused_qkv: bool = False  # Phi-3: one qkv_proj
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj
+    tie_word_embeddings: bool = False
+    embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
+    attn_scale: float = 1.0
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    rope: RopeConfig = RopeConfig(theta=10000.0)
+    rope_local: RopeConfig | None = None  # Gemma 3's sliding layers use their own RoPE
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    hf_config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def sliding_layers(self) -> np.ndarray:
+        """bool[num_layers]: which layers attend within the sliding window."""
+        return np.array([t == SLIDING for t in self.layer_types], dtype=bool)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
+        """Parses a transformers config.json dict (old and new RoPE field layouts alike)."""
+        return _parse(dict(hf), source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            return cls.from_hf_config(json.loads(path.read_text()), source=str(path))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read a JSON config ({e})") from e
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The config.json to write beside exported weights (the one we read, minus any quantization)."""
+        out = {k: v for k, v in self.hf_config.items() if k != "quantization_config"}
+        if not out:
+            raise ConfigError("this ModelConfig was not parsed from a config.json; no HF config to write")
+        return out
+
+
+def _require(hf: dict[str, Any], key: str, source: str) -> Any:
+    if hf.get(key) is None:
+        raise ConfigError(f"{source}: required field '{key}' is missing")
+    return hf[key]
+
+
+def _rope(params: Mapping[str, Any] | None, theta: float | None, source: str, max_positions: int) -> RopeConfig:
+    params = dict(params or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise UnsupportedModelError(f"{source}: rope_type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+    theta = params.get("rope_theta", theta)
+    if theta is None:
+        raise ConfigError(f"{source}: required field 'rope_theta' is missing")
+    fields: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
+    if rope_type in ("linear", "llama3"):
+        fields["factor"] = float(params.get("factor", 1.0))
+    if rope_type == "llama3":
+        fields.update(
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(params.get("original_max_position_embeddings", max_positions)),
+        )
+    return RopeConfig(**fields)
+
+
+def _layer_types(hf: dict[str, Any], model_type: str, num_layers: int, source: str) -> tuple[str, ...]:
+    if types_ := hf.get("layer_types"):
+        if len(types_) != num_layers or any(t not in (FULL, SLIDING) for t in types_):
+            raise ConfigError(f"{source}: layer_types must list {num_layers} of {FULL!r} / {SLIDING!r}")
+        return tuple(types_)
+    window = hf.get("sliding_window")
+    if model_type == "gemma2":
+        return tuple(SLIDING if i % 2 == 0 else FULL for i in range(num_layers))
+    if model_type == "gemma3_text":
+        pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
+        return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers))
+    if model_type in ("qwen2", "qwen3"):
+        first = hf.get("max_window_layers", num_layers) if hf.get("use_sliding_window") and window else num_layers
+        return tuple(SLIDING if i >= first else FULL for i in range(num_layers))
+    if model_type in ("mistral", "phi3") and window:
+        return (SLIDING,) * num_layers
+    return (FULL,) * num_layers
+
+
+def _eos(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in (value if isinstance(value, list | tuple) else [value]))
+
+
+def _parse(hf: dict[str, Any], source: str) -> ModelConfig:
+    if hf.get("model_type") == "gemma3" and "text_config" in hf:  # the multimodal wrapper: its text decoder
+        hf = {**hf["text_config"], "model_type": "gemma3_text"}
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    hidden = int(_require(hf, "hidden_size", source))
+    heads = int(_require(hf, "num_attention_heads", source))
+    layers = int(_require(hf, "num_hidden_layers", source))
+    head_dim = int(hf.get("head_dim") or hidden // heads)
+    max_positions = int(hf.get("max_position_embeddings") or 4096)
+    gemma = model_type in ("gemma2", "gemma3_text")
+    rope_params = hf.get("rope_parameters") or hf.get("rope_scaling")
+    theta = hf.get("rope_theta")
+    if gemma and model_type == "gemma3_text":
+        nested = isinstance(rope_params, Mapping) and FULL in rope_params
+        full = rope_params.get(FULL) if nested else rope_params
+        sliding = rope_params.get(SLIDING) if nested else {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+        rope = _rope(full, theta if theta is not None else 1_000_000.0, source, max_positions)
+        rope_local = _rope(sliding, 10000.0, source, max_positions)
+    else:
+        rope = _rope(rope_params, theta if theta is not None else 10000.0, source, max_positions)
+        rope_local = None
+    partial = float(hf.get("partial_rotary_factor") or (rope_params or {}).get("partial_rotary_factor") or 1.0)
+    activation = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if activation in ("gelu_pytorch_tanh", "gelu_tanh"):
+        activation = "gelu_tanh"
+    elif activation != "silu":
+        raise UnsupportedModelError(f"{source}: hidden activation {activation!r} is not supported")
+    attention_bias = bool(hf.get("attention_bias", False))
+    query_scalar = hf.get("query_pre_attn_scalar") if gemma else None
+    layer_types = _layer_types(hf, model_type, layers, source)
+    window = hf.get("sliding_window") if SLIDING in layer_types else None
+    if SLIDING in layer_types and not window:
+        raise ConfigError(f"{source}: sliding-window layers need 'sliding_window'")
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=int(_require(hf, "vocab_size", source)),
+        hidden_size=hidden,
+        intermediate_size=int(_require(hf, "intermediate_size", source)),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        gemma_norm=gemma,
+        hidden_act=activation,
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        o_bias=attention_bias and model_type not in ("qwen2",),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        sandwich_norms=gemma,
+        fused_qkv=model_type == "phi3",
+        fused_gate_up=model_type == "phi3",
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+        embed_scale=math.sqrt(hidden) if gemma else None,
+        attn_scale=float(query_scalar if query_scalar else head_dim) ** -0.5,
+        attn_logit_softcap=hf.get("attn_logit_softcapping") if gemma else None,
+        final_logit_softcap=hf.get("final_logit_softcapping") if gemma else None,
+        sliding_window=int(window) if window else None,
+        layer_types=layer_types,
+        rope=rope,
+        rope_local=rope_local,
+        partial_rotary_factor=partial,
+        max_position_embeddings=max_positions,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_eos(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+        hf_config=types.MappingProxyType(hf),
+    )

@@ -1,0 +1,291 @@
+"""One decoder for every supported family, driven by ModelConfig, with layers stacked and run by `lax.scan`.
+
+Module names mirror transformers' (`model.layers.N.self_attn.q_proj`, `model.embed_tokens`, `lm_head`, ...), so
+converters map keys one to one and LoRA `target_modules` mean what they mean in PEFT. The N layers are one
+module whose variables carry a leading [num_layers] axis; compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qlora_jax.models.attention import apply_rope, attend, attention_mask, rope_tables
+from qlora_jax.models.config import ModelConfig
+from qlora_jax.nn import Embed, QLinear, RMSNorm
+from qlora_jax.quant import QuantConfig
+
+__all__ = ["DecoderLM", "KVCache", "REMAT_POLICIES"]
+
+# Gradient checkpointing of each layer: what the backward pass may keep from the forward pass.
+REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    if policy == "save_dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if policy == "offload":  # keep the matmul outputs, in pinned host memory, instead of recomputing them
+        offload = jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+            offload_src="device", offload_dst="pinned_host"
+        )
+        return jax.checkpoint(fn, policy=offload)
+    raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer, for incremental decoding.
+
+    k, v: [L, B, S, Hkv, D]; valid: bool [B, S], True where a slot holds a real (not padding) token;
+    index: int32 [], the next slot to write (all sequences advance together; prompts are left-padded).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, length: int, dtype: Any = jnp.bfloat16) -> KVCache:
+        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool), jnp.int32(0))
+
+
+def _quant_for(quant: QuantConfig | None, path: str) -> QuantConfig | None:
+    return None if quant is None or quant.skips(path) else quant
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, quant, dtype, param_dtype, rngs: nnx.Rngs):
+        c = config
+        linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if c.fused_qkv:
+            self.qkv_proj = QLinear(
+                c.hidden_size, c.q_size + 2 * c.kv_size, use_bias=c.qkv_bias,
+                quant=_quant_for(quant, "self_attn.qkv_proj"), **linear,
+            )  # fmt: skip
+        else:
+            for name, size in (("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size)):
+                layer = QLinear(
+                    c.hidden_size, size, use_bias=c.qkv_bias, quant=_quant_for(quant, f"self_attn.{name}"), **linear
+                )
+                setattr(self, name, layer)
+        self.o_proj = QLinear(
+            c.q_size, c.hidden_size, use_bias=c.o_bias, quant=_quant_for(quant, "self_attn.o_proj"), **linear
+        )
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, eps=c.norm_eps, gemma=c.gemma_norm, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(c.head_dim, eps=c.norm_eps, gemma=c.gemma_norm, param_dtype=param_dtype)
+        self.config = config
+
+    def __call__(self, x, *, cos, sin, mask, cache_kv=None, cache_index=None):
+        c = self.config
+        b, t, _ = x.shape
+        if c.fused_qkv:
+            qkv = self.qkv_proj(x)
+            q, k, v = qkv[..., : c.q_size], qkv[..., c.q_size : c.q_size + c.kv_size], qkv[..., c.q_size + c.kv_size :]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = None
+        if cache_kv is not None:  # write this step's keys and values, attend over the whole cache
+            k_cache, v_cache = cache_kv
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+            new_kv = (k, v)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=c.attn_scale, softcap=c.attn_logit_softcap)
+        return self.o_proj(out.reshape(b, t, c.q_size)), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, quant, dtype, param_dtype, rngs: nnx.Rngs):
+        c = config
+        linear = dict(use_bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if c.fused_gate_up:
+            self.gate_up_proj = QLinear(
+                c.hidden_size, 2 * c.intermediate_size, quant=_quant_for(quant, "mlp.gate_up_proj"), **linear
+            )
+        else:
+            self.gate_proj = QLinear(
+                c.hidden_size, c.intermediate_size, quant=_quant_for(quant, "mlp.gate_proj"), **linear
+            )
+            self.up_proj = QLinear(c.hidden_size, c.intermediate_size, quant=_quant_for(quant, "mlp.up_proj"), **linear)
+        self.down_proj = QLinear(c.intermediate_size, c.hidden_size, quant=_quant_for(quant, "mlp.down_proj"), **linear)
+        self.config = config
+
+    def __call__(self, x):
+        c = self.config
+        if c.fused_gate_up:
+            gate_up = self.gate_up_proj(x)
+            gate, up = gate_up[..., : c.intermediate_size], gate_up[..., c.intermediate_size :]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        act = jax.nn.silu(gate) if c.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+        return self.down_proj(act * up)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, quant, dtype, param_dtype, rngs: nnx.Rngs):
+        c = config
+        norm = dict(eps=c.norm_eps, gemma=c.gemma_norm, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(c.hidden_size, **norm)
+        self.self_attn = Attention(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # In Llama this is the norm before the MLP; in Gemma it normalizes the attention output.
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, **norm)
+        if c.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
+            self.post_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
+        self.mlp = MLP(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.config = config
+
+    def __call__(self, h, *, cos, sin, mask, cache_kv=None, cache_index=None):
+        attn, new_kv = self.self_attn(
+            self.input_layernorm(h), cos=cos, sin=sin, mask=mask, cache_kv=cache_kv, cache_index=cache_index
+        )
+        if self.config.sandwich_norms:
+            h = h + self.post_attention_layernorm(attn)
+            h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        else:
+            h = h + attn
+            h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, new_kv
+
+
+def _stacked_layers(config: ModelConfig, *, quant, dtype, param_dtype, rngs: nnx.Rngs) -> DecoderLayer:
+    """num_layers DecoderLayers as one module whose variables have a leading layer axis."""
+    kwargs = dict(quant=quant, dtype=dtype, param_dtype=param_dtype)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(config, rngs=nnx.Rngs(0), **kwargs)))
+    keys = jax.random.split(rngs.params(), config.num_layers)
+    states = jax.vmap(lambda key: nnx.state(DecoderLayer(config, rngs=nnx.Rngs(key), **kwargs)))(keys)
+    return nnx.merge(graphdef, states)
+
+
+class Backbone(nnx.Module):
+    """transformers' `model.*`: embed_tokens, the stacked layers, the final norm."""
+
+    def __init__(self, config: ModelConfig, *, quant, dtype, param_dtype, rngs: nnx.Rngs):
+        c = config
+        self.embed_tokens = Embed(
+            c.vocab_size, c.hidden_size, scale=c.embed_scale, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.layers = _stacked_layers(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = RMSNorm(c.hidden_size, eps=c.norm_eps, gemma=c.gemma_norm, param_dtype=param_dtype)
+
+
+class DecoderLM(nnx.Module):
+    """A causal language model: tokens -> logits, with optional 4-bit linear layers.
+
+    Args:
+      config: the family and size (`ModelConfig.from_hf_config`).
+      quant: store every linear weight in 4 bits except `quant.skip_modules`; None for a dense model.
+      dtype: compute dtype; param_dtype: the dtype of dense base weights, embeddings and norms.
+      rngs: random initial weights (the loaders in `qlora_jax.convert` replace them).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        quant: QuantConfig | None = None,
+        dtype: Any = jnp.bfloat16,
+        param_dtype: Any = jnp.bfloat16,
+        rngs: nnx.Rngs,
+    ):
+        self.config, self.quant = config, quant
+        self.dtype = jnp.dtype(dtype)
+        self.model = Backbone(config, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = None if config.tie_word_embeddings else QLinear(
+            config.hidden_size, config.vocab_size, quant=_quant_for(quant, "lm_head"), dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
+        self.remat = "none"
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+        valid: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The final-normed hidden states [B, T, D] for tokens [B, T], and the updated cache.
+
+        Args:
+          positions: [B, T] RoPE positions (default: 0.. T-1, after the cache's tokens when decoding).
+          segment_ids: [B, T] packed-example ids; tokens attend only within their own segment.
+          cache: a KVCache to read and extend (decoding); its index advances by T.
+          valid: [B, T] False for padding tokens: they are never attended to (left padding).
+        """
+        c = self.config
+        b, t = tokens.shape
+        h = self.model.embed_tokens(tokens)
+        start = jnp.int32(0) if cache is None else cache.index
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        q_index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if cache is None:
+            k_index, k_valid, new_valid = q_index, valid, None
+        else:
+            step_valid = jnp.ones((b, t), bool) if valid is None else valid
+            new_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid, cache.index, axis=1)
+            k_index = jnp.broadcast_to(jnp.arange(cache.valid.shape[1], dtype=jnp.int32), cache.valid.shape)
+            k_valid = new_valid
+        masks = dict(q_segments=segment_ids, k_segments=segment_ids, k_valid=k_valid)
+        full_mask = attention_mask(q_index, k_index, **masks)
+        sliding = c.sliding_layers
+        sliding_mask = attention_mask(q_index, k_index, window=c.sliding_window, **masks) if sliding.any() else None
+        cos, sin = rope_tables(c.rope.inverse_frequencies(c.rotary_dim), positions, self.dtype)
+        local_rope = None
+        if c.rope_local is not None:
+            local_rope = rope_tables(c.rope_local.inverse_frequencies(c.rotary_dim), positions, self.dtype)
+
+        graphdef, layer_state = nnx.split(self.model.layers)
+
+        def layer_step(h, xs):
+            state, is_sliding, kv = xs
+            layer = nnx.merge(graphdef, state)
+            mask, (cos_l, sin_l) = full_mask, (cos, sin)
+            if sliding_mask is not None:
+                mask = jnp.where(is_sliding, sliding_mask, full_mask)
+            if local_rope is not None:
+                cos_l, sin_l = jnp.where(is_sliding, local_rope[0], cos), jnp.where(is_sliding, local_rope[1], sin)
+            return layer(h, cos=cos_l, sin=sin_l, mask=mask, cache_kv=kv, cache_index=start)
+
+        step = _remat(layer_step, self.remat)
+        kv_in = None if cache is None else (cache.k, cache.v)
+        h, kv_out = jax.lax.scan(step, h, (layer_state, jnp.asarray(sliding), kv_in))
+        h = self.model.norm(h)
+        if cache is None:
+            return h, None
+        return h, KVCache(kv_out[0], kv_out[1], new_valid, cache.index + t)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """float32 logits [..., vocab] from final hidden states (Gemma's final soft-capping applied)."""
+        out = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        out = out.astype(jnp.float32)
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
+            out = jnp.tanh(out / cap) * cap
+        return out
+
+    def __call__(
+        self, tokens: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """float32 logits [B, T, vocab] for tokens [B, T] (no cache)."""
+        h, _ = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
+        return self.logits(h)

@@ -1,0 +1,166 @@
+"""Layers with frozen base weights: QLinear (4-bit or 16-bit), Embed and RMSNorm.
+
+The variable type decides what can train. Base weights are `Frozen`, the buffers of a 4-bit weight are
+`QuantizedWeight`; neither is an `nnx.Param`, so no optimizer or `nnx.Param` filter can ever pick them up. LoRA
+adapters (`qlora_jax.lora`) attach to a QLinear as its `lora` submodule and hold `nnx.LoRAParam`s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qlora_jax.kernels import nf4_matmul
+from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
+
+__all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm"]
+
+
+class Frozen(nnx.Variable):
+    """A base-model weight: loaded, used, never trained."""
+
+
+class QuantizedWeight(nnx.Variable):
+    """One buffer of a 4-bit weight: packed codes, absmax (codes), nested absmax or offset."""
+
+
+_QUANT_BUFFERS = ("packed", "absmax", "nested_absmax", "offset")
+
+
+class QLinear(nnx.Module):
+    """y = x @ W.T (+ b) with W [out_features, in_features] frozen, in 4 bits (`quant`) or in `param_dtype`.
+
+    Args:
+      in_features, out_features: the weight's shape is (out_features, in_features), PyTorch's layout.
+      use_bias: a frozen bias (Qwen2's q/k/v projections).
+      quant: a QuantConfig to store W in 4 bits, or None for a dense base.
+      dtype: the compute dtype of activations; param_dtype: what a dense W (and the bias) is stored in.
+      rngs: for the random initial weight (normal, std 0.02; loaders overwrite it).
+
+    >>> layer = QLinear(64, 32, quant=QuantConfig(), rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((2, 64), jnp.bfloat16)).shape
+    (2, 32)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = False,
+        quant: QuantConfig | None = None,
+        dtype: Any = jnp.bfloat16,
+        param_dtype: Any = jnp.bfloat16,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+        w = (jax.random.normal(rngs.params(), (out_features, in_features), jnp.float32) * 0.02).astype(param_dtype)
+        self.quant = quant
+        if quant is None:
+            self.weight = Frozen(w)
+        else:
+            qt = quantize(
+                w,
+                quant_type=quant.quant_type,
+                blocksize=quant.blocksize,
+                double_quant=quant.double_quant,
+                dq_blocksize=quant.dq_blocksize,
+            )
+            for name in _QUANT_BUFFERS:
+                value = getattr(qt, name)
+                setattr(self, name, None if value is None else QuantizedWeight(value))
+        self.bias = Frozen(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        self.lora: nnx.Module | None = nnx.data(None)  # set by qlora_jax.lora.apply_lora
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant is not None
+
+    def quantized_tensor(self) -> QuantizedTensor:
+        """The 4-bit weight as a QuantizedTensor (its buffers may carry a leading layer axis)."""
+        assert self.quant is not None, "this QLinear holds a dense weight"
+        buffers = {name: (None if getattr(self, name) is None else getattr(self, name)[...]) for name in _QUANT_BUFFERS}
+        return QuantizedTensor(
+            **buffers,
+            shape=(self.out_features, self.in_features),
+            dtype=self.param_dtype,
+            quant_type=self.quant.quant_type,
+            blocksize=self.quant.blocksize,
+            dq_blocksize=self.quant.dq_blocksize if self.quant.double_quant else None,
+        )
+
+    def dense_weight(self, dtype: Any = None) -> jax.Array:
+        """W [out_features, in_features] in `dtype` (dequantized if 4-bit)."""
+        dtype = self.param_dtype if dtype is None else dtype
+        if self.is_quantized:
+            return dequantize(self.quantized_tensor(), dtype)
+        return self.weight[...].astype(dtype)
+
+    def base(self, x: jax.Array) -> jax.Array:
+        """The frozen layer alone: x @ W.T + b, accumulated in float32, in the compute dtype."""
+        x = x.astype(self.dtype)
+        if self.is_quantized:
+            y = nf4_matmul(x, self.quantized_tensor())
+        else:
+            w = jax.lax.stop_gradient(self.weight[...]).astype(self.dtype)
+            y = jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(self.dtype)
+        if self.bias is not None:
+            y = y + jax.lax.stop_gradient(self.bias[...]).astype(self.dtype)
+        return y
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.base(x)
+        if self.lora is not None:
+            y = y + self.lora(x, self).astype(y.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embeddings [vocab, hidden], frozen; `attend` is the tied output projection."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        scale: float | None = None,
+        dtype: Any = jnp.bfloat16,
+        param_dtype: Any = jnp.bfloat16,
+        rngs: nnx.Rngs,
+    ):
+        self.weight = Frozen(
+            (jax.random.normal(rngs.params(), (num_embeddings, features), jnp.float32) * 0.02).astype(param_dtype)
+        )
+        self.scale, self.dtype = scale, jnp.dtype(dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        table = jax.lax.stop_gradient(self.weight[...])
+        x = jnp.take(table, tokens, axis=0)  # [B, T, D]
+        if self.scale is not None:  # Gemma: times sqrt(hidden), rounded to the weight's dtype first
+            x = x * jnp.asarray(self.scale, table.dtype)
+        return x.astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        w = jax.lax.stop_gradient(self.weight[...]).astype(self.dtype)
+        return jnp.dot(x.astype(self.dtype), w.T, preferred_element_type=jnp.float32).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32. Llama style: w * normed.astype(dtype); Gemma style: (normed * (1 + w)) in
+    float32, then cast (the two round differently, and we follow each exactly)."""
+
+    def __init__(self, features: int, *, eps: float, gemma: bool = False, param_dtype: Any = jnp.bfloat16):
+        self.weight = Frozen(jnp.zeros((features,), param_dtype) if gemma else jnp.ones((features,), param_dtype))
+        self.eps, self.gemma = eps, gemma
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = jax.lax.stop_gradient(self.weight[...])
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.gemma:
+            return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+        return w.astype(x.dtype) * normed.astype(x.dtype)

@@ -1,0 +1,96 @@
+"""Generation: the KV-cache path against full recomputation and against transformers' generate; sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlora_jax.convert.hf import load_pretrained
+from qlora_jax.generate import SamplingConfig, generate, sample_logits
+from tests.models_util import make_tiny_model, torch
+
+PROMPTS = [[5, 17, 33, 2, 9, 41], [7, 3, 60]]  # different lengths: the second is left-padded
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "gemma2", "qwen3", "phi3"])
+def tiny(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    hf_model = make_tiny_model(request.param, directory)
+    model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
+    return hf_model, model
+
+
+def test_greedy_matches_transformers_generate(tiny):
+    hf_model, model = tiny
+    config = SamplingConfig(max_new_tokens=8, stop_token_ids=())
+    ours = generate(model, PROMPTS, config)
+    longest = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in PROMPTS])
+    with torch.no_grad():
+        theirs = hf_model.generate(
+            ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None
+        )[:, longest:]
+    assert ours == theirs.tolist()
+
+
+def test_cached_decoding_equals_recomputing_from_scratch(tiny):
+    _, model = tiny
+    prompt = PROMPTS[0]
+    ours = generate(model, [prompt], SamplingConfig(max_new_tokens=6, stop_token_ids=()))[0]
+    tokens = list(prompt)
+    for _ in range(6):
+        tokens.append(int(np.argmax(np.asarray(model(jnp.asarray([tokens])))[0, -1])))
+    assert ours == tokens[len(prompt) :]
+
+
+def test_stop_tokens_end_each_sequence(tiny):
+    _, model = tiny
+    free = generate(model, PROMPTS, SamplingConfig(max_new_tokens=8, stop_token_ids=()))
+    stop = free[0][3]
+    stopped = generate(model, PROMPTS, SamplingConfig(max_new_tokens=8, stop_token_ids=(stop,)))
+    for full, cut in zip(free, stopped, strict=True):
+        expected = full[: full.index(stop)] if stop in full else full
+        assert cut == expected
+
+
+def test_sampling_is_seeded_and_filters():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)
+    import jax
+
+    key = jax.random.key(0)
+    hot = SamplingConfig(temperature=1.0, seed=1)
+    assert (sample_logits(logits, key, hot) == sample_logits(logits, key, hot)).all()
+    greedy = jnp.argmax(logits, -1)
+    assert (sample_logits(logits, key, dataclasses.replace(hot, top_k=1)) == greedy).all()
+    assert (sample_logits(logits, key, dataclasses.replace(hot, top_p=1e-6)) == greedy).all()
+    top3 = jax.lax.top_k(logits, 3)[1]
+    for seed in range(20):
+        picked = sample_logits(logits, jax.random.key(seed), dataclasses.replace(hot, top_k=3))
+        assert all(int(picked[i]) in top3[i].tolist() for i in range(4))
+    draws = {tuple(sample_logits(logits, jax.random.key(s), hot).tolist()) for s in range(10)}
+    assert len(draws) > 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
+)
+def test_bad_sampling_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_empty_prompt_is_rejected(tiny):
+    _, model = tiny
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1, 2], []])

@@ -1,0 +1,125 @@
+"""Every family's logits against transformers': float32 (tight), bfloat16 (documented tolerance), with padding,
+packed segments, and NF4 against transformers + bitsandbytes."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlora_jax.convert.hf import load_pretrained
+from qlora_jax.quant import QuantConfig
+from tests.models_util import FAMILIES, make_tiny_model, torch, transformers
+
+pytestmark = pytest.mark.oracle
+
+# Relative to the largest |logit|. bfloat16: both sides round every activation to 8 bits of mantissa, in
+# slightly different places (e.g. softmax probabilities, RoPE tables), which compounds over layers.
+F32_TOL, BF16_TOL = 2e-5, 3e-2
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def tiny(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    return request.param, make_tiny_model(request.param, directory), directory
+
+
+def _tokens(batch=2, length=9, seed=0):
+    return np.random.default_rng(seed).integers(1, 96, (batch, length))
+
+
+def _hf_logits(model, tokens, **kwargs):
+    with torch.no_grad():
+        kwargs = {k: torch.tensor(v) for k, v in kwargs.items()}
+        return model(torch.tensor(tokens), **kwargs).logits.float().numpy()
+
+
+def _assert_close(ours, theirs, tol):
+    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+    scale = np.abs(theirs).max()
+    np.testing.assert_allclose(ours, theirs, atol=tol * scale, rtol=0)
+
+
+def test_float32_logits_match(tiny):
+    family, hf_model, directory = tiny
+    model, config = load_pretrained(directory, quantization=None, dtype=jnp.float32)
+    assert config.model_type == FAMILIES[family]["model_type"]
+    tokens = _tokens()
+    _assert_close(model(jnp.asarray(tokens)), _hf_logits(hf_model, tokens), F32_TOL)
+
+
+def test_bfloat16_logits_match(tiny):
+    _, hf_model, directory = tiny
+    model, _ = load_pretrained(directory, quantization=None, dtype=jnp.bfloat16)
+    tokens = _tokens()
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    _assert_close(model(jnp.asarray(tokens)), _hf_logits(hf_bf16, tokens), BF16_TOL)
+
+
+def test_left_padding_matches(tiny):
+    """Padding keys are never attended to; positions count real tokens only, as transformers' generate does."""
+    _, hf_model, directory = tiny
+    model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
+    tokens = _tokens()
+    valid = np.ones(tokens.shape, bool)
+    valid[0, :3] = False  # the first row is left-padded by 3
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    ours = model.logits(
+        model.hidden_states(jnp.asarray(tokens), positions=jnp.asarray(positions), valid=jnp.asarray(valid))[0]
+    )
+    theirs = _hf_logits(hf_model, tokens, attention_mask=valid.astype(np.int64), position_ids=positions)
+    _assert_close(np.asarray(ours)[valid], theirs[valid], F32_TOL)
+
+
+def test_packed_segments_equal_separate_sequences(tiny):
+    _, hf_model, directory = tiny
+    model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
+    a, b = _tokens(1, 5, seed=1)[0], _tokens(1, 4, seed=2)[0]
+    packed = np.concatenate([a, b])[None]
+    segments = np.array([[1] * 5 + [2] * 4])
+    positions = np.array([list(range(5)) + list(range(4))])
+    ours = np.asarray(model(jnp.asarray(packed), positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments)))
+    _assert_close(ours[0, :5], _hf_logits(hf_model, a[None])[0], F32_TOL)
+    _assert_close(ours[0, 5:], _hf_logits(hf_model, b[None])[0], F32_TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_nf4_logits_match_transformers_bitsandbytes(family, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    make_tiny_model(family, tmp_path)
+    bnb_config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
+    hf_4bit = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
+    ).eval()
+    tokens = _tokens()
+    theirs = _hf_logits(hf_4bit, tokens)
+    model, _ = load_pretrained(tmp_path, quantization=QuantConfig(compute_dtype=jnp.float32), dtype=jnp.float32)
+    assert model.model.layers.self_attn.q_proj.is_quantized
+    assert model.lm_head is None or not model.lm_head.is_quantized  # kept in 16 bits, as bitsandbytes does
+    # Same 4-bit codes; the double-quantization offset may differ from torch's mean in its last bit.
+    _assert_close(model(jnp.asarray(tokens)), theirs, 1e-4)
+
+    # A checkpoint transformers saved in 4 bits loads as stored (no re-quantization) and gives the same logits.
+    hf_4bit.save_pretrained(tmp_path / "saved_4bit")
+    prequantized, _ = load_pretrained(tmp_path / "saved_4bit", dtype=jnp.float32)
+    _assert_close(prequantized(jnp.asarray(tokens)), theirs, 1e-5)
+
+
+def test_gemma3_image_text_checkpoint_loads_its_text_decoder(tmp_path):
+    text = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=3,
+    )  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)  # fmt: skip
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    hf_model.save_pretrained(tmp_path)
+    model, ours = load_pretrained(tmp_path, quantization=None, dtype=jnp.float32)
+    assert ours.model_type == "gemma3_text" and ours.num_layers == 2
+    tokens = _tokens()
+    _assert_close(model(jnp.asarray(tokens)), _hf_logits(hf_model, tokens), F32_TOL)
