@@ -85,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise _fail("generate", str(e)) from e
-    model, _ = _load("generate", args)
+    model, _ = _load_with_adapter("generate", args)
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
     except ValueError as e:
@@ -119,6 +119,59 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from qlora_jax.train.config import ConfigFieldError, load_config
+    from qlora_jax.train.loop import TrainingDiverged, train
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigFieldError as e:
+        raise _fail("train", str(e)) from e
+    try:
+        result = train(config, progress=not args.no_progress)
+    except TrainingDiverged as e:
+        raise _fail("train", str(e)) from e
+    except (ValueError, OSError) as e:  # bad data lines, checkpoints, model files: the message names them
+        raise _fail("train", str(e)) from e
+    print(f"trained {result.steps} steps; outputs in {result.output_dir}")
+    if result.exact_match_before is not None:
+        print(f"eval exact match: {result.exact_match_before:.1%} before, {result.exact_match_after:.1%} after")
+    return 0
+
+
+def _load_with_adapter(command: str, args: argparse.Namespace):
+    from qlora_jax.convert.peft import PeftFormatError, load_peft_adapter
+
+    model, config = _load(command, args)
+    if getattr(args, "adapter", None):
+        try:
+            load_peft_adapter(model, args.adapter)
+        except PeftFormatError as e:
+            raise _fail(command, str(e)) from e
+    return model, config
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """Base + PEFT adapter -> one transformers checkpoint (16-bit, or re-quantized to bitsandbytes 4-bit)."""
+    import jax.numpy as jnp
+
+    from qlora_jax.convert.merge import merge_and_save
+    from qlora_jax.quant import QuantConfig
+    from qlora_jax.tokenizer import load_tokenizer
+
+    model, _ = _load_with_adapter("merge", args)
+    quant = None if args.requantize == "none" else QuantConfig(quant_type=args.requantize)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    except ValueError as e:
+        print(f"qlora-jax merge: no tokenizer written ({e})", file=sys.stderr)
+        tokenizer = None
+    merge_and_save(model, args.output, dtype=jnp.dtype(args.out_dtype), quant=quant, tokenizer=tokenizer,
+                   max_shard_size=args.max_shard_size)  # fmt: skip
+    print(f"wrote {args.output}")
+    return 0
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, *, default_quant: str = "nf4") -> None:
     parser.add_argument("--model", required=True, help="a transformers model directory or a .gguf file")
     parser.add_argument("--quant", choices=QUANT_CHOICES, default=default_quant, help="how to store linear weights")
@@ -140,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(gen)
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     gen.add_argument("--tokenizer", default=None, help="where the tokenizer is (default: the model)")
+    gen.add_argument("--adapter", default=None, help="a PEFT adapter directory to apply")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     gen.add_argument("--top-k", type=int, default=None)
@@ -153,6 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="the directory to write")
     convert.add_argument("--max-shard-size", default="5GB")
     convert.set_defaults(run=_convert)
+
+    train = commands.add_parser("train", help="QLoRA fine-tuning from a YAML config (see docs/config.md)")
+    train.add_argument("config", help="the YAML config")
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: --lora.r 32 --train.steps 10")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+
+    merge = commands.add_parser("merge", help="fold a PEFT adapter into the base model and write a checkpoint")
+    _add_model_arguments(merge, default_quant="nf4")
+    merge.add_argument("--adapter", required=True, help="a PEFT adapter directory")
+    merge.add_argument("output", help="the directory to write")
+    merge.add_argument("--out-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    merge.add_argument("--requantize", default="none", choices=("none", "nf4", "fp4"),
+                       help="re-quantize the merged weights to bitsandbytes 4-bit")  # fmt: skip
+    merge.add_argument("--tokenizer", default=None)
+    merge.add_argument("--max-shard-size", default="5GB")
+    merge.set_defaults(run=_merge)
     return parser
 
 

@@ -7,6 +7,9 @@ adapters (`qlora_jax.lora`) attach to a QLinear as its `lora` submodule and hold
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -16,7 +19,28 @@ from flax import nnx
 from qlora_jax.kernels import nf4_matmul
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
-__all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm"]
+__all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm", "adapter_dropout", "adapter_dropout_key"]
+
+_dropout = threading.local()
+
+
+@contextlib.contextmanager
+def adapter_dropout(key: jax.Array | None) -> Iterator[None]:
+    """Makes LoRA dropout active (with this RNG key) for the layers traced inside; None turns it off.
+
+    The model sets it per layer while training (the key folded with the step and layer index); outside such a
+    scope, adapters run without dropout, as PEFT does in eval mode.
+    """
+    previous = getattr(_dropout, "key", None)
+    _dropout.key = key
+    try:
+        yield
+    finally:
+        _dropout.key = previous
+
+
+def adapter_dropout_key() -> jax.Array | None:
+    return getattr(_dropout, "key", None)
 
 
 class Frozen(nnx.Variable):
@@ -115,7 +139,7 @@ class QLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.base(x)
         if self.lora is not None:
-            y = y + self.lora(x, self).astype(y.dtype)
+            y = y + self.lora(x, self, y).astype(y.dtype)
         return y
 
 

@@ -26,7 +26,7 @@ from qlora_jax.convert.state_map import Slot, all_keys, model_slots, resolve, va
 from qlora_jax.models import DecoderLM, ModelConfig
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
-__all__ = ["load_pretrained", "save_pretrained", "load_model", "CheckpointError"]
+__all__ = ["load_pretrained", "save_pretrained", "load_model", "tensor_source", "CheckpointError"]
 
 NF4 = QuantConfig()  # QLoRA's storage: NF4, blocks of 64, double quantization, lm_head kept in 16 bits
 
@@ -46,15 +46,15 @@ class TensorSource(Protocol):
     def file_of(self, key: str) -> Path: ...
 
 
-def _stored_quant_config(hf: dict[str, Any], source: SafetensorsReader, config: ModelConfig) -> QuantConfig:
+def _stored_quant_config(hf: dict[str, Any], source: TensorSource, config: ModelConfig) -> QuantConfig:
     """The QuantConfig a bitsandbytes 4-bit checkpoint was written with, from its config.json and tensors."""
     qc = hf["quantization_config"]
     if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
-        raise CheckpointError(f"{source.directory}: only bitsandbytes 4-bit checkpoints are supported, got {qc}")
+        raise CheckpointError(f"{source.name}: only bitsandbytes 4-bit checkpoints are supported, got {qc}")
     keys = source.keys()
     quantized = bnb.quantized_weight_prefixes(keys)
     if not quantized:
-        raise CheckpointError(f"{source.directory}: quantization_config says 4-bit but no tensor is stored in 4 bits")
+        raise CheckpointError(f"{source.name}: quantization_config says 4-bit but no tensor is stored in 4 bits")
     first = _read_bnb(source, quantized[0], _statistics_keys(keys, set(quantized))[quantized[0]])
     # Linear layers the checkpoint keeps in 16 bits (lm_head, usually) stay dense here too.
     all_linear = nnx.eval_shape(lambda: DecoderLM(config, quant=QuantConfig(skip_modules=()), rngs=nnx.Rngs(0)))
@@ -241,6 +241,19 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def tensor_source(path: str | os.PathLike) -> TensorSource:
+    """The 16-bit tensors of a checkpoint, by transformers name, one at a time (safetensors directory or GGUF)."""
+    path = Path(path)
+    if path.suffix == ".gguf" or _is_gguf(path):
+        return _GGUFSource(path)
+    reader = SafetensorsReader(path)
+    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get(
+        "model_type"
+    ) == "gemma3":
+        return _LanguageModelOnly(reader)
+    return reader
+
+
 def load_pretrained(
     path: str | os.PathLike,
     *,
@@ -269,9 +282,7 @@ def load_pretrained(
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json")
     config = ModelConfig.from_file(path / "config.json")
-    reader = SafetensorsReader(path)
-    if json.loads((path / "config.json").read_text()).get("model_type") == "gemma3":
-        reader = _LanguageModelOnly(reader)
+    reader = tensor_source(path)
     hf = dict(config.hf_config)
     if (hf.get("quantization_config") or {}).get("quant_method") == "bitsandbytes" and quantization is not None:
         quantization = _stored_quant_config(hf, reader, config)

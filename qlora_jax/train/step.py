@@ -1,0 +1,124 @@
+"""The jitted train and eval steps, for users' own scripts and for `train()`.
+
+    graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
+    optimizer = make_optimizer(config.optim, steps)
+    state = TrainState.create(lora, optimizer)
+    step = make_train_step(graphdef, optimizer)
+    state, metrics = step(state, base, batch, key)   # batch: tokens/targets/positions/segment_ids [accum, B, T]
+
+Only `lora` (the adapters) and the optimizer state change; `base` (the frozen, mostly 4-bit weights) goes in
+unchanged and is never differentiated (its variables are not `nnx.LoRAParam`s, so `jax.grad` never sees them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from qlora_jax.train.loss import chunked_cross_entropy
+from qlora_jax.train.optim import to_memory
+
+__all__ = ["TrainState", "make_train_step", "make_eval_step", "BATCH_FIELDS"]
+
+BATCH_FIELDS = ("tokens", "targets", "positions", "segment_ids")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What training changes: the step counter, the adapters and the optimizer state."""
+
+    step: jax.Array
+    lora: Any
+    opt_state: Any
+
+    @classmethod
+    def create(cls, lora: Any, optimizer: optax.GradientTransformation, *, offload: bool = False) -> TrainState:
+        opt_state = optimizer.init(lora)
+        if offload:
+            opt_state = to_memory(opt_state, "pinned_host")
+        return cls(jnp.int32(0), lora, opt_state)
+
+
+def _loss(graphdef, lora, base, batch, key, *, chunk_size: int, remat: str | None):
+    model = nnx.merge(graphdef, lora, base)
+    if remat is not None:
+        model.remat = remat
+    h, _ = model.hidden_states(
+        batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], dropout_key=key
+    )
+    return chunked_cross_entropy(model.logits, h, batch["targets"], chunk_size=chunk_size)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    *,
+    chunk_size: int = 1024,
+    remat: str | None = None,
+    offload_optimizer: bool = False,
+    learning_rate: optax.Schedule | None = None,
+) -> Callable:
+    """A jitted `step(state, base, batch, key) -> (state, metrics)`.
+
+    batch: arrays [accum, micro_batch, T]; gradients are summed over the accumulation steps and the loss is the
+    mean over every target token of the whole batch. If the loss or the gradients are not finite, the update is
+    skipped (state unchanged) and `metrics["finite"]` is False: the caller stops, the last good state intact.
+    With `offload_optimizer`, the optimizer state lives in pinned host memory and visits the device only here.
+    """
+
+    def loss_and_grads(lora, base, micro, key):
+        def fn(adapters):
+            return _loss(graphdef, adapters, base, micro, key, chunk_size=chunk_size, remat=remat)
+
+        (loss_sum, count), grads = jax.value_and_grad(fn, has_aux=True)(lora)
+        return loss_sum, count, grads
+
+    def step(state: TrainState, base, batch, key):
+        opt_state = to_memory(state.opt_state, "device") if offload_optimizer else state.opt_state
+        key = jax.random.fold_in(key, state.step)
+        accum = batch["tokens"].shape[0]
+
+        def micro_step(carry, xs):
+            loss_acc, count_acc, grads_acc = carry
+            micro, index = xs
+            loss_sum, count, grads = loss_and_grads(state.lora, base, micro, jax.random.fold_in(key, index))
+            return (loss_acc + loss_sum, count_acc + count, jax.tree.map(jnp.add, grads_acc, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.lora)
+        init = (jnp.float32(0), jnp.int32(0), zeros)
+        (loss_sum, count, grads), _ = jax.lax.scan(micro_step, init, (batch, jnp.arange(accum)))
+        denominator = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        loss = loss_sum / denominator
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, state.lora)
+        new_lora = optax.apply_updates(state.lora, updates)
+        # Skip a non-finite update: the returned state is the last good one.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_lora, new_opt_state = keep(new_lora, state.lora), keep(new_opt_state, opt_state)
+        if offload_optimizer:
+            new_opt_state = to_memory(new_opt_state, "pinned_host")
+        metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite}
+        if learning_rate is not None:
+            metrics["learning_rate"] = learning_rate(state.step)
+        return TrainState(state.step + 1, new_lora, new_opt_state), metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(graphdef: nnx.GraphDef, *, chunk_size: int = 1024) -> Callable:
+    """A jitted `eval_step(lora, base, batch) -> (loss_sum, target_count)` for batch arrays [B, T] (no dropout)."""
+
+    @jax.jit
+    def eval_step(lora, base, batch):
+        return _loss(graphdef, lora, base, batch, None, chunk_size=chunk_size, remat=None)
+
+    return eval_step

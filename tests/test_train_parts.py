@@ -1,0 +1,195 @@
+"""The training parts on their own: chunked loss, schedules, the YAML config, offloaded optimizer state,
+remat policies, non-finite losses."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from flax import nnx
+
+from qlora_jax.lora import LoraConfig, apply_lora
+from qlora_jax.models import REMAT_POLICIES, DecoderLM, ModelConfig
+from qlora_jax.quant import QuantConfig
+from qlora_jax.train.config import ConfigFieldError, OptimSection, load_config
+from qlora_jax.train.loss import IGNORE_INDEX, chunked_cross_entropy, cross_entropy_reference
+from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
+from qlora_jax.train.step import TrainState, make_train_step
+
+CONFIG = ModelConfig.from_hf_config(
+    dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+         num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
+)  # fmt: skip
+
+
+def _batch(accum=2, batch=2, length=8, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 128, (accum, batch, length)).astype(np.int32)
+    targets = np.roll(tokens, -1, axis=-1)
+    targets[..., -1] = IGNORE_INDEX
+    return {
+        "tokens": jnp.asarray(tokens),
+        "targets": jnp.asarray(targets),
+        "positions": jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape),
+        "segment_ids": jnp.ones(tokens.shape, jnp.int32),
+    }
+
+
+def _trainable(seed=0, dropout=0.0, dtype=jnp.bfloat16):
+    model = DecoderLM(CONFIG, quant=QuantConfig(compute_dtype=dtype), dtype=dtype, rngs=nnx.Rngs(seed))
+    apply_lora(model, LoraConfig(r=4, lora_dropout=dropout, init_lora_weights=False), rngs=nnx.Rngs(1))
+    return nnx.split(model, nnx.LoRAParam, ...)
+
+
+def test_chunked_loss_equals_full_logits_and_ignores_masked_tokens():
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((16, 50)), jnp.float32)
+    h = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 50, (3, 7))).at[0, :3].set(IGNORE_INDEX)
+    loss, count = chunked_cross_entropy(lambda x: x @ w, h, targets, chunk_size=4)  # 21 tokens: a ragged chunk
+    ref_loss, ref_count = cross_entropy_reference(h @ w, targets)
+    assert int(count) == int(ref_count) == 18
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    grad = jax.grad(lambda h: chunked_cross_entropy(lambda x: x @ w, h, targets, chunk_size=4)[0])(h)
+    ref_grad = jax.grad(lambda h: cross_entropy_reference(h @ w, targets)[0])(h)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_never_holds_all_logits():
+    """XLA's buffers for the chunked loss (with its gradient) stay far below one [tokens, vocab] float32 array."""
+    tokens, vocab, dim = 4096, 8192, 64
+    w = jax.ShapeDtypeStruct((dim, vocab), jnp.float32)
+    h = jax.ShapeDtypeStruct((tokens, dim), jnp.float32)
+    t = jax.ShapeDtypeStruct((tokens,), jnp.int32)
+
+    def temp_bytes(fn):
+        return jax.jit(jax.value_and_grad(fn)).lower(h, w, t).compile().memory_analysis().temp_size_in_bytes
+
+    chunked = temp_bytes(lambda h, w, t: chunked_cross_entropy(lambda x: x @ w, h, t, chunk_size=512)[0])
+    full = temp_bytes(lambda h, w, t: cross_entropy_reference(h @ w, t)[0])
+    all_logits, chunk_logits = tokens * vocab * 4, 512 * vocab * 4
+    assert full >= all_logits
+    assert chunked <= 2.5 * chunk_logits, (chunked, chunk_logits)  # one chunk's logits and their gradient
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_schedules_warm_up_then_decay(schedule):
+    fn = learning_rate_schedule(OptimSection(learning_rate=1e-3, schedule=schedule, warmup_steps=10), 110)
+    assert float(fn(0)) == 0.0 and float(fn(5)) == pytest.approx(5e-4) and float(fn(10)) == pytest.approx(1e-3)
+    end = float(fn(110))
+    assert end == pytest.approx(1e-3) if schedule == "constant" else end == pytest.approx(0.0, abs=1e-9)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    import optax
+
+    graphdef, lora, base = _trainable(dtype=jnp.float32)
+    optimizer = optax.sgd(1.0)  # the update is the gradient itself
+    batch = _batch(accum=2, batch=2)
+    big = jax.tree.map(lambda x: x.reshape(1, 4, *x.shape[2:]), batch)
+    results = []
+    for b in (batch, big):
+        state = TrainState.create(jax.tree.map(jnp.copy, lora), optimizer)
+        state, metrics = make_train_step(graphdef, optimizer, chunk_size=16)(state, base, b, jax.random.key(0))
+        results.append((float(metrics["loss"]), state.lora))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("remat", REMAT_POLICIES)
+def test_remat_policies_give_the_same_gradients(remat):
+    graphdef, lora, base = _trainable()
+    optimizer = make_optimizer(OptimSection(learning_rate=1e-2), 10)
+    losses = {}
+    for policy in ("none", remat):
+        state = TrainState.create(jax.tree.map(jnp.copy, lora), optimizer)
+        step = make_train_step(graphdef, optimizer, chunk_size=16, remat=policy)
+        state, metrics = step(state, base, _batch(), jax.random.key(0))
+        losses[policy] = (float(metrics["loss"]), float(metrics["grad_norm"]))
+    assert losses[remat] == pytest.approx(losses["none"], rel=1e-5)
+
+
+def test_offloaded_optimizer_state_lives_in_pinned_host_memory():
+    graphdef, lora, base = _trainable()
+    optimizer = make_optimizer(OptimSection(learning_rate=1e-2), 10)
+    runs = {}
+    for offload in (False, True):
+        state = TrainState.create(jax.tree.map(jnp.copy, lora), optimizer, offload=offload)
+        step = make_train_step(graphdef, optimizer, chunk_size=16, offload_optimizer=offload)
+        losses = []
+        for _ in range(3):
+            state, metrics = step(state, base, _batch(), jax.random.key(0))
+            losses.append(float(metrics["loss"]))
+            kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(state.opt_state)}
+            assert kinds == ({"pinned_host"} if offload else {"device"})
+        runs[offload] = losses
+    assert runs[True] == runs[False]
+
+
+def test_non_finite_loss_skips_the_update():
+    graphdef, lora, base = _trainable()
+    optimizer = make_optimizer(OptimSection(learning_rate=1e-2), 10)
+    poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan) if x.ndim else x, lora)
+    state = TrainState.create(poisoned, optimizer)
+    before = jax.tree.map(np.array, state)
+    state, metrics = make_train_step(graphdef, optimizer, chunk_size=16)(state, base, _batch(), jax.random.key(0))
+    assert not bool(metrics["finite"])
+    for a, b in zip(jax.tree.leaves(before.lora), jax.tree.leaves(state.lora), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))  # nothing applied
+
+
+def _write(tmp_path, config, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_yaml_config_with_overrides(tmp_path):
+    path = _write(tmp_path, {"model": {"path": "model.gguf"}, "data": {"train": "train.jsonl"},
+                             "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}})  # fmt: skip
+    config = load_config(path, ["--lora.r", "32", "--optim.learning_rate", "1e-3", "--train.samples", "[hi, there]"])
+    assert config.lora.r == 32 and config.lora.target_modules == ("q_proj", "v_proj")
+    assert config.optim.learning_rate == 1e-3 and config.train.samples == ("hi", "there")
+    assert config.model.path == str(tmp_path / "model.gguf")  # relative to the YAML file
+    assert config.data.train == str(tmp_path / "train.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("change", "overrides", "match"),
+    [
+        ({"lora": {"rr": 8}}, [], r"lora.rr: unknown field \(did you mean 'r'\?\)"),
+        ({"lora": {"r": "eight"}}, [], "lora.r: expected an integer, got 'eight'"),
+        ({"train": {"grad_accum": 3}}, [], "train.grad_accum: must divide batch_size=8"),
+        ({"optim": {"schedule": "exp"}}, [], "optim.schedule: must be one of"),
+        ({"model": {"quant": "nf3"}}, [], "model.quant: must be one of"),
+        ({"trian": {}}, [], r"unknown section 'trian' \(did you mean 'train'\?\)"),
+        ({}, ["--lora.r"], "has no value"),
+        ({}, ["lora.r", "3"], "--section.field value"),
+        ({"lora": {"r": 0}}, [], "lora: lora r must be a positive integer"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, change, overrides, match):
+    base = {"model": {"path": "m.gguf"}, "data": {"train": "t.jsonl"}}
+    for section, fields in change.items():
+        base.setdefault(section, {}).update(fields)
+    path = _write(tmp_path, base)
+    with pytest.raises(ConfigFieldError, match=match):
+        load_config(path, overrides)
+    assert str(path) in str(pytest.raises(ConfigFieldError, load_config, path, overrides).value)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigFieldError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed")
+    with pytest.raises(ConfigFieldError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    path = _write(tmp_path, {"data": {"train": "t.jsonl"}})
+    with pytest.raises(ConfigFieldError, match="required section 'model' is missing"):
+        load_config(path)
+    path = _write(tmp_path, {"model": {"quant": "nf4"}, "data": {"train": "t.jsonl"}})
+    with pytest.raises(ConfigFieldError, match="model: required field 'path' is missing"):
+        load_config(path)
