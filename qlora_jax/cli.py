@@ -119,16 +119,26 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _take_flag(args: argparse.Namespace, flag: str) -> bool:
+    """True if `flag` was given (before the config, or among the overrides after it, where it is removed)."""
+    given = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if flag in args.overrides:
+        args.overrides = [item for item in args.overrides if item != flag]
+        given = True
+    return given
+
+
 def _train(args: argparse.Namespace) -> int:
     from qlora_jax.train.config import ConfigFieldError, load_config
     from qlora_jax.train.loop import TrainingDiverged, train
 
+    no_progress = _take_flag(args, "--no-progress")
     try:
         config = load_config(args.config, args.overrides)
     except ConfigFieldError as e:
         raise _fail("train", str(e)) from e
     try:
-        result = train(config, progress=not args.no_progress)
+        result = train(config, progress=not no_progress)
     except TrainingDiverged as e:
         raise _fail("train", str(e)) from e
     except (ValueError, OSError) as e:  # bad data lines, checkpoints, model files: the message names them
@@ -136,6 +146,27 @@ def _train(args: argparse.Namespace) -> int:
     print(f"trained {result.steps} steps; outputs in {result.output_dir}")
     if result.exact_match_before is not None:
         print(f"eval exact match: {result.exact_match_before:.1%} before, {result.exact_match_after:.1%} after")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """The memory plan of a training config, from abstract shapes and compiled shallow steps (nothing loaded)."""
+    import jax
+
+    from qlora_jax.plan import plan_memory
+    from qlora_jax.train.config import ConfigFieldError, load_config
+
+    compare = _take_flag(args, "--compare")
+    try:
+        config = load_config(args.config, args.overrides)
+        plan = plan_memory(config, compare=compare)
+    except (ConfigFieldError, ValueError, OSError) as e:
+        raise _fail("plan", str(e)) from e
+    t = config.train
+    print(f"{config.model.path}: {plan.num_layers} layers, {config.model.quant} base, LoRA r={config.lora.r}; "
+          f"batch {t.batch_size} x {config.data.max_length} tokens (grad_accum {t.grad_accum}), remat={t.remat}, "
+          f"on {jax.devices()[0].device_kind}")  # fmt: skip
+    print(plan.table())
     return 0
 
 
@@ -166,9 +197,36 @@ def _merge(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"qlora-jax merge: no tokenizer written ({e})", file=sys.stderr)
         tokenizer = None
+    if args.gguf is not None:
+        from qlora_jax.convert.gguf_export import GGUFError, save_gguf
+
+        if quant is not None:
+            raise _fail("merge", "--requantize writes bitsandbytes safetensors; with --gguf use --gguf-type q8_0")
+        source = Path(args.tokenizer or args.model)
+        tokenizer_gguf = source if source.suffix == ".gguf" else None
+        try:
+            out = save_gguf(model, args.output, tensor_type=args.gguf, tokenizer=tokenizer,
+                            tokenizer_gguf=tokenizer_gguf)  # fmt: skip
+        except (GGUFError, ValueError, OSError) as e:
+            raise _fail("merge", str(e)) from e
+        print(f"wrote {out}")
+        return 0
     merge_and_save(model, args.output, dtype=jnp.dtype(args.out_dtype), quant=quant, tokenizer=tokenizer,
                    max_shard_size=args.max_shard_size)  # fmt: skip
     print(f"wrote {args.output}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """A training run's checkpoint -> a PEFT adapter directory."""
+    from qlora_jax.train.config import ConfigFieldError
+    from qlora_jax.train.export import export_run
+
+    try:
+        out = export_run(args.run_dir, args.output, step=args.step)
+    except (ConfigFieldError, ValueError, OSError) as e:
+        raise _fail("export", str(e)) from e
+    print(f"wrote {out} (PEFT adapter: PeftModel.from_pretrained(base_model, {str(out)!r}))")
     return 0
 
 
@@ -214,13 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
+    export = commands.add_parser("export", help="write a training run's adapters in PEFT format")
+    export.add_argument("run_dir", help="a train.output_dir (with config.json and checkpoints/)")
+    export.add_argument("output", help="the adapter directory to write")
+    export.add_argument("--step", type=int, default=None, help="which checkpoint (default: the latest)")
+    export.set_defaults(run=_export)
+
+    plan = commands.add_parser("plan", help="memory per component of a training config's step, before loading")
+    plan.add_argument("config", help="the YAML config")
+    plan.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: --data.max_length 2048")
+    plan.add_argument("--compare", action="store_true", help="also compile the full-depth step and show XLA's total")
+    plan.set_defaults(run=_plan)
+
     merge = commands.add_parser("merge", help="fold a PEFT adapter into the base model and write a checkpoint")
     _add_model_arguments(merge, default_quant="nf4")
     merge.add_argument("--adapter", required=True, help="a PEFT adapter directory")
-    merge.add_argument("output", help="the directory to write")
+    merge.add_argument("output", help="the directory to write (with --gguf: the .gguf file)")
     merge.add_argument("--out-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     merge.add_argument("--requantize", default="none", choices=("none", "nf4", "fp4"),
                        help="re-quantize the merged weights to bitsandbytes 4-bit")  # fmt: skip
+    merge.add_argument("--gguf", default=None, metavar="TYPE", choices=("f32", "f16", "bf16", "q8_0"),
+                       help="write one GGUF file (f32|f16|bf16|q8_0) for llama.cpp instead of safetensors")  # fmt: skip
     merge.add_argument("--tokenizer", default=None)
     merge.add_argument("--max-shard-size", default="5GB")
     merge.set_defaults(run=_merge)

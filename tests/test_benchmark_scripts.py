@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +27,36 @@ def test_kernel_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows} == {"bf16 dot", "dequant+dot", "fused nf4", "auto"}
     assert all(r["time_us"] > 0 and r["speedup_vs_bf16"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_train_benchmark_smoke(tmp_path):
+    """All four rows (ours NF4/dense, torch bitsandbytes NF4/dense) on a tiny random model, with finite numbers;
+    the torch rows only where torch, transformers, peft and bitsandbytes are installed."""
+    configs = ["ours-nf4", "ours-dense"]
+    if all(importlib.util.find_spec(name) for name in ("torch", "transformers", "peft", "bitsandbytes")):
+        configs += ["torch-bnb-nf4", "torch-dense"]
+    out = tmp_path / "train.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/train.py", "--smoke", "--configs", ",".join(configs), "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = {r["config"]: r for r in data["rows"]}
+    assert list(rows) == configs
+    for name in configs:
+        assert f"| {name} |" in result.stdout
+        r = rows[name]
+        assert "error" not in r, r
+        numbers = [r["first_loss"], r["median_s"], r["min_s"], r["tokens_per_s"], r["rss_load"], r["peak_rss"]]
+        assert all(math.isfinite(x) and x > 0 for x in numbers), r
+        assert len(r["step_s"]) == data["settings"]["steps"]
+        assert r["trainable_params"] == rows["ours-nf4"]["trainable_params"]
+    # Identical weights, adapters starting at B = 0: the first losses agree across frameworks.
+    if "torch-dense" in rows:
+        assert rows["torch-dense"]["first_loss"] == pytest.approx(rows["ours-dense"]["first_loss"], rel=1e-4)
+        assert rows["torch-bnb-nf4"]["first_loss"] == pytest.approx(rows["ours-nf4"]["first_loss"], rel=1e-3)

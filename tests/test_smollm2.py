@@ -4,6 +4,7 @@ same GGUF), and through the CLI."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +88,36 @@ def test_cli_errors_are_clear(tmp_path):
         cli_main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "hi"])
     with pytest.raises(SystemExit, match="top_p must be in"):
         cli_main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--top-p", "2"])
+
+
+def test_demo_adapter_exports_and_loads_in_peft_with_our_logits(smollm2_gguf, hf_model, tmp_path):
+    """The README demo's config, cut to 2 steps: its adapter, exported from the checkpoint by `qlora-jax export`,
+    loads in PEFT onto transformers' SmolLM2, which then computes our logits (same dense base from the GGUF)."""
+    peft = pytest.importorskip("peft")
+    import torch
+
+    from qlora_jax.convert.peft import load_peft_adapter
+
+    demo = Path(__file__).resolve().parents[1] / "examples" / "smollm2_dates.yaml"
+    overrides = ["--train.steps", "2", "--train.batch_size", "2", "--train.eval_exact_match", "0",
+                 "--train.samples", "[]", "--data.eval", "null", "--train.output_dir", str(tmp_path / "run"),
+                 "--lora.lora_dropout", "0.0"]  # fmt: skip
+    assert cli_main(["train", "--no-progress", str(demo), *overrides]) == 0
+    assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "adapter")]) == 0
+
+    ours, _ = load_pretrained(smollm2_gguf, quantization=None, dtype=jnp.float32)
+    load_peft_adapter(ours, tmp_path / "adapter")
+    assert np.abs(np.asarray(ours.model.layers.self_attn.q_proj.lora.lora_B[...])).max() > 0  # it trained
+    peft_model = peft.PeftModel.from_pretrained(hf_model, tmp_path / "adapter").eval()
+    tokens = np.random.default_rng(1).integers(0, 49152, (1, 12))
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(tokens))), theirs, atol=1e-3 * np.abs(theirs).max())
+    peft_model.unload()  # the module-scoped transformers model goes back to its base for the other tests
+
+    # and merged into one GGUF for llama.cpp (tokenizer copied from the source GGUF)
+    gguf_path = tmp_path / "smollm2-dates.q8_0.gguf"
+    assert cli_main(["merge", "--model", str(smollm2_gguf), "--adapter", str(tmp_path / "adapter"), "--quant", "none",
+                     "--dtype", "float32", "--gguf", "q8_0", str(gguf_path)]) == 0  # fmt: skip
+    merged, _ = load_pretrained(gguf_path, quantization=None, dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(merged(jnp.asarray(tokens))), theirs, atol=3e-2 * np.abs(theirs).max())

@@ -104,6 +104,23 @@ def test_train_end_to_end_writes_everything_and_the_adapter_loads_in_peft(tmp_pa
         np.testing.assert_allclose(merged(torch.tensor(tokens)).logits.numpy(), ours, atol=1e-4 * np.abs(ours).max())
         assert peft_model(torch.tensor(tokens)).logits.shape == ours.shape
 
+    # `qlora-jax export` rebuilds the same adapter from the checkpoint alone
+    from safetensors.numpy import load_file
+
+    assert cli_main(["export", str(run), str(tmp_path / "exported")]) == 0
+    written, exported = load_file(run / "adapter" / "adapter_model.safetensors"), load_file(
+        tmp_path / "exported" / "adapter_model.safetensors")  # fmt: skip
+    assert written.keys() == exported.keys()
+    for key in written:
+        np.testing.assert_array_equal(written[key], exported[key], err_msg=key)
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text()) == json.loads(
+        (tmp_path / "exported" / "adapter_config.json").read_text())  # fmt: skip
+    with pytest.raises(SystemExit, match="no checkpoint of step 3"):
+        cli_main(["export", str(run), str(tmp_path / "nope"), "--step", "3"])
+    with pytest.raises(SystemExit, match="not a training run directory"):
+        cli_main(["export", str(tmp_path), str(tmp_path / "nope")])
+    assert not (tmp_path / "nope").exists()
+
 
 def test_kill_and_resume_gives_bit_identical_losses(tmp_path, tiny_model_dir):
     uninterrupted = load_config(_config(tmp_path / "a", tiny_model_dir, save_every=1, export_peft=False))

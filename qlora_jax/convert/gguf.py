@@ -270,6 +270,7 @@ def _no_config(arch: str, meta: _Metadata, tensors: Mapping[str, Any], config: d
 def _gemma_config(arch: str, meta: _Metadata, tensors: Mapping[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     n_layers, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
     extra = {
+        "hidden_activation": "gelu_pytorch_tanh",  # every Gemma 2/3; GGUF does not store it
         "sliding_window": meta.get(Keys.Attention.SLIDING_WINDOW, int),
         "final_logit_softcapping": meta.get(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, float),
         "query_pre_attn_scalar": hidden // heads if n_layers == _GEMMA_27B_LAYERS[arch] else config["head_dim"],

@@ -26,7 +26,7 @@ from qlora_jax.convert.state_map import Slot, all_keys, model_slots, resolve, va
 from qlora_jax.models import DecoderLM, ModelConfig
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
-__all__ = ["load_pretrained", "save_pretrained", "load_model", "tensor_source", "CheckpointError"]
+__all__ = ["load_pretrained", "read_model_config", "save_pretrained", "load_model", "tensor_source", "CheckpointError"]
 
 NF4 = QuantConfig()  # QLoRA's storage: NF4, blocks of 64, double quantization, lm_head kept in 16 bits
 
@@ -252,6 +252,16 @@ def tensor_source(path: str | os.PathLike) -> TensorSource:
     ) == "gemma3":
         return _LanguageModelOnly(reader)
     return reader
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a transformers directory or GGUF file, without reading any weights."""
+    path = Path(path)
+    if path.suffix == ".gguf" or _is_gguf(path):
+        return ModelConfig.from_hf_config(_GGUFSource(path).checkpoint.config, source=str(path))
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a model directory with a config.json, nor a .gguf file")
+    return ModelConfig.from_file(path / "config.json")
 
 
 def load_pretrained(

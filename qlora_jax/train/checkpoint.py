@@ -39,12 +39,21 @@ class RunCheckpoints:
         self._manager.wait_until_finished()
         return self.directory / str(step)
 
-    def restore(self, like: TrainState, *, offload: bool = False) -> tuple[TrainState, dict[str, Any]]:
-        """The latest checkpoint, shaped like `like` (its optimizer state back in pinned host memory if offload)."""
-        step = self.latest_step()
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def restore(
+        self, like: TrainState, *, offload: bool = False, step: int | None = None
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """A checkpoint (default: the latest), shaped like `like` (arrays or ShapeDtypeStructs); its optimizer state
+        goes back to pinned host memory if offload."""
         if step is None:
-            raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), jax.device_get(like))
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
+        elif step not in self.all_steps():
+            raise FileNotFoundError(f"{self.directory}: no checkpoint of step {step} (there are {self.all_steps()})")
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
         restored = self._manager.restore(step, args=args)
         state = jax.tree.map(jax.numpy.asarray, restored["state"])

@@ -24,9 +24,9 @@ from qlora_jax.convert.hf import load_pretrained
 from qlora_jax.generate import SamplingConfig, generate_text
 from qlora_jax.lora import apply_lora, loftq_initialize, trainable_parameters
 from qlora_jax.models import DecoderLM
-from qlora_jax.quant import QuantConfig
 from qlora_jax.tokenizer import load_tokenizer
 from qlora_jax.train import data as data_lib
+from qlora_jax.train.build import quant_config
 from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.config import TrainConfig, resolve_package_path
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -55,10 +55,7 @@ def load_model_for_training(config: TrainConfig) -> tuple[DecoderLM, Any]:
     """The base model (quantized as configured), with adapters added (LoftQ-initialized if asked)."""
     m = config.model
     path = resolve_package_path(m.path)
-    quant = None
-    if m.quant != "none":
-        quant = QuantConfig(quant_type=m.quant, double_quant=m.double_quant, blocksize=m.blocksize,
-                            compute_dtype=jnp.dtype(m.dtype))  # fmt: skip
+    quant = quant_config(config)
     model, _ = load_pretrained(path, quantization=quant, dtype=jnp.dtype(m.dtype))
     tokenizer = load_tokenizer(resolve_package_path(m.tokenizer) if m.tokenizer else path)
     if config.lora.init_lora_weights == "loftq":
