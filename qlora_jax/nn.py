@@ -18,6 +18,7 @@ from flax import nnx
 
 from qlora_jax.kernels import nf4_matmul
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
+from qlora_jax.sharding import gathered, gathered_matmul
 
 __all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm", "adapter_dropout", "adapter_dropout_key"]
 
@@ -104,10 +105,13 @@ class QLinear(nnx.Module):
     def is_quantized(self) -> bool:
         return self.quant is not None
 
-    def quantized_tensor(self) -> QuantizedTensor:
-        """The 4-bit weight as a QuantizedTensor (its buffers may carry a leading layer axis)."""
+    def quantized_tensor(self, *, gather: bool = True) -> QuantizedTensor:
+        """The 4-bit weight as a QuantizedTensor (its buffers may carry a leading layer axis); traced under
+        `qlora_jax.sharding.compute_mesh`, whole on every device (gathered just in time) unless not `gather`."""
         assert self.quant is not None, "this QLinear holds a dense weight"
         buffers = {name: (None if getattr(self, name) is None else getattr(self, name)[...]) for name in _QUANT_BUFFERS}
+        if gather:
+            buffers = gathered(buffers)
         return QuantizedTensor(
             **buffers,
             shape=(self.out_features, self.in_features),
@@ -128,12 +132,12 @@ class QLinear(nnx.Module):
         """The frozen layer alone: x @ W.T + b, accumulated in float32, in the compute dtype."""
         x = x.astype(self.dtype)
         if self.is_quantized:
-            y = nf4_matmul(x, self.quantized_tensor())
+            y = gathered_matmul(nf4_matmul, x, self.quantized_tensor(gather=False))
         else:
-            w = jax.lax.stop_gradient(self.weight[...]).astype(self.dtype)
+            w = jax.lax.stop_gradient(gathered(self.weight[...])).astype(self.dtype)
             y = jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(self.dtype)
         if self.bias is not None:
-            y = y + jax.lax.stop_gradient(self.bias[...]).astype(self.dtype)
+            y = y + jax.lax.stop_gradient(gathered(self.bias[...])).astype(self.dtype)
         return y
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -162,14 +166,14 @@ class Embed(nnx.Module):
         self.scale, self.dtype = scale, jnp.dtype(dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        table = jax.lax.stop_gradient(self.weight[...])
+        table = jax.lax.stop_gradient(gathered(self.weight[...]))
         x = jnp.take(table, tokens, axis=0)  # [B, T, D]
         if self.scale is not None:  # Gemma: times sqrt(hidden), rounded to the weight's dtype first
             x = x * jnp.asarray(self.scale, table.dtype)
         return x.astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        w = jax.lax.stop_gradient(self.weight[...]).astype(self.dtype)
+        w = jax.lax.stop_gradient(gathered(self.weight[...])).astype(self.dtype)
         return jnp.dot(x.astype(self.dtype), w.T, preferred_element_type=jnp.float32).astype(self.dtype)
 
 
@@ -182,7 +186,7 @@ class RMSNorm(nnx.Module):
         self.eps, self.gemma = eps, gemma
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = jax.lax.stop_gradient(self.weight[...])
+        w = jax.lax.stop_gradient(gathered(self.weight[...]))
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         if self.gemma:

@@ -18,6 +18,7 @@ from qlora_jax.models.attention import apply_rope, attend, attention_mask, rope_
 from qlora_jax.models.config import ModelConfig
 from qlora_jax.nn import Embed, QLinear, RMSNorm, adapter_dropout
 from qlora_jax.quant import QuantConfig
+from qlora_jax.sharding import gathered
 
 __all__ = ["DecoderLM", "KVCache", "REMAT_POLICIES"]
 
@@ -260,7 +261,9 @@ class DecoderLM(nnx.Module):
 
         def layer_step(h, xs):
             state, is_sliding, index, kv = xs
-            layer = nnx.merge(graphdef, state)
+            # Under a mesh, this layer's adapters are gathered here, inside the scan (its base weights where used).
+            adapters, rest = nnx.split_state(state, nnx.LoRAParam, ...)
+            layer = nnx.merge(graphdef, jax.tree.map(gathered, adapters), rest)
             mask, (cos_l, sin_l) = full_mask, (cos, sin)
             if sliding_mask is not None:
                 mask = jnp.where(is_sliding, sliding_mask, full_mask)

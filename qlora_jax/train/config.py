@@ -24,6 +24,7 @@ __all__ = [
     "DataSection",
     "OptimSection",
     "TrainSection",
+    "MeshSection",
     "TrainConfig",
     "load_config",
     "apply_overrides",
@@ -96,19 +97,32 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshSection:
+    """The device mesh (docs/scaling.md); data x fsdp must be the number of devices, unless both are 1."""
+
+    data: int = 1  # data-parallel replicas: weights replicated, batch rows split; -1: the devices left over
+    fsdp: int = 1  # devices the weights (and adapters, optimizer state) are sharded over; -1: the rest
+
+    @property
+    def is_single_device(self) -> bool:
+        return self.data == 1 and self.fsdp == 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     model: ModelSection
     data: DataSection
     lora: LoraConfig = LoraConfig()
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
+    mesh: MeshSection = MeshSection()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _SECTIONS = {"model": ModelSection, "data": DataSection, "lora": LoraConfig, "optim": OptimSection,
-             "train": TrainSection}  # fmt: skip
+             "train": TrainSection, "mesh": MeshSection}  # fmt: skip
 
 
 def _type_check(where: str, value: Any, annotation: Any) -> Any:
@@ -203,11 +217,29 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
     need(t.remat in ("none", "full", "save_dots", "offload"), "train.remat", f"unknown policy {t.remat!r}")
     need(t.loss_chunk_size >= 1, "train.loss_chunk_size", "must be >= 1")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    mesh = config.mesh
+    for name in ("data", "fsdp"):
+        n = getattr(mesh, name)
+        need(n >= 1 or n == -1, f"mesh.{name}", f"must be a positive number of devices or -1 (the rest), got {n}")
+    need(not (mesh.data == -1 and mesh.fsdp == -1), "mesh.fsdp", "data and fsdp cannot both be -1")
+    if mesh.data > 0 and mesh.fsdp > 0:
+        check_batch_divides(config, mesh.data * mesh.fsdp, where)
+
+
+def check_batch_divides(config: TrainConfig, devices: int, where: str = "config") -> None:
+    """Every micro-batch (and eval batch) is split by rows over the mesh's devices: they must divide it."""
+    t = config.train
+    micro = t.batch_size // t.grad_accum
+    if micro % devices:
+        raise ConfigFieldError(
+            f"{where}.train.batch_size: a micro-batch of {micro} rows (batch_size={t.batch_size} / grad_accum="
+            f"{t.grad_accum}) cannot be split over the mesh's {devices} devices (data x fsdp); make it a multiple"
+        )
 
 
 def config_from_dict(raw: Any, *, source: str = "config") -> TrainConfig:
     if not isinstance(raw, dict):
-        raise ConfigFieldError(f"{source}: expected a mapping with model, data, lora, optim, train")
+        raise ConfigFieldError(f"{source}: expected a mapping with model, data, lora, optim, train, mesh")
     unknown = [k for k in raw if k not in _SECTIONS]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), _SECTIONS, n=1)

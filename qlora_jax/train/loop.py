@@ -4,6 +4,11 @@ Everything a run writes goes to `train.output_dir`: `checkpoints/` (orbax, atomi
 logged step and per evaluation), `loss.png`, `samples.json` (answers before and after), `config.json`, and the
 adapter in PEFT format (`adapter/`) at the end. Killed and started again with the same config, a run resumes from
 its last checkpoint and produces bit for bit the losses of an uninterrupted run.
+
+With a `mesh` section the run spans devices (docs/scaling.md): weights, adapters and optimizer state are placed
+by `qlora_jax.sharding`'s rule, each process feeds its own devices' rows of every batch, checkpoints are written
+sharded, and only process 0 writes the other files. Multi-process runs start from the launcher's environment
+(`qlora_jax.distributed`).
 """
 
 from __future__ import annotations
@@ -21,15 +26,19 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax.convert.hf import load_pretrained
+from qlora_jax.distributed import initialize_from_environment, is_primary
 from qlora_jax.generate import SamplingConfig, generate_text
 from qlora_jax.lora import apply_lora, loftq_initialize, trainable_parameters
 from qlora_jax.models import DecoderLM
+from qlora_jax.sharding import make_mesh
 from qlora_jax.tokenizer import load_tokenizer
 from qlora_jax.train import data as data_lib
 from qlora_jax.train.build import quant_config
 from qlora_jax.train.checkpoint import RunCheckpoints
-from qlora_jax.train.config import TrainConfig, resolve_package_path
+from qlora_jax.train.config import ConfigFieldError, TrainConfig, check_batch_divides, resolve_package_path
+from qlora_jax.train.loss import IGNORE_INDEX
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
+from qlora_jax.train.parallel import StepShardings, global_batch, place, step_shardings
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_eval_step, make_train_step
 
 __all__ = ["train", "TrainingDiverged", "TrainResult", "load_model_for_training", "exact_match"]
@@ -93,20 +102,51 @@ def _batches(config: TrainConfig, tokenizer) -> tuple[data_lib.Batch, data_lib.B
     return rows, eval_rows, eval_records
 
 
-def _as_step_batch(batch: data_lib.Batch, accum: int) -> dict[str, jax.Array]:
-    return {f: jnp.asarray(getattr(batch, f).reshape(accum, -1, getattr(batch, f).shape[-1])) for f in BATCH_FIELDS}
+def _as_step_batch(batch: data_lib.Batch, accum: int, sharding=None) -> dict[str, jax.Array]:
+    """[accum, micro, T] arrays; on a mesh, global arrays of which this process supplies its devices' rows."""
+    arrays = {f: getattr(batch, f).reshape(accum, -1, getattr(batch, f).shape[-1]) for f in BATCH_FIELDS}
+    if sharding is not None:
+        return global_batch(arrays, sharding)
+    return {f: jnp.asarray(a) for f, a in arrays.items()}
 
 
-def _evaluate(eval_step, lora, base, rows: data_lib.Batch, batch_size: int, max_batches: int) -> float:
+def _padded_rows(arrays: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """The batch filled up to `rows` with copies of its first row that have no targets (they add nothing)."""
+    missing = rows - arrays["tokens"].shape[0]
+    if missing <= 0:
+        return arrays
+    out = {f: np.concatenate([a, np.repeat(a[:1], missing, axis=0)]) for f, a in arrays.items()}
+    out["targets"][-missing:] = IGNORE_INDEX
+    return out
+
+
+def _evaluate(eval_step, lora, base, rows: data_lib.Batch, batch_size: int, max_batches: int,
+              sharding=None) -> float:  # fmt: skip
     total, count = 0.0, 0
     n = rows.tokens.shape[0]
     for i, start in enumerate(range(0, n, batch_size)):
         if max_batches and i >= max_batches:
             break
-        batch = {f: jnp.asarray(getattr(rows, f)[start : start + batch_size]) for f in BATCH_FIELDS}
+        arrays = {f: getattr(rows, f)[start : start + batch_size] for f in BATCH_FIELDS}
+        if sharding is None:
+            batch = {f: jnp.asarray(a) for f, a in arrays.items()}
+        else:  # every eval batch has the same rows, split over the mesh
+            batch = global_batch(_padded_rows(arrays, batch_size), sharding)
         loss_sum, tokens = eval_step(lora, base, batch)
         total, count = total + float(loss_sum), count + int(tokens)
     return total / max(count, 1)
+
+
+def _mesh(config: TrainConfig):
+    """The configured mesh over every device of the job, or None for a single-device run."""
+    if config.mesh.is_single_device:
+        return None
+    try:
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    except ValueError as e:
+        raise ConfigFieldError(f"{e} (jax.devices(): {jax.device_count()} {jax.default_backend()} devices)") from e
+    check_batch_divides(config, mesh.size)
+    return mesh
 
 
 def _reference_and_prompt(record: dict) -> tuple[Any, str] | None:
@@ -147,7 +187,7 @@ def _print_samples(title: str, rows: list[dict[str, str]]) -> None:
 
 def _device_memory() -> str:
     """Peak device memory on an accelerator; on CPU, the process's resident memory (host is the device)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     used = stats.get("peak_bytes_in_use") or stats.get("bytes_in_use")
     if not used:
         try:
@@ -190,46 +230,71 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Runs (or resumes) a QLoRA fine-tune as configured; see the module docstring for what it writes."""
     from tqdm.auto import tqdm
 
+    initialize_from_environment()  # multi-process launches (SLURM, or JAX_* variables); before any JAX work
     t = config.train
+    primary = is_primary()
+    mesh = _mesh(config)
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    if primary:
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     model, tokenizer = load_model_for_training(config)
-    trainable_parameters(model)
+    if primary:
+        trainable_parameters(model)
     rows, eval_rows, eval_records = _batches(config, tokenizer)
     iterator = data_lib.BatchIterator(rows, t.batch_size, seed=config.data.seed)
 
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
     optimizer = make_optimizer(config.optim, t.steps)
     schedule = learning_rate_schedule(config.optim, t.steps)
-    state = TrainState.create(lora, optimizer, offload=config.optim.offload)
+    shardings: StepShardings | None = None
+    # Generation (samples, exact match) runs in single-process runs only: it is not written for multi-host meshes.
+    generating = jax.process_count() == 1
+    if not generating and (t.samples or t.eval_exact_match):
+        print("multi-process run: train.samples and train.eval_exact_match are skipped")
+    if mesh is not None:
+        quant = quant_config(config)
+        shardings = step_shardings(mesh, lora, base, optimizer, offload=config.optim.offload,
+                                   dq_blocksize=quant.dq_blocksize if quant else 256)  # fmt: skip
+        del model  # its single-device copy of the weights goes with it
+        lora, base = place(lora, shardings.state.lora), place(base, shardings.base)
+        model = nnx.merge(graphdef, lora, base)
+        print(f"mesh: data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {mesh.size} devices, "
+              f"{jax.process_count()} process(es)")  # fmt: skip
+    state = TrainState.create(lora, optimizer, offload=config.optim.offload,
+                              shardings=None if shardings is None else shardings.state)  # fmt: skip
     checkpoints = RunCheckpoints(out / "checkpoints", keep=t.keep_checkpoints)
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
     samples: dict[str, Any] = {}
     em_before = None
     if t.resume and checkpoints.latest_step() is not None:
-        state, extra = checkpoints.restore(state, offload=config.optim.offload)
+        state, extra = checkpoints.restore(state, offload=config.optim.offload,
+                                           shardings=None if shardings is None else shardings.state)  # fmt: skip
         iterator.restore(extra["data"])
         history = _read_metrics(metrics_path, int(state.step))
         samples = extra.get("samples", {})
         em_before = extra.get("exact_match_before")
         print(f"resumed from {checkpoints.directory / str(int(state.step))} at step {int(state.step)}")
     else:
-        if t.samples:
+        if t.samples and generating:
             samples["before"] = generate_text(model, tokenizer, list(t.samples), SamplingConfig(max_new_tokens=48))
             _print_samples("before training:", [{"prompt": p, "answer": a} for p, a in zip(t.samples,
                                                 samples["before"], strict=True)])  # fmt: skip
-        if eval_records and t.eval_exact_match:
+        if eval_records and t.eval_exact_match and generating:
             em_before, rows = exact_match(model, tokenizer, eval_records[: t.eval_exact_match])
             samples["eval_before"] = rows[:5]
             _print_samples(f"before training: eval exact match {em_before:.1%} on {len(rows)}; for example", rows[:5])
             history.append({"step": 0, "eval_exact_match": em_before})
-    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
+    if primary:
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
 
     train_step = make_train_step(graphdef, optimizer, chunk_size=t.loss_chunk_size,
-                                 offload_optimizer=config.optim.offload, learning_rate=schedule)  # fmt: skip
-    eval_step = make_eval_step(graphdef, chunk_size=t.loss_chunk_size)
+                                 offload_optimizer=config.optim.offload, learning_rate=schedule,
+                                 shardings=shardings)  # fmt: skip
+    eval_step = make_eval_step(graphdef, chunk_size=t.loss_chunk_size, shardings=shardings)
+    batch_sharding = None if shardings is None else shardings.batch
+    eval_sharding = None if shardings is None else shardings.eval_batch
     key = jax.random.key(t.seed)
 
     def save() -> Path:
@@ -238,16 +303,18 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
 
     def log(record: dict) -> None:
         history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if primary:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     start_step = int(state.step)
-    bar = tqdm(total=t.steps, initial=start_step, disable=not progress, desc="training", dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=start_step, disable=not (progress and primary), desc="training",
+               dynamic_ncols=True)  # fmt: skip
     last_saved = checkpoints.latest_step()
     while int(state.step) < t.steps:
         host_batch = next(iterator)
         batch_segments = host_batch.segment_ids
-        batch = _as_step_batch(host_batch, t.grad_accum)
+        batch = _as_step_batch(host_batch, t.grad_accum, batch_sharding)
         started = time.perf_counter()
         state, metrics = train_step(state, base, batch, key)
         metrics = jax.device_get(metrics)
@@ -271,7 +338,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
                  "step_seconds": elapsed, "tokens_per_second": tokens_per_s})  # fmt: skip
         if eval_rows is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
             log({"step": step, "eval_loss": _evaluate(eval_step, state.lora, base, eval_rows, t.batch_size,
-                                                      t.eval_batches)})  # fmt: skip
+                                                      t.eval_batches, eval_sharding)})  # fmt: skip
         if t.save_every and step % t.save_every == 0 and step < t.steps:
             save()
             last_saved = step
@@ -280,29 +347,37 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     model = nnx.merge(graphdef, state.lora, base)
     if eval_rows is not None:
         log({"step": int(state.step), "eval_loss": _evaluate(eval_step, state.lora, base, eval_rows, t.batch_size,
-                                                             t.eval_batches)})  # fmt: skip
+                                                             t.eval_batches, eval_sharding)})  # fmt: skip
     em_after = None
-    if eval_records and t.eval_exact_match:
+    if eval_records and t.eval_exact_match and generating:
         em_after, rows = exact_match(model, tokenizer, eval_records[: t.eval_exact_match])
         samples["eval_after"] = rows[:5]
         _print_samples(f"after training: eval exact match {em_after:.1%} on {len(rows)}; for example", rows[:5])
         log({"step": int(state.step), "eval_exact_match": em_after})
-    if t.samples:
+    if t.samples and generating:
         samples["after"] = generate_text(model, tokenizer, list(t.samples), SamplingConfig(max_new_tokens=48))
         samples["prompts"] = list(t.samples)
         _print_samples("after training:", [{"prompt": p, "answer": a} for p, a in zip(t.samples, samples["after"],
                                                                                       strict=True)])  # fmt: skip
-    if samples:
+    if samples and primary:
         (out / "samples.json").write_text(json.dumps(samples, indent=2))
     if checkpoints.latest_step() != int(state.step):
         save()
     checkpoints.close()
     train_losses = [(m["step"], m["loss"]) for m in history if "loss" in m]
     eval_losses = [(m["step"], m["eval_loss"]) for m in history if "eval_loss" in m]
-    _plot(out / "loss.png", train_losses, eval_losses)
+    if primary:
+        _plot(out / "loss.png", train_losses, eval_losses)
     if t.export_peft:
         from qlora_jax.convert.peft import save_peft_adapter
 
-        save_peft_adapter(model, out / "adapter", config.lora, base_model_name_or_path=config.model.path)
+        adapters = state.lora
+        if jax.process_count() > 1:  # no process holds the sharded adapters whole: gather them (a collective)
+            from jax.experimental import multihost_utils
+
+            adapters = multihost_utils.process_allgather(adapters, tiled=True)
+        if primary:
+            save_peft_adapter(nnx.merge(graphdef, adapters, base), out / "adapter", config.lora,
+                              base_model_name_or_path=config.model.path)  # fmt: skip
     return TrainResult(model, tokenizer, int(state.step), [loss for _, loss in train_losses], eval_losses, out,
                        em_before, em_after)  # fmt: skip

@@ -50,12 +50,15 @@ def make_optimizer(config: OptimSection, total_steps: int) -> optax.GradientTran
     return optax.chain(*chain)
 
 
-def memory_placement(tree: Any, memory_kind: str) -> Any:
-    """Single-device shardings in `memory_kind` ("device" or "pinned_host") matching `tree`'s arrays."""
+def memory_placement(tree: Any, memory_kind: str, shardings: Any = None) -> Any:
+    """Shardings in `memory_kind` ("device" or "pinned_host") matching `tree`'s arrays: `shardings` (a mesh
+    placement of the same tree) in that memory, or without them, the first device."""
+    if shardings is not None:
+        return jax.tree.map(lambda s: s.with_memory_kind(memory_kind), shardings)
     device = jax.devices()[0]
     return jax.tree.map(lambda _: SingleDeviceSharding(device, memory_kind=memory_kind), tree)
 
 
-def to_memory(tree: Any, memory_kind: str) -> Any:
-    """Moves every array of `tree` to `memory_kind` (works eagerly and inside jit)."""
-    return jax.device_put(tree, memory_placement(tree, memory_kind))
+def to_memory(tree: Any, memory_kind: str, shardings: Any = None) -> Any:
+    """Moves every array of `tree` to `memory_kind`, keeping `shardings` if given (works eagerly and inside jit)."""
+    return jax.device_put(tree, memory_placement(tree, memory_kind, shardings))

@@ -6,6 +6,9 @@
     step = make_train_step(graphdef, optimizer)
     state, metrics = step(state, base, batch, key)   # batch: tokens/targets/positions/segment_ids [accum, B, T]
 
+On a device mesh, pass `shardings` (`qlora_jax.train.parallel.step_shardings`): the step is compiled for them and
+traced under `qlora_jax.sharding.compute_mesh`, so each layer's weights are gathered inside the layer scan.
+
 Only `lora` (the adapters) and the optimizer state change; `base` (the frozen, mostly 4-bit weights) goes in
 unchanged and is never differentiated (its variables are not `nnx.LoRAParam`s, so `jax.grad` never sees them).
 """
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from qlora_jax.sharding import compute_mesh, mesh_size
 from qlora_jax.train.loss import chunked_cross_entropy
 from qlora_jax.train.optim import to_memory
 
@@ -39,21 +43,32 @@ class TrainState:
     opt_state: Any
 
     @classmethod
-    def create(cls, lora: Any, optimizer: optax.GradientTransformation, *, offload: bool = False) -> TrainState:
-        opt_state = optimizer.init(lora)
+    def create(
+        cls, lora: Any, optimizer: optax.GradientTransformation, *, offload: bool = False, shardings: Any = None
+    ) -> TrainState:
+        """The initial state; `shardings` (a TrainState of shardings) places the optimizer state on a mesh."""
+        if shardings is None:
+            opt_state = optimizer.init(lora)
+            if offload:
+                opt_state = to_memory(opt_state, "pinned_host")
+            return cls(jnp.int32(0), lora, opt_state)
+        on_device = jax.tree.map(lambda s: s.with_memory_kind("device"), shardings.opt_state)
+        opt_state = jax.jit(optimizer.init, out_shardings=on_device)(lora)
         if offload:
-            opt_state = to_memory(opt_state, "pinned_host")
-        return cls(jnp.int32(0), lora, opt_state)
+            opt_state = to_memory(opt_state, "pinned_host", shardings.opt_state)
+        return cls(jax.device_put(jnp.int32(0), shardings.step), lora, opt_state)
 
 
-def _loss(graphdef, lora, base, batch, key, *, chunk_size: int, remat: str | None):
-    model = nnx.merge(graphdef, lora, base)
-    if remat is not None:
-        model.remat = remat
-    h, _ = model.hidden_states(
-        batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], dropout_key=key
-    )
-    return chunked_cross_entropy(model.logits, h, batch["targets"], chunk_size=chunk_size)
+def _loss(graphdef, lora, base, batch, key, *, chunk_size: int, remat: str | None, mesh=None):
+    with compute_mesh(mesh):  # trace-time: weights gathered where used, kernels per device
+        model = nnx.merge(graphdef, lora, base)
+        if remat is not None:
+            model.remat = remat
+        h, _ = model.hidden_states(
+            batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], dropout_key=key
+        )
+        return chunked_cross_entropy(model.logits, h, batch["targets"], chunk_size=chunk_size,
+                                     batch_shards=mesh_size(mesh))  # fmt: skip
 
 
 def make_train_step(
@@ -64,6 +79,7 @@ def make_train_step(
     remat: str | None = None,
     offload_optimizer: bool = False,
     learning_rate: optax.Schedule | None = None,
+    shardings: Any = None,
 ) -> Callable:
     """A jitted `step(state, base, batch, key) -> (state, metrics)`.
 
@@ -71,17 +87,21 @@ def make_train_step(
     mean over every target token of the whole batch. If the loss or the gradients are not finite, the update is
     skipped (state unchanged) and `metrics["finite"]` is False: the caller stops, the last good state intact.
     With `offload_optimizer`, the optimizer state lives in pinned host memory and visits the device only here.
+    `shardings` (a `qlora_jax.train.parallel.StepShardings`): compiled for that mesh placement, arguments and
+    the new state alike.
     """
+    mesh = None if shardings is None else shardings.mesh
+    opt_shardings = None if shardings is None else shardings.state.opt_state
 
     def loss_and_grads(lora, base, micro, key):
         def fn(adapters):
-            return _loss(graphdef, adapters, base, micro, key, chunk_size=chunk_size, remat=remat)
+            return _loss(graphdef, adapters, base, micro, key, chunk_size=chunk_size, remat=remat, mesh=mesh)
 
         (loss_sum, count), grads = jax.value_and_grad(fn, has_aux=True)(lora)
         return loss_sum, count, grads
 
     def step(state: TrainState, base, batch, key):
-        opt_state = to_memory(state.opt_state, "device") if offload_optimizer else state.opt_state
+        opt_state = to_memory(state.opt_state, "device", opt_shardings) if offload_optimizer else state.opt_state
         key = jax.random.fold_in(key, state.step)
         accum = batch["tokens"].shape[0]
 
@@ -105,20 +125,28 @@ def make_train_step(
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_lora, new_opt_state = keep(new_lora, state.lora), keep(new_opt_state, opt_state)
         if offload_optimizer:
-            new_opt_state = to_memory(new_opt_state, "pinned_host")
+            new_opt_state = to_memory(new_opt_state, "pinned_host", opt_shardings)
         metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite}
         if learning_rate is not None:
             metrics["learning_rate"] = learning_rate(state.step)
         return TrainState(state.step + 1, new_lora, new_opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0,))
+    s = shardings
+    return jax.jit(step, donate_argnums=(0,), in_shardings=(s.state, s.base, s.batch, s.replicated),
+                   out_shardings=(s.state, s.replicated))  # fmt: skip
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, chunk_size: int = 1024) -> Callable:
-    """A jitted `eval_step(lora, base, batch) -> (loss_sum, target_count)` for batch arrays [B, T] (no dropout)."""
+def make_eval_step(graphdef: nnx.GraphDef, *, chunk_size: int = 1024, shardings: Any = None) -> Callable:
+    """A jitted `eval_step(lora, base, batch) -> (loss_sum, target_count)` for batch arrays [B, T] (no dropout);
+    `shardings` as for `make_train_step` (then B must divide by the mesh's data x fsdp devices)."""
+    mesh = None if shardings is None else shardings.mesh
 
-    @jax.jit
     def eval_step(lora, base, batch):
-        return _loss(graphdef, lora, base, batch, None, chunk_size=chunk_size, remat=None)
+        return _loss(graphdef, lora, base, batch, None, chunk_size=chunk_size, remat=None, mesh=mesh)
 
-    return eval_step
+    if shardings is None:
+        return jax.jit(eval_step)
+    s = shardings
+    return jax.jit(eval_step, in_shardings=(s.state.lora, s.base, s.eval_batch), out_shardings=s.replicated)

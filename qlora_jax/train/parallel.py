@@ -1,0 +1,81 @@
+"""A run on a device mesh: where the train state, the base weights and the batches live, and how they get there.
+
+    mesh = make_mesh(data=2, fsdp=4)
+    shardings = step_shardings(mesh, lora, base, optimizer, dq_blocksize=256)
+    lora, base = place(lora, shardings.state.lora), place(base, shardings.base)
+    state = TrainState.create(lora, optimizer, shardings=shardings.state)
+    step = make_train_step(graphdef, optimizer, shardings=shardings)
+    state, metrics = step(state, base, global_batch(host_batch, shardings.batch), key)
+
+The sharding rule itself is `qlora_jax.sharding` (documented there and in docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from qlora_jax.distributed import local_rows
+from qlora_jax.sharding import batch_sharding, optimizer_shardings, param_shardings, replicated
+from qlora_jax.train.step import TrainState
+
+__all__ = ["StepShardings", "step_shardings", "place", "global_batch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Shardings of a train step's arguments: `state` is a TrainState of NamedShardings (the optimizer state in
+    pinned host memory if offloaded), `base` the frozen weights', `batch` [accum, micro, T] and `eval_batch` [B, T]
+    arrays (rows split over data x fsdp), `replicated` scalars and keys."""
+
+    mesh: Mesh
+    state: TrainState
+    base: Any
+    batch: NamedSharding
+    eval_batch: NamedSharding
+    replicated: NamedSharding
+
+
+def step_shardings(
+    mesh: Mesh, lora: Any, base: Any, optimizer: optax.GradientTransformation, *, dq_blocksize: int = 256,
+    offload: bool = False,
+) -> StepShardings:  # fmt: skip
+    """The placement of a run on `mesh` (`lora`, `base`: the split model, arrays or ShapeDtypeStructs)."""
+    lora_shardings = param_shardings(lora, mesh, dq_blocksize=dq_blocksize)
+    opt_state = jax.eval_shape(optimizer.init, lora)
+    opt_shardings = optimizer_shardings(optimizer, opt_state, lora_shardings, mesh)
+    if offload:
+        opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
+    state = TrainState(replicated(mesh), lora_shardings, opt_shardings)
+    return StepShardings(mesh, state, param_shardings(base, mesh, dq_blocksize=dq_blocksize),
+                         batch_sharding(mesh, axis=1), batch_sharding(mesh, axis=0), replicated(mesh))  # fmt: skip
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)  # every process holds the whole array; each fills its own devices' shards
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """`tree`'s arrays moved to their shardings (on every process of a multi-process run)."""
+    return jax.tree.map(_put, tree, shardings)
+
+
+def global_batch(arrays: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Global arrays from the host batch every process holds: each process hands over only the rows of its own
+    devices (`jax.make_array_from_process_local_data`); rows are split along the sharding's batch axis."""
+    axis = next(i for i, names in enumerate(sharding.spec) if names is not None)
+    out = {}
+    for name, array in arrays.items():
+        indices = sharding.addressable_devices_indices_map(array.shape).values()
+        rows = local_rows(indices, axis, array.shape[axis])
+        local = array[(slice(None),) * axis + (rows,)]
+        out[name] = jax.make_array_from_process_local_data(sharding, local, array.shape)
+    return out
