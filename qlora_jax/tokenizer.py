@@ -8,16 +8,58 @@ from typing import Any
 
 __all__ = ["load_tokenizer"]
 
+# GGUF ids of the special tokens, by the tokenizer_config name transformers gives them.
+_SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                      "pad_token": "padding_token_id"}  # fmt: skip
+
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer of a model directory (tokenizer.json, tokenizer_config.json, chat template) or of a GGUF file
-    (transformers rebuilds it, with its chat template, from the GGUF metadata)."""
+    (rebuilt, with its chat template, from the GGUF metadata as transformers rebuilds it)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     try:
         if path.is_file():
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            return _gguf_tokenizer(path)
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {e})") from e
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ModuleNotFoundError as e:  # transformers' GGUF reader imports torch, which a JAX install may lack
+        try:
+            return _gguf_tokenizer_without_torch(path)
+        except ImportError:
+            raise ValueError(f"reading a GGUF tokenizer with this transformers version needs torch ({e}); "
+                             "install torch, or point model.tokenizer / --tokenizer at a tokenizer directory"
+                             ) from e  # fmt: skip
+
+
+def _gguf_tokenizer_without_torch(path: Path) -> Any:
+    """transformers' own GGUF tokenizer conversion, fed with metadata read by the `gguf` package instead of
+    transformers' torch-importing reader (tests: the same token ids and chat template as AutoTokenizer)."""
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    reader = gguf.GGUFReader(path)
+    meta = {name: field.contents() for name, field in reader.fields.items()
+            if name.startswith("tokenizer.") or name == "general.architecture"}  # fmt: skip
+    grouped = {group: {new: meta[f"tokenizer.{old}"] for old, new in renames.items() if f"tokenizer.{old}" in meta}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}  # fmt: skip
+    tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if "tokens" not in tokenizer:
+        raise ValueError("the GGUF file holds no tokenizer (tokenizer.ggml.tokens)")
+    if tokenizer.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to a sentencepiece vocabulary by default
+        config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKEN_IDS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    backend, _ = convert_gguf_tokenizer(meta["general.architecture"], tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config)

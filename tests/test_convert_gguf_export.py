@@ -23,23 +23,12 @@ from qlora_jax.convert.merge import merged_tensors
 from qlora_jax.generate import chat_token_ids
 from qlora_jax.lora import LoraConfig, apply_lora
 from qlora_jax.quant import QuantConfig
+from tests import models_util
 from tests.models_util import torch, transformers
 
 pytestmark = pytest.mark.oracle
 TOKENS = np.random.default_rng(0).integers(1, 96, (2, 9))
-COMMON = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-6,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+COMMON = models_util.COMMON | dict(rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 # Every family with the features its export must carry (sliding windows of 3 tokens, so 9 tokens exercise them).
 CASES: dict[str, dict[str, Any]] = {
     "llama": dict(model_type="llama", attention_bias=True, mlp_bias=True),

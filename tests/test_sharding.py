@@ -7,6 +7,7 @@ devices is restored here on 1.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from qlora_jax.sharding import make_mesh, mesh_shape
 from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.config import ConfigFieldError, config_from_dict
 from qlora_jax.train.loss import IGNORE_INDEX, chunked_cross_entropy, cross_entropy_reference
+from tests.tiny_smol import save_tiny_smol
 
 HERE = Path(__file__).resolve().parent
 
@@ -106,22 +108,10 @@ def _tiny_model_dir(tmp_path_factory) -> Path | None:
     from tests.conftest import smollm2_gguf_path
 
     smollm2_gguf = smollm2_gguf_path()
-    try:
-        import torch
-        import transformers
-    except ImportError:
+    if smollm2_gguf is None or importlib.util.find_spec("torch") is None or importlib.util.find_spec(
+            "transformers") is None:  # fmt: skip
         return None
-    if smollm2_gguf is None:
-        return None
-    directory = tmp_path_factory.mktemp("tiny_smol_mesh")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                      eos_token_id=2, bos_token_id=1)  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_smol(tmp_path_factory.mktemp("tiny_smol_mesh"), smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

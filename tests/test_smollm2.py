@@ -121,3 +121,19 @@ def test_demo_adapter_exports_and_loads_in_peft_with_our_logits(smollm2_gguf, hf
                      "--dtype", "float32", "--gguf", "q8_0", str(gguf_path)]) == 0  # fmt: skip
     merged, _ = load_pretrained(gguf_path, quantization=None, dtype=jnp.float32)
     np.testing.assert_allclose(np.asarray(merged(jnp.asarray(tokens))), theirs, atol=3e-2 * np.abs(theirs).max())
+
+
+def test_gguf_tokenizer_without_torch_equals_transformers(smollm2_gguf, tokenizer):
+    """Without torch (a plain JAX install), the GGUF tokenizer is rebuilt from metadata read by `gguf`: the same
+    token ids and chat template as transformers' own (torch-importing) GGUF path."""
+    from qlora_jax.tokenizer import _gguf_tokenizer_without_torch
+
+    ours = _gguf_tokenizer_without_torch(smollm2_gguf)
+    prose = (Path(__file__).resolve().parents[1] / "examples" / "data" / "eval_text.txt").read_text()[:4000]
+    texts = ["Hello world!  It's 2026-11-23.\n\tdef f(x): return x**2", "Ünïcödé 東京 🚀 <|im_start|>user hi", prose]
+    for text in texts:
+        assert ours(text)["input_ids"] == tokenizer(text)["input_ids"], text[:40]
+    messages = [{"role": "system", "content": "Be brief."}, *QUESTION]
+    assert chat_token_ids(ours, messages) == chat_token_ids(tokenizer, messages)
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (tokenizer.bos_token, tokenizer.eos_token,
+                                                                tokenizer.pad_token)  # fmt: skip

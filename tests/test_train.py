@@ -21,6 +21,7 @@ from qlora_jax.cli import main as cli_main
 from qlora_jax.train import loop
 from qlora_jax.train.config import load_config
 from qlora_jax.train.loop import TrainingDiverged, train
+from tests.tiny_smol import save_tiny_smol
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -29,17 +30,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, smollm2_gguf):
     """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer (fast enough to train in a test)."""
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
-    directory = tmp_path_factory.mktemp("tiny_smol")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                      eos_token_id=2, bos_token_id=1)  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    return save_tiny_smol(tmp_path_factory.mktemp("tiny_smol"), smollm2_gguf)
 
 
 def _config(tmp_path, model_dir, **train_fields):
