@@ -1,4 +1,4 @@
-"""QLoRA (NF4 + double quant) vs LoRA on the 16-bit base vs QLoRA with LoftQ init, on the demo task, over seeds.
+"""QLoRA (NF4 + double quant) vs LoRA on the dense base vs QLoRA with LoftQ init, on the demo task, over seeds.
 
     python benchmarks/finetune.py [--seeds 0 1 2] [--steps 16] [--json out.json] [--plot finetune.png]
 
@@ -6,7 +6,8 @@ Every run is `qlora-jax train examples/smollm2_dates.yaml` (same data, steps, ba
 the base's storage and the adapter init changed, and the seed (adapter init, dropout, data order) varied. Each
 run is a fresh process with its own output directory under a temporary directory. Reported per method: the final
 eval loss and the exact-match score on 50 held-out dates (mean and spread over the seeds), and the loss curves.
-The paper's finding to check: QLoRA matches 16-bit LoRA.
+The demo computes in float32, so the dense base is float32. The paper's finding to check: QLoRA matches
+LoRA on an unquantized base.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "smollm2_dates.yaml"
 METHODS = {
     "QLoRA (NF4 + DQ)": ["--model.quant", "nf4"],
-    "LoRA (bf16 base)": ["--model.quant", "none"],
+    "LoRA (dense base)": ["--model.quant", "none"],
     "QLoRA + LoftQ": ["--model.quant", "nf4", "--lora.init_lora_weights", "loftq"],
 }
 
