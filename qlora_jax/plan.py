@@ -31,6 +31,7 @@ from qlora_jax.nn import QuantizedWeight
 from qlora_jax.sharding import make_mesh, param_shardings, shard_bytes
 from qlora_jax.train.build import abstract_model, quant_config
 from qlora_jax.train.config import TrainConfig, check_batch_divides
+from qlora_jax.train.loss import auto_chunk_size
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
 from qlora_jax.train.parallel import step_shardings
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_train_step
@@ -171,7 +172,8 @@ def _abstract_step(config: TrainConfig, num_layers: int | None):
         host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
         state = dataclasses.replace(state, opt_state=jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host), state.opt_state))  # fmt: skip
-    step = make_train_step(graphdef, optimizer, chunk_size=t.loss_chunk_size, offload_optimizer=config.optim.offload,
+    chunk_size = t.loss_chunk_size or auto_chunk_size(model.config.vocab_size)
+    step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, offload_optimizer=config.optim.offload,
                            learning_rate=learning_rate_schedule(config.optim, t.steps),
                            shardings=shardings)  # fmt: skip
     shape = (t.grad_accum, t.batch_size // t.grad_accum, config.data.max_length)
@@ -208,12 +210,13 @@ def plan_memory(config: TrainConfig, *, compare: bool = False) -> MemoryPlan:
     per_layer = (m_high.temporaries - m_low.temporaries) // (high - low)
     host_per_layer = (m_high.host_temporaries - m_low.host_temporaries) // (high - low)
     vocab = model.config.vocab_size
+    chunk_size = config.train.loss_chunk_size or auto_chunk_size(vocab)
     micro_rows = config.train.batch_size // config.train.grad_accum
     if devices == 1:
-        chunk_tokens = min(config.train.loss_chunk_size, micro_rows * config.data.max_length)
+        chunk_tokens = min(chunk_size, micro_rows * config.data.max_length)
     else:  # chunks keep each device's rows and cut the sequence (qlora_jax.train.loss)
         rows = micro_rows // devices
-        chunk_tokens = rows * max(1, min(config.data.max_length, config.train.loss_chunk_size // rows))
+        chunk_tokens = rows * max(1, min(config.data.max_length, chunk_size // rows))
     return MemoryPlan(
         quantized_weights=quantized,
         dense_weights=dense,

@@ -44,6 +44,7 @@ def _split(model_config: ModelConfig, *, abstract: bool = False, dtype=jnp.float
         model = DecoderLM(model_config, quant=QuantConfig(compute_dtype=dtype), dtype=dtype, param_dtype=dtype,
                           rngs=nnx.Rngs(0))  # fmt: skip
         apply_lora(model, LoraConfig(r=4, init_lora_weights=False), rngs=nnx.Rngs(1))  # B random: nonzero grads
+        model.attention_block = 8  # the 16-token rows run as two query blocks: blocked attention under each mesh
         return model
 
     return nnx.split(nnx.eval_shape(build) if abstract else build(), nnx.LoRAParam, ...)

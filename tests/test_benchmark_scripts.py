@@ -60,3 +60,26 @@ def test_train_benchmark_smoke(tmp_path):
     if "torch-dense" in rows:
         assert rows["torch-dense"]["first_loss"] == pytest.approx(rows["ours-dense"]["first_loss"], rel=1e-4)
         assert rows["torch-bnb-nf4"]["first_loss"] == pytest.approx(rows["ours-nf4"]["first_loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_cost_benchmark_counts_the_stored_bytes(tmp_path):
+    """Mistral-7B's row: its 4-bit base costs exactly NF4 + double quant's 4.127 bits per linear weight, LoRA r=16
+    on all linears is counted in float32 with two AdamW moments, and XLA's full-step figure is beside the plan."""
+    out = tmp_path / "cost.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/cost.py", "--families", "mistral", "--remat", "full", "--compare",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    hidden, kv, mlp, layers, vocab = 4096, 1024, 14336, 32, 32768
+    linear_in_out = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden)] + [(hidden, mlp)] * 3
+    linear_params = layers * sum(i * o for i, o in linear_in_out)
+    assert row["base_4bit"] * 8 / linear_params == pytest.approx(4.127, abs=5e-4)
+    assert row["base_dense"] == (2 * vocab * hidden + (2 * layers + 1) * hidden) * 2  # embed, lm_head, norms; bf16
+    assert row["adapters"] == layers * sum(16 * (i + o) for i, o in linear_in_out) * 4
+    assert row["optimizer"] >= 2 * row["adapters"]
+    assert 0 < row["device_total"] and abs(row["device_total"] / row["xla_full_step"] - 1) < 0.1
+    assert "| Mistral-7B-v0.3 | full |" in result.stdout

@@ -71,6 +71,22 @@ def test_left_padding_matches(tiny):
     _assert_close(np.asarray(ours)[valid], theirs[valid], F32_TOL)
 
 
+def test_blocked_attention_matches(tiny):
+    """Queries taken 4 at a time (the last block padded), with left padding: still transformers' logits."""
+    _, hf_model, directory = tiny
+    model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
+    model.attention_block = 4
+    tokens = _tokens(length=11)
+    valid = np.ones(tokens.shape, bool)
+    valid[1, :2] = False
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    ours = model.logits(
+        model.hidden_states(jnp.asarray(tokens), positions=jnp.asarray(positions), valid=jnp.asarray(valid))[0]
+    )
+    theirs = _hf_logits(hf_model, tokens, attention_mask=valid.astype(np.int64), position_ids=positions)
+    _assert_close(np.asarray(ours)[valid], theirs[valid], F32_TOL)
+
+
 def test_packed_segments_equal_separate_sequences(tiny):
     _, hf_model, directory = tiny
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)

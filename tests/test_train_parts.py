@@ -14,7 +14,7 @@ from qlora_jax.lora import LoraConfig, apply_lora
 from qlora_jax.models import REMAT_POLICIES, DecoderLM, ModelConfig
 from qlora_jax.quant import QuantConfig
 from qlora_jax.train.config import ConfigFieldError, OptimSection, load_config
-from qlora_jax.train.loss import IGNORE_INDEX, chunked_cross_entropy, cross_entropy_reference
+from qlora_jax.train.loss import IGNORE_INDEX, auto_chunk_size, chunked_cross_entropy, cross_entropy_reference
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
 from qlora_jax.train.step import TrainState, make_train_step
 
@@ -72,6 +72,16 @@ def test_chunked_loss_never_holds_all_logits():
     all_logits, chunk_logits = tokens * vocab * 4, 512 * vocab * 4
     assert full >= all_logits
     assert chunked <= 2.5 * chunk_logits, (chunked, chunk_logits)  # one chunk's logits and their gradient
+
+
+def test_automatic_loss_chunk_bounds_the_logits_by_vocabulary():
+    assert auto_chunk_size(49152) == 1024  # SmolLM2: 192 MiB of float32 logits
+    assert auto_chunk_size(128256) == 512  # Llama 3
+    assert auto_chunk_size(256000) == 256  # Gemma
+    assert auto_chunk_size(32000) == 1024  # never more than 1024 tokens
+    assert auto_chunk_size(10_000_000) == 128  # never fewer than 128
+    for vocab in (32000, 49152, 128256, 151936, 256000, 262208):
+        assert auto_chunk_size(vocab) * vocab * 4 <= 2**28
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
@@ -169,6 +179,8 @@ def test_yaml_config_with_overrides(tmp_path):
         ({}, ["--lora.r"], "has no value"),
         ({}, ["lora.r", "3"], "--section.field value"),
         ({"lora": {"r": 0}}, [], "lora: lora r must be a positive integer"),
+        ({"train": {"loss_chunk_size": -1}}, [], r"train.loss_chunk_size: must be >= 0 \(0: automatic\)"),
+        ({"train": {"attention_block": -2}}, [], "train.attention_block: must be >= 0, got -2"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, change, overrides, match):

@@ -59,13 +59,47 @@ def attention_mask(
 
 
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, softcap: float | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    block_size: int | None = None,
 ) -> jax.Array:
     """Grouped-query attention: q [B, T, H, D], k and v [B, S, Hkv, D], mask [B, T, S] -> [B, T, H, D].
 
-    Without logit soft-capping this is `jax.nn.dot_product_attention` (cuDNN flash attention where it applies).
-    Gemma 2's soft-capping, tanh(logits / cap) * cap before the mask, is written out.
+    With `block_size`, queries are taken `block_size` at a time and each block is rematerialized in the backward
+    pass, so the [H, T, S] logits and probabilities never exist whole (neither in the forward nor as saved
+    residuals): memory O(block_size x S) per head instead of O(T x S), for one extra forward of the attention
+    scores in the backward pass. Each row's result is the same computation either way.
     """
+    t = q.shape[1]
+    if not block_size or t <= block_size:
+        return _attend(q, k, v, mask, scale=scale, softcap=softcap)
+    b, _, h, d = q.shape
+    blocks = -(-t // block_size)
+    pad = blocks * block_size - t  # padded query rows attend nowhere; their (finite) outputs are dropped
+
+    def split(x):  # [B, T, ...] -> [blocks, B, block_size, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(b, blocks, block_size, *x.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_block(q_and_mask):
+        q_block, mask_block = q_and_mask
+        return _attend(q_block, k, v, mask_block, scale=scale, softcap=softcap)
+
+    out = jax.lax.map(one_block, (split(q), split(mask)))
+    return out.swapaxes(0, 1).reshape(b, blocks * block_size, h, d)[:, :t]
+
+
+def _attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, softcap: float | None
+) -> jax.Array:
+    """All queries at once. Without logit soft-capping this is `jax.nn.dot_product_attention`; Gemma 2's
+    soft-capping, tanh(logits / cap) * cap before the mask, is written out."""
     if softcap is None:
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
     b, t, h, d = q.shape

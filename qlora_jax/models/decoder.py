@@ -88,7 +88,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, eps=c.norm_eps, gemma=c.gemma_norm, param_dtype=param_dtype)
         self.config = config
 
-    def __call__(self, x, *, cos, sin, mask, cache_kv=None, cache_index=None):
+    def __call__(self, x, *, cos, sin, mask, cache_kv=None, cache_index=None, block_size=None):
         c = self.config
         b, t, _ = x.shape
         if c.fused_qkv:
@@ -108,7 +108,8 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
             new_kv = (k, v)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=c.attn_scale, softcap=c.attn_logit_softcap)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=c.attn_scale,
+                     softcap=c.attn_logit_softcap, block_size=block_size)  # fmt: skip
         return self.o_proj(out.reshape(b, t, c.q_size)), new_kv
 
 
@@ -153,10 +154,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
 
-    def __call__(self, h, *, cos, sin, mask, cache_kv=None, cache_index=None):
-        attn, new_kv = self.self_attn(
-            self.input_layernorm(h), cos=cos, sin=sin, mask=mask, cache_kv=cache_kv, cache_index=cache_index
-        )
+    def __call__(self, h, *, cos, sin, mask, cache_kv=None, cache_index=None, attention_block=None):
+        attn, new_kv = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, cache_kv=cache_kv,
+                                      cache_index=cache_index, block_size=attention_block)  # fmt: skip
         if self.config.sandwich_norms:
             h = h + self.post_attention_layernorm(attn)
             h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -214,6 +214,8 @@ class DecoderLM(nnx.Module):
             param_dtype=param_dtype, rngs=rngs,
         )  # fmt: skip
         self.remat = "none"
+        # Queries per attention block (`attend`'s block_size): longer sequences never hold [H, T, T] whole.
+        self.attention_block = 512
 
     def hidden_states(
         self,
@@ -271,7 +273,8 @@ class DecoderLM(nnx.Module):
                 cos_l, sin_l = jnp.where(is_sliding, local_rope[0], cos), jnp.where(is_sliding, local_rope[1], sin)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
             with adapter_dropout(key):
-                return layer(h, cos=cos_l, sin=sin_l, mask=mask, cache_kv=kv, cache_index=start)
+                return layer(h, cos=cos_l, sin=sin_l, mask=mask, cache_kv=kv, cache_index=start,
+                             attention_block=self.attention_block)  # fmt: skip
 
         step = _remat(layer_step, self.remat)
         kv_in = None if cache is None else (cache.k, cache.v)

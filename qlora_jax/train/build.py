@@ -44,4 +44,5 @@ def abstract_model(config: TrainConfig, *, num_layers: int | None = None) -> Dec
 
     model = nnx.eval_shape(build)
     model.remat = config.train.remat
+    model.attention_block = config.train.attention_block
     return model

@@ -83,7 +83,8 @@ class TrainSection:
     batch_size: int = 8  # sequences per optimizer step (across accumulation)
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
     remat: str = "full"  # none | full | save_dots | offload (activations kept in pinned host memory)
-    loss_chunk_size: int = 1024  # tokens per lm-head + cross-entropy chunk
+    loss_chunk_size: int = 0  # tokens per lm-head + cross-entropy chunk; 0: by vocabulary (train.loss.auto_chunk_size)
+    attention_block: int = 512  # queries per attention block (memory O(block x length)); 0: all at once
     eval_every: int = 0  # steps; 0: only at the end
     eval_batches: int = 0  # 0: the whole eval set
     eval_exact_match: int = 0  # eval records answered greedily and scored by exact match, before and after
@@ -215,7 +216,8 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
     need(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
          f"must divide batch_size={t.batch_size}, got {t.grad_accum}")  # fmt: skip
     need(t.remat in ("none", "full", "save_dots", "offload"), "train.remat", f"unknown policy {t.remat!r}")
-    need(t.loss_chunk_size >= 1, "train.loss_chunk_size", "must be >= 1")
+    need(t.loss_chunk_size >= 0, "train.loss_chunk_size", f"must be >= 0 (0: automatic), got {t.loss_chunk_size}")
+    need(t.attention_block >= 0, "train.attention_block", f"must be >= 0, got {t.attention_block}")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     mesh = config.mesh
     for name in ("data", "fsdp"):

@@ -36,7 +36,7 @@ from qlora_jax.train import data as data_lib
 from qlora_jax.train.build import quant_config
 from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.config import ConfigFieldError, TrainConfig, check_batch_divides, resolve_package_path
-from qlora_jax.train.loss import IGNORE_INDEX
+from qlora_jax.train.loss import IGNORE_INDEX, auto_chunk_size
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
 from qlora_jax.train.parallel import StepShardings, global_batch, place, step_shardings
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_eval_step, make_train_step
@@ -79,6 +79,7 @@ def load_model_for_training(config: TrainConfig) -> tuple[DecoderLM, Any]:
     else:
         apply_lora(model, config.lora, rngs=nnx.Rngs(config.train.seed))
     model.remat = config.train.remat
+    model.attention_block = config.train.attention_block
     return model, tokenizer
 
 
@@ -289,10 +290,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     if primary:
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
 
-    train_step = make_train_step(graphdef, optimizer, chunk_size=t.loss_chunk_size,
+    chunk_size = t.loss_chunk_size or auto_chunk_size(model.config.vocab_size)
+    train_step = make_train_step(graphdef, optimizer, chunk_size=chunk_size,
                                  offload_optimizer=config.optim.offload, learning_rate=schedule,
                                  shardings=shardings)  # fmt: skip
-    eval_step = make_eval_step(graphdef, chunk_size=t.loss_chunk_size, shardings=shardings)
+    eval_step = make_eval_step(graphdef, chunk_size=chunk_size, shardings=shardings)
     batch_sharding = None if shardings is None else shardings.batch
     eval_sharding = None if shardings is None else shardings.eval_batch
     key = jax.random.key(t.seed)

@@ -12,9 +12,19 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "cross_entropy_reference"]
+__all__ = ["IGNORE_INDEX", "auto_chunk_size", "chunked_cross_entropy", "cross_entropy_reference"]
 
 IGNORE_INDEX = -100
+
+
+def auto_chunk_size(vocab_size: int, *, budget_bytes: int = 2**28, largest: int = 1024, smallest: int = 128) -> int:
+    """Tokens per loss chunk: the largest power of two up to `largest` whose float32 logits fit `budget_bytes`
+    (256 MiB: 512 tokens for a 128k vocabulary, 256 for Gemma's 256k), but at least `smallest` so the lm-head
+    matmul stays large enough to run efficiently."""
+    tokens = largest
+    while tokens > smallest and tokens * vocab_size * 4 > budget_bytes:
+        tokens //= 2
+    return tokens
 
 
 def _chunk_loss(logits_fn, h, targets):
