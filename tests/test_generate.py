@@ -47,6 +47,19 @@ def test_cached_decoding_equals_recomputing_from_scratch(tiny):
     assert ours == tokens[len(prompt) :]
 
 
+def test_prefill_in_query_blocks_generates_the_same(tiny):
+    """The prompt's prefill over the KV cache, with queries 4 at a time (left padding included), decodes the same
+    tokens as all queries at once."""
+    _, model = tiny
+    config = SamplingConfig(max_new_tokens=6, stop_token_ids=())
+    whole = generate(model, PROMPTS, config)
+    model.attention_block = 4
+    try:
+        assert generate(model, PROMPTS, config) == whole
+    finally:
+        model.attention_block = 512
+
+
 def test_stop_tokens_end_each_sequence(tiny):
     _, model = tiny
     free = generate(model, PROMPTS, SamplingConfig(max_new_tokens=8, stop_token_ids=()))
