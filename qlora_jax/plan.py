@@ -28,12 +28,12 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax.nn import QuantizedWeight
-from qlora_jax.sharding import make_mesh, param_shardings, shard_bytes
+from qlora_jax.sharding import param_shardings, shard_bytes
 from qlora_jax.train.build import abstract_model, quant_config
-from qlora_jax.train.config import TrainConfig, check_batch_divides
+from qlora_jax.train.config import TrainConfig
 from qlora_jax.train.loss import auto_chunk_size
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
-from qlora_jax.train.parallel import step_shardings
+from qlora_jax.train.parallel import configured_mesh, step_shardings
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_train_step
 
 __all__ = ["MemoryPlan", "CompiledMemory", "plan_memory", "compiled_memory"]
@@ -140,21 +140,6 @@ def _dq_blocksize(config: TrainConfig) -> int:
     return quant.dq_blocksize if quant is not None else 256
 
 
-def _plan_mesh(config: TrainConfig):
-    """The configured mesh, or None (one device); a clear error where this machine has too few devices."""
-    if config.mesh.is_single_device:
-        return None
-    try:
-        mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-    except ValueError as e:
-        raise ValueError(
-            f"{e}. A plan compiles the step for the mesh, so it needs its devices: on CPU, start Python with "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count=N to simulate N (jax sees {jax.device_count()})"
-        ) from e
-    check_batch_divides(config, mesh.size)
-    return mesh
-
-
 def _abstract_step(config: TrainConfig, num_layers: int | None):
     """(jitted step, abstract arguments, abstract model, step shardings or None) for the configured run, the model
     cut to `num_layers` if given."""
@@ -163,7 +148,7 @@ def _abstract_step(config: TrainConfig, num_layers: int | None):
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
     optimizer = make_optimizer(config.optim, t.steps)
     state = jax.eval_shape(lambda adapters: TrainState.create(adapters, optimizer), lora)
-    mesh = _plan_mesh(config)
+    mesh = configured_mesh(config)
     shardings = None
     if mesh is not None:
         shardings = step_shardings(mesh, lora, base, optimizer, dq_blocksize=_dq_blocksize(config),

@@ -25,6 +25,7 @@ from qlora_jax.sharding import make_mesh, mesh_shape
 from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.config import ConfigFieldError, config_from_dict
 from qlora_jax.train.loss import IGNORE_INDEX, chunked_cross_entropy, cross_entropy_reference
+from qlora_jax.train.parallel import configured_mesh
 from tests.tiny_smol import save_tiny_smol
 
 HERE = Path(__file__).resolve().parent
@@ -97,6 +98,14 @@ def test_row_preserving_loss_chunks_equal_the_full_logits():
         loss, count = chunked_cross_entropy(lambda x: x @ w, h, targets, chunk_size=chunk, batch_shards=shards)
         assert int(count) == int(reference[1]) == 25
         np.testing.assert_allclose(float(loss), float(reference[0]), rtol=1e-6)
+
+
+def test_configured_mesh_needs_its_devices():
+    raw = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "train": {"batch_size": 64}}
+    assert configured_mesh(config_from_dict(raw)) is None  # no mesh section: one device
+    too_many = jax.device_count() + 1
+    with pytest.raises(ConfigFieldError, match=f"fsdp={too_many}.*xla_force_host_platform_device_count"):
+        configured_mesh(config_from_dict(raw | {"mesh": {"fsdp": too_many}}))
 
 
 # ---- 8 simulated devices, in one subprocess ----

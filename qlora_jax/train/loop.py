@@ -30,15 +30,14 @@ from qlora_jax.distributed import initialize_from_environment, is_primary
 from qlora_jax.generate import SamplingConfig, generate_text
 from qlora_jax.lora import apply_lora, loftq_initialize, trainable_parameters
 from qlora_jax.models import DecoderLM
-from qlora_jax.sharding import make_mesh
 from qlora_jax.tokenizer import load_tokenizer
 from qlora_jax.train import data as data_lib
 from qlora_jax.train.build import quant_config
 from qlora_jax.train.checkpoint import RunCheckpoints
-from qlora_jax.train.config import ConfigFieldError, TrainConfig, check_batch_divides, resolve_package_path
+from qlora_jax.train.config import TrainConfig, resolve_package_path
 from qlora_jax.train.loss import IGNORE_INDEX, auto_chunk_size
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
-from qlora_jax.train.parallel import StepShardings, global_batch, place, step_shardings
+from qlora_jax.train.parallel import StepShardings, configured_mesh, global_batch, place, step_shardings
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_eval_step, make_train_step
 
 __all__ = ["train", "TrainingDiverged", "TrainResult", "load_model_for_training", "exact_match"]
@@ -138,18 +137,6 @@ def _evaluate(eval_step, lora, base, rows: data_lib.Batch, batch_size: int, max_
     return total / max(count, 1)
 
 
-def _mesh(config: TrainConfig):
-    """The configured mesh over every device of the job, or None for a single-device run."""
-    if config.mesh.is_single_device:
-        return None
-    try:
-        mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-    except ValueError as e:
-        raise ConfigFieldError(f"{e} (jax.devices(): {jax.device_count()} {jax.default_backend()} devices)") from e
-    check_batch_divides(config, mesh.size)
-    return mesh
-
-
 def _reference_and_prompt(record: dict) -> tuple[Any, str] | None:
     """(prompt for generate_text, reference answer) of a chat or prompt/completion record."""
     if "messages" in record:
@@ -234,7 +221,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     initialize_from_environment()  # multi-process launches (SLURM, or JAX_* variables); before any JAX work
     t = config.train
     primary = is_primary()
-    mesh = _mesh(config)
+    mesh = configured_mesh(config)
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if primary:

@@ -21,10 +21,27 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from qlora_jax.distributed import local_rows
-from qlora_jax.sharding import batch_sharding, optimizer_shardings, param_shardings, replicated
+from qlora_jax.sharding import batch_sharding, make_mesh, optimizer_shardings, param_shardings, replicated
+from qlora_jax.train.config import ConfigFieldError, TrainConfig, check_batch_divides
 from qlora_jax.train.step import TrainState
 
-__all__ = ["StepShardings", "step_shardings", "place", "global_batch"]
+__all__ = ["StepShardings", "configured_mesh", "step_shardings", "place", "global_batch"]
+
+
+def configured_mesh(config: TrainConfig) -> Mesh | None:
+    """The config's `mesh` over every device of the job, or None for a single-device run. A clear error where jax
+    has too few devices for it (with how to simulate them on CPU) or the batch does not split over it."""
+    if config.mesh.is_single_device:
+        return None
+    try:
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    except ValueError as e:
+        raise ConfigFieldError(
+            f"{e} (jax.devices(): {jax.device_count()} {jax.default_backend()} devices; on CPU, start Python with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count=N to simulate N)"
+        ) from e
+    check_batch_divides(config, mesh.size)
+    return mesh
 
 
 @dataclasses.dataclass(frozen=True)
