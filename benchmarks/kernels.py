@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.kernels import kernel_options, nf4_matmul
+from qlora_jax.kernels import KernelOptions, nf4_matmul
 from qlora_jax.quant import quantize
 
 MS = (1, 16, 128, 512, 2048, 8192)
@@ -52,11 +52,14 @@ def run_shape(m, n, k, *, repeats, interpret, device_peaks):
     qt = quantize(w)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    options = KernelOptions(interpret=interpret)
     impls = {
         "bf16 dot": lambda a: jnp.dot(a, w.T, preferred_element_type=jnp.float32).astype(a.dtype),
-        "dequant+dot": functools.partial(nf4_matmul, qt=qt, impl="xla"),
-        "fused nf4": functools.partial(nf4_matmul, qt=qt, impl="pallas"),  # autotuned tile sizes
-        "auto": functools.partial(nf4_matmul, qt=qt, impl="auto"),  # whichever of the two measured faster
+        "dequant+dot": functools.partial(nf4_matmul, qt=qt, options=options, impl="xla"),
+        "fused nf4": functools.partial(nf4_matmul, qt=qt, options=options, impl="pallas"),  # autotuned tile sizes
+        "auto": functools.partial(
+            nf4_matmul, qt=qt, options=options, impl="auto"
+        ),  # whichever of the two measured faster
     }
     rows = []
     for name, matmul in impls.items():
@@ -67,9 +70,8 @@ def run_shape(m, n, k, *, repeats, interpret, device_peaks):
             y, vjp = jax.vjp(matmul, a)
             return y, vjp(g)[0]
 
-        with kernel_options(interpret=interpret):
-            t_fwd = median_time(forward, x, repeats=repeats)
-            t_fb = median_time(forward_backward, x, dy, repeats=repeats)
+        t_fwd = median_time(forward, x, repeats=repeats)
+        t_fb = median_time(forward_backward, x, dy, repeats=repeats)
         weight_bytes = w.nbytes if name == "bf16 dot" else qt.nbytes
         act_bytes = x.nbytes + m * n * 2  # read x, write y
         for phase, t, flops, moved in (

@@ -138,6 +138,7 @@ def run_ours(args, vocab_size: int) -> dict:
 
     from qlora_jax.convert.hf import load_pretrained
     from qlora_jax.lora import LoraConfig, apply_lora, trainable_parameters
+    from qlora_jax.models import ComputeOptions
     from qlora_jax.quant import QuantConfig
     from qlora_jax.train.config import OptimSection
     from qlora_jax.train.loss import IGNORE_INDEX
@@ -158,7 +159,7 @@ def run_ours(args, vocab_size: int) -> dict:
     optim = OptimSection(learning_rate=LEARNING_RATE, schedule="constant", max_grad_norm=MAX_GRAD_NORM)
     optimizer = make_optimizer(optim, args.warmup + args.steps)
     state = TrainState.create(lora, optimizer)
-    step_fn = make_train_step(graphdef, optimizer, remat=args.remat)
+    step_fn = make_train_step(graphdef, optimizer, options=ComputeOptions(remat=args.remat))
 
     tokens = _tokens(vocab_size, args.batch, args.seq).astype(np.int32)
     targets = np.concatenate([tokens[:, 1:], np.full((args.batch, 1), IGNORE_INDEX, np.int32)], axis=1)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax.models import DecoderLM, KVCache
+from qlora_jax.models import ComputeOptions, DecoderLM, KVCache
 
 __all__ = ["SamplingConfig", "generate", "generate_text", "sample_logits", "chat_token_ids"]
 
@@ -70,14 +70,15 @@ def sample_logits(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "cache_length"))
-def _generate(graphdef, state, tokens, valid, *, config: SamplingConfig, cache_length: int, stop_ids):
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "options"))
+def _generate(graphdef, state, tokens, valid, *, config: SamplingConfig, cache_length: int, stop_ids,
+              options: ComputeOptions):  # fmt: skip
     model: DecoderLM = nnx.merge(graphdef, state)
     batch, prompt_length = tokens.shape
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
     cache = KVCache.empty(model.config, batch, cache_length, model.dtype)
-    h, cache = model.hidden_states(tokens, positions=positions, cache=cache, valid=valid)
-    logits = model.logits(h[:, -1])
+    h, cache = model.hidden_states(tokens, positions=positions, cache=cache, valid=valid, options=options)
+    logits = model.logits(h[:, -1], options=options)
     key = jax.random.key(config.seed)
     out = jnp.zeros((batch, config.max_new_tokens), jnp.int32)
     lengths = jnp.zeros((batch,), jnp.int32)
@@ -95,8 +96,8 @@ def _generate(graphdef, state, tokens, valid, *, config: SamplingConfig, cache_l
         out = out.at[:, step].set(jnp.where(done | stopped, 0, token))
         lengths = lengths + (~done & ~stopped)
         done = done | stopped
-        h, cache = model.hidden_states(token[:, None], positions=position[:, None], cache=cache)
-        return step + 1, model.logits(h[:, -1]), cache, out, done, lengths, position + 1
+        h, cache = model.hidden_states(token[:, None], positions=position[:, None], cache=cache, options=options)
+        return step + 1, model.logits(h[:, -1], options=options), cache, out, done, lengths, position + 1
 
     carry = (jnp.int32(0), logits, cache, out, done, lengths, next_position)
     _, _, _, out, _, lengths, _ = jax.lax.while_loop(cond, body, carry)
@@ -109,8 +110,10 @@ def generate(
     config: SamplingConfig = SamplingConfig(),
     *,
     pad_token_id: int = 0,
+    options: ComputeOptions = ComputeOptions(),
 ) -> list[list[int]]:
-    """Token ids generated after each prompt (the stop token excluded), for a batch of prompts of any lengths."""
+    """Token ids generated after each prompt (the stop token excluded), for a batch of prompts of any lengths;
+    `options` chooses the kernels and attention blocking (compiled in: another value compiles again)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
@@ -129,6 +132,7 @@ def generate(
         config=config,
         cache_length=longest + config.max_new_tokens,
         stop_ids=jnp.asarray(list(stop) or [-1], jnp.int32),
+        options=options,
     )
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[row, : lengths[row]].tolist() for row in range(len(prompts))]
@@ -141,9 +145,10 @@ def generate_text(
     config: SamplingConfig = SamplingConfig(),
     *,
     chat: bool = True,
+    options: ComputeOptions = ComputeOptions(),
 ) -> list[str]:
     """Completions for text prompts; with `chat`, each prompt is a user message (or a list of messages) rendered
-    with the tokenizer's chat template."""
+    with the tokenizer's chat template. `options` as for `generate`."""
     ids = []
     for prompt in prompts:
         if chat:
@@ -155,4 +160,7 @@ def generate_text(
         stop = set(model.config.eos_token_ids) | {tokenizer.eos_token_id}
         config = dataclasses.replace(config, stop_token_ids=tuple(sorted(stop)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return [tokenizer.decode(out, skip_special_tokens=True) for out in generate(model, ids, config, pad_token_id=pad)]
+    return [
+        tokenizer.decode(out, skip_special_tokens=True)
+        for out in generate(model, ids, config, pad_token_id=pad, options=options)
+    ]

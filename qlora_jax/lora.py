@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax.nn import Frozen, QLinear, adapter_dropout_key
+from qlora_jax.kernels import KernelOptions
+from qlora_jax.nn import Frozen, QLinear
 from qlora_jax.quant import dequantize, quantize
 
 __all__ = [
@@ -115,17 +116,28 @@ class LoRA(nnx.Module):
         """scaling * B @ A, [out, in], float32."""
         return self.scaling * (self.lora_B[...] @ self.lora_A[...])
 
-    def _dropped(self, x: jax.Array) -> tuple[jax.Array, bool]:
-        key = adapter_dropout_key()
+    def _dropped(self, x: jax.Array, key: jax.Array | None) -> tuple[jax.Array, bool]:
         if self.dropout == 0 or key is None:  # eval, or no dropout
             return x, False
         keep = jax.random.bernoulli(jax.random.fold_in(key, self.key_id), 1 - self.dropout, x.shape)
         return jnp.where(keep, x / (1 - self.dropout), 0).astype(x.dtype), True
 
-    def __call__(self, x: jax.Array, layer: QLinear, base_out: jax.Array) -> jax.Array:
-        """What the adapter adds to the layer's output `base_out` for input x."""
+    def __call__(
+        self,
+        x: jax.Array,
+        layer: QLinear,
+        base_out: jax.Array,
+        *,
+        kernels: KernelOptions = KernelOptions(),
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """What the adapter adds to the layer's output `base_out` for input x [..., in_features].
+
+        dropout_key: the layer's key for dropout (folded with this module's id), None in eval (as PEFT's eval mode);
+        kernels: how DoRA recomputes the base layer on the dropped-out input.
+        """
         dtype = base_out.dtype
-        x_in, dropped = self._dropped(x)
+        x_in, dropped = self._dropped(x, dropout_key)
         a, b = self.lora_A[...].astype(dtype), self.lora_B[...].astype(dtype)
         lora_out = jnp.dot(jnp.dot(x_in.astype(dtype), a.T), b.T) * jnp.asarray(self.scaling, dtype)
         if self.lora_magnitude_vector is None:
@@ -136,7 +148,7 @@ class LoRA(nnx.Module):
         norm = jax.lax.stop_gradient(jnp.linalg.norm(adapted.astype(jnp.float32), axis=1))
         magnitude_scale = (self.lora_magnitude_vector[...] / norm).astype(dtype)
         if dropped:
-            base = layer.base(x_in)
+            base = layer.base(x_in, kernels=kernels)
         else:
             base = base_out
         if layer.bias is not None:

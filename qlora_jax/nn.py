@@ -3,45 +3,24 @@
 The variable type decides what can train. Base weights are `Frozen`, the buffers of a 4-bit weight are
 `QuantizedWeight`; neither is an `nnx.Param`, so no optimizer or `nnx.Param` filter can ever pick them up. LoRA
 adapters (`qlora_jax.lora`) attach to a QLinear as its `lora` submodule and hold `nnx.LoRAParam`s.
+
+How a layer computes (the kernel choice, LoRA dropout's key) is passed to each call, never read from state.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qlora_jax.kernels import nf4_matmul
+from qlora_jax.kernels import KernelOptions, nf4_matmul
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 from qlora_jax.sharding import gathered, gathered_matmul
 
-__all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm", "adapter_dropout", "adapter_dropout_key"]
-
-_dropout = threading.local()
-
-
-@contextlib.contextmanager
-def adapter_dropout(key: jax.Array | None) -> Iterator[None]:
-    """Makes LoRA dropout active (with this RNG key) for the layers traced inside; None turns it off.
-
-    The model sets it per layer while training (the key folded with the step and layer index); outside such a
-    scope, adapters run without dropout, as PEFT does in eval mode.
-    """
-    previous = getattr(_dropout, "key", None)
-    _dropout.key = key
-    try:
-        yield
-    finally:
-        _dropout.key = previous
-
-
-def adapter_dropout_key() -> jax.Array | None:
-    return getattr(_dropout, "key", None)
+__all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm"]
 
 
 class Frozen(nnx.Variable):
@@ -128,11 +107,13 @@ class QLinear(nnx.Module):
             return dequantize(self.quantized_tensor(), dtype)
         return self.weight[...].astype(dtype)
 
-    def base(self, x: jax.Array) -> jax.Array:
-        """The frozen layer alone: x @ W.T + b, accumulated in float32, in the compute dtype."""
+    def base(self, x: jax.Array, *, kernels: KernelOptions = KernelOptions()) -> jax.Array:
+        """The frozen layer alone: x @ W.T + b, accumulated in float32, in the compute dtype; a 4-bit W is
+        multiplied by `nf4_matmul` with the kernel choice `kernels`."""
         x = x.astype(self.dtype)
         if self.is_quantized:
-            y = gathered_matmul(nf4_matmul, x, self.quantized_tensor(gather=False))
+            matmul = functools.partial(nf4_matmul, options=kernels)
+            y = gathered_matmul(matmul, x, self.quantized_tensor(gather=False))
         else:
             w = jax.lax.stop_gradient(gathered(self.weight[...])).astype(self.dtype)
             y = jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(self.dtype)
@@ -140,10 +121,16 @@ class QLinear(nnx.Module):
             y = y + jax.lax.stop_gradient(gathered(self.bias[...])).astype(self.dtype)
         return y
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.base(x)
+    def __call__(
+        self, x: jax.Array, *, kernels: KernelOptions = KernelOptions(), dropout_key: jax.Array | None = None
+    ) -> jax.Array:
+        """x [..., in_features] -> [..., out_features] in the compute dtype, adapter included.
+
+        kernels: how a 4-bit W is multiplied; dropout_key: turns the adapter's dropout on (training), None off.
+        """
+        y = self.base(x, kernels=kernels)
         if self.lora is not None:
-            y = y + self.lora(x, self, y).astype(y.dtype)
+            y = y + self.lora(x, self, y, kernels=kernels, dropout_key=dropout_key).astype(y.dtype)
         return y
 
 

@@ -29,7 +29,7 @@ from flax import nnx
 
 from qlora_jax.nn import QuantizedWeight
 from qlora_jax.sharding import param_shardings, shard_bytes
-from qlora_jax.train.build import abstract_model, quant_config
+from qlora_jax.train.build import abstract_model, compute_options, quant_config
 from qlora_jax.train.config import TrainConfig
 from qlora_jax.train.loss import auto_chunk_size
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -158,7 +158,8 @@ def _abstract_step(config: TrainConfig, num_layers: int | None):
         state = dataclasses.replace(state, opt_state=jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host), state.opt_state))  # fmt: skip
     chunk_size = t.loss_chunk_size or auto_chunk_size(model.config.vocab_size)
-    step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, offload_optimizer=config.optim.offload,
+    step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, options=compute_options(config),
+                           offload_optimizer=config.optim.offload,
                            learning_rate=learning_rate_schedule(config.optim, t.steps),
                            shardings=shardings)  # fmt: skip
     shape = (t.grad_accum, t.batch_size // t.grad_accum, config.data.max_length)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from qlora_jax.distributed import local_rows
 from qlora_jax.lora import LoraConfig, apply_lora
-from qlora_jax.models import DecoderLM, ModelConfig
+from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig
 from qlora_jax.nn import QuantizedWeight
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize
 from qlora_jax.sharding import make_mesh, param_shardings
@@ -29,6 +29,8 @@ from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.parallel import global_batch, place, step_shardings
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_train_step
 
+# The 16-token rows run as two query blocks: blocked attention under each mesh.
+OPTIONS = ComputeOptions(remat="full", attention_block=8)
 MESHES = {"data8": (8, 1), "fsdp8": (1, 8), "data2_fsdp4": (2, 4)}
 # Every linear weight of this model divides into 8 shards of whole double-quantization blocks (256 x 64 values).
 HF = dict(model_type="llama", vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
@@ -44,7 +46,6 @@ def _split(model_config: ModelConfig, *, abstract: bool = False, dtype=jnp.float
         model = DecoderLM(model_config, quant=QuantConfig(compute_dtype=dtype), dtype=dtype, param_dtype=dtype,
                           rngs=nnx.Rngs(0))  # fmt: skip
         apply_lora(model, LoraConfig(r=4, init_lora_weights=False), rngs=nnx.Rngs(1))  # B random: nonzero grads
-        model.attention_block = 8  # the 16-token rows run as two query blocks: blocked attention under each mesh
         return model
 
     return nnx.split(nnx.eval_shape(build) if abstract else build(), nnx.LoRAParam, ...)
@@ -77,7 +78,7 @@ def check_equivalence(out: Path) -> dict:
 
     state = TrainState.create(jax.tree.map(jnp.copy, lora), optimizer)
     before = jax.tree.map(np.asarray, state.lora)
-    step = make_train_step(graphdef, optimizer, chunk_size=32, remat="full")
+    step = make_train_step(graphdef, optimizer, chunk_size=32, options=OPTIONS)
     state, metrics = step(state, base, {k: jnp.asarray(v) for k, v in batch.items()}, key)
     reference_loss, reference_grads = float(metrics["loss"]), grads_of(before, state.lora)
     results["grad_scale"] = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(reference_grads))
@@ -88,7 +89,7 @@ def check_equivalence(out: Path) -> dict:
         placed_base = place(base, shardings.base)
         state = TrainState.create(place(jax.tree.map(jnp.copy, lora), shardings.state.lora), optimizer,
                                   shardings=shardings.state)  # fmt: skip
-        step = make_train_step(graphdef, optimizer, chunk_size=32, remat="full", shardings=shardings)
+        step = make_train_step(graphdef, optimizer, chunk_size=32, options=OPTIONS, shardings=shardings)
         new_state, metrics = step(state, placed_base, global_batch(batch, shardings.batch), key)
         device_index = {d: i for i, d in enumerate(mesh.devices.flat)}
         per_device, quantized_per_device = [0] * mesh.size, [0] * mesh.size
@@ -194,7 +195,8 @@ def check_memory() -> dict:
                                               dtype=jnp.bfloat16)  # fmt: skip
                 shardings = None if shape is None else step_shardings(make_mesh(*shape), lora, base, optimizer)
                 state = jax.eval_shape(lambda adapters: TrainState.create(adapters, optimizer), lora)
-                step = make_train_step(graphdef, optimizer, chunk_size=64, remat=remat, shardings=shardings)
+                step = make_train_step(graphdef, optimizer, chunk_size=64, options=ComputeOptions(remat=remat),
+                                       shardings=shardings)  # fmt: skip
                 analysis = step.lower(state, base, batch, key).compile().memory_analysis()
                 temps[layers] = int(analysis.temp_size_in_bytes)
                 base_bytes[layers] = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(base))

@@ -10,6 +10,7 @@ import pytest
 
 from qlora_jax.convert.hf import load_pretrained
 from qlora_jax.generate import SamplingConfig, generate, sample_logits
+from qlora_jax.models import ComputeOptions
 from tests.models_util import make_tiny_model, torch
 
 PROMPTS = [[5, 17, 33, 2, 9, 41], [7, 3, 60]]  # different lengths: the second is left-padded
@@ -52,12 +53,8 @@ def test_prefill_in_query_blocks_generates_the_same(tiny):
     tokens as all queries at once."""
     _, model = tiny
     config = SamplingConfig(max_new_tokens=6, stop_token_ids=())
-    whole = generate(model, PROMPTS, config)
-    model.attention_block = 4
-    try:
-        assert generate(model, PROMPTS, config) == whole
-    finally:
-        model.attention_block = 512
+    whole = generate(model, PROMPTS, config, options=ComputeOptions(attention_block=0))
+    assert generate(model, PROMPTS, config, options=ComputeOptions(attention_block=4)) == whole
 
 
 def test_stop_tokens_end_each_sequence(tiny):

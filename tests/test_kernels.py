@@ -13,9 +13,9 @@ import pytest
 
 from qlora_jax.kernels import (
     DequantConfig,
+    KernelOptions,
     MatmulConfig,
     dequantize_pallas,
-    kernel_options,
     matmul_pallas,
     matmul_reference,
     matmul_transposed_pallas,
@@ -55,8 +55,8 @@ class KernelTests:
     def _platform(self):
         if not self.INTERPRET and jax.default_backend() != "gpu":
             pytest.skip("compiled kernels need a GPU; TestKernelsInterpret covers them on CPU")
-        with kernel_options(interpret=self.INTERPRET):
-            yield
+        self.options = KernelOptions(interpret=self.INTERPRET)
+        yield
 
     # --- forward ---------------------------------------------------------------------------------------------
 
@@ -121,7 +121,7 @@ class KernelTests:
         target = _activations(3, 5, 80, dtype=jnp.float32, seed=2)
 
         def loss(x, impl):
-            return jnp.sum((nf4_matmul(x, qt, impl=impl).astype(jnp.float32) - target) ** 2)
+            return jnp.sum((nf4_matmul(x, qt, options=self.options, impl=impl).astype(jnp.float32) - target) ** 2)
 
         value, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(x, impl)
         ref_value, ref_grad = jax.value_and_grad(loss)(x, "reference")
@@ -131,12 +131,14 @@ class KernelTests:
     def test_weight_gets_zero_cotangent_and_no_dequantized_residual(self):
         qt = _weight(64, 128)
         x = _activations(16, 128)
-        grad_qt = jax.grad(lambda q: nf4_matmul(x, q, impl="pallas").astype(jnp.float32).sum(), allow_int=True)(qt)
+        grad_qt = jax.grad(
+            lambda q: nf4_matmul(x, q, options=self.options, impl="pallas").astype(jnp.float32).sum(), allow_int=True
+        )(qt)
         for leaf in jax.tree.leaves(grad_qt):
             assert leaf.dtype == jax.dtypes.float0 or not np.any(np.asarray(leaf))
         # Residuals of the forward pass: the packed weight, never a dense copy of W (impl="reference" keeps one).
         for impl, keeps_dense_w in (("pallas", False), ("xla", False), ("reference", True)):
-            _, vjp = jax.vjp(lambda a, impl=impl: nf4_matmul(a, qt, impl=impl), x)
+            _, vjp = jax.vjp(lambda a, impl=impl: nf4_matmul(a, qt, options=self.options, impl=impl), x)
             float_sizes = [r.size for r in jax.tree.leaves(vjp) if jnp.issubdtype(r.dtype, jnp.floating)]
             assert (max(float_sizes) >= 64 * 128) == keeps_dense_w, (impl, float_sizes)
 
@@ -146,11 +148,11 @@ class KernelTests:
         w = np.random.default_rng(0).standard_normal((3, 64, 128)).astype(np.float32)
         stacked = jax.vmap(quantize)(jnp.asarray(w, jnp.bfloat16))
         x = _activations(3, 9, 128)
-        got = jax.vmap(lambda q, a: nf4_matmul(a, q, impl="pallas"))(stacked, x)
+        got = jax.vmap(lambda q, a: nf4_matmul(a, q, options=self.options, impl="pallas"))(stacked, x)
         want = jnp.stack([matmul_reference(x[i], jax.tree.map(lambda leaf, i=i: leaf[i], stacked)) for i in range(3)])
         _assert_close(got, want, jnp.bfloat16)
         qt = jax.tree.map(lambda leaf: leaf[0], stacked)
-        got = jax.vmap(lambda a: nf4_matmul(a, qt, impl="pallas"))(x)
+        got = jax.vmap(lambda a: nf4_matmul(a, qt, options=self.options, impl="pallas"))(x)
         _assert_close(got, matmul_reference(x, qt), jnp.bfloat16)
 
     def test_scan_over_layers_with_checkpoint_and_grad(self):
@@ -160,7 +162,7 @@ class KernelTests:
 
         def forward(x, impl):
             def layer(h, qt):
-                return jnp.tanh(jax.checkpoint(lambda a: nf4_matmul(a, qt, impl=impl))(h)), None
+                return jnp.tanh(jax.checkpoint(lambda a: nf4_matmul(a, qt, options=self.options, impl=impl))(h)), None
 
             return jnp.sum(jax.lax.scan(layer, x, stacked)[0] ** 2)
 
@@ -204,9 +206,8 @@ def test_auto_is_xla_on_cpu_and_matches_reference():
     x = _activations(4, 128)
     _assert_close(nf4_matmul(x, qt), matmul_reference(x, qt), jnp.bfloat16)
     from qlora_jax.kernels import plan_for
-    from qlora_jax.kernels.dispatch import current_options
 
-    plan = plan_for(4, qt, jnp.bfloat16, impl="auto", config=None, options=current_options())
+    plan = plan_for(4, qt, jnp.bfloat16, impl="auto", config=None, options=KernelOptions())
     assert (plan.forward, plan.backward, plan.dequant) == ("xla", "xla", "xla")
 
 

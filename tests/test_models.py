@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qlora_jax.convert.hf import load_pretrained
+from qlora_jax.models import ComputeOptions
 from qlora_jax.quant import QuantConfig
 from tests.models_util import FAMILIES, make_tiny_model, torch, transformers
 
@@ -75,14 +76,14 @@ def test_blocked_attention_matches(tiny):
     """Queries taken 4 at a time (the last block padded), with left padding: still transformers' logits."""
     _, hf_model, directory = tiny
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
-    model.attention_block = 4
     tokens = _tokens(length=11)
     valid = np.ones(tokens.shape, bool)
     valid[1, :2] = False
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
-    ours = model.logits(
-        model.hidden_states(jnp.asarray(tokens), positions=jnp.asarray(positions), valid=jnp.asarray(valid))[0]
-    )
+    options = ComputeOptions(attention_block=4)
+    h, _ = model.hidden_states(jnp.asarray(tokens), positions=jnp.asarray(positions), valid=jnp.asarray(valid),
+                               options=options)  # fmt: skip
+    ours = model.logits(h, options=options)
     theirs = _hf_logits(hf_model, tokens, attention_mask=valid.astype(np.int64), position_ids=positions)
     _assert_close(np.asarray(ours)[valid], theirs[valid], F32_TOL)
 

@@ -2,12 +2,12 @@
 
 - `nf4_matmul(x, qt, impl=...)`: y = x @ dequantize(qt).T, fused dequantize-matmul forward and backward.
 - `dequantize_pallas(qt, dtype)`: the Pallas dequantization kernel; `dequantize_auto` picks it on GPU.
-- `kernel_options(...)`: defaults for the calls traced inside (impl, interpreter mode, autotuning).
+- `KernelOptions(...)`: the kernel choice of a call (impl, interpreter mode, autotuning), a static value.
 """
 
 from qlora_jax.kernels.autotune import Choice, TuningCache, TuningKey, tuning_space
 from qlora_jax.kernels.dequant import DequantConfig, dequantize_pallas, dequantize_reference
-from qlora_jax.kernels.dispatch import IMPLS, KernelOptions, dequantize_auto, kernel_options, nf4_matmul, plan_for
+from qlora_jax.kernels.dispatch import IMPLS, KernelOptions, dequantize_auto, nf4_matmul, plan_for
 from qlora_jax.kernels.matmul import (
     MatmulConfig,
     matmul_pallas,
@@ -27,7 +27,6 @@ __all__ = [
     "dequantize_auto",
     "dequantize_pallas",
     "dequantize_reference",
-    "kernel_options",
     "matmul_pallas",
     "matmul_reference",
     "matmul_transposed_pallas",

@@ -8,17 +8,17 @@ impl:
 
 The backward pass computes only dx = dy @ dequantize(W), recomputing the dequantization (or reading the packed
 weight in the fused kernel) instead of keeping a 16-bit copy of W alive between the passes; the weight itself gets
-zero cotangents. Defaults come from `kernel_options` (a context manager) and can be overridden per call.
+zero cotangents. The choice is a `KernelOptions` value passed to each call (models take it in `ComputeOptions`):
+a frozen, hashable value that is part of what jit compiles, so changing it recompiles; nothing is read from global
+or thread-local state while tracing.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,41 +34,33 @@ from qlora_jax.kernels.matmul import (
 )
 from qlora_jax.quant import QuantizedTensor, dequantize
 
-__all__ = ["IMPLS", "KernelOptions", "kernel_options", "nf4_matmul", "dequantize_auto", "plan_for"]
+__all__ = ["IMPLS", "KernelOptions", "nf4_matmul", "dequantize_auto", "plan_for"]
 
 IMPLS = ("auto", "pallas", "xla", "reference")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class KernelOptions:
-    """impl: the default impl; interpret: run Pallas kernels in the interpreter (any platform, for tests);
-    autotune: on GPU, time the candidates of a shape the cache lacks (at trace time, once per shape)."""
+    """How 4-bit matmuls are computed; a static value (hashable), so a jitted function compiled for one value is
+    never reused for another.
+
+    Attributes:
+      impl: "auto" | "pallas" | "xla" | "reference" (see the module docstring).
+      interpret: run the Pallas kernels in Pallas' interpreter (any platform; for tests).
+      autotune: on GPU, time the candidates of a shape the tuning cache lacks (at trace time, once per shape).
+      cache: the tuning cache to read and write (default: `autotune.TuningCache()` at its default path).
+
+    Raises ValueError for an unknown impl.
+    """
 
     impl: str = "auto"
     interpret: bool = False
     autotune: bool = True
     cache: autotune.TuningCache | None = None
 
-
-_state = threading.local()
-
-
-def current_options() -> KernelOptions:
-    return getattr(_state, "options", None) or KernelOptions()
-
-
-@contextlib.contextmanager
-def kernel_options(**overrides: Any) -> Iterator[KernelOptions]:
-    """Sets kernel defaults for the calls traced inside: `with kernel_options(impl="pallas", interpret=True): ...`."""
-    previous = current_options()
-    options = dataclasses.replace(previous, **overrides)
-    if options.impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {options.impl!r}")
-    _state.options = options
-    try:
-        yield options
-    finally:
-        _state.options = previous
+    def __post_init__(self):
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,9 +207,8 @@ def _pallas_dequantizer(dtype: Any, interpret: bool):
     return fn
 
 
-def dequantize_auto(qt: QuantizedTensor, dtype: Any = None, *, interpret: bool | None = None) -> jax.Array:
+def dequantize_auto(qt: QuantizedTensor, dtype: Any = None, *, interpret: bool = False) -> jax.Array:
     """`dequantize`, by the Pallas kernel on GPU (or in the interpreter) when the layout allows, else by XLA."""
-    interpret = current_options().interpret if interpret is None else interpret
     dtype = jnp.dtype(qt.dtype if dtype is None else dtype)
     if (_on_gpu() or interpret) and not dequant_unsupported_reason(qt):
         return _pallas_dequantizer(dtype, interpret)(qt)
@@ -272,6 +263,7 @@ def nf4_matmul(
     x: jax.Array,
     qt: QuantizedTensor,
     *,
+    options: KernelOptions = KernelOptions(),
     impl: str | None = None,
     config: MatmulConfig | None = None,
 ) -> jax.Array:
@@ -280,13 +272,14 @@ def nf4_matmul(
     Args:
       x: [..., in_features], float32, bfloat16 or float16.
       qt: the 4-bit weight (any quant type, with or without double quantization).
-      impl: "auto" | "pallas" | "xla" | "reference"; default from `kernel_options` ("auto").
+      options: the kernel choice (`KernelOptions`; default: impl "auto").
+      impl: overrides `options.impl` for this call: "auto" | "pallas" | "xla" | "reference".
       config: tile sizes for the fused forward kernel (impl="pallas"); autotuned or defaulted otherwise.
 
     Returns [..., out_features] in x's dtype, accumulated in float32. Differentiable in x (jit, vmap, scan and
-    jax.checkpoint compose with it); the weight receives zero cotangents.
+    jax.checkpoint compose with it); the weight receives zero cotangents. Raises ValueError for a weight that is not
+    2D or does not match x, or an unknown impl; TypeError for another x dtype.
     """
-    options = current_options()
     impl = options.impl if impl is None else impl
     if len(qt.shape) != 2:
         raise ValueError(f"nf4_matmul needs a 2D weight (out_features, in_features), got shape {qt.shape}")

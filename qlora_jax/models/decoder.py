@@ -14,16 +14,44 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qlora_jax.kernels import KernelOptions
 from qlora_jax.models.attention import apply_rope, attend, attention_mask, rope_tables
 from qlora_jax.models.config import ModelConfig
-from qlora_jax.nn import Embed, QLinear, RMSNorm, adapter_dropout
+from qlora_jax.nn import Embed, QLinear, RMSNorm
 from qlora_jax.quant import QuantConfig
 from qlora_jax.sharding import gathered
 
-__all__ = ["DecoderLM", "KVCache", "REMAT_POLICIES"]
+__all__ = ["ComputeOptions", "DecoderLM", "KVCache", "REMAT_POLICIES"]
 
 # Gradient checkpointing of each layer: what the backward pass may keep from the forward pass.
 REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComputeOptions:
+    """How the model computes (never what): a static, hashable value passed to each call, so a function jitted
+    for one value recompiles for another.
+
+    Attributes:
+      remat: gradient checkpointing of each layer, one of REMAT_POLICIES: "none", "full" (recompute the layer in
+        the backward pass), "save_dots" (keep matmul outputs, recompute the rest), "offload" (matmul outputs kept
+        in pinned host memory). Only a backward pass sees a difference.
+      attention_block: queries per attention block (`attend`'s block_size): a longer sequence never holds its
+        [heads, length, length] scores whole; 0 takes all queries at once.
+      kernels: how 4-bit matmuls run (`qlora_jax.kernels.KernelOptions`).
+
+    Raises ValueError for an unknown remat policy or a negative attention_block.
+    """
+
+    remat: str = "none"
+    attention_block: int = 512
+    kernels: KernelOptions = KernelOptions()
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention_block < 0:
+            raise ValueError(f"attention_block must be >= 0 (0: unblocked), got {self.attention_block}")
 
 
 def _remat(fn, policy: str):
@@ -88,14 +116,16 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, eps=c.norm_eps, gemma=c.gemma_norm, param_dtype=param_dtype)
         self.config = config
 
-    def __call__(self, x, *, cos, sin, mask, cache_kv=None, cache_index=None, block_size=None):
+    def __call__(self, x, *, cos, sin, mask, options: ComputeOptions, dropout_key=None, cache_kv=None,
+                 cache_index=None):  # fmt: skip
         c = self.config
         b, t, _ = x.shape
+        linear = dict(kernels=options.kernels, dropout_key=dropout_key)
         if c.fused_qkv:
-            qkv = self.qkv_proj(x)
+            qkv = self.qkv_proj(x, **linear)
             q, k, v = qkv[..., : c.q_size], qkv[..., c.q_size : c.q_size + c.kv_size], qkv[..., c.q_size + c.kv_size :]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = self.q_proj(x, **linear), self.k_proj(x, **linear), self.v_proj(x, **linear)
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -109,8 +139,8 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
             new_kv = (k, v)
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=c.attn_scale,
-                     softcap=c.attn_logit_softcap, block_size=block_size)  # fmt: skip
-        return self.o_proj(out.reshape(b, t, c.q_size)), new_kv
+                     softcap=c.attn_logit_softcap, block_size=options.attention_block)  # fmt: skip
+        return self.o_proj(out.reshape(b, t, c.q_size), **linear), new_kv
 
 
 class MLP(nnx.Module):
@@ -129,15 +159,16 @@ class MLP(nnx.Module):
         self.down_proj = QLinear(c.intermediate_size, c.hidden_size, quant=_quant_for(quant, "mlp.down_proj"), **linear)
         self.config = config
 
-    def __call__(self, x):
+    def __call__(self, x, *, options: ComputeOptions, dropout_key=None):
         c = self.config
+        linear = dict(kernels=options.kernels, dropout_key=dropout_key)
         if c.fused_gate_up:
-            gate_up = self.gate_up_proj(x)
+            gate_up = self.gate_up_proj(x, **linear)
             gate, up = gate_up[..., : c.intermediate_size], gate_up[..., c.intermediate_size :]
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = self.gate_proj(x, **linear), self.up_proj(x, **linear)
         act = jax.nn.silu(gate) if c.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
-        return self.down_proj(act * up)
+        return self.down_proj(act * up, **linear)
 
 
 class DecoderLayer(nnx.Module):
@@ -154,15 +185,17 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
 
-    def __call__(self, h, *, cos, sin, mask, cache_kv=None, cache_index=None, attention_block=None):
-        attn, new_kv = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, cache_kv=cache_kv,
-                                      cache_index=cache_index, block_size=attention_block)  # fmt: skip
+    def __call__(self, h, *, cos, sin, mask, options: ComputeOptions, dropout_key=None, cache_kv=None,
+                 cache_index=None):  # fmt: skip
+        attn, new_kv = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, options=options,
+                                      dropout_key=dropout_key, cache_kv=cache_kv, cache_index=cache_index)  # fmt: skip
+        mlp = dict(options=options, dropout_key=dropout_key)
         if self.config.sandwich_norms:
             h = h + self.post_attention_layernorm(attn)
-            h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+            h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), **mlp))
         else:
             h = h + attn
-            h = h + self.mlp(self.post_attention_layernorm(h))
+            h = h + self.mlp(self.post_attention_layernorm(h), **mlp)
         return h, new_kv
 
 
@@ -195,6 +228,8 @@ class DecoderLM(nnx.Module):
       quant: store every linear weight in 4 bits except `quant.skip_modules`; None for a dense model.
       dtype: compute dtype; param_dtype: the dtype of dense base weights, embeddings and norms.
       rngs: random initial weights (the loaders in `qlora_jax.convert` replace them).
+
+    How it computes (checkpointing, attention blocks, kernels) is a `ComputeOptions` argument of each call.
     """
 
     def __init__(
@@ -213,9 +248,6 @@ class DecoderLM(nnx.Module):
             config.hidden_size, config.vocab_size, quant=_quant_for(quant, "lm_head"), dtype=dtype,
             param_dtype=param_dtype, rngs=rngs,
         )  # fmt: skip
-        self.remat = "none"
-        # Queries per attention block (`attend`'s block_size): longer sequences never hold [H, T, T] whole.
-        self.attention_block = 512
 
     def hidden_states(
         self,
@@ -226,6 +258,7 @@ class DecoderLM(nnx.Module):
         cache: KVCache | None = None,
         valid: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
+        options: ComputeOptions = ComputeOptions(),
     ) -> tuple[jax.Array, KVCache | None]:
         """The final-normed hidden states [B, T, D] for tokens [B, T], and the updated cache.
 
@@ -235,6 +268,7 @@ class DecoderLM(nnx.Module):
           cache: a KVCache to read and extend (decoding); its index advances by T.
           valid: [B, T] False for padding tokens: they are never attended to (left padding).
           dropout_key: turns LoRA dropout on (training), folded with each layer's index.
+          options: how to compute (checkpointing, attention blocks, kernels).
         """
         c = self.config
         b, t = tokens.shape
@@ -272,11 +306,10 @@ class DecoderLM(nnx.Module):
             if local_rope is not None:
                 cos_l, sin_l = jnp.where(is_sliding, local_rope[0], cos), jnp.where(is_sliding, local_rope[1], sin)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-            with adapter_dropout(key):
-                return layer(h, cos=cos_l, sin=sin_l, mask=mask, cache_kv=kv, cache_index=start,
-                             attention_block=self.attention_block)  # fmt: skip
+            return layer(h, cos=cos_l, sin=sin_l, mask=mask, options=options, dropout_key=key, cache_kv=kv,
+                         cache_index=start)  # fmt: skip
 
-        step = _remat(layer_step, self.remat)
+        step = _remat(layer_step, options.remat)
         kv_in = None if cache is None else (cache.k, cache.v)
         layer_index = jnp.arange(c.num_layers, dtype=jnp.int32)
         h, kv_out = jax.lax.scan(step, h, (layer_state, jnp.asarray(sliding), layer_index, kv_in))
@@ -285,9 +318,12 @@ class DecoderLM(nnx.Module):
             return h, None
         return h, KVCache(kv_out[0], kv_out[1], new_valid, cache.index + t)
 
-    def logits(self, h: jax.Array) -> jax.Array:
+    def logits(self, h: jax.Array, *, options: ComputeOptions = ComputeOptions()) -> jax.Array:
         """float32 logits [..., vocab] from final hidden states (Gemma's final soft-capping applied)."""
-        out = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)  # no dropout here
+        if self.lm_head is None:
+            out = self.model.embed_tokens.attend(h)
+        else:
+            out = self.lm_head(h, kernels=options.kernels)  # no dropout here
         out = out.astype(jnp.float32)
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap
@@ -295,8 +331,13 @@ class DecoderLM(nnx.Module):
         return out
 
     def __call__(
-        self, tokens: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        options: ComputeOptions = ComputeOptions(),
     ) -> jax.Array:
         """float32 logits [B, T, vocab] for tokens [B, T] (no cache)."""
-        h, _ = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids)
-        return self.logits(h)
+        h, _ = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids, options=options)
+        return self.logits(h, options=options)

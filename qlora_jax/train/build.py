@@ -1,4 +1,5 @@
-"""The model a training config describes: its quantization, and an abstract (weightless) copy with adapters."""
+"""The model a training config describes: its quantization, how it computes, and an abstract (weightless) copy
+with adapters."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from flax import nnx
 
 from qlora_jax.convert.hf import read_model_config
 from qlora_jax.lora import apply_lora
-from qlora_jax.models import DecoderLM
+from qlora_jax.models import ComputeOptions, DecoderLM
 from qlora_jax.quant import QuantConfig
 from qlora_jax.train.config import TrainConfig, resolve_package_path
 
-__all__ = ["quant_config", "abstract_model"]
+__all__ = ["quant_config", "compute_options", "abstract_model"]
 
 
 def quant_config(config: TrainConfig) -> QuantConfig | None:
@@ -23,6 +24,11 @@ def quant_config(config: TrainConfig) -> QuantConfig | None:
         return None
     return QuantConfig(quant_type=m.quant, double_quant=m.double_quant, blocksize=m.blocksize,
                        compute_dtype=jnp.dtype(m.dtype))  # fmt: skip
+
+
+def compute_options(config: TrainConfig) -> ComputeOptions:
+    """How the run's model computes (train.remat, train.attention_block): what its jitted steps compile in."""
+    return ComputeOptions(remat=config.train.remat, attention_block=config.train.attention_block)
 
 
 def abstract_model(config: TrainConfig, *, num_layers: int | None = None) -> DecoderLM:
@@ -42,7 +48,4 @@ def abstract_model(config: TrainConfig, *, num_layers: int | None = None) -> Dec
         apply_lora(model, config.lora, rngs=nnx.Rngs(config.train.seed))
         return model
 
-    model = nnx.eval_shape(build)
-    model.remat = config.train.remat
-    model.attention_block = config.train.attention_block
-    return model
+    return nnx.eval_shape(build)

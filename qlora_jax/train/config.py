@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from qlora_jax.lora import LoraConfig
+from qlora_jax.models import REMAT_POLICIES
 
 __all__ = [
     "ConfigFieldError",
@@ -215,7 +216,7 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     need(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
          f"must divide batch_size={t.batch_size}, got {t.grad_accum}")  # fmt: skip
-    need(t.remat in ("none", "full", "save_dots", "offload"), "train.remat", f"unknown policy {t.remat!r}")
+    need(t.remat in REMAT_POLICIES, "train.remat", f"must be one of {REMAT_POLICIES}, got {t.remat!r}")
     need(t.loss_chunk_size >= 0, "train.loss_chunk_size", f"must be >= 0 (0: automatic), got {t.loss_chunk_size}")
     need(t.attention_block >= 0, "train.attention_block", f"must be >= 0, got {t.attention_block}")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")

@@ -29,10 +29,10 @@ from qlora_jax.convert.hf import load_pretrained
 from qlora_jax.distributed import initialize_from_environment, is_primary
 from qlora_jax.generate import SamplingConfig, generate_text
 from qlora_jax.lora import apply_lora, loftq_initialize, trainable_parameters
-from qlora_jax.models import DecoderLM
+from qlora_jax.models import ComputeOptions, DecoderLM
 from qlora_jax.tokenizer import load_tokenizer
 from qlora_jax.train import data as data_lib
-from qlora_jax.train.build import quant_config
+from qlora_jax.train.build import compute_options, quant_config
 from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.config import TrainConfig, resolve_package_path
 from qlora_jax.train.loss import IGNORE_INDEX, auto_chunk_size
@@ -77,8 +77,6 @@ def load_model_for_training(config: TrainConfig) -> tuple[DecoderLM, Any]:
         print(f"LoftQ: ||W - (Q + sBA)||_F over adapted weights: {loftq:.4f} (plain init {plain:.4f})")
     else:
         apply_lora(model, config.lora, rngs=nnx.Rngs(config.train.seed))
-    model.remat = config.train.remat
-    model.attention_block = config.train.attention_block
     return model, tokenizer
 
 
@@ -150,7 +148,12 @@ def _reference_and_prompt(record: dict) -> tuple[Any, str] | None:
 
 
 def exact_match(
-    model: DecoderLM, tokenizer, records: list[dict], *, max_new_tokens: int = 48
+    model: DecoderLM,
+    tokenizer,
+    records: list[dict],
+    *,
+    max_new_tokens: int = 48,
+    options: ComputeOptions = ComputeOptions(),
 ) -> tuple[float, list[dict[str, str]]]:
     """The fraction of records whose greedy answer equals the reference (whitespace-stripped), and the answers."""
     pairs = [p for p in map(_reference_and_prompt, records) if p is not None]
@@ -158,7 +161,7 @@ def exact_match(
         return float("nan"), []
     chat = "messages" in records[0]
     answers = generate_text(model, tokenizer, [p for p, _ in pairs], SamplingConfig(max_new_tokens=max_new_tokens),
-                            chat=chat)  # fmt: skip
+                            chat=chat, options=options)  # fmt: skip
     rows = [
         {"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"], "answer": a, "reference": ref}
         for a, (prompt, ref) in zip(answers, pairs, strict=True)
@@ -222,6 +225,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     t = config.train
     primary = is_primary()
     mesh = configured_mesh(config)
+    options = compute_options(config)
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if primary:
@@ -266,11 +270,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         print(f"resumed from {checkpoints.directory / str(int(state.step))} at step {int(state.step)}")
     else:
         if t.samples and generating:
-            samples["before"] = generate_text(model, tokenizer, list(t.samples), SamplingConfig(max_new_tokens=48))
+            samples["before"] = generate_text(model, tokenizer, list(t.samples), SamplingConfig(max_new_tokens=48),
+                                              options=options)  # fmt: skip
             _print_samples("before training:", [{"prompt": p, "answer": a} for p, a in zip(t.samples,
                                                 samples["before"], strict=True)])  # fmt: skip
         if eval_records and t.eval_exact_match and generating:
-            em_before, rows = exact_match(model, tokenizer, eval_records[: t.eval_exact_match])
+            em_before, rows = exact_match(model, tokenizer, eval_records[: t.eval_exact_match], options=options)
             samples["eval_before"] = rows[:5]
             _print_samples(f"before training: eval exact match {em_before:.1%} on {len(rows)}; for example", rows[:5])
             history.append({"step": 0, "eval_exact_match": em_before})
@@ -278,10 +283,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
 
     chunk_size = t.loss_chunk_size or auto_chunk_size(model.config.vocab_size)
-    train_step = make_train_step(graphdef, optimizer, chunk_size=chunk_size,
+    train_step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, options=options,
                                  offload_optimizer=config.optim.offload, learning_rate=schedule,
                                  shardings=shardings)  # fmt: skip
-    eval_step = make_eval_step(graphdef, chunk_size=chunk_size, shardings=shardings)
+    eval_step = make_eval_step(graphdef, chunk_size=chunk_size, options=options, shardings=shardings)
     batch_sharding = None if shardings is None else shardings.batch
     eval_sharding = None if shardings is None else shardings.eval_batch
     key = jax.random.key(t.seed)
@@ -339,12 +344,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
                                                              t.eval_batches, eval_sharding)})  # fmt: skip
     em_after = None
     if eval_records and t.eval_exact_match and generating:
-        em_after, rows = exact_match(model, tokenizer, eval_records[: t.eval_exact_match])
+        em_after, rows = exact_match(model, tokenizer, eval_records[: t.eval_exact_match], options=options)
         samples["eval_after"] = rows[:5]
         _print_samples(f"after training: eval exact match {em_after:.1%} on {len(rows)}; for example", rows[:5])
         log({"step": int(state.step), "eval_exact_match": em_after})
     if t.samples and generating:
-        samples["after"] = generate_text(model, tokenizer, list(t.samples), SamplingConfig(max_new_tokens=48))
+        samples["after"] = generate_text(model, tokenizer, list(t.samples), SamplingConfig(max_new_tokens=48),
+                                         options=options)  # fmt: skip
         samples["prompts"] = list(t.samples)
         _print_samples("after training:", [{"prompt": p, "answer": a} for p, a in zip(t.samples, samples["after"],
                                                                                       strict=True)])  # fmt: skip

@@ -16,6 +16,7 @@ unchanged and is never differentiated (its variables are not `nnx.LoRAParam`s, s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from qlora_jax.models import ComputeOptions
 from qlora_jax.sharding import compute_mesh, mesh_size
 from qlora_jax.train.loss import chunked_cross_entropy
 from qlora_jax.train.optim import to_memory
@@ -59,15 +61,13 @@ class TrainState:
         return cls(jax.device_put(jnp.int32(0), shardings.step), lora, opt_state)
 
 
-def _loss(graphdef, lora, base, batch, key, *, chunk_size: int, remat: str | None, mesh=None):
+def _loss(graphdef, lora, base, batch, key, *, chunk_size: int, options: ComputeOptions, mesh=None):
     with compute_mesh(mesh):  # trace-time: weights gathered where used, kernels per device
         model = nnx.merge(graphdef, lora, base)
-        if remat is not None:
-            model.remat = remat
-        h, _ = model.hidden_states(
-            batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], dropout_key=key
-        )
-        return chunked_cross_entropy(model.logits, h, batch["targets"], chunk_size=chunk_size,
+        h, _ = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                                   dropout_key=key, options=options)  # fmt: skip
+        logits = functools.partial(model.logits, options=options)
+        return chunked_cross_entropy(logits, h, batch["targets"], chunk_size=chunk_size,
                                      batch_shards=mesh_size(mesh))  # fmt: skip
 
 
@@ -76,7 +76,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     chunk_size: int = 1024,
-    remat: str | None = None,
+    options: ComputeOptions = ComputeOptions(remat="full"),
     offload_optimizer: bool = False,
     learning_rate: optax.Schedule | None = None,
     shardings: Any = None,
@@ -86,6 +86,7 @@ def make_train_step(
     batch: arrays [accum, micro_batch, T]; gradients are summed over the accumulation steps and the loss is the
     mean over every target token of the whole batch. If the loss or the gradients are not finite, the update is
     skipped (state unchanged) and `metrics["finite"]` is False: the caller stops, the last good state intact.
+    `options`: how the model computes (checkpointing, attention blocks, kernels), compiled into the step.
     With `offload_optimizer`, the optimizer state lives in pinned host memory and visits the device only here.
     `shardings` (a `qlora_jax.train.parallel.StepShardings`): compiled for that mesh placement, arguments and
     the new state alike.
@@ -95,7 +96,7 @@ def make_train_step(
 
     def loss_and_grads(lora, base, micro, key):
         def fn(adapters):
-            return _loss(graphdef, adapters, base, micro, key, chunk_size=chunk_size, remat=remat, mesh=mesh)
+            return _loss(graphdef, adapters, base, micro, key, chunk_size=chunk_size, options=options, mesh=mesh)
 
         (loss_sum, count), grads = jax.value_and_grad(fn, has_aux=True)(lora)
         return loss_sum, count, grads
@@ -138,13 +139,19 @@ def make_train_step(
                    out_shardings=(s.state, s.replicated))  # fmt: skip
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, chunk_size: int = 1024, shardings: Any = None) -> Callable:
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+    *,
+    chunk_size: int = 1024,
+    options: ComputeOptions = ComputeOptions(),
+    shardings: Any = None,
+) -> Callable:
     """A jitted `eval_step(lora, base, batch) -> (loss_sum, target_count)` for batch arrays [B, T] (no dropout);
-    `shardings` as for `make_train_step` (then B must divide by the mesh's data x fsdp devices)."""
+    `options` and `shardings` as for `make_train_step` (then B must divide by the mesh's data x fsdp devices)."""
     mesh = None if shardings is None else shardings.mesh
 
     def eval_step(lora, base, batch):
-        return _loss(graphdef, lora, base, batch, None, chunk_size=chunk_size, remat=None, mesh=mesh)
+        return _loss(graphdef, lora, base, batch, None, chunk_size=chunk_size, options=options, mesh=mesh)
 
     if shardings is None:
         return jax.jit(eval_step)
