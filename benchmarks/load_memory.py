@@ -49,6 +49,7 @@ def write_synthetic_checkpoint(directory: Path) -> int:
     import numpy as np
 
     from qlora_jax.convert.safetensors_io import write_sharded
+    from qlora_jax.models.names import LAYERS, layer_name
 
     c = LLAMA_1B
     h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
@@ -60,7 +61,7 @@ def write_synthetic_checkpoint(directory: Path) -> int:
     def tensors():
         yield "model.embed_tokens.weight", tensor(c["vocab_size"], h)
         for layer in range(c["num_hidden_layers"]):
-            p = f"model.layers.{layer}."
+            p = layer_name(LAYERS, layer) + "."
             yield p + "input_layernorm.weight", np.ones(h, jnp.bfloat16)
             yield p + "post_attention_layernorm.weight", np.ones(h, jnp.bfloat16)
             for name, shape in (("q_proj", (h, h)), ("k_proj", (kv, h)), ("v_proj", (kv, h)), ("o_proj", (h, h))):

@@ -28,6 +28,7 @@ from conftest import smollm2_gguf_path  # noqa: E402
 
 from qlora_jax.convert.hf import load_pretrained, tensor_source  # noqa: E402
 from qlora_jax.lora import LoraConfig, loftq_initialize, target_module_names  # noqa: E402
+from qlora_jax.models.names import split_layer_name  # noqa: E402
 
 
 def main() -> None:
@@ -70,10 +71,8 @@ def _is_adapted(key: str, names: list[str]) -> bool:
     """Whether a transformers tensor name is the weight of one of the (stacked) adapted modules."""
     if not key.endswith(".weight"):
         return False
-    parts = key.split(".")
-    if len(parts) > 3 and parts[1] == "layers":
-        key = ".".join(parts[:2] + parts[3:])
-    return key[: -len(".weight")] in names
+    stacked, _ = split_layer_name(key)
+    return stacked[: -len(".weight")] in names
 
 
 if __name__ == "__main__":

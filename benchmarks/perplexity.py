@@ -73,8 +73,7 @@ def main() -> None:
     results = []
     for name, quant_type, double_quant in ROWS:
         started = time.perf_counter()
-        quant = None if quant_type is None else QuantConfig(quant_type=quant_type, double_quant=double_quant,
-                                                            compute_dtype=jnp.float32)  # fmt: skip
+        quant = None if quant_type is None else QuantConfig(quant_type=quant_type, double_quant=double_quant)
         model, _ = load_pretrained(path, quantization=quant, dtype=jnp.float32, param_dtype=jnp.bfloat16)
         graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
         eval_step = make_eval_step(graphdef, chunk_size=1024)

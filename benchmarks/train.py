@@ -140,15 +140,14 @@ def run_ours(args, vocab_size: int) -> dict:
     from qlora_jax.lora import LoraConfig, apply_lora, trainable_parameters
     from qlora_jax.models import ComputeOptions
     from qlora_jax.quant import QuantConfig
-    from qlora_jax.train.config import OptimSection
     from qlora_jax.train.loss import IGNORE_INDEX
-    from qlora_jax.train.optim import make_optimizer
+    from qlora_jax.train.optim import OptimConfig, make_optimizer
     from qlora_jax.train.step import TrainState, make_train_step
 
     jnp.zeros(1).block_until_ready()
     rss_runtime = _rss()
     dtype = jnp.dtype(args.compute_dtype)
-    quant = QuantConfig(compute_dtype=dtype) if args.child == "ours-nf4" else None
+    quant = QuantConfig() if args.child == "ours-nf4" else None
     model, _ = load_pretrained(args.model_dir, quantization=quant, dtype=dtype)
     apply_lora(model, LoraConfig(target_modules="all-linear", **LORA), rngs=nnx.Rngs(SEED))
     trainable, _ = trainable_parameters(model, verbose=False)
@@ -156,7 +155,7 @@ def run_ours(args, vocab_size: int) -> dict:
 
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
     del model
-    optim = OptimSection(learning_rate=LEARNING_RATE, schedule="constant", max_grad_norm=MAX_GRAD_NORM)
+    optim = OptimConfig(learning_rate=LEARNING_RATE, schedule="constant", max_grad_norm=MAX_GRAD_NORM)
     optimizer = make_optimizer(optim, args.warmup + args.steps)
     state = TrainState.create(lora, optimizer)
     step_fn = make_train_step(graphdef, optimizer, options=ComputeOptions(remat=args.remat))

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import qlora_jax
+from qlora_jax.codebooks import BNB_QUANT_TYPES, QUANT_TYPES
 
-QUANT_CHOICES = ("nf4", "fp4", "int4", "none")
+QUANT_CHOICES = (*QUANT_TYPES, "none")  # as the config's model.quant: a 4-bit format, or none (a dense base)
 
 
 def _fail(command: str, message: str) -> SystemExit:
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="a PEFT adapter directory")
     merge.add_argument("output", help="the directory to write (with --gguf: the .gguf file)")
     merge.add_argument("--out-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    merge.add_argument("--requantize", default="none", choices=("none", "nf4", "fp4"),
+    merge.add_argument("--requantize", default="none", choices=("none", *BNB_QUANT_TYPES),
                        help="re-quantize the merged weights to bitsandbytes 4-bit")  # fmt: skip
     merge.add_argument("--gguf", default=None, metavar="TYPE", choices=("f32", "f16", "bf16", "q8_0"),
                        help="write one GGUF file (f32|f16|bf16|q8_0) for llama.cpp instead of safetensors")  # fmt: skip

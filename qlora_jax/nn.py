@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qlora_jax.kernels import KernelOptions, nf4_matmul
-from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
-from qlora_jax.sharding import gathered, gathered_matmul
+from qlora_jax.mesh import gathered, gathered_matmul
+from qlora_jax.quant import QUANT_BUFFERS, QuantConfig, QuantizedTensor, dequantize, quantize
 
 __all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm"]
 
@@ -29,9 +29,6 @@ class Frozen(nnx.Variable):
 
 class QuantizedWeight(nnx.Variable):
     """One buffer of a 4-bit weight: packed codes, absmax (codes), nested absmax or offset."""
-
-
-_QUANT_BUFFERS = ("packed", "absmax", "nested_absmax", "offset")
 
 
 class QLinear(nnx.Module):
@@ -74,7 +71,7 @@ class QLinear(nnx.Module):
                 double_quant=quant.double_quant,
                 dq_blocksize=quant.dq_blocksize,
             )
-            for name in _QUANT_BUFFERS:
+            for name in QUANT_BUFFERS:
                 value = getattr(qt, name)
                 setattr(self, name, None if value is None else QuantizedWeight(value))
         self.bias = Frozen(jnp.zeros((out_features,), param_dtype)) if use_bias else None
@@ -88,7 +85,7 @@ class QLinear(nnx.Module):
         """The 4-bit weight as a QuantizedTensor (its buffers may carry a leading layer axis); traced under
         `qlora_jax.sharding.compute_mesh`, whole on every device (gathered just in time) unless not `gather`."""
         assert self.quant is not None, "this QLinear holds a dense weight"
-        buffers = {name: (None if getattr(self, name) is None else getattr(self, name)[...]) for name in _QUANT_BUFFERS}
+        buffers = {name: (None if getattr(self, name) is None else getattr(self, name)[...]) for name in QUANT_BUFFERS}
         if gather:
             buffers = gathered(buffers)
         return QuantizedTensor(

@@ -31,12 +31,15 @@ __all__ = [
     "dequantize",
     "decode_absmax",
     "unpack_codes",
+    "QUANT_BUFFERS",
     "SUPPORTED_BLOCKSIZES",
     "SUPPORTED_DTYPES",
 ]
 
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# The arrays of a 4-bit weight (QuantizedTensor's data fields), by the names bitsandbytes stores them under.
+QUANT_BUFFERS = ("packed", "absmax", "nested_absmax", "offset")
 
 # bitsandbytes clamps an all-zero final partial block's absmax to this (a float32 subnormal) and stores it.
 _TINY_ABSMAX = np.float32(1e-38)
@@ -50,16 +53,17 @@ class QuantConfig:
       quant_type: "nf4", "fp4" or "int4" (`bnb_4bit_quant_type`).
       double_quant: quantize the absmax too (`bnb_4bit_use_double_quant`).
       blocksize, dq_blocksize: values a block, absmax values a block of the 8-bit step.
-      compute_dtype: what activations and the dequantized tiles are computed in (`bnb_4bit_compute_dtype`).
       skip_modules: linear layers kept in 16 bits, matched by name (`llm_int8_skip_modules`; bitsandbytes keeps
         lm_head unquantized by default, and so do we).
+
+    How the model computes is not storage: its compute dtype is the `dtype` of `DecoderLM` / `load_pretrained`,
+    which exports write as `bnb_4bit_compute_dtype`.
     """
 
     quant_type: str = "nf4"
     double_quant: bool = True
     blocksize: int = 64
     dq_blocksize: int = 256
-    compute_dtype: Any = jnp.bfloat16
     skip_modules: tuple[str, ...] = ("lm_head",)
 
     def __post_init__(self):
@@ -69,7 +73,6 @@ class QuantConfig:
             raise ValueError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {self.blocksize!r}")
         if self.dq_blocksize not in SUPPORTED_BLOCKSIZES:
             raise ValueError(f"dq_blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {self.dq_blocksize!r}")
-        object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype))
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
 
     def skips(self, module_path: str) -> bool:
@@ -80,7 +83,7 @@ class QuantConfig:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["packed", "absmax", "nested_absmax", "offset"],
+    data_fields=list(QUANT_BUFFERS),
     meta_fields=["shape", "dtype", "quant_type", "blocksize", "dq_blocksize"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +197,8 @@ def quantize(
       double_quant: store the absmax values as 8-bit codes too (bitsandbytes' `compress_statistics`).
       dq_blocksize: absmax values sharing one float32 scale in the 8-bit step (bitsandbytes uses 256).
 
-    >>> qt = quantize(jnp.ones((128, 64)))
-    >>> round(qt.bits_per_param, 3)
+    >>> qt = quantize(jnp.ones((1024, 1024)))
+    >>> round(qt.bits_per_param, 3)  # 4 + 8/64 + 32/(64 * 256), plus the offset's 32 bits
     4.127
     """
     if not hasattr(w, "dtype"):

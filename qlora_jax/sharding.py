@@ -1,11 +1,11 @@
-"""Device meshes, the sharding rule for a QLoRA model, and the just-in-time weight gather (FSDP).
+"""The sharding rule for a QLoRA model: where each array of the model, its adapters and optimizer state lives.
 
-A mesh has two axes: `data` (pure data parallelism: weights replicated) and `fsdp` (fully sharded data
-parallelism: weights split M ways, gathered one layer at a time). Batches are split over both (data x fsdp rows).
+The mesh (axes `data` and `fsdp`) and the just-in-time gather inside a traced step are `qlora_jax.mesh`'s; its
+names are re-exported here. The rule (`param_shardings`), for every array of the model, adapters and optimizer
+state:
 
-The rule (`param_shardings`), for every array of the model, adapters and optimizer state:
-
-- The leading [num_layers] axis of the stacked layers is never split (the layer scan slices it).
+- The leading [num_layers] axis of the stacked layers (`qlora_jax.models.names.LAYERS`) is never split (the layer
+  scan slices it).
 - A 4-bit weight's buffers split along their last (block) axis, over `fsdp`, all or none: the packed codes, the
   absmax (codes) and the nested absmax of device k are those of the same contiguous run of whole quantization
   blocks, and of whole double-quantization blocks. That needs `blocks % (M * dq_blocksize) == 0` (without double
@@ -15,18 +15,11 @@ The rule (`param_shardings`), for every array of the model, adapters and optimiz
   largest axis that M divides (not the layer axis; ties: the last such axis), or is replicated if none does.
 - Optimizer moments take the sharding of the parameter they belong to; counters and scalars are replicated.
 - Nothing is split over `data`.
-
-Inside a jitted step traced under `compute_mesh(mesh)`, each weight is constrained to be replicated where it is
-used (`gathered`): XLA all-gathers each layer's slice inside the scan body, so no device ever holds more than
-its 1/M of the base model plus the layer in flight; the gradients of sharded adapters are reduce-scattered back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -35,7 +28,30 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qlora_jax.mesh import (
+    BATCH_AXES,
+    DATA,
+    FSDP,
+    compute_mesh,
+    current_mesh,
+    gathered,
+    gathered_matmul,
+    gathers_weights,
+    local_matmul,
+    make_mesh,
+    mesh_shape,
+    mesh_size,
+    replicated,
+)
+from qlora_jax.models.names import is_stacked
+from qlora_jax.quant import QUANT_BUFFERS
+
 __all__ = [
+    "batch_sharding",
+    "param_shardings",
+    "optimizer_shardings",
+    "shard_bytes",
+    # qlora_jax.mesh's
     "DATA",
     "FSDP",
     "BATCH_AXES",
@@ -43,10 +59,6 @@ __all__ = [
     "make_mesh",
     "mesh_size",
     "replicated",
-    "batch_sharding",
-    "param_shardings",
-    "optimizer_shardings",
-    "shard_bytes",
     "compute_mesh",
     "current_mesh",
     "gathered",
@@ -54,50 +66,6 @@ __all__ = [
     "gathered_matmul",
     "local_matmul",
 ]
-
-DATA, FSDP = "data", "fsdp"
-BATCH_AXES = (DATA, FSDP)
-QUANT_BUFFERS = ("packed", "absmax", "nested_absmax", "offset")
-
-
-def mesh_shape(data: int, fsdp: int, device_count: int) -> tuple[int, int]:
-    """(data, fsdp) with a -1 replaced by what the other leaves of `device_count`; the product must match."""
-    for name, n in (("data", data), ("fsdp", fsdp)):
-        if n == 0 or n < -1:
-            raise ValueError(f"mesh.{name} must be a positive number of devices or -1 (the rest), got {n}")
-    if data == -1 and fsdp == -1:
-        raise ValueError("mesh: at most one of data and fsdp can be -1")
-    known = data if fsdp == -1 else fsdp
-    if data == -1 or fsdp == -1:
-        if device_count % known:
-            raise ValueError(f"mesh: {device_count} devices do not divide by {known}")
-        data, fsdp = (device_count // fsdp, fsdp) if data == -1 else (data, device_count // data)
-    if data * fsdp != device_count:
-        raise ValueError(f"mesh: data={data} x fsdp={fsdp} = {data * fsdp} devices, but there are {device_count}")
-    return data, fsdp
-
-
-def make_mesh(data: int = 1, fsdp: int = -1, *, devices: list[Any] | None = None) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: all devices of all processes); -1: the rest of the devices.
-
-    The axes are Auto (sharding propagation by XLA), whatever `jax.make_mesh`'s default axis type is.
-    """
-    devices = jax.devices() if devices is None else list(devices)
-    shape = mesh_shape(data, fsdp, len(devices))
-    auto = (jax.sharding.AxisType.Auto,) * 2
-    return jax.make_mesh(shape, BATCH_AXES, axis_types=auto, devices=devices)
-
-
-def mesh_size(mesh: Mesh | None, axis: str | tuple[str, ...] = BATCH_AXES) -> int:
-    """Devices along `axis` (or the product over several axes); 1 without a mesh."""
-    if mesh is None:
-        return 1
-    axes = (axis,) if isinstance(axis, str) else axis
-    return math.prod(mesh.shape[a] for a in axes)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh, *, axis: int = 1) -> NamedSharding:
@@ -142,7 +110,7 @@ def param_shardings(tree: Any, mesh: Mesh, *, dq_blocksize: int = 256) -> Any:
     out = []
     for names, leaf in leaves:
         shape = tuple(np.shape(leaf))
-        stacked = names[:2] == ("model", "layers")
+        stacked = is_stacked(names)
         spec: list[Any] = [None] * len(shape)
         if names and names[-1] in QUANT_BUFFERS and names[:-1] in quantized:
             if quantized[names[:-1]] and names[-1] != "offset":
@@ -167,61 +135,3 @@ def shard_bytes(tree: Any, shardings: Any) -> int:
         shape = sharding.shard_shape(tuple(leaf.shape))
         total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
     return total
-
-
-_context = threading.local()
-
-
-@contextlib.contextmanager
-def compute_mesh(mesh: Mesh | None) -> Iterator[None]:
-    """Traces the model for `mesh`: weights gathered where used, 4-bit matmuls run per device on their rows."""
-    previous = getattr(_context, "mesh", None)
-    _context.mesh = mesh
-    try:
-        yield
-    finally:
-        _context.mesh = previous
-
-
-def current_mesh() -> Mesh | None:
-    return getattr(_context, "mesh", None)
-
-
-def gathers_weights() -> bool:
-    """Whether weights traced now are gathered (under `compute_mesh` with fsdp > 1)."""
-    return mesh_size(current_mesh(), FSDP) > 1
-
-
-def gathered(x: Any) -> Any:
-    """x (an array or a pytree) constrained to be whole on every device: an all-gather of an fsdp-sharded weight,
-    just in time; unchanged outside `compute_mesh` or when nothing is sharded."""
-    if x is None or not gathers_weights():
-        return x
-    return jax.lax.with_sharding_constraint(x, replicated(current_mesh()))
-
-
-def gathered_matmul(fn: Callable[..., jax.Array], x: jax.Array, weight: Any) -> jax.Array:
-    """fn(x, gathered(weight)) per device (`local_matmul`), keeping only the weight's shard for the backward pass.
-
-    The 4-bit matmul's backward needs its weight; kept gathered, every layer's would stay alive from the forward
-    to the backward pass (the whole model, when layers are not rematerialized). A checkpoint around gather and
-    matmul makes the backward pass gather again instead, as FSDP does.
-    """
-    if not gathers_weights():
-        return local_matmul(fn, x, weight)
-    return jax.checkpoint(lambda x, w: local_matmul(fn, x, gathered(w)))(x, weight)
-
-
-def local_matmul(fn: Callable[..., jax.Array], x: jax.Array, weight: Any) -> jax.Array:
-    """fn(x, weight) run per device on its rows of x (axis 0, split over data x fsdp), with the weight whole.
-
-    XLA cannot partition a Pallas kernel (a custom call): left to itself it would gather every device's rows and
-    compute the whole batch everywhere. Under `compute_mesh`, `shard_map` makes each device run the kernel on
-    its own rows. Outside it, or when the rows do not divide, fn(x, weight) as is.
-    """
-    mesh = current_mesh()
-    n = mesh_size(mesh)
-    if mesh is None or n == 1 or x.ndim < 2 or x.shape[0] % n:
-        return fn(x, weight)
-    rows = P(BATCH_AXES)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(rows, P()), out_specs=rows, check_vma=False)(x, weight)

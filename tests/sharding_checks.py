@@ -43,7 +43,7 @@ def _model_config(**changes) -> ModelConfig:
 
 def _split(model_config: ModelConfig, *, abstract: bool = False, dtype=jnp.float32):
     def build():
-        model = DecoderLM(model_config, quant=QuantConfig(compute_dtype=dtype), dtype=dtype, param_dtype=dtype,
+        model = DecoderLM(model_config, quant=QuantConfig(), dtype=dtype, param_dtype=dtype,
                           rngs=nnx.Rngs(0))  # fmt: skip
         apply_lora(model, LoraConfig(r=4, init_lora_weights=False), rngs=nnx.Rngs(1))  # B random: nonzero grads
         return model

@@ -178,7 +178,7 @@ def test_smaller_tensor_types(tmp_path, tensor_type, tolerance):
 
 
 def test_nf4_base_is_dequantized_and_merged(tmp_path):
-    model, _ = tiny_model_with_adapter(tmp_path / "hf", CASES["qwen2"], QuantConfig(compute_dtype=jnp.float32))
+    model, _ = tiny_model_with_adapter(tmp_path / "hf", CASES["qwen2"], QuantConfig())
     assert model.model.layers.self_attn.q_proj.is_quantized
     path = save_gguf(model, tmp_path / "m.gguf", tensor_type="f32")
     loaded, _ = load_pretrained(path, quantization=None, dtype=jnp.float32)

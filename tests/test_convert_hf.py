@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -42,7 +43,7 @@ def test_dense_save_loads_in_transformers(tiny_dir, tmp_path):
 
 def test_nf4_save_loads_in_transformers_bitsandbytes(tiny_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
-    quant = QuantConfig(compute_dtype=jnp.float32, blocksize=32)
+    quant = QuantConfig(blocksize=32)
     model, _ = load_pretrained(tiny_dir, quantization=quant, dtype=jnp.float32)
     save_pretrained(model, tmp_path / "out")
     theirs = _hf_logits(tmp_path / "out")
@@ -53,6 +54,20 @@ def test_nf4_save_loads_in_transformers_bitsandbytes(tiny_dir, tmp_path):
     dense, _ = load_pretrained(tmp_path / "out", quantization=None, dtype=jnp.float32)  # dequantized
     assert not dense.model.layers.mlp.up_proj.is_quantized
     np.testing.assert_allclose(np.asarray(dense(jnp.asarray(TOKENS))), theirs, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+def test_exports_write_the_models_compute_dtype(tiny_dir, tmp_path, dtype):
+    """bnb_4bit_compute_dtype is what the model computes in (its dtype): there is no second setting to disagree."""
+    from qlora_jax.convert.merge import merge_and_save
+
+    model, _ = load_pretrained(tiny_dir, dtype=dtype)
+    save_pretrained(model, tmp_path / "out")
+    merge_and_save(model, tmp_path / "merged", dtype=dtype, quant=QuantConfig())
+    for directory in ("out", "merged"):
+        written = json.loads((tmp_path / directory / "config.json").read_text())["quantization_config"]
+        assert written["bnb_4bit_compute_dtype"] == jnp.dtype(dtype).name
+    assert "compute_dtype" not in {f.name for f in dataclasses.fields(QuantConfig)}
 
 
 def test_sharded_checkpoints_round_trip(tiny_dir, tmp_path):

@@ -105,7 +105,7 @@ def test_peft_to_ours_to_peft_round_trip_changes_nothing(tiny, tmp_path):
         np.testing.assert_array_equal(before[key], after[key], err_msg=key)
 
 
-@pytest.mark.parametrize("quant", [None, QuantConfig(compute_dtype=jnp.float32)], ids=["dense", "nf4"])
+@pytest.mark.parametrize("quant", [None, QuantConfig()], ids=["dense", "nf4"])
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_merged_checkpoint_gives_our_unmerged_logits(tiny, tmp_path, quant, dora):
     lora_config = LoraConfig(r=4, lora_alpha=8, use_dora=dora)
@@ -121,7 +121,7 @@ def test_merged_checkpoint_gives_our_unmerged_logits(tiny, tmp_path, quant, dora
 def test_merged_and_requantized_loads_in_bitsandbytes(tiny, tmp_path):
     pytest.importorskip("bitsandbytes")
     model = _ours_with_adapter(tiny, LoraConfig(r=4))
-    merge_and_save(model, tmp_path / "merged4", dtype=jnp.float32, quant=QuantConfig(compute_dtype=jnp.float32))
+    merge_and_save(model, tmp_path / "merged4", dtype=jnp.float32, quant=QuantConfig())
     hf4 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged4", device_map="cpu").eval()
     assert type(hf4.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     ours4, _ = load_pretrained(tmp_path / "merged4", dtype=jnp.float32)

@@ -13,8 +13,7 @@ from qlora_jax.lora import LoraConfig, apply_lora, loftq_initialize, target_modu
 from qlora_jax.models import DecoderLM, ModelConfig
 from qlora_jax.nn import Frozen, QuantizedWeight
 from qlora_jax.quant import QuantConfig, dequantize
-from qlora_jax.train.config import OptimSection
-from qlora_jax.train.optim import make_optimizer
+from qlora_jax.train.optim import OptimConfig, make_optimizer
 from qlora_jax.train.step import TrainState, make_train_step
 
 CONFIG = ModelConfig.from_hf_config(
@@ -25,7 +24,7 @@ ALL = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_
        "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
 
 
-F32_NF4 = QuantConfig(compute_dtype=jnp.float32)
+F32_NF4 = QuantConfig()
 
 
 def _model(quant=F32_NF4, dtype=jnp.float32, seed=0):
@@ -143,7 +142,7 @@ def test_only_adapters_train_and_only_they_have_optimizer_state():
     apply_lora(model, LoraConfig(r=4, init_lora_weights=False), rngs=nnx.Rngs(1))
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
     base_before = jax.tree.map(np.array, base)
-    optimizer = make_optimizer(OptimSection(learning_rate=1e-2), 10)
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2), 10)
     state = TrainState.create(lora, optimizer)
     lora_bytes = sum(x.nbytes for x in jax.tree.leaves(lora))
     opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
@@ -167,7 +166,7 @@ def test_only_adapters_train_and_only_they_have_optimizer_state():
 
 def test_lora_gradients_equal_a_float32_dense_reference():
     """The 4-bit model (XLA path) and a float32 model holding dequantize(W) give the same adapter gradients."""
-    quant = QuantConfig(compute_dtype=jnp.float32)
+    quant = QuantConfig()
     q_model = _model(quant=quant)
     apply_lora(q_model, LoraConfig(r=4, init_lora_weights=False), rngs=nnx.Rngs(1))
     dense = _model(quant=None)

@@ -113,7 +113,7 @@ def test_nf4_logits_match_transformers_bitsandbytes(family, tmp_path):
     ).eval()
     tokens = _tokens()
     theirs = _hf_logits(hf_4bit, tokens)
-    model, _ = load_pretrained(tmp_path, quantization=QuantConfig(compute_dtype=jnp.float32), dtype=jnp.float32)
+    model, _ = load_pretrained(tmp_path, quantization=QuantConfig(), dtype=jnp.float32)
     assert model.model.layers.self_attn.q_proj.is_quantized
     assert model.lm_head is None or not model.lm_head.is_quantized  # kept in 16 bits, as bitsandbytes does
     # Same 4-bit codes; the double-quantization offset may differ from torch's mean in its last bit.

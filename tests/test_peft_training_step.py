@@ -44,7 +44,7 @@ def test_one_step_loss_and_lora_gradients_match_peft_bitsandbytes(family, tmp_pa
     out.loss.backward()
     theirs = {name: p.grad.numpy() for name, p in peft_model.named_parameters() if p.requires_grad}
 
-    model, _ = load_pretrained(tmp_path / "base", quantization=QuantConfig(compute_dtype=jnp.float32),
+    model, _ = load_pretrained(tmp_path / "base", quantization=QuantConfig(),
                                dtype=jnp.float32)  # fmt: skip
     load_peft_adapter(model, tmp_path / "adapter")
     graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)

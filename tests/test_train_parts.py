@@ -14,9 +14,9 @@ from qlora_jax.kernels import KernelOptions
 from qlora_jax.lora import LoraConfig, apply_lora
 from qlora_jax.models import REMAT_POLICIES, ComputeOptions, DecoderLM, ModelConfig
 from qlora_jax.quant import QuantConfig
-from qlora_jax.train.config import ConfigFieldError, OptimSection, load_config
+from qlora_jax.train.config import ConfigFieldError, load_config
 from qlora_jax.train.loss import IGNORE_INDEX, auto_chunk_size, chunked_cross_entropy, cross_entropy_reference
-from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
+from qlora_jax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from qlora_jax.train.step import TrainState, make_train_step
 
 CONFIG = ModelConfig.from_hf_config(
@@ -39,7 +39,7 @@ def _batch(accum=2, batch=2, length=8, seed=0):
 
 
 def _trainable(seed=0, dropout=0.0, dtype=jnp.bfloat16):
-    model = DecoderLM(CONFIG, quant=QuantConfig(compute_dtype=dtype), dtype=dtype, rngs=nnx.Rngs(seed))
+    model = DecoderLM(CONFIG, quant=QuantConfig(), dtype=dtype, rngs=nnx.Rngs(seed))
     apply_lora(model, LoraConfig(r=4, lora_dropout=dropout, init_lora_weights=False), rngs=nnx.Rngs(1))
     return nnx.split(model, nnx.LoRAParam, ...)
 
@@ -87,10 +87,34 @@ def test_automatic_loss_chunk_bounds_the_logits_by_vocabulary():
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_schedules_warm_up_then_decay(schedule):
-    fn = learning_rate_schedule(OptimSection(learning_rate=1e-3, schedule=schedule, warmup_steps=10), 110)
+    fn = learning_rate_schedule(OptimConfig(learning_rate=1e-3, schedule=schedule, warmup_steps=10), 110)
     assert float(fn(0)) == 0.0 and float(fn(5)) == pytest.approx(5e-4) and float(fn(10)) == pytest.approx(1e-3)
     end = float(fn(110))
     assert end == pytest.approx(1e-3) if schedule == "constant" else end == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("schedule", "cosin", "schedule must be one of"),  # was taken for cosine
+        ("optimizer", "sgd", "optimizer must be one of"),
+        ("learning_rate", 0.0, "learning_rate must be > 0"),
+        ("warmup_steps", -1, "warmup_steps must be >= 0"),
+        ("end_lr_fraction", 2.0, r"end_lr_fraction must be in \[0, 1\]"),
+        ("max_grad_norm", 0.0, "max_grad_norm must be > 0 or None"),
+    ],
+)
+def test_optimizer_config_checks_itself(field, value, match):
+    """The library's optimizer config needs no YAML schema to be checked; the YAML's `optim` section is it."""
+    with pytest.raises(ValueError, match=match):
+        OptimConfig(**{field: value})
+
+
+def test_the_yaml_optim_section_is_the_optimizer_config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": "m"}, "data": {"train": "t.jsonl"},
+                                    "optim": {"learning_rate": 1e-3, "schedule": "linear"}}))  # fmt: skip
+    assert load_config(path).optim == OptimConfig(learning_rate=1e-3, schedule="linear")
 
 
 def test_gradient_accumulation_equals_one_big_batch():
@@ -113,7 +137,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 @pytest.mark.parametrize("remat", REMAT_POLICIES)
 def test_remat_policies_give_the_same_gradients(remat):
     graphdef, lora, base = _trainable()
-    optimizer = make_optimizer(OptimSection(learning_rate=1e-2), 10)
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2), 10)
     losses = {}
     for policy in ("none", remat):
         state = TrainState.create(jax.tree.map(jnp.copy, lora), optimizer)
@@ -125,7 +149,7 @@ def test_remat_policies_give_the_same_gradients(remat):
 
 def test_offloaded_optimizer_state_lives_in_pinned_host_memory():
     graphdef, lora, base = _trainable()
-    optimizer = make_optimizer(OptimSection(learning_rate=1e-2), 10)
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2), 10)
     runs = {}
     for offload in (False, True):
         state = TrainState.create(jax.tree.map(jnp.copy, lora), optimizer, offload=offload)
@@ -142,7 +166,7 @@ def test_offloaded_optimizer_state_lives_in_pinned_host_memory():
 
 def test_non_finite_loss_skips_the_update():
     graphdef, lora, base = _trainable()
-    optimizer = make_optimizer(OptimSection(learning_rate=1e-2), 10)
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2), 10)
     poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan) if x.ndim else x, lora)
     state = TrainState.create(poisoned, optimizer)
     before = jax.tree.map(np.array, state)
@@ -174,7 +198,8 @@ def test_yaml_config_with_overrides(tmp_path):
         ({"lora": {"rr": 8}}, [], r"lora.rr: unknown field \(did you mean 'r'\?\)"),
         ({"lora": {"r": "eight"}}, [], "lora.r: expected an integer, got 'eight'"),
         ({"train": {"grad_accum": 3}}, [], "train.grad_accum: must divide batch_size=8"),
-        ({"optim": {"schedule": "exp"}}, [], "optim.schedule: must be one of"),
+        ({"optim": {"schedule": "exp"}}, [], "optim: schedule must be one of"),
+        ({"optim": {"learning_rate": 0}}, [], "optim: learning_rate must be > 0, got 0"),
         ({"model": {"quant": "nf3"}}, [], "model.quant: must be one of"),
         ({"trian": {}}, [], r"unknown section 'trian' \(did you mean 'train'\?\)"),
         ({}, ["--lora.r"], "has no value"),

@@ -24,9 +24,10 @@ from qlora_jax.convert import bnb
 from qlora_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 from qlora_jax.convert.state_map import Slot, all_keys, model_slots, resolve, variable_at
 from qlora_jax.models import DecoderLM, ModelConfig
+from qlora_jax.models.config_files import is_gguf
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
-__all__ = ["load_pretrained", "read_model_config", "save_pretrained", "load_model", "tensor_source", "CheckpointError"]
+__all__ = ["load_pretrained", "save_pretrained", "load_model", "tensor_source", "CheckpointError"]
 
 NF4 = QuantConfig()  # QLoRA's storage: NF4, blocks of 64, double quantization, lm_head kept in 16 bits
 
@@ -69,7 +70,6 @@ def _stored_quant_config(hf: dict[str, Any], source: TensorSource, config: Model
         double_quant=first.double_quant,
         blocksize=first.blocksize,
         dq_blocksize=first.dq_blocksize or 256,
-        compute_dtype=jnp.dtype(qc.get("bnb_4bit_compute_dtype") or "float32"),
         skip_modules=tuple(sorted(dense)),
     )
 
@@ -234,17 +234,10 @@ class _LanguageModelOnly:
         return self.source.file_of(self._original[key])
 
 
-def _is_gguf(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
 def tensor_source(path: str | os.PathLike) -> TensorSource:
     """The 16-bit tensors of a checkpoint, by transformers name, one at a time (safetensors directory or GGUF)."""
     path = Path(path)
-    if path.suffix == ".gguf" or _is_gguf(path):
+    if is_gguf(path):
         return _GGUFSource(path)
     reader = SafetensorsReader(path)
     if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get(
@@ -252,16 +245,6 @@ def tensor_source(path: str | os.PathLike) -> TensorSource:
     ) == "gemma3":
         return _LanguageModelOnly(reader)
     return reader
-
-
-def read_model_config(path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of a transformers directory or GGUF file, without reading any weights."""
-    path = Path(path)
-    if path.suffix == ".gguf" or _is_gguf(path):
-        return ModelConfig.from_hf_config(_GGUFSource(path).checkpoint.config, source=str(path))
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: not a model directory with a config.json, nor a .gguf file")
-    return ModelConfig.from_file(path / "config.json")
 
 
 def load_pretrained(
@@ -281,9 +264,18 @@ def load_pretrained(
 
     Returns (model, config). Errors name the file and tensor: unknown model_type (with the supported list),
     missing or truncated shards, unexpected or missing tensors, shape or dtype mismatches.
+
+    >>> import tempfile
+    >>> config = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=128, hidden_size=64,
+    ...     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     files = save_pretrained(DecoderLM(config, rngs=nnx.Rngs(0)), directory)  # 16-bit safetensors
+    ...     model, config = load_pretrained(directory)  # quantized to NF4 as each tensor arrives
+    >>> [f.name for f in files], config.num_layers, model.model.layers.mlp.up_proj.is_quantized
+    (['model.safetensors', 'config.json'], 2, True)
     """
     path = Path(path)
-    if path.suffix == ".gguf" or _is_gguf(path):
+    if is_gguf(path):
         source = _GGUFSource(path)
         config = ModelConfig.from_hf_config(source.checkpoint.config, source=str(path))
         return load_model(config, source, quantization=quantization, dtype=dtype, param_dtype=param_dtype), config
@@ -327,7 +319,8 @@ def save_pretrained(
     """Writes the base model as transformers saves it: safetensors (sharded past max_shard_size) + config.json.
 
     A 4-bit model is written in bitsandbytes' 4-bit format with a `quantization_config` (transformers loads it
-    with bitsandbytes), or dequantized to its dtype with `dequantize_weights=True`. LoRA adapters are not part of
+    with bitsandbytes; `bnb_4bit_compute_dtype` is the model's compute dtype), or dequantized to its dtype with
+    `dequantize_weights=True`. LoRA adapters are not part of
     the base model: see `qlora_jax.convert.peft` and `qlora_jax.convert.merge`.
     """
     config = model.config
@@ -338,7 +331,7 @@ def save_pretrained(
         hf["quantization_config"] = bnb.quantization_config(
             quant_type=q.quant_type,
             double_quant=q.double_quant,
-            compute_dtype=q.compute_dtype.name,
+            compute_dtype=model.dtype.name,
             skip_modules=list(q.skip_modules) or None,
         )
     tensors = _checkpoint_tensors(model, dequantize_weights=dequantize_weights)

@@ -1,8 +1,9 @@
 """Merged exports: base + adapters folded into one checkpoint that transformers loads without PEFT.
 
-W' = dequantize(W) + scaling * B @ A (DoRA: m * (W + scaling B A) / ||W + scaling B A||, row-wise), written layer by
-layer as 16-bit safetensors (`merge_and_save`) or re-quantized to bitsandbytes 4-bit (`quantize=...`), so host
-memory stays near one layer's tensors whatever the model's size.
+W' = dequantize(W) + scaling * B @ A (`LoRA.delta_weight`; DoRA: m * (W + scaling B A) / ||W + scaling B A||, row-wise,
+as PEFT's `DoraLinearLayer` merges it), written layer by layer as 16-bit safetensors (`merge_and_save`) or
+re-quantized to bitsandbytes 4-bit (`quant=...`), so host memory stays near one layer's tensors whatever the model's
+size.
 """
 
 from __future__ import annotations
@@ -16,34 +17,48 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from qlora_jax.convert import bnb
 from qlora_jax.convert.safetensors_io import write_sharded
 from qlora_jax.convert.state_map import all_keys, model_slots, variable_at
 from qlora_jax.models import DecoderLM
 from qlora_jax.nn import QLinear
-from qlora_jax.quant import QuantConfig, dequantize, quantize
+from qlora_jax.quant import QuantConfig, quantize
 
-__all__ = ["merged_weight", "merged_tensors", "merge_and_save"]
+__all__ = ["merged_weight", "merged_tensors", "merge_and_save", "dora_weight_norm"]
+
+
+def dora_weight_norm(weight: jax.Array, delta: jax.Array) -> jax.Array:
+    """||W + delta||, row by row: float32[out] for W, delta [out, in] (PEFT's `DoraLinearLayer.get_weight_norm`).
+
+    DoRA's layer computes m / this norm times its adapted output, so its merged weight is (W + delta) * m / norm.
+    """
+    # The one formula of DoRA's norm; `qlora_jax.lora` computes it too (LoRA.__call__, the magnitude's init) and
+    # is the place it belongs: lora.py was rewritten in parallel, so it waits here to be moved.
+    return jnp.linalg.norm((weight + delta).astype(jnp.float32), axis=1)
+
+
+def _layer_of(module: nnx.Module, layer: int) -> nnx.Module:
+    """A copy of a stacked module (every variable with a leading [num_layers] axis) holding only layer `layer`."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))
 
 
 def merged_weight(module: QLinear, layer: int | None = None) -> jax.Array:
-    """The float32 weight [out, in] of one (layer of a) linear, its adapter folded in."""
-    index = () if layer is None else (layer,)
-    if module.is_quantized:
-        qt = jax.tree.map(lambda a: a[index] if index else a, module.quantized_tensor())
-        w = dequantize(qt, jnp.float32)
-    else:
-        w = module.weight[...][index].astype(jnp.float32)
+    """The float32 weight [out, in] of one (layer of a) linear, its adapter folded in: `QLinear.dense_weight` +
+    `LoRA.delta_weight`, scaled row-wise to DoRA's magnitude if the adapter has one."""
+    if layer is not None:
+        module = _layer_of(module, layer)
+    w = module.dense_weight(jnp.float32)
     lora = module.lora
     if lora is None:
         return w
-    a, b = lora.lora_A[...][index], lora.lora_B[...][index]
-    adapted = w + lora.scaling * (b @ a)
+    delta = lora.delta_weight()
     if lora.lora_magnitude_vector is None:
-        return adapted
-    magnitude = lora.lora_magnitude_vector[...][index]
-    return adapted * (magnitude / jnp.linalg.norm(adapted, axis=1))[:, None]
+        return w + delta
+    magnitude = lora.lora_magnitude_vector[...]  # [out]
+    return (w + delta) * (magnitude / dora_weight_norm(w, delta))[:, None]
 
 
 def merged_tensors(model: DecoderLM, dtype: Any = jnp.bfloat16, quant: QuantConfig | None = None
@@ -82,7 +97,8 @@ def merge_and_save(
     """Writes the merged model: safetensors (sharded past max_shard_size) + config.json (+ tokenizer files).
 
     dtype: what the merged weights are stored in. quant: re-quantize the linear weights to bitsandbytes 4-bit (the
-    config then carries a quantization_config and transformers loads it with bitsandbytes); None writes 16 bits.
+    config then carries a quantization_config, with `dtype` as `bnb_4bit_compute_dtype`, and transformers loads
+    it with bitsandbytes); None writes 16 bits.
     """
     hf = model.config.to_hf_config()
     hf["torch_dtype"] = hf["dtype"] = jnp.dtype(dtype).name
@@ -90,7 +106,7 @@ def merge_and_save(
         hf["quantization_config"] = bnb.quantization_config(
             quant_type=quant.quant_type,
             double_quant=quant.double_quant,
-            compute_dtype=quant.compute_dtype.name,
+            compute_dtype=jnp.dtype(dtype).name,
             skip_modules=list(quant.skip_modules) or None,
         )
     files = write_sharded(

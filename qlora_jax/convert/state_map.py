@@ -2,33 +2,31 @@
 
 Module names mirror transformers', so the map is mechanical: a variable at path
 ("model", "layers", "self_attn", "q_proj", "packed") belongs to the tensors `model.layers.{i}.self_attn.q_proj.weight`
-for every layer i (the layers are stacked on a leading axis), and the four buffers of a 4-bit weight all come
-from (and go to) that one `.weight`.
+for every layer i (the layers are stacked on a leading axis: `qlora_jax.models.names`), and the buffers of a 4-bit
+weight (`qlora_jax.quant.QUANT_BUFFERS`) all come from (and go to) that one `.weight`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterator
 from typing import Any
 
 from flax import nnx
 
+from qlora_jax.models.names import is_stacked, layer_name, split_layer_name
 from qlora_jax.nn import QLinear, QuantizedWeight
+from qlora_jax.quant import QUANT_BUFFERS
 
-__all__ = ["Slot", "model_slots", "resolve", "LAYER_PREFIX"]
-
-LAYER_PREFIX = ("model", "layers")
-QUANT_BUFFERS = ("packed", "absmax", "nested_absmax", "offset")
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+__all__ = ["Slot", "model_slots", "resolve", "all_keys", "variable_at"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
     """One transformers tensor name (per layer, for stacked variables) and where it lives in the model.
 
-    name: the HF name, with "{}" for the layer index if stacked ("model.layers.{}.mlp.up_proj.weight").
+    name: the HF name; for a stacked variable without the layer index ("model.layers.mlp.up_proj.weight", whose
+      layer 3 is `key(3)`: "model.layers.3.mlp.up_proj.weight").
     paths: the state paths it fills: one for a dense tensor, the buffers of a 4-bit weight otherwise.
     shape: the tensor's shape in the checkpoint (one layer's); quantized: whether it is a 4-bit QLinear weight.
     """
@@ -41,17 +39,16 @@ class Slot:
     module_path: tuple[str, ...]
 
     def key(self, layer: int | None) -> str:
-        return self.name.format(layer) if self.stacked else self.name
+        return layer_name(self.name, layer) if self.stacked else self.name
 
 
 def _hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
-    if path[: len(LAYER_PREFIX)] == LAYER_PREFIX:
-        return "model.layers.{}." + ".".join(path[len(LAYER_PREFIX) :]), True
-    return ".".join(path), False
+    return ".".join(path), is_stacked(path)
 
 
 def model_slots(model: nnx.Module) -> dict[str, Slot]:
-    """Every tensor name the model reads or writes (per-layer names with "{}"), excluding LoRA adapters."""
+    """Every tensor name the model reads or writes (stacked ones without their layer index), excluding LoRA
+    adapters."""
     slots: dict[str, Slot] = {}
     for module_path, module in nnx.iter_graph(model):
         if not isinstance(module, QLinear) or not module.is_quantized:
@@ -74,12 +71,11 @@ def model_slots(model: nnx.Module) -> dict[str, Slot]:
 
 def resolve(key: str, slots: dict[str, Slot], num_layers: int) -> tuple[Slot, int | None] | None:
     """The slot and layer index of a transformers tensor name, or None if the model has no such tensor."""
-    if match := _LAYER_KEY.match(key):
-        layer, rest = int(match.group(1)), match.group(2)
-        slot = slots.get("model.layers.{}." + rest)
-        return (slot, layer) if slot is not None and layer < num_layers else None
-    slot = slots.get(key)
-    return (slot, None) if slot is not None else None
+    name, layer = split_layer_name(key)
+    slot = slots.get(name)
+    if slot is None or slot.stacked != (layer is not None) or (layer is not None and layer >= num_layers):
+        return None
+    return slot, layer
 
 
 def all_keys(slots: dict[str, Slot], num_layers: int) -> Iterator[tuple[str, Slot, int | None]]:

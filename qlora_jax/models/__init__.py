@@ -1,6 +1,7 @@
-"""The decoder (every supported family) and its configuration."""
+"""The decoder (every supported family) and its configuration, read from config.json or GGUF metadata."""
 
 from qlora_jax.models.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeConfig, UnsupportedModelError
+from qlora_jax.models.config_files import read_model_config
 from qlora_jax.models.decoder import REMAT_POLICIES, ComputeOptions, DecoderLM, KVCache
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "ModelConfig",
     "RopeConfig",
     "UnsupportedModelError",
+    "read_model_config",
 ]

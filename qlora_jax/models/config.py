@@ -60,6 +60,32 @@ class RopeConfig:
             return np.where(medium, smoothed, scaled).astype(np.float32)
         return inv_freq
 
+    def wavelengths(self, rotary_dim: int) -> np.ndarray:
+        """float64[rotary_dim / 2]: 2 pi theta^(2i / rotary_dim), each rotary frequency's unscaled wavelength."""
+        return 2 * np.pi * self.theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+
+    def frequency_divisors(self, rotary_dim: int) -> np.ndarray:
+        """float64[rotary_dim / 2]: what each unscaled frequency is divided by, the way llama.cpp tabulates rope
+        scaling (its `rope_freqs` tensor, `LlamaModel.generate_extra_tensors` in convert_hf_to_gguf.py).
+
+        llama3: 1 for wavelengths below L / high_freq_factor, `factor` above L / low_freq_factor, and in between
+        1 / ((1 - s) / factor + s) with s = (L / wavelength - low_freq_factor) / (high_freq_factor -
+        low_freq_factor), L = original_max_position_embeddings (the same scaling as `inverse_frequencies`, in
+        llama.cpp's float64 arithmetic); linear: `factor` everywhere; default: ones.
+        """
+        wavelengths = self.wavelengths(rotary_dim)
+        if self.rope_type == "linear":
+            return np.full_like(wavelengths, self.factor)
+        if self.rope_type != "llama3":
+            return np.ones_like(wavelengths)
+        low, high, context = self.low_freq_factor, self.high_freq_factor, self.original_max_position_embeddings
+        smooth = (context / wavelengths - low) / (high - low)
+        return np.where(
+            wavelengths < context / high,
+            1.0,
+            np.where(wavelengths > context / low, self.factor, 1 / ((1 - smooth) / self.factor + smooth)),
+        )
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:

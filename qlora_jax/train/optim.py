@@ -7,18 +7,77 @@ exists for a base weight: the base is not just masked out, it is absent from the
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import optax
 from jax.sharding import SingleDeviceSharding
 
-from qlora_jax.train.config import OptimSection
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "OptimConfig",
+    "learning_rate_schedule",
+    "make_optimizer",
+    "memory_placement",
+    "to_memory",
+]
 
-__all__ = ["learning_rate_schedule", "make_optimizer", "memory_placement", "to_memory"]
+OPTIMIZERS = ("adamw",)
+SCHEDULES = ("constant", "linear", "cosine")
 
 
-def learning_rate_schedule(config: OptimSection, total_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """The optimizer of the adapters (the `optim` section of a training config is this class).
+
+    Attributes:
+      optimizer: "adamw" (optax.adamw: decoupled weight decay, as torch.optim.AdamW).
+      learning_rate: the peak learning rate, after warmup; schedule: "constant", "linear" or "cosine" decay from
+        it to end_lr_fraction * learning_rate over the steps after warmup_steps (linear warmup from 0).
+      weight_decay, beta1, beta2, eps: AdamW's.
+      max_grad_norm: clip the adapters' gradients to this global norm first; None: no clipping.
+      offload: keep the optimizer state in pinned host memory; it visits the device only inside the step.
+
+    Raises ValueError for an unknown optimizer or schedule, a learning rate <= 0, negative warmup, a
+    max_grad_norm <= 0 or an end_lr_fraction outside [0, 1].
+
+    >>> config = OptimConfig(learning_rate=1e-3, warmup_steps=10)
+    >>> optimizer = make_optimizer(config, total_steps=110)  # an optax.GradientTransformation
+    >>> schedule = learning_rate_schedule(config, total_steps=110)
+    >>> [round(float(schedule(step)), 6) for step in (0, 5, 10, 60, 110)]
+    [0.0, 0.0005, 0.001, 0.0005, 0.0]
+    """
+
+    optimizer: str = "adamw"
+    learning_rate: float = 2e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    end_lr_fraction: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    offload: bool = False
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.end_lr_fraction <= 1:
+            raise ValueError(f"end_lr_fraction must be in [0, 1], got {self.end_lr_fraction}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+
+def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0, then constant, linear or cosine decay to end_lr_fraction * learning_rate."""
     peak, warmup = config.learning_rate, min(config.warmup_steps, total_steps)
     end = peak * config.end_lr_fraction
@@ -34,7 +93,8 @@ def learning_rate_schedule(config: OptimSection, total_steps: int) -> optax.Sche
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def make_optimizer(config: OptimSection, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with `config`'s schedule over `total_steps` optimizer steps, after clipping by global norm."""
     chain = []
     if config.max_grad_norm is not None:
         chain.append(optax.clip_by_global_norm(config.max_grad_norm))

@@ -1,0 +1,50 @@
+"""Where a decoder's layers are: transformers' module path `model.layers`, which the decoder's own tree mirrors.
+
+A checkpoint names layer 3's query projection `model.layers.3.self_attn.q_proj`; the decoder holds all layers as
+one module at `model.layers` whose variables carry a leading [num_layers] axis, so its paths have no index
+(`model.layers.self_attn.q_proj`). These functions go between the two spellings.
+
+>>> layer_name("model.layers.self_attn.q_proj", 3)
+'model.layers.3.self_attn.q_proj'
+>>> split_layer_name("model.layers.3.self_attn.q_proj.weight")
+('model.layers.self_attn.q_proj.weight', 3)
+>>> split_layer_name("lm_head.weight")
+('lm_head.weight', None)
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["LAYERS", "LAYERS_PATH", "is_stacked", "layer_name", "split_layer_name"]
+
+LAYERS = "model.layers"
+LAYERS_PATH: tuple[str, ...] = tuple(LAYERS.split("."))
+_INDEXED = re.compile(rf"^{re.escape(LAYERS)}\.(0|[1-9][0-9]*)\.(.+)$")
+
+
+def is_stacked(path: str | tuple[str, ...]) -> bool:
+    """Whether a module or variable path (dotted, or a tuple of names) lies in the stacked layers."""
+    parts = tuple(path.split(".")) if isinstance(path, str) else tuple(str(p) for p in path)
+    return parts[: len(LAYERS_PATH)] == LAYERS_PATH and len(parts) > len(LAYERS_PATH)
+
+
+def layer_name(path: str, layer: int) -> str:
+    """One layer's name of a stacked path: `model.layers.<rest>` -> `model.layers.<layer>.<rest>` (and
+    `model.layers` -> `model.layers.<layer>`).
+
+    Raises ValueError for a path outside the stacked layers.
+    """
+    if path == LAYERS:
+        return f"{LAYERS}.{layer}"
+    if not is_stacked(path):
+        raise ValueError(f"{path!r} is not a path in {LAYERS}")
+    return f"{LAYERS}.{layer}.{path[len(LAYERS) + 1 :]}"
+
+
+def split_layer_name(name: str) -> tuple[str, int | None]:
+    """The stacked path and layer index of one layer's name (`model.layers.3.<rest>` -> (`model.layers.<rest>`,
+    3)); any other name comes back as it is, with None."""
+    if match := _INDEXED.match(name):
+        return f"{LAYERS}.{match[2]}", int(match[1])
+    return name, None
