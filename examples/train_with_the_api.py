@@ -15,14 +15,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qlora_jax.convert.hf import load_pretrained
-from qlora_jax.convert.peft import save_peft_adapter
-from qlora_jax.generate import SamplingConfig, generate_text
-from qlora_jax.lora import LoraConfig, apply_lora, trainable_parameters
-from qlora_jax.quant import QuantConfig
-from qlora_jax.tokenizer import load_tokenizer
-from qlora_jax.train import BatchIterator, TrainState, load_examples, make_optimizer, make_train_step, pack_examples
-from qlora_jax.train.config import OptimSection
+from qlora_jax import (
+    LoraConfig,
+    OptimConfig,
+    QuantConfig,
+    SamplingConfig,
+    TrainState,
+    apply_lora,
+    generate_text,
+    load_pretrained,
+    load_tokenizer,
+    make_optimizer,
+    make_train_step,
+    save_peft_adapter,
+    trainable_parameters,
+)
+from qlora_jax.train import BatchIterator, load_examples, pack_examples
 
 HERE = Path(__file__).resolve().parent
 QUESTION = "Rewrite the date in ISO 8601 format (YYYY-MM-DD). Reply with the date only: the 4th of July, 1976"
@@ -43,7 +51,7 @@ def main() -> None:
 
     # 1. The base model in NF4 with double quantization (float32 compute: faster than bf16 on a CPU).
     path = smollm2_gguf()
-    model, _ = load_pretrained(path, quantization=QuantConfig(compute_dtype=jnp.float32), dtype=jnp.float32)
+    model, _ = load_pretrained(path, quantization=QuantConfig(), dtype=jnp.float32)
     tokenizer = load_tokenizer(path)
     print("before:", generate_text(model, tokenizer, [QUESTION], SamplingConfig(max_new_tokens=16))[0])
 
@@ -58,7 +66,7 @@ def main() -> None:
 
     # 4. The jitted step: gradients for the adapters only, AdamW state for the adapters only.
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
-    optimizer = make_optimizer(OptimSection(learning_rate=1e-3, warmup_steps=2), args.steps)
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=2), args.steps)
     state = TrainState.create(lora, optimizer)
     train_step = make_train_step(graphdef, optimizer, chunk_size=512)
     key = jax.random.key(0)
