@@ -11,7 +11,11 @@ from pathlib import Path
 import qlora_jax
 from qlora_jax.codebooks import BNB_QUANT_TYPES, QUANT_TYPES
 
-QUANT_CHOICES = (*QUANT_TYPES, "none")  # as the config's model.quant: a 4-bit format, or none (a dense base)
+# The flags' choices, without importing the modules that own them (jax, flax: seconds for `--help`);
+# tests/test_cli_choices.py keeps each equal to its owner's.
+QUANT_CHOICES = (*QUANT_TYPES, "none")  # train.config.QUANT_CHOICES: a 4-bit format, or none (a dense base)
+DTYPES = ("bfloat16", "float16", "float32")  # train.config.COMPUTE_DTYPES
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # convert.gguf_export.TENSOR_TYPES
 
 
 def _fail(command: str, message: str) -> SystemExit:
@@ -236,7 +240,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, default_quant: str 
     parser.add_argument("--quant", choices=QUANT_CHOICES, default=default_quant, help="how to store linear weights")
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-double-quant", action="store_true")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,11 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(merge, default_quant="nf4")
     merge.add_argument("--adapter", required=True, help="a PEFT adapter directory")
     merge.add_argument("output", help="the directory to write (with --gguf: the .gguf file)")
-    merge.add_argument("--out-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    merge.add_argument("--out-dtype", default="bfloat16", choices=DTYPES)
     merge.add_argument("--requantize", default="none", choices=("none", *BNB_QUANT_TYPES),
                        help="re-quantize the merged weights to bitsandbytes 4-bit")  # fmt: skip
-    merge.add_argument("--gguf", default=None, metavar="TYPE", choices=("f32", "f16", "bf16", "q8_0"),
-                       help="write one GGUF file (f32|f16|bf16|q8_0) for llama.cpp instead of safetensors")  # fmt: skip
+    merge.add_argument("--gguf", default=None, metavar="TYPE", choices=GGUF_TYPES,
+                       help=f"write one GGUF file ({'|'.join(GGUF_TYPES)}) for llama.cpp, not safetensors")  # fmt: skip
     merge.add_argument("--tokenizer", default=None)
     merge.add_argument("--max-shard-size", default="5GB")
     merge.set_defaults(run=_merge)

@@ -19,8 +19,12 @@ from qlora_jax.convert.gguf import (
     SUPPORTED_TENSOR_TYPES,
     GGUFCheckpoint,
     GGUFError,
+    from_ggml_rows,
+    permuted_heads,
     read_gguf,
+    to_ggml_rows,
 )
+from tests.families import SPECIAL_TOKENS, family_config
 
 ARCH_ENUMS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 # Every 2-D weight of a synthetic model takes the next of these (gguf.quants can encode them all); 1-D stays F32.
@@ -150,71 +154,84 @@ def with_types(tensors: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, Q]
 
 # --- synthetic models of every architecture, checked against transformers ---------------------------------------
 
-BASE = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=512,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+# The tiny families, as llama.cpp's converter would find them in config.json (their longer contexts, its Llama 3
+# context of 8192, its Gemma scale and 5:1 layer pattern); a head_dim of 16 leaves one Llama 3 frequency in the
+# smooth band, 64 several.
+GGUF_FIELDS = dict(rms_norm_eps=1e-6, max_position_embeddings=512, **SPECIAL_TOKENS)
 LLAMA3 = dict(rope_type="llama3", original_max_position_embeddings=8192)
+
+
+def gguf_case(family: str, **changes: Any) -> dict[str, Any]:
+    return family_config(family, **(GGUF_FIELDS | changes))
+
+
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": (
         "llama",
-        {**BASE, "head_dim": 16, "rope_theta": 10000.0, "attention_bias": True, "tie_word_embeddings": False},
+        gguf_case("llama", head_dim=16, rope_theta=10000.0, attention_bias=True, tie_word_embeddings=False),
     ),
-    # Llama 3.2's rope scaling; a head_dim of 16 leaves one frequency in the smooth band, 64 several
     "llama3-rope": (
         "llama",
-        {
-            **BASE,
-            **dict(head_dim=16, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True),
-            "rope_scaling": {**LLAMA3, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
-        },
+        gguf_case(
+            "llama3.2",
+            head_dim=16,
+            max_position_embeddings=131072,
+            rope_scaling={**LLAMA3, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+        ),
     ),
     "llama3-rope-custom": (
         "llama",
-        {
-            **BASE,
-            **dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64, rope_theta=500000.0),
-            **dict(max_position_embeddings=131072, tie_word_embeddings=True),
-            "rope_scaling": {**LLAMA3, "factor": 16.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0},
-        },
+        gguf_case(
+            "llama3.2",
+            hidden_size=128,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=64,
+            max_position_embeddings=131072,
+            rope_scaling={**LLAMA3, "factor": 16.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0},
+        ),
     ),
-    "qwen2": ("qwen2", {**BASE, "rope_theta": 1000000.0, "tie_word_embeddings": True}),
-    "qwen3": ("qwen3", {**BASE, "head_dim": 32, "rope_theta": 1000000.0, "tie_word_embeddings": False}),
+    "qwen2": ("qwen2", gguf_case("qwen2", rope_theta=1000000.0)),
+    "qwen3": ("qwen3", gguf_case("qwen3", rope_theta=1000000.0, tie_word_embeddings=False)),
     "gemma2": (
         "gemma2",
-        {**BASE, "head_dim": 16, "query_pre_attn_scalar": 16, "rope_theta": 10000.0, "sliding_window": 256}
-        | {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+        gguf_case(
+            "gemma2",
+            query_pre_attn_scalar=16,
+            rope_theta=10000.0,
+            sliding_window=256,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        ),
     ),
     # six layers so that the last one is global (HF and llama.cpp both use a 5:1 local:global pattern)
     "gemma3": (
         "gemma3",
-        {**BASE, "num_hidden_layers": 6, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 256}
-        | {
-            "rope_theta": 1000000.0,
-            "rope_local_base_freq": 10000.0,
-            "rope_scaling": {"rope_type": "linear", "factor": 8.0},
-        },
+        gguf_case(
+            "gemma3",
+            num_hidden_layers=6,
+            layer_types=None,
+            sliding_window=256,
+            rope_theta=1000000.0,
+            rope_local_base_freq=10000.0,
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+        ),
     ),
     "phi3": (
         "phi3",
-        {**BASE, "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "sliding_window": 255}
-        | {"original_max_position_embeddings": 128, "tie_word_embeddings": False}
-        | {
-            "rope_scaling": {
+        gguf_case(
+            "phi3",
+            rope_theta=10000.0,
+            partial_rotary_factor=0.5,
+            sliding_window=255,
+            original_max_position_embeddings=128,
+            tie_word_embeddings=False,
+            rope_scaling={
                 "rope_type": "longrope",
                 "long_factor": [1.0, 1.5, 2.25, 4.0],
                 "short_factor": [1.0, 1.1, 1.2, 1.5],
-            }
-        },
+            },
+        ),
     ),
 }
 # Config fields that must survive the round trip (besides the rotary parameters and the weights themselves).
@@ -251,10 +268,12 @@ def synthetic(tmp_path_factory):
 
     def build(case: str):
         if case not in built:
-            arch, kw = CASES[case]
-            model_type = "gemma3_text" if arch == "gemma3" else arch
+            arch, fields = CASES[case]
+            kw = {k: v for k, v in fields.items() if k != "model_type"}
             torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **kw))
+            model = transformers.AutoModelForCausalLM.from_config(
+                transformers.AutoConfig.for_model(fields["model_type"], **kw)
+            )
             with torch.no_grad():  # random norms and biases too, so that offsets and permutations show
                 for p in model.parameters():
                     p.normal_(0.0, 0.5)
@@ -343,6 +362,25 @@ def test_llama_permutation_is_undone(synthetic):
         ours = ckpt.tensor(f"model.layers.1.self_attn.{hf}")
         assert not np.array_equal(stored.reshape(ours.shape), ours)
         np.testing.assert_array_equal(ours, model.state_dict()[f"model.layers.1.self_attn.{hf}"].numpy())
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2), (2, 1)])
+def test_rotary_rows_are_permuted_as_llamacpp_does(heads, kv_heads):
+    """One owner of the permutation for reader and writer: `to_ggml_rows` is convert_hf_to_gguf.py's own, and
+    `from_ggml_rows` undoes it, weights and biases alike."""
+    rng = np.random.default_rng(0)
+    for shape in ((heads * 8, 5), (heads * 8,)):
+        w = rng.standard_normal(shape).astype(np.float32)
+        np.testing.assert_array_equal(to_ggml_rows(w, heads), llamacpp_permute(w, heads, heads))
+        np.testing.assert_array_equal(from_ggml_rows(to_ggml_rows(w, heads), heads), w)
+    k = rng.standard_normal((kv_heads * 8, 5)).astype(np.float32)
+    assert permuted_heads("llama", "blk.0.attn_k.weight", num_heads=heads, num_kv_heads=kv_heads) == kv_heads
+    np.testing.assert_array_equal(to_ggml_rows(k, kv_heads), llamacpp_permute(k, heads, kv_heads))
+    assert permuted_heads("llama", "blk.0.attn_q.bias", num_heads=heads, num_kv_heads=kv_heads) == heads
+    assert permuted_heads("qwen2", "blk.0.attn_q.weight", num_heads=heads, num_kv_heads=kv_heads) is None
+    assert permuted_heads("llama", "blk.0.attn_v.weight", num_heads=heads, num_kv_heads=kv_heads) is None
+    with pytest.raises(GGUFError, match="not a whole number of rotary pairs"):
+        to_ggml_rows(np.zeros((heads * 8 + 2, 3), np.float32), heads)
 
 
 def test_gguf_name_tables_agree():

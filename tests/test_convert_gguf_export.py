@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -23,79 +24,73 @@ from qlora_jax.convert.merge import merged_tensors
 from qlora_jax.generate import chat_token_ids
 from qlora_jax.lora import LoraConfig, apply_lora
 from qlora_jax.quant import QuantConfig
-from tests import models_util
-from tests.models_util import torch, transformers
+from tests.models_util import FAMILIES, SPECIAL_TOKENS, family_config, random_hf_model, torch, transformers
 
 pytestmark = pytest.mark.oracle
 TOKENS = np.random.default_rng(0).integers(1, 96, (2, 9))
-COMMON = models_util.COMMON | dict(rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-# Every family with the features its export must carry (sliding windows of 3 tokens, so 9 tokens exercise them).
+GGUF_FIELDS = dict(rms_norm_eps=1e-6, **SPECIAL_TOKENS)  # what the export's metadata carries back
+# Every family with the features its export must carry (sliding windows of 3 tokens, so 9 tokens exercise them),
+# changed where llama.cpp computes something else (its Llama 3 context, Gemma's scale, 5:1 layer pattern).
 CASES: dict[str, dict[str, Any]] = {
-    "llama": dict(model_type="llama", attention_bias=True, mlp_bias=True),
-    "llama3-rope": dict(
-        model_type="llama",
-        **dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),
-        **dict(rope_theta=500000.0, max_position_embeddings=131072),
-        rope_scaling=dict(
-            rope_type="llama3",
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192,
-        ),
-    ),  # fmt: skip
-    "mistral": dict(model_type="mistral", sliding_window=None, rope_scaling=dict(rope_type="linear", factor=2.0)),
-    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
-    "qwen3": dict(model_type="qwen3", head_dim=32),
-    "gemma2": dict(
-        model_type="gemma2",
-        **dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=3),
-        **dict(attn_logit_softcapping=0.5, final_logit_softcapping=0.3),  # small: tiny random logits reach them
+    "llama": family_config("llama", **GGUF_FIELDS, attention_bias=True, mlp_bias=True),
+    "llama3-rope": family_config(
+        "llama3.2",
+        **GGUF_FIELDS,
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=131072,
+        rope_scaling=FAMILIES["llama3.2"]["rope_scaling"] | dict(original_max_position_embeddings=8192),
     ),
-    # six layers: llama.cpp's 5:1 local:global pattern
-    "gemma3": dict(
-        model_type="gemma3_text",
-        **dict(num_hidden_layers=6, head_dim=16, query_pre_attn_scalar=16, sliding_window=3),
-        **dict(rope_theta=10000.0, rope_local_base_freq=100.0, rope_scaling=dict(rope_type="linear", factor=4.0)),
+    "mistral": family_config(
+        "mistral", **GGUF_FIELDS, sliding_window=None, rope_scaling=dict(rope_type="linear", factor=2.0)
     ),
-    "phi3": dict(model_type="phi3", partial_rotary_factor=0.5, sliding_window=3, original_max_position_embeddings=64),
+    "qwen2": family_config("qwen2", **GGUF_FIELDS),
+    "qwen3": family_config("qwen3", **GGUF_FIELDS),
+    "gemma2": family_config("gemma2", **GGUF_FIELDS, query_pre_attn_scalar=16, attn_logit_softcapping=0.5),
+    "gemma3": family_config("gemma3", **GGUF_FIELDS, num_hidden_layers=6, layer_types=None),  # llama.cpp's 5:1
+    "phi3": family_config(
+        "phi3", **GGUF_FIELDS, partial_rotary_factor=0.5, sliding_window=3, original_max_position_embeddings=64
+    ),
 }
 # What transformers' GGUF loader can read back: it drops llama's attention biases and reads neither head_dim
 # (Qwen3, Gemma), query_pre_attn_scalar, Gemma's soft-capping values and rope settings, nor Phi-3's partial rotary
 # factor and sliding window, so these keep its defaults for them.
 ORACLE_CASES: dict[str, dict[str, Any]] = {
-    "llama": dict(model_type="llama"),
-    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
-    "qwen3": dict(model_type="qwen3", head_dim=128),
-    "gemma2": dict(
-        model_type="gemma2",
-        **dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=3),
-        **dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "llama": family_config("llama", **GGUF_FIELDS),
+    "qwen2": family_config("qwen2", **GGUF_FIELDS),
+    "qwen3": family_config("qwen3", **GGUF_FIELDS, head_dim=128),
+    "gemma2": family_config(
+        "gemma2",
+        **GGUF_FIELDS,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
     ),
-    "gemma3": dict(
-        model_type="gemma3_text",
-        **dict(num_hidden_layers=6, head_dim=256, query_pre_attn_scalar=256, sliding_window=3, rope_theta=10000.0),
+    "gemma3": family_config(
+        "gemma3",
+        **GGUF_FIELDS,
+        num_hidden_layers=6,
+        layer_types=None,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        rope_local_base_freq=10000.0,
+        rope_scaling=None,
     ),
-    "phi3": dict(model_type="phi3"),
+    "phi3": family_config("phi3", **GGUF_FIELDS),
 }
 
 
 def tiny_model_with_adapter(directory: Path, fields: dict[str, Any], quantization: QuantConfig | None = None):
-    """A random tiny transformers model saved to `directory`, loaded by us with a trained-looking LoRA adapter on
-    every linear layer; returns (our model, the transformers model's logits without the adapter)."""
-    fields = COMMON | fields
-    model_type = fields.pop("model_type")
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(model_type, **fields), dtype=torch.float32
-    )
-    with torch.no_grad():  # norms and biases away from ones / zeros, so that offsets and permutations show
-        for name, param in hf.named_parameters():
-            if "norm" in name:
-                param.normal_(0.0 if model_type.startswith("gemma") else 1.0, 0.1)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.1)
-        base_logits = hf.eval()(torch.tensor(TOKENS)).logits.numpy()
+    """A random transformers model for config.json `fields` (all of them: `family_config`) saved to `directory`,
+    loaded by us with a trained-looking LoRA adapter on every linear layer; returns (our model, the transformers
+    model's logits without the adapter)."""
+    if not {"hidden_size", "num_hidden_layers", "vocab_size"} <= set(fields):
+        raise ValueError(f"give every size (family_config): transformers' defaults are a 7B model, not {fields}")
+    hf = random_hf_model(fields)
+    with torch.no_grad():
+        base_logits = hf(torch.tensor(TOKENS)).logits.numpy()
     hf.save_pretrained(directory)
     model, _ = load_pretrained(directory, quantization=quantization, dtype=jnp.float32)
     apply_lora(model, LoraConfig(r=4, lora_alpha=8), rngs=nnx.Rngs(3))
@@ -165,7 +160,7 @@ def test_f32_export_loads_as_the_merged_model(exported, case):
 @pytest.mark.parametrize(("tensor_type", "tolerance"), [("f16", 2e-3), ("bf16", 1e-2), ("q8_0", 2e-2)])
 def test_smaller_tensor_types(tmp_path, tensor_type, tolerance):
     """Matrices in the requested type (Q8_0 rows of 80 values fall back to F16), 1-D tensors in F32; logits close."""
-    model, _ = tiny_model_with_adapter(tmp_path / "hf", dict(model_type="llama", intermediate_size=80))
+    model, _ = tiny_model_with_adapter(tmp_path / "hf", family_config("llama", **GGUF_FIELDS, intermediate_size=80))
     ours = logits(model)
     path = save_gguf(model, tmp_path / "m.gguf", tensor_type=tensor_type)
     types = stored_types(path)
@@ -293,7 +288,7 @@ def test_transformers_tokenizer_converts_back_to_the_source_fields(source_fields
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    model, _ = tiny_model_with_adapter(tmp_path_factory.mktemp("llama") / "hf", dict(model_type="llama"))
+    model, _ = tiny_model_with_adapter(tmp_path_factory.mktemp("llama") / "hf", family_config("llama", **GGUF_FIELDS))
     return model
 
 
@@ -341,23 +336,24 @@ def test_tokenizer_of_another_vocabulary(tiny_llama, tmp_path, smollm2_gguf):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_export_leaves_the_existing_file(tiny_llama, tmp_path, monkeypatch):
+def test_failed_export_leaves_the_existing_file(tiny_llama, tmp_path):
+    """A write that fails half-way (at the file size limit, as on a full disk) leaves the previous export as it was,
+    and no partial file."""
+    resource = pytest.importorskip("resource")  # POSIX
     path = tmp_path / "m.gguf"
+    size = save_gguf(tiny_llama, path).stat().st_size
     path.write_bytes(b"the previous export")
-    encode, calls = gguf_export._encode, []
-
-    def failing(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 5:
-            raise OSError("disk full")
-        return encode(*args, **kwargs)
-
-    monkeypatch.setattr(gguf_export, "_encode", failing)
-    with pytest.raises(OSError, match="disk full"):
-        save_gguf(tiny_llama, path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, hard))
+    try:
+        with pytest.raises(OSError, match="File too large|requested and .* written"):  # EFBIG, or a short write
+            save_gguf(tiny_llama, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
     assert path.read_bytes() == b"the previous export" and list(tmp_path.iterdir()) == [path]
-    monkeypatch.undo()
-    assert save_gguf(tiny_llama, path) == path and read_gguf(path).architecture == "llama"
+    assert save_gguf(tiny_llama, path) == path and path.stat().st_size == size
 
 
 def test_sliding_window_dropped_for_llama_warns(tiny_llama, tmp_path, caplog):

@@ -109,8 +109,9 @@ def permuted_heads(arch: str, tensor: str, *, num_heads: int, num_kv_heads: int)
 
 
 def to_ggml_rows(array: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's `LlamaModel.permute` on the rows [heads * head_dim, ...]: each head's interleaved (even, odd)
-    rotary pairs become two halves. Raises GGUFError unless the rows are whole rotary pairs of `heads` heads."""
+    """llama.cpp's `LlamaModel.permute` on the rows [heads * head_dim, ...]: each head's two rotary halves
+    (transformers' rotate_half layout) become interleaved (even, odd) pairs (ggml's). Raises GGUFError unless the
+    rows are whole rotary pairs of `heads` heads."""
     rows = _rotary_rows(array, heads)
     return array.reshape(heads, 2, rows // heads // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
 

@@ -1,0 +1,68 @@
+"""The tiny model families of the tests: one table of transformers config.json fields per family, at tiny sizes,
+with the features that set each family apart switched on. Pure data: no torch needed to import it.
+
+Tests that need other values (the GGUF tests' llama.cpp-compatible settings, say) start from a family and name
+only what they change, with `family_config`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+# Each family with the features that set it apart switched on at tiny sizes (sliding windows of 3 tokens, so
+# a 9-token sequence exercises them).
+FAMILIES = {
+    "llama": dict(model_type="llama"),
+    "llama3.2": dict(
+        model_type="llama",
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
+        ),
+    ),  # fmt: skip
+    "mistral": dict(model_type="mistral", sliding_window=3),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", head_dim=32),
+    "gemma2": dict(
+        model_type="gemma2",
+        head_dim=16,
+        sliding_window=3,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=0.1,
+        final_logit_softcapping=0.3,  # small: tiny random logits reach them
+    ),  # fmt: skip
+    "gemma3": dict(
+        model_type="gemma3_text",
+        head_dim=16,
+        sliding_window=3,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_local_base_freq=100.0,
+        rope_theta=10000.0,
+        rope_scaling=dict(rope_type="linear", factor=4.0),
+    ),  # fmt: skip
+    "phi3": dict(model_type="phi3", pad_token_id=0),
+}
+# What a GGUF file's metadata carries back besides the shapes (llama.cpp writes these ids and the norm epsilon).
+SPECIAL_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def family_config(family: str, **changes: Any) -> dict[str, Any]:
+    """config.json fields (model_type included) of the tiny `family`, with `changes` on top (None is passed on as
+    None: transformers' default for that field)."""
+    return {**COMMON, **FAMILIES[family], **changes}
