@@ -83,7 +83,7 @@ class QLinear(nnx.Module):
 
     def quantized_tensor(self, *, gather: bool = True) -> QuantizedTensor:
         """The 4-bit weight as a QuantizedTensor (its buffers may carry a leading layer axis); traced under
-        `qlora_jax.sharding.compute_mesh`, whole on every device (gathered just in time) unless not `gather`."""
+        `qlora_jax.mesh.compute_mesh`, whole on every device (gathered just in time) unless not `gather`."""
         assert self.quant is not None, "this QLinear holds a dense weight"
         buffers = {name: (None if getattr(self, name) is None else getattr(self, name)[...]) for name in QUANT_BUFFERS}
         if gather:

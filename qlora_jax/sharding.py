@@ -1,8 +1,7 @@
 """The sharding rule for a QLoRA model: where each array of the model, its adapters and optimizer state lives.
 
-The mesh (axes `data` and `fsdp`) and the just-in-time gather inside a traced step are `qlora_jax.mesh`'s; its
-names are re-exported here. The rule (`param_shardings`), for every array of the model, adapters and optimizer
-state:
+The mesh (axes `data` and `fsdp`) and the just-in-time gather inside a traced step are `qlora_jax.mesh`'s. The
+rule (`param_shardings`), for every array of the model, adapters and optimizer state:
 
 - The leading [num_layers] axis of the stacked layers (`qlora_jax.models.names.LAYERS`) is never split (the layer
   scan slices it).
@@ -28,44 +27,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qlora_jax.mesh import (
-    BATCH_AXES,
-    DATA,
-    FSDP,
-    compute_mesh,
-    current_mesh,
-    gathered,
-    gathered_matmul,
-    gathers_weights,
-    local_matmul,
-    make_mesh,
-    mesh_shape,
-    mesh_size,
-    replicated,
-)
+from qlora_jax.mesh import BATCH_AXES, FSDP, mesh_size, replicated
 from qlora_jax.models.names import is_stacked
 from qlora_jax.quant import QUANT_BUFFERS
 
-__all__ = [
-    "batch_sharding",
-    "param_shardings",
-    "optimizer_shardings",
-    "shard_bytes",
-    # qlora_jax.mesh's
-    "DATA",
-    "FSDP",
-    "BATCH_AXES",
-    "mesh_shape",
-    "make_mesh",
-    "mesh_size",
-    "replicated",
-    "compute_mesh",
-    "current_mesh",
-    "gathered",
-    "gathers_weights",
-    "gathered_matmul",
-    "local_matmul",
-]
+__all__ = ["batch_sharding", "param_shardings", "optimizer_shardings", "shard_bytes"]
 
 
 def batch_sharding(mesh: Mesh, *, axis: int = 1) -> NamedSharding:

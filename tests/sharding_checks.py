@@ -21,10 +21,11 @@ from flax import nnx
 
 from qlora_jax.distributed import local_rows
 from qlora_jax.lora import LoraConfig, apply_lora
+from qlora_jax.mesh import make_mesh
 from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig
 from qlora_jax.nn import QuantizedWeight
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize
-from qlora_jax.sharding import make_mesh, param_shardings
+from qlora_jax.sharding import param_shardings
 from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.parallel import global_batch, place, step_shardings
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_train_step

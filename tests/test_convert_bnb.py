@@ -12,6 +12,7 @@ import pytest
 from qlora_jax.cli import main as cli_main
 from qlora_jax.convert import bnb as bnb_format
 from qlora_jax.quant import dequantize, quantize
+from tests.families import family_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -44,15 +45,8 @@ def _bnb_config(quant_type: str, double_quant: bool):
 def tiny_llama(tmp_path_factory):
     """A 2-layer random Llama saved in float32, with a row length (in_features) that is not a multiple of 64."""
     path = tmp_path_factory.mktemp("tiny_llama")
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=80,
-        intermediate_size=144,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=20,
-    )
+    fields = family_config("llama", hidden_size=80, intermediate_size=144, head_dim=20)
+    config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     return path

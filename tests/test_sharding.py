@@ -21,7 +21,7 @@ import optax
 import pytest
 
 from qlora_jax.distributed import distributed_settings, local_rows
-from qlora_jax.sharding import make_mesh, mesh_shape
+from qlora_jax.mesh import make_mesh, mesh_shape
 from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.config import ConfigFieldError, config_from_dict
 from qlora_jax.train.loss import IGNORE_INDEX, chunked_cross_entropy, cross_entropy_reference

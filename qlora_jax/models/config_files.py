@@ -27,6 +27,7 @@ __all__ = [
     "SUPPORTED_TENSOR_TYPES",
     "MODEL_TYPES",
     "GEMMA_27B_LAYERS",
+    "BLOCK_NAME",
     "read_model_config",
     "is_gguf",
     "open_gguf",

@@ -21,7 +21,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from qlora_jax.distributed import local_rows
-from qlora_jax.sharding import batch_sharding, make_mesh, optimizer_shardings, param_shardings, replicated
+from qlora_jax.mesh import make_mesh, replicated
+from qlora_jax.sharding import batch_sharding, optimizer_shardings, param_shardings
 from qlora_jax.train.config import ConfigFieldError, TrainConfig, check_batch_divides
 from qlora_jax.train.step import TrainState
 

@@ -7,7 +7,7 @@
     state, metrics = step(state, base, batch, key)   # batch: tokens/targets/positions/segment_ids [accum, B, T]
 
 On a device mesh, pass `shardings` (`qlora_jax.train.parallel.step_shardings`): the step is compiled for them and
-traced under `qlora_jax.sharding.compute_mesh`, so each layer's weights are gathered inside the layer scan.
+traced under `qlora_jax.mesh.compute_mesh`, so each layer's weights are gathered inside the layer scan.
 
 Only `lora` (the adapters) and the optimizer state change; `base` (the frozen, mostly 4-bit weights) goes in
 unchanged and is never differentiated (its variables are not `nnx.LoRAParam`s, so `jax.grad` never sees them).
@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from qlora_jax.mesh import compute_mesh, mesh_size
 from qlora_jax.models import ComputeOptions
-from qlora_jax.sharding import compute_mesh, mesh_size
 from qlora_jax.train.loss import chunked_cross_entropy
 from qlora_jax.train.optim import to_memory
 
