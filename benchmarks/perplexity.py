@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import smollm2_gguf_path  # noqa: E402
 
+from qlora_jax.codebooks import QUANT_TYPES  # noqa: E402
 from qlora_jax.convert.hf import load_pretrained  # noqa: E402
 from qlora_jax.quant import QuantConfig  # noqa: E402
 from qlora_jax.tokenizer import load_tokenizer  # noqa: E402
@@ -37,7 +38,7 @@ from qlora_jax.train.step import make_eval_step  # noqa: E402
 
 TEXT = ROOT / "examples" / "data" / "eval_text.txt"
 HEADER_LINES = 4
-ROWS = [("bf16", None, None)] + [(q, q, dq) for q in ("nf4", "fp4", "int4") for dq in (True, False)]
+ROWS = [("bf16", None, None)] + [(q, q, dq) for q in QUANT_TYPES for dq in (True, False)]
 
 
 def windows(tokens: list[int], length: int) -> dict[str, np.ndarray]:

@@ -24,9 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from qlora_jax.codebooks import QUANT_TYPES  # noqa: E402
 from qlora_jax.quant import dequantize, quantize  # noqa: E402
-
-QUANT_TYPES = ("nf4", "fp4", "int4")
 
 
 def smollm2_linear_weights(path: Path) -> dict[str, np.ndarray]:
