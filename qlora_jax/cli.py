@@ -170,6 +170,57 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    """ "1,8,16" -> [1, 8, 16]; raises ValueError for anything else."""
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _tune(args: argparse.Namespace) -> int:
+    """Measures the kernel choices of a training config's 4-bit linear shapes on this GPU; writes the cache."""
+    from qlora_jax.kernels import autotune, dispatch
+    from qlora_jax.kernels.tune_model import linear_shapes, tune_shapes
+    from qlora_jax.train.build import abstract_model
+    from qlora_jax.train.config import ConfigFieldError, load_config
+
+    force, no_train = _take_flag(args, "--force"), _take_flag(args, "--no-train")
+    for flag, convert in (("--decode-m", _int_list), ("--cache", str)):
+        if flag in args.overrides:  # given after the config
+            at = args.overrides.index(flag)
+            value = args.overrides[at + 1 : at + 2]
+            args.overrides = args.overrides[:at] + args.overrides[at + 2 :]
+            try:
+                setattr(args, flag[2:].replace("-", "_"), convert(value[0] if value else ""))
+            except ValueError as e:
+                raise _fail("tune", f"{flag}: {e}") from e
+    try:
+        config = load_config(args.config, args.overrides)
+        model = abstract_model(config, num_layers=1)  # reads the model's config.json only
+    except (ConfigFieldError, ValueError, OSError) as e:
+        raise _fail("tune", str(e)) from e
+    shapes = linear_shapes(model)
+    if not shapes:
+        raise _fail("tune", f"{args.config}: the model has no 4-bit linear layers (model.quant is none)")
+    if not dispatch._on_gpu():
+        import jax
+
+        seen = f"{jax.default_backend()} devices ({jax.devices()[0].device_kind})"
+        raise _fail("tune", f"no GPU: JAX sees only {seen}. Tuning times the kernels on the GPU that will run "
+                    "them; without one every shape runs XLA.")  # fmt: skip
+    t = config.train
+    train_m = None if no_train else (t.batch_size // t.grad_accum) * config.data.max_length
+    cache = autotune.TuningCache(Path(args.cache)) if args.cache else autotune.TuningCache()
+    print(f"tuning {len(shapes)} weight shapes of {config.model.path} on {dispatch._device()[0]}; cache {cache.path}")
+    tune_shapes(shapes, decode_ms=args.decode_m, train_m=train_m, cache=cache, force=force)
+    print(f"wrote {cache.path}")
+    return 0
+
+
 def _load_with_adapter(command: str, args: argparse.Namespace):
     from qlora_jax.convert.peft import PeftFormatError, load_peft_adapter
 
@@ -283,6 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: --data.max_length 2048")
     plan.add_argument("--compare", action="store_true", help="also compile the full-depth step and show XLA's total")
     plan.set_defaults(run=_plan)
+
+    tune = commands.add_parser("tune", help="measure the fused kernels against XLA for a config's shapes (GPU)")
+    tune.add_argument("config", help="the YAML config (its model and train batch; no weights are read)")
+    tune.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: --train.batch_size 4")
+    tune.add_argument("--decode-m", type=_int_list, default=[1, 2, 4, 8, 16],
+                      metavar="M,...", help="generation batch sizes to tune (<= 16; default 1,2,4,8,16)")  # fmt: skip
+    tune.add_argument("--no-train", action="store_true", help="skip the training micro-batch's M")
+    tune.add_argument("--cache", default=None, help="the cache file (default: $QLORA_JAX_AUTOTUNE_CACHE or "
+                      "~/.cache/qlora_jax/autotune.json)")  # fmt: skip
+    tune.add_argument("--force", action="store_true", help="measure again the keys already cached")
+    tune.set_defaults(run=_tune)
 
     merge = commands.add_parser("merge", help="fold a PEFT adapter into the base model and write a checkpoint")
     _add_model_arguments(merge, default_quant="nf4")
