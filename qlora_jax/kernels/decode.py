@@ -213,7 +213,7 @@ def _call(x: jax.Array, qt: QuantizedTensor, config: DecodeConfig, stage: int, i
         xe, xo = (a.reshape(m, k // chunk, half) for a in (xe, xo))
     packed = jnp.asarray(qt.packed).reshape(n, k // chunk, half)
     table = jnp.asarray(codebooks.code_table(qt.quant_type))
-    out_rows = m if stage == len(LADDER) - 1 else 1
+    out_rows = (16 if mma else m) if stage == len(LADDER) - 1 else 1  # mma stores whole 16-row tiles
     kernel = functools.partial(
         _decode_kernel, m=m, n=n, config=config, chunk=chunk, weight_dtype=jnp.dtype(qt.dtype),
         quant_type=qt.quant_type, stage=stage,
@@ -226,7 +226,7 @@ def _call(x: jax.Array, qt: QuantizedTensor, config: DecodeConfig, stage: int, i
         interpret=interpret,
         name=f"nf4_decode_{qt.quant_type}",
     )(xe, xo, packed, chunk_scales(qt, chunk), table)
-    return jnp.sum(partial, axis=0)  # [out_rows, N] float32
+    return jnp.sum(partial, axis=0)[: m if stage == len(LADDER) - 1 else 1]  # [rows, N] float32
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

@@ -3,6 +3,7 @@ nor the L2 cache (50-60 MB on an H100/H200) flatters anyone. Used by the tuner a
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,12 @@ def distinct_weights(
 ) -> QuantizedTensor | jax.Array:  # fmt: skip
     """`count` different random N(0, 0.02) weights [N, K] stacked on a leading axis: a QuantizedTensor whose buffers
     carry the axis (or, with `dense`, the dense array [count, N, K] in `dtype`). Made on the default device."""
-    key = jax.random.key(seed)
+    return _maker(n, k, jnp.dtype(dtype), count, quant_type, blocksize, double_quant, dense)(jax.random.key(seed))
+
+
+@functools.cache
+def _maker(n, k, dtype, count, quant_type, blocksize, double_quant, dense):
+    """One jitted generator per shape and layout (a tuner or benchmark calls it many times)."""
 
     @jax.jit
     def make(key):
@@ -37,7 +43,7 @@ def distinct_weights(
             return w
         return jax.vmap(lambda a: quantize(a, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant))(w)
 
-    return make(key)
+    return make
 
 
 def unstack(stacked: Any, count: int) -> list[Any]:
