@@ -730,6 +730,8 @@ def run_sections(args) -> int:
     env = dict(os.environ)
     if args.smoke:
         env["JAX_PLATFORMS"] = "cpu"
+        # bitsandbytes' CPU ops go through torch.compile, which compiles every new shape: minutes on a CPU.
+        env.setdefault("TORCHDYNAMO_DISABLE", "1")
     jobs = []
     for name in (n for n, _ in SECTIONS if n in wanted):
         if name == "train":
