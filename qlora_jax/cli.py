@@ -153,8 +153,8 @@ def _plan(args: argparse.Namespace) -> int:
     """The memory plan of a training config, from abstract shapes and compiled shallow steps (nothing loaded)."""
     import jax
 
-    from qlora_jax.plan import plan_memory
     from qlora_jax.train.config import ConfigFieldError, load_config
+    from qlora_jax.train.plan import plan_memory
 
     compare = _take_flag(args, "--compare")
     try:
@@ -164,8 +164,8 @@ def _plan(args: argparse.Namespace) -> int:
         raise _fail("plan", str(e)) from e
     t = config.train
     print(f"{config.model.path}: {plan.num_layers} layers, {config.model.quant} base, LoRA r={config.lora.r}; "
-          f"batch {t.batch_size} x {config.data.max_length} tokens (grad_accum {t.grad_accum}), remat={t.remat}, "
-          f"on {jax.devices()[0].device_kind}")  # fmt: skip
+          f"batch {t.batch_size} x {config.data.max_length} tokens (grad_accum {t.grad_accum}), remat={plan.remat}, "
+          f"attention={t.attention}, on {jax.devices()[0].device_kind}")  # fmt: skip
     print(plan.table())
     return 0
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from qlora_jax.cli import main as cli_main
-from qlora_jax.plan import plan_memory
 from qlora_jax.train.config import config_from_dict
+from qlora_jax.train.plan import plan_memory
 
 pytestmark = pytest.mark.slow
 
