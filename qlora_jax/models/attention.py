@@ -21,8 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from qlora_jax.kernels.flash_attention import NO_WINDOW, flash_attention
+from qlora_jax.sharding import BATCH_AXES, current_mesh, mesh_size
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -206,6 +208,19 @@ class AttentionMasks:
     is_sliding: jax.Array | None
 
 
+def _per_device_rows(fn, rows: tuple, shared: tuple) -> jax.Array:
+    """fn(*rows, *shared), each device running it on its own batch rows under `qlora_jax.sharding.compute_mesh`.
+
+    XLA cannot partition a Pallas kernel (a custom call): left alone it would gather every device's rows and
+    compute the whole batch everywhere. Outside a mesh, or when the rows do not divide, fn as is."""
+    mesh = current_mesh()
+    n = mesh_size(mesh)
+    if mesh is None or n == 1 or rows[0].shape[0] % n:
+        return fn(*rows, *shared)
+    specs = (P(BATCH_AXES),) * len(rows) + (P(),) * len(shared)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(BATCH_AXES), check_vma=False)(*rows, *shared)
+
+
 def multi_head_attention(
     q: jax.Array,
     k: jax.Array,
@@ -229,9 +244,15 @@ def multi_head_attention(
         layer_window = window
         if window is not None and masks.is_sliding is not None:
             layer_window = jnp.where(masks.is_sliding, window, NO_WINDOW)
-        return flash_attention(q, k, v, scale=scale, q_segments=masks.q_segments, k_segments=masks.k_segments,
-                               k_valid=masks.k_valid, q_offset=masks.q_offset, window=layer_window, softcap=softcap,
-                               interpret=interpret)  # fmt: skip
+        layer_window = jnp.asarray(NO_WINDOW if layer_window is None else layer_window, jnp.int32)
+
+        def kernel(q, k, v, q_segments, k_segments, k_valid, q_offset, window):
+            return flash_attention(q, k, v, scale=scale, q_segments=q_segments, k_segments=k_segments,
+                                   k_valid=k_valid, q_offset=q_offset, window=window, softcap=softcap,
+                                   interpret=interpret)  # fmt: skip
+
+        rows = (q, k, v, masks.q_segments, masks.k_segments, masks.k_valid)
+        return _per_device_rows(kernel, rows, (masks.q_offset, layer_window))
     if impl != "cudnn":
         raise ValueError(f"resolve the attention implementation first (resolve_attention); got {impl!r}")
 

