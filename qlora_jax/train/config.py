@@ -246,6 +246,8 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
     need(t.remat in remats, "train.remat", f"must be one of {remats}, got {t.remat!r}")
     need(t.dropout_rng in DROPOUT_RNGS, "train.dropout_rng", f"must be one of {DROPOUT_RNGS}, got {t.dropout_rng!r}")
     need(t.attention in ATTENTION_IMPLS, "train.attention", f"must be one of {ATTENTION_IMPLS}, got {t.attention!r}")
+    need(not (t.attention == "cudnn" and d.packing), "train.attention",
+         "cudnn has no mask for packed rows: set data.packing: false, or attention: auto / pallas")  # fmt: skip
     if t.memory_budget is not None:
         try:
             parse_bytes(t.memory_budget)
