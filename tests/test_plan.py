@@ -96,10 +96,11 @@ def test_remat_auto_takes_the_cheapest_policy_that_fits(model_dir):
         expected = next(p for p in REMAT_ORDER if p in totals and totals[p] <= budget)
         assert choice.policy == plan.remat == expected and choice.fits
         assert plan.device_total == totals[expected]
-        assert "offload" in choice.skipped  # on CPU the host is the device memory
+        if expected == "full":  # reached past offload, which is no candidate on CPU (the host is the device)
+            assert "offload" in choice.skipped
         assert f"remat: auto -> {expected}" in plan.table()
     choice, plan = choose_remat(auto, budget=totals["full"] // 2)
-    assert choice.policy == "full" and not choice.fits
+    assert choice.policy == "full" and not choice.fits and "offload" in choice.skipped
     assert "no policy fits" in choice.explain()
 
 
