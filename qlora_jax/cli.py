@@ -153,20 +153,29 @@ def _plan(args: argparse.Namespace) -> int:
     """The memory plan of a training config, from abstract shapes and compiled shallow steps (nothing loaded)."""
     import jax
 
-    from qlora_jax.plan import plan_memory
     from qlora_jax.train.config import ConfigFieldError, load_config
+    from qlora_jax.train.plan import longest_row, memory_budget, plan_memory
 
     compare = _take_flag(args, "--compare")
+    longest = _take_flag(args, "--longest-row")
     try:
         config = load_config(args.config, args.overrides)
         plan = plan_memory(config, compare=compare)
+        if longest:
+            budget, source = memory_budget(config)
+            policies = ["full"] + (["offload"] if jax.default_backend() != "cpu" else [])
+            rows = {policy: longest_row(config, budget=budget, policy=policy)[0] for policy in policies}
     except (ConfigFieldError, ValueError, OSError) as e:
         raise _fail("plan", str(e)) from e
     t = config.train
     print(f"{config.model.path}: {plan.num_layers} layers, {config.model.quant} base, LoRA r={config.lora.r}; "
-          f"batch {t.batch_size} x {config.data.max_length} tokens (grad_accum {t.grad_accum}), remat={t.remat}, "
-          f"on {jax.devices()[0].device_kind}")  # fmt: skip
+          f"batch {t.batch_size} x {config.data.max_length} tokens (grad_accum {t.grad_accum}), remat={plan.remat}, "
+          f"attention={t.attention}, on {jax.devices()[0].device_kind}")  # fmt: skip
     print(plan.table())
+    if longest:
+        for policy, length in rows.items():
+            print(f"longest row within {budget / 2**30:.2f} GiB ({source}), remat={policy}, batch 1: "
+                  f"{length:,} tokens" + ("" if length else " (not even 1,024)"))  # fmt: skip
     return 0
 
 
@@ -333,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("config", help="the YAML config")
     plan.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: --data.max_length 2048")
     plan.add_argument("--compare", action="store_true", help="also compile the full-depth step and show XLA's total")
+    plan.add_argument("--longest-row", action="store_true",
+                      help="also search the longest one-row step that fits train.memory_budget (remat full; and "
+                           "offload on a GPU)")  # fmt: skip
     plan.set_defaults(run=_plan)
 
     tune = commands.add_parser("tune", help="measure the fused kernels against XLA for a config's shapes (GPU)")

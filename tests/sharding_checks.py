@@ -232,9 +232,9 @@ def check_process_rows() -> dict:
 
 def check_plan(out: Path) -> dict:
     """`plan_memory` on an fsdp=8 mesh: per-device stored parts, and its total beside XLA's for the full step."""
-    from qlora_jax.plan import plan_memory
     from qlora_jax.train.build import abstract_model
     from qlora_jax.train.config import config_from_dict
+    from qlora_jax.train.plan import plan_memory
 
     model_dir = out / "plan_model"
     model_dir.mkdir(exist_ok=True)

@@ -27,8 +27,12 @@ def quant_config(config: TrainConfig) -> QuantConfig | None:
 
 
 def compute_options(config: TrainConfig) -> ComputeOptions:
-    """How the run's model computes (train.remat, train.attention_block): what its jitted steps compile in."""
-    return ComputeOptions(remat=config.train.remat, attention_block=config.train.attention_block)
+    """How the run's model computes (train.remat, train.attention, train.attention_block): what its jitted steps
+    compile in. `train.remat: auto` must be resolved first (`qlora_jax.train.plan.resolve_remat`)."""
+    t = config.train
+    if t.remat == "auto":
+        raise ValueError("train.remat: auto is resolved by qlora_jax.train.plan.resolve_remat before compiling")
+    return ComputeOptions(remat=t.remat, attention=t.attention, attention_block=t.attention_block)
 
 
 def abstract_model(config: TrainConfig, *, num_layers: int | None = None) -> DecoderLM:

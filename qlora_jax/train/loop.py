@@ -38,6 +38,7 @@ from qlora_jax.train.config import TrainConfig, resolve_package_path
 from qlora_jax.train.loss import IGNORE_INDEX, auto_chunk_size
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
 from qlora_jax.train.parallel import StepShardings, configured_mesh, global_batch, place, step_shardings
+from qlora_jax.train.plan import resolve_remat
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_eval_step, make_train_step
 
 __all__ = ["train", "TrainingDiverged", "TrainResult", "load_model_for_training", "exact_match"]
@@ -225,6 +226,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     t = config.train
     primary = is_primary()
     mesh = configured_mesh(config)
+    config, remat_choice = resolve_remat(config)  # train.remat: auto -> the cheapest policy within the budget
+    if remat_choice is not None and primary:
+        print(remat_choice.explain())
     options = compute_options(config)
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,11 +289,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     chunk_size = t.loss_chunk_size or auto_chunk_size(model.config.vocab_size)
     train_step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, options=options,
                                  offload_optimizer=config.optim.offload, learning_rate=schedule,
-                                 shardings=shardings)  # fmt: skip
-    eval_step = make_eval_step(graphdef, chunk_size=chunk_size, options=options, shardings=shardings)
+                                 shardings=shardings, packed_rows=config.data.packing)  # fmt: skip
+    # Eval rows are always one example each (pad_examples).
+    eval_step = make_eval_step(graphdef, chunk_size=chunk_size, options=options, shardings=shardings,
+                               packed_rows=False)  # fmt: skip
     batch_sharding = None if shardings is None else shardings.batch
     eval_sharding = None if shardings is None else shardings.eval_batch
-    key = jax.random.key(t.seed)
+    key = jax.random.key(t.seed, impl=t.dropout_rng)  # LoRA dropout's bits: threefry, or XLA's RngBitGenerator
 
     def save() -> Path:
         extra = {"data": iterator.state(), "samples": samples, "exact_match_before": em_before}
