@@ -39,12 +39,14 @@ def abstract_model(config: TrainConfig, *, num_layers: int | None = None) -> Dec
     """The run's model with adapters, every array a ShapeDtypeStruct: nothing is read but the model's config.
 
     It has the structure of the trained model (LoftQ-initialized adapters have the same shapes), so checkpoints
-    restore into it and memory plans compile against it. `num_layers` cuts the model to its first layers.
+    restore into it and memory plans compile against it. `num_layers` cuts the model to its first layers (or
+    repeats its layer pattern, for a model shallower than that).
     """
     model_config = read_model_config(resolve_package_path(config.model.path))
-    if num_layers is not None:
-        model_config = dataclasses.replace(model_config, num_layers=num_layers,
-                                           layer_types=model_config.layer_types[:num_layers])  # fmt: skip
+    if num_layers is not None:  # cut (or, for a model shallower than the planner's probes, repeated) in depth
+        types = model_config.layer_types
+        layer_types = tuple(types[i % len(types)] for i in range(num_layers)) if types else ()
+        model_config = dataclasses.replace(model_config, num_layers=num_layers, layer_types=layer_types)
     dtype = jnp.dtype(config.model.dtype)
 
     def build() -> DecoderLM:
