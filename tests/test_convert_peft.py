@@ -339,3 +339,18 @@ def test_merged_per_layer_adapters_give_our_unmerged_logits(tiny4, tmp_path, qua
     merge_and_save(model, tmp_path / "merged", dtype=jnp.float32)
     ours = np.asarray(model(jnp.asarray(TOKENS)))
     np.testing.assert_allclose(_logits(_hf(tmp_path / "merged")), ours, atol=2e-5 * np.abs(ours).max())
+
+
+def test_a_cut_abstract_model_keeps_the_adapter_layout_of_the_whole(tiny4):
+    """The memory planner compiles models cut to their first layers: a selection naming a later layer must still
+    give the cut layers their (padded) adapters, as the whole model holds them."""
+    from qlora_jax.train.build import abstract_model
+    from qlora_jax.train.config import DataSection, ModelSection, TrainConfig
+
+    lora = LoraConfig(target_modules=r"model\.layers\.3\.self_attn\.q_proj", rank_pattern={"q_proj": 16})
+    config = TrainConfig(model=ModelSection(path=str(tiny4), quant="none", dtype="float32"),
+                         data=DataSection(train="t.jsonl"), lora=lora)  # fmt: skip
+    whole = abstract_model(config).model.layers.self_attn.q_proj.lora
+    assert whole.ranks == (0, 0, 0, 16) and whole.lora_A.get_value().shape == (LAYERS, 16, 64)
+    cut = abstract_model(config, num_layers=1).model.layers.self_attn.q_proj.lora
+    assert cut.lora_A.get_value().shape == (1, 16, 64) and cut.lora_B.get_value().shape == (1, 64, 16)
