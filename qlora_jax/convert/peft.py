@@ -230,6 +230,8 @@ def load_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> LoraCon
     by PEFT's rules, each at its rank, checking that the file holds exactly those tensors with those shapes.
     Returns the adapter's LoraConfig."""
     directory = Path(directory)
+    if _adapted(model):
+        raise ValueError("the model already has LoRA adapters")
     config = read_adapter_config(directory)
     weights_path = directory / ADAPTER_WEIGHTS
     tensors = _read_tensors(weights_path)
