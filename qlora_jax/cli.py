@@ -11,6 +11,7 @@ from pathlib import Path
 import qlora_jax
 
 QUANT_CHOICES = ("nf4", "fp4", "int4", "none")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # merge --gguf TYPE: the tensor types GGUF export writes
 
 
 def _fail(command: str, message: str) -> SystemExit:
@@ -250,6 +251,9 @@ def _merge(args: argparse.Namespace) -> int:
     from qlora_jax.quant import QuantConfig
     from qlora_jax.tokenizer import load_tokenizer
 
+    if args.gguf is not None and args.requantize != "none":  # before the (slow) load
+        raise _fail("merge", f"--requantize {args.requantize} writes bitsandbytes safetensors, not GGUF: drop it "
+                             f"and pick the GGUF tensor type with --gguf ({'|'.join(GGUF_TYPES)})")  # fmt: skip
     model, _ = _load_with_adapter("merge", args)
     quant = None if args.requantize == "none" else QuantConfig(quant_type=args.requantize)
     try:
@@ -260,8 +264,6 @@ def _merge(args: argparse.Namespace) -> int:
     if args.gguf is not None:
         from qlora_jax.convert.gguf_export import GGUFError, save_gguf
 
-        if quant is not None:
-            raise _fail("merge", "--requantize writes bitsandbytes safetensors; with --gguf use --gguf-type q8_0")
         source = Path(args.tokenizer or args.model)
         tokenizer_gguf = source if source.suffix == ".gguf" else None
         try:
@@ -365,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     merge.add_argument("--requantize", default="none", choices=("none", "nf4", "fp4"),
                        help="re-quantize the merged weights to bitsandbytes 4-bit")  # fmt: skip
-    merge.add_argument("--gguf", default=None, metavar="TYPE", choices=("f32", "f16", "bf16", "q8_0"),
-                       help="write one GGUF file (f32|f16|bf16|q8_0) for llama.cpp instead of safetensors")  # fmt: skip
+    merge.add_argument("--gguf", default=None, metavar="TYPE", choices=GGUF_TYPES,
+                       help=f"write one GGUF file ({'|'.join(GGUF_TYPES)}) for llama.cpp, not safetensors")  # fmt: skip
     merge.add_argument("--tokenizer", default=None)
     merge.add_argument("--max-shard-size", default="5GB")
     merge.set_defaults(run=_merge)

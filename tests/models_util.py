@@ -60,9 +60,10 @@ FAMILIES = {
 }
 
 
-def make_tiny_model(family: str, directory: Path, *, seed: int = 0):
-    """Saves a random tiny model of this family in float32 to `directory`; returns the transformers model."""
-    fields = dict(COMMON) | FAMILIES[family]
+def make_tiny_model(family: str, directory: Path, *, seed: int = 0, **overrides):
+    """Saves a random tiny model of this family in float32 to `directory` (config fields `overrides` changed);
+    returns the transformers model."""
+    fields = dict(COMMON) | FAMILIES[family] | overrides
     model_type = fields.pop("model_type")
     config = transformers.AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from qlora_jax.distributed import local_rows
-from qlora_jax.lora import LoraConfig, apply_lora
+from qlora_jax.lora import AdapterScaling, LoraConfig, apply_lora
 from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig
 from qlora_jax.nn import QuantizedWeight
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize
@@ -118,6 +118,9 @@ def check_equivalence(out: Path) -> dict:
     results["quantized_total_bytes"] = sum(x.nbytes for x in jax.tree.leaves(quantized))
     results["offset_bytes"] = sum(x.nbytes for p, x in jax.tree_util.tree_leaves_with_path(quantized)
                                   if "offset" in jax.tree_util.keystr(p))  # fmt: skip
+    # the adapters' per-layer scalings ([num_layers] float32 each): too small to split, replicated
+    scalings = nnx.state(nnx.merge(graphdef, lora, base), AdapterScaling)
+    results["adapter_scaling_bytes"] = sum(x.nbytes for x in jax.tree.leaves(scalings))
     results["whole_blocks"] = check_whole_blocks(graphdef, lora, base)
     return results
 

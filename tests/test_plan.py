@@ -65,7 +65,8 @@ def test_stored_parts_are_counted_exactly(model_dir):
     # NF4 + double quantization: 4 bits a weight, one 8-bit absmax per 64, one float32 per 256 absmax, the offset
     assert plan.quantized_weights == pytest.approx(linear_params * 4.127 / 8, rel=2e-3)
     norms = (2 * layers + 1) * d * 2
-    assert plan.dense_weights == 2 * (2 * 2048 * d) + norms  # bf16 embeddings and lm_head (untied), norms
+    # bf16 embeddings and lm_head (untied), norms, and each adapter's per-layer scaling (float32, docs/lora.md)
+    assert plan.dense_weights == 2 * (2 * 2048 * d) + norms + 7 * layers * 4
     assert plan.batch == 4 * 4 * 256 * 4
     assert plan.logits_chunk == 256 * 2048 * 4
 

@@ -36,10 +36,9 @@ def merged_weight(module: QLinear, layer: int | None = None) -> jax.Array:
     else:
         w = module.weight[...][index].astype(jnp.float32)
     lora = module.lora
-    if lora is None:
+    if lora is None or lora.ranks[layer or 0] == 0:  # no adapter on this layer (docs/lora.md)
         return w
-    a, b = lora.lora_A[...][index], lora.lora_B[...][index]
-    adapted = w + lora.scaling * (b @ a)
+    adapted = w + lora.delta_weight(layer)
     if lora.lora_magnitude_vector is None:
         return adapted
     magnitude = lora.lora_magnitude_vector[...][index]

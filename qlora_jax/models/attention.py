@@ -130,14 +130,16 @@ def _attend(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, softcap: float | None
 ) -> jax.Array:
     """All queries at once. Without logit soft-capping this is `jax.nn.dot_product_attention`; Gemma 2's
-    soft-capping, tanh(logits / cap) * cap before the mask, is written out."""
-    if softcap is None:
+    soft-capping, tanh(logits / cap) * cap before the mask, is written out (the same maths). So is float16 on CPU:
+    jax.nn.dot_product_attention asks for the F16_F16_F32 dot algorithm, which XLA:CPU refuses under jit."""
+    if softcap is None and not (q.dtype == jnp.float16 and jax.default_backend() == "cpu"):
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
     b, t, h, d = q.shape
     groups = h // k.shape[2]
     qg = q.reshape(b, t, k.shape[2], groups, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.tanh(logits / softcap) * softcap
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)

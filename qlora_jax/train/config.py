@@ -72,6 +72,7 @@ class ModelSection:
     blocksize: int = 64
     dtype: str = "bfloat16"  # compute dtype: bfloat16 | float16 | float32
     tokenizer: str | None = None  # default: the model's
+    base_model_name_or_path: str | None = None  # what adapters record as their base (a Hub id); default: see docs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -166,6 +167,11 @@ def _type_check(where: str, value: Any, annotation: Any) -> Any:
             except ConfigFieldError:
                 continue
         raise ConfigFieldError(f"{where}: expected {annotation}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigFieldError(f"{where}: expected a mapping, got {value!r}")
+        return {_type_check(f"{where} key", k, args[0]): _type_check(f"{where}[{k!r}]", v, args[1])
+                for k, v in value.items()}  # fmt: skip
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigFieldError(f"{where}: expected a list, got {value!r}")

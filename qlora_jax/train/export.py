@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from qlora_jax.convert.peft import save_peft_adapter
-from qlora_jax.train.build import abstract_model
+from qlora_jax.train.build import abstract_model, base_model_name
 from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.config import config_from_dict
 from qlora_jax.train.optim import make_optimizer
@@ -48,4 +48,4 @@ def export_run(run_dir: str | os.PathLike, output: str | os.PathLike, *, step: i
     finally:
         checkpoints.close()
     return save_peft_adapter(nnx.merge(graphdef, state.lora, rest), output, config.lora,
-                             base_model_name_or_path=config.model.path)  # fmt: skip
+                             base_model_name_or_path=base_model_name(config))  # fmt: skip

@@ -32,7 +32,7 @@ from qlora_jax.lora import apply_lora, loftq_initialize, trainable_parameters
 from qlora_jax.models import ComputeOptions, DecoderLM
 from qlora_jax.tokenizer import load_tokenizer
 from qlora_jax.train import data as data_lib
-from qlora_jax.train.build import compute_options, quant_config
+from qlora_jax.train.build import base_model_name, compute_options, quant_config
 from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.config import TrainConfig, resolve_package_path
 from qlora_jax.train.loss import IGNORE_INDEX, auto_chunk_size
@@ -379,6 +379,6 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             adapters = multihost_utils.process_allgather(adapters, tiled=True)
         if primary:
             save_peft_adapter(nnx.merge(graphdef, adapters, base), out / "adapter", config.lora,
-                              base_model_name_or_path=config.model.path)  # fmt: skip
+                              base_model_name_or_path=base_model_name(config))  # fmt: skip
     return TrainResult(model, tokenizer, int(state.step), [loss for _, loss in train_losses], eval_losses, out,
                        em_before, em_after)  # fmt: skip
