@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from qlora_jax.cli import main as cli_main
-from qlora_jax.train import loop
+from qlora_jax.train import setup as train_setup
 from qlora_jax.train.config import load_config
 from qlora_jax.train.loop import TrainingDiverged, train
 from tests.tiny_smol import save_tiny_smol
@@ -139,7 +139,7 @@ def test_kill_and_resume_gives_bit_identical_losses(tmp_path, tiny_model_dir):
 
 
 def test_divergence_stops_with_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    real = loop.make_train_step
+    real = train_setup.make_train_step
 
     def poisoned(*args, **kwargs):
         step = real(*args, **kwargs)
@@ -152,7 +152,7 @@ def test_divergence_stops_with_the_last_good_checkpoint(tmp_path, tiny_model_dir
 
         return wrapped
 
-    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    monkeypatch.setattr(train_setup, "make_train_step", poisoned)
     config = load_config(_config(tmp_path, tiny_model_dir, save_every=2))
     with pytest.raises(TrainingDiverged, match=r"step 5: loss nan.*last good checkpoint is .*checkpoints/4"):
         train(config, progress=False)
