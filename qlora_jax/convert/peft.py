@@ -18,6 +18,9 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from qlora_jax.convert.finite import non_finite
+from qlora_jax.errors import InputError
+from qlora_jax.files import staged_directory
 from qlora_jax.lora import LoRA, LoraConfig, apply_lora
 from qlora_jax.models import DecoderLM
 from qlora_jax.nn import QLinear
@@ -25,6 +28,7 @@ from qlora_jax.nn import QLinear
 __all__ = [
     "save_peft_adapter",
     "load_peft_adapter",
+    "read_peft_adapter",
     "read_adapter_config",
     "read_adapter_config_dict",
     "PeftFormatError",
@@ -39,7 +43,7 @@ _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lor
 _FIELDS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "lora_magnitude_vector"}
 
 
-class PeftFormatError(ValueError):
+class PeftFormatError(InputError):
     """A PEFT adapter that cannot be read, or does not fit the model."""
 
 
@@ -113,10 +117,9 @@ def save_peft_adapter(
             if lora.lora_magnitude_vector is not None:
                 magnitude = np.asarray(lora.lora_magnitude_vector[...][index], np.float32)
                 tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitude
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    # write both files beside their final names, then move: a reader never sees half an adapter
-    save_file(tensors, str(directory / (ADAPTER_WEIGHTS + ".tmp")), metadata={"format": "pt"})
+    for key, value in tensors.items():
+        if problem := non_finite(value):
+            raise PeftFormatError(f"{directory}: adapter tensor {key} {problem}; nothing was written")
     fields = _config_json(config, list(adapted), base_model_name_or_path)
     if template is not None:
         fields = dict(template) | {k: v for k, v in fields.items() if k not in template or k in _OURS}
@@ -124,10 +127,10 @@ def save_peft_adapter(
             fields["base_model_name_or_path"] = template.get("base_model_name_or_path")
         if isinstance(template.get("target_modules"), list | str):
             fields["target_modules"] = template["target_modules"]
-    (directory / (ADAPTER_CONFIG + ".tmp")).write_text(json.dumps(fields, indent=2))
-    os.chmod(directory / (ADAPTER_WEIGHTS + ".tmp"), 0o644)
-    os.replace(directory / (ADAPTER_WEIGHTS + ".tmp"), directory / ADAPTER_WEIGHTS)
-    os.replace(directory / (ADAPTER_CONFIG + ".tmp"), directory / ADAPTER_CONFIG)
+    directory = Path(directory)
+    with staged_directory(directory) as staging:  # a reader never sees half an adapter
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(fields, indent=2))
     return directory
 
 
@@ -139,7 +142,7 @@ def read_adapter_config_dict(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / ADAPTER_CONFIG
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise PeftFormatError(f"{path}: cannot read the adapter config ({e})") from e
     if not isinstance(raw, dict):
         raise PeftFormatError(f"{path}: expected a JSON object")
@@ -168,62 +171,95 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
             use_dora=bool(raw.get("use_dora", False)),
             bias=raw.get("bias", "none"),
         )
-    except (KeyError, TypeError, ValueError) as e:
-        raise PeftFormatError(f"{path}: {e}") from e
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise PeftFormatError(f"{path}: {f'missing field {e}' if isinstance(e, KeyError) else e}") from e
 
 
-def load_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> LoraConfig:
-    """Adds the adapters of a PEFT directory to `model` (which must have none yet), checking that every tensor
-    names a linear layer of this model with the right shape. Returns the adapter's LoraConfig."""
+def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, dict]]:
+    """Reads a PEFT adapter directory and checks it against `model` without changing the model: every tensor must
+    name a linear layer of this model (all its layers, for a stacked one) with the shape the config's `r` gives.
+
+    Returns (config, {module path: {"lora_A": array, "lora_B": ..., ["lora_magnitude_vector": ...]}}), arrays
+    float32 and stacked over layers for `model.layers.*` modules. Raises PeftFormatError naming the file and tensor.
+    """
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights_path = directory / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise PeftFormatError(f"{weights_path}: not a readable safetensors file ({e})") from e
     by_module: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise PeftFormatError(f"{weights_path}: unexpected tensor {key} (not a LoRA weight)")
+        if value.dtype.kind != "f" and not value.dtype.name.startswith("bfloat"):
+            raise PeftFormatError(f"{weights_path}: tensor {key} has dtype {value.dtype}, not a floating-point one")
+        if problem := non_finite(value):
+            raise PeftFormatError(f"{weights_path}: tensor {key} {problem}")
         by_module.setdefault(match.group(1), {})[_FIELDS[match.group(2)]] = value
-    linears = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, QLinear)}
+    linears = {}
     num_layers = model.config.num_layers
     grouped: dict[str, dict[int | None, dict[str, np.ndarray]]] = {}
     for name, fields in by_module.items():
-        layer_match = re.match(r"^model\.layers\.(\d+)\.(.+)$", name)
+        layer_match = re.match(r"^model\.layers\.(0|[1-9][0-9]*)\.(.+)$", name)
         path, layer = (
             (f"model.layers.{layer_match.group(2)}", int(layer_match.group(1))) if layer_match else (name, None)
         )
-        if path not in linears or (layer is not None and layer >= num_layers):
+        linears[path] = linears.get(path) or _linear_at(model, path)
+        if linears[path] is None or _is_stacked(path) != (layer is not None) or (layer or 0) >= num_layers:
             raise PeftFormatError(
                 f"{weights_path}: {name} is not a linear layer of this {model.config.model_type} model "
                 f"({num_layers} layers) -- an adapter for another architecture?"
             )
         grouped.setdefault(path, {})[layer] = fields
-    targets = tuple(sorted(grouped))
-    apply_lora(model, _with_targets(config, targets), rngs=nnx.Rngs(0))
+    if not grouped:
+        raise PeftFormatError(f"{weights_path}: holds no LoRA weights")
+    values: dict[str, dict[str, np.ndarray]] = {}
     for path, layers in grouped.items():
         module = linears[path]
-        expected_layers = list(range(num_layers)) if _is_stacked(path) else [None]
-        if sorted(layers, key=lambda x: -1 if x is None else x) != expected_layers:
-            raise PeftFormatError(f"{weights_path}: {path} has adapters for layers {sorted(layers)}, not all of them")
-        for field in ("lora_A", "lora_B", "lora_magnitude_vector"):
-            variable = getattr(module.lora, field)
-            if variable is None:
-                continue
+        stacked = _is_stacked(path)
+        expected_layers = list(range(num_layers)) if stacked else [None]
+        if set(layers) != set(expected_layers):
+            found = sorted(layer for layer in layers if layer is not None)
+            raise PeftFormatError(f"{weights_path}: {path} has adapters for layers {found}, not all {num_layers}")
+        shapes = {"lora_A": (config.r, module.in_features), "lora_B": (module.out_features, config.r)}
+        if config.use_dora:
+            shapes["lora_magnitude_vector"] = (module.out_features,)
+        values[path] = {}
+        for field, shape in shapes.items():
             per_layer = [layers[i].get(field) for i in expected_layers]
             if any(v is None for v in per_layer):
                 raise PeftFormatError(f"{weights_path}: {path}.{field} is missing")
-            value = np.stack(per_layer) if _is_stacked(path) else per_layer[0]
-            if value.shape != variable[...].shape:
-                raise PeftFormatError(
-                    f"{weights_path}: {path}.{field} has shape {value.shape[1:] if _is_stacked(path) else value.shape}"
-                    f", the model needs {variable[...].shape[1:] if _is_stacked(path) else variable[...].shape}"
-                )
-            variable.set_value(jnp.asarray(value, jnp.float32))
+            for layer, value in zip(expected_layers, per_layer, strict=True):
+                if value.shape != shape:
+                    where = path if layer is None else path.replace("model.layers.", f"model.layers.{layer}.", 1)
+                    raise PeftFormatError(f"{weights_path}: {where}.{field} has shape {value.shape}, the model "
+                                          f"needs {shape} (r={config.r} in {ADAPTER_CONFIG})")  # fmt: skip
+            values[path][field] = np.stack(per_layer).astype(np.float32) if stacked else per_layer[0].astype(np.float32)
+    return config, values
+
+
+def load_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> LoraConfig:
+    """Adds the adapters of a PEFT directory to `model` (which must have none yet), after `read_peft_adapter` has
+    checked all of it (a bad adapter leaves the model unchanged). Returns the adapter's LoraConfig."""
+    config, values = read_peft_adapter(model, directory)
+    apply_lora(model, _with_targets(config, tuple(sorted(values))), rngs=nnx.Rngs(0))
+    for path, fields in values.items():
+        for field, value in fields.items():
+            getattr(_linear_at(model, path).lora, field).set_value(jnp.asarray(value, jnp.float32))
     return config
+
+
+def _linear_at(model: DecoderLM, path: str) -> QLinear | None:
+    """The linear layer at a dotted module path (`model.layers.self_attn.q_proj`), or None."""
+    node: Any = model
+    for part in path.split("."):
+        if not part.isidentifier() or part.startswith("_"):
+            return None
+        node = getattr(node, part, None)
+    return node if isinstance(node, QLinear) else None
 
 
 def _with_targets(config: LoraConfig, paths: tuple[str, ...]) -> LoraConfig:
