@@ -1,24 +1,26 @@
 """`train(config)`: load the 4-bit model, add adapters, stream batches, step, evaluate, checkpoint, resume, report.
 
-Everything a run writes goes to `train.output_dir`: `checkpoints/` (orbax, atomic), `metrics.jsonl` (one line per
-logged step and per evaluation), `loss.png`, `samples.json` (answers before and after), `config.json`, and the
-adapter in PEFT format (`adapter/`) at the end. Killed and started again with the same config, a run resumes from
-its last checkpoint and produces bit for bit the losses of an uninterrupted run.
+Everything a run writes goes to `train.output_dir` (run_dir.py lists it): `checkpoints/` (orbax, atomic),
+`metrics.jsonl` (one line per logged step and per evaluation), `loss.png`, `samples.json` (answers before and
+after), `config.json`, `run.json`, and the adapter in PEFT format (`adapter/`) at the end. Killed and started again
+with the same config, a run resumes from its last checkpoint and produces bit for bit the losses of an
+uninterrupted run. One process at a time trains in a directory; nothing in it is written before the config, the
+model and the data have been checked; a diverging run stops before saving bad weights (divergence.py).
 
 With a `mesh` section the run spans devices (docs/scaling.md): weights, adapters and optimizer state are placed
 by `qlora_jax.sharding`'s rule, each process feeds its own devices' rows of every batch, checkpoints are written
 sharded, and only process 0 writes the other files. Multi-process runs start from the launcher's environment
 (`qlora_jax.distributed`).
 
-The parts, in the order `train` runs them: `set_up` (setup.py: model, data, placement, steps), `_start` (resume
-from the last checkpoint, or report before training), `_run_steps` (the step loop: log, evaluate, save), `_finish`
-(report after training, last checkpoint, loss curve) and `_export_adapter` (PEFT).
+The parts, in the order `train` runs them: `RunDirectory.resumes` (run_dir.py: may this config start or resume
+here?), `set_up` (setup.py: model, data, placement, steps), `_start` (resume from the last checkpoint, or report
+before training), `_run_steps` (the step loop: log, evaluate, check, save), `_finish` (report after training, last
+checkpoint, loss curve) and `_export_adapter` (PEFT).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -31,15 +33,22 @@ from qlora_jax.models import DecoderLM
 from qlora_jax.train import data as data_lib
 from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.config import TrainConfig
-from qlora_jax.train.report import MetricsLog, device_memory, evaluate, plot_losses, report_after, report_before
+from qlora_jax.train.divergence import DivergenceGuard, TrainingDiverged
+from qlora_jax.train.report import (
+    MetricsLog,
+    batch_loss,
+    device_memory,
+    evaluate,
+    plot_losses,
+    report_after,
+    report_before,
+)
+from qlora_jax.train.resume import ResumeError, data_fingerprint
+from qlora_jax.train.run_dir import RunDirectory
 from qlora_jax.train.setup import TrainingSetup, set_up
 from qlora_jax.train.step import TrainState
 
 __all__ = ["train", "TrainingDiverged", "TrainResult"]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradients became NaN or Inf; training stopped before applying that update."""
 
 
 @dataclasses.dataclass
@@ -63,55 +72,79 @@ class _Progress:
     data: data_lib.BatchIterator
     samples: dict[str, Any]
     exact_match_before: float | None
-    last_saved: int | None
+    guard: DivergenceGuard
+    last_batch: data_lib.Batch | None = None  # the batch of the last step run here, and its loss (before the step)
+    last_loss: float | None = None
 
-    def save(self, checkpoints: RunCheckpoints) -> Path:
+    def save(self, setup: TrainingSetup, checkpoints: RunCheckpoints) -> Path:
+        """Checks the state (divergence rule 2), then saves it with the data position and the samples."""
+        step = int(self.state.step)
+        if self.last_batch is not None:
+            self.guard.before_save(step, batch_loss(setup, self.state.lora, self.last_batch), self.last_loss)
         extra = {"data": self.data.state(), "samples": self.samples, "exact_match_before": self.exact_match_before}
         path = checkpoints.save(self.state, extra)
-        self.last_saved = int(self.state.step)
+        self.guard.saved(step)
         return path
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
-    """Runs (or resumes) a QLoRA fine-tune as configured; see the module docstring for what it writes."""
+    """Runs (or resumes) a QLoRA fine-tune as configured; see the module docstring for what it writes.
+
+    Raises `qlora_jax.errors.QloraJaxError`s for what the user can fix: RunDirectoryLocked (another process trains
+    there), ResumeError (a config or data that cannot resume this run), reader errors naming the file,
+    TrainingDiverged (naming the last good checkpoint).
+    """
     initialize_from_environment()  # multi-process launches (SLURM, or JAX_* variables); before any JAX work
     t = config.train
     primary = is_primary()
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if primary:
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-    setup = set_up(config, verbose=primary)
-    metrics = MetricsLog(out / "metrics.jsonl", write=primary)
-    checkpoints = RunCheckpoints(out / "checkpoints", keep=t.keep_checkpoints)
-    try:
-        run = _start(setup, checkpoints, metrics)
-        _run_steps(setup, run, checkpoints, metrics, progress=progress and primary)
-        model, exact_match_after = _finish(setup, run, checkpoints, metrics, out, primary=primary)
-    finally:
-        checkpoints.close()
-    if t.export_peft:
-        _export_adapter(setup, run.state.lora, out / "adapter", primary=primary)
+    run_dir = RunDirectory(t.output_dir, primary=primary)
+    with run_dir.locked():
+        data = data_fingerprint(config)
+        resuming = run_dir.resumes(config, data)  # before anything is loaded
+        setup = set_up(config, verbose=primary)
+        run_dir.write_start(config, data)  # the inputs are read and checked: now the directory may change
+        metrics = MetricsLog(run_dir.metrics, write=primary)
+        checkpoints = RunCheckpoints(run_dir.checkpoints, keep=t.keep_checkpoints)
+        try:
+            run = _start(setup, checkpoints, metrics, resuming=resuming)
+            _run_steps(setup, run, checkpoints, metrics, progress=progress and primary)
+            model, exact_match_after = _finish(setup, run, checkpoints, metrics, run_dir)
+        finally:
+            checkpoints.close()
+        if t.export_peft:
+            _export_adapter(setup, run.state.lora, run_dir.adapter, primary=primary)
     losses = [loss for _, loss in metrics.series("loss")]
-    return TrainResult(model, setup.tokenizer, int(run.state.step), losses, metrics.series("eval_loss"), out,
+    return TrainResult(model, setup.tokenizer, int(run.state.step), losses, metrics.series("eval_loss"), run_dir.path,
                        run.exact_match_before, exact_match_after)  # fmt: skip
 
 
-def _start(setup: TrainingSetup, checkpoints: RunCheckpoints, metrics: MetricsLog) -> _Progress:
-    """The last checkpoint's progress (train.resume), or a fresh start with the reports before training."""
+def _start(setup: TrainingSetup, checkpoints: RunCheckpoints, metrics: MetricsLog, *, resuming: bool) -> _Progress:
+    """The last checkpoint's progress (when resuming), or a fresh start with the reports before training."""
     config = setup.config
     iterator = data_lib.BatchIterator(setup.data.rows, config.train.batch_size, seed=config.data.seed)
-    if config.train.resume and checkpoints.latest_step() is not None:
+
+    def guard(last_saved: int | None) -> DivergenceGuard:
+        return DivergenceGuard(config.train.divergence_factor, max_grad_norm=config.optim.max_grad_norm,
+                               checkpoints=checkpoints.directory, last_saved=last_saved)  # fmt: skip
+
+    if resuming:
         state, extra = checkpoints.restore(setup.state, offload=config.optim.offload, shardings=setup.state_shardings)
+        saved_rows = extra["data"].get("num_rows")
+        if saved_rows is not None and saved_rows != setup.data.rows.num_rows:
+            raise ResumeError(
+                f"data.train gives {setup.data.rows.num_rows} training rows now, {saved_rows} when "
+                f"{checkpoints.directory / str(int(state.step))} was written: the data (or how it is tokenized) "
+                "changed; restore it, or use another train.output_dir to start a new run"
+            )
         iterator.restore(extra["data"])
         step = int(state.step)
         metrics.start(metrics.read(up_to_step=step))
         print(f"resumed from {checkpoints.directory / str(step)} at step {step}")
-        return _Progress(state, iterator, extra.get("samples", {}), extra.get("exact_match_before"), step)
+        return _Progress(state, iterator, extra.get("samples", {}), extra.get("exact_match_before"), guard(step))
     samples: dict[str, Any] = {}
     exact_match_before = report_before(setup, samples)
     metrics.start([] if exact_match_before is None else [{"step": 0, "eval_exact_match": exact_match_before}])
-    return _Progress(setup.state, iterator, samples, exact_match_before, checkpoints.latest_step())
+    return _Progress(setup.state, iterator, samples, exact_match_before, guard(None))
 
 
 def _run_steps(setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints, metrics: MetricsLog, *,
@@ -132,8 +165,9 @@ def _run_steps(setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints
             step_metrics = jax.device_get(step_metrics)
             elapsed = time.perf_counter() - started
             step = int(run.state.step)
-            if not step_metrics["finite"]:
-                raise _diverged(checkpoints, run.last_saved, step, step_metrics)
+            loss = float(step_metrics["loss"])
+            run.guard.after_step(step, loss, float(step_metrics["grad_norm"]))
+            run.last_batch, run.last_loss = host_batch, loss
             tokens_per_s = int(np.count_nonzero(host_batch.segment_ids)) / elapsed  # every token the step processed
             bar.update(1)
             bar.set_postfix(loss=f"{float(step_metrics['loss']):.4f}", tok_s=f"{tokens_per_s:.0f}",
@@ -147,36 +181,28 @@ def _run_steps(setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints
             if setup.data.eval_rows is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 metrics.log({"step": step, "eval_loss": evaluate(setup, run.state.lora)})
             if t.save_every and step % t.save_every == 0 and step < t.steps:
-                run.save(checkpoints)
+                run.save(setup, checkpoints)
     finally:
         bar.close()
 
 
-def _diverged(checkpoints: RunCheckpoints, last_saved: int | None, step: int, metrics: dict) -> TrainingDiverged:
-    where = f"the last good checkpoint is {checkpoints.directory / str(last_saved)}" if last_saved else (
-        "no checkpoint was written yet")  # fmt: skip
-    return TrainingDiverged(
-        f"step {step}: loss {float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}; stopped "
-        f"without applying it ({where}). Lower optim.learning_rate or set optim.max_grad_norm."
-    )
-
-
-def _finish(setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints, metrics: MetricsLog, out: Path, *,
-            primary: bool) -> tuple[DecoderLM, float | None]:  # fmt: skip
-    """The reports after training (eval loss, exact match, samples), the last checkpoint and the loss curve."""
+def _finish(setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints, metrics: MetricsLog,
+            run_dir: RunDirectory) -> tuple[DecoderLM, float | None]:  # fmt: skip
+    """The last checkpoint (checked first, like every one), the reports after training (eval loss, exact match,
+    samples) and the loss curve."""
     model = setup.model_with(run.state.lora)
     step = int(run.state.step)
+    if checkpoints.latest_step() != step:
+        run.save(setup, checkpoints)
     if setup.data.eval_rows is not None:
         metrics.log({"step": step, "eval_loss": evaluate(setup, run.state.lora)})
     exact_match_after = report_after(setup, model, run.samples)
     if exact_match_after is not None:
         metrics.log({"step": step, "eval_exact_match": exact_match_after})
-    if run.samples and primary:
-        (out / "samples.json").write_text(json.dumps(run.samples, indent=2))
-    if checkpoints.latest_step() != step:
-        run.save(checkpoints)
-    if primary:
-        plot_losses(out / "loss.png", metrics.series("loss"), metrics.series("eval_loss"))
+    if run.samples:
+        run_dir.write_samples(run.samples)
+    if run_dir.primary:
+        plot_losses(run_dir.plot, metrics.series("loss"), metrics.series("eval_loss"))
     return model, exact_match_after
 
 

@@ -7,18 +7,21 @@ and one call in `train()` (loop.py).
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from qlora_jax import files
 from qlora_jax.generate import SamplingConfig, generate_text
 from qlora_jax.models import ComputeOptions, DecoderLM
 from qlora_jax.train.setup import TrainingSetup
 
 __all__ = [
     "evaluate",
+    "batch_loss",
     "exact_match",
     "MetricsLog",
     "report_before",
@@ -31,14 +34,26 @@ SAMPLE_TOKENS = 48  # new tokens of every sample answer and exact-match answer
 SHOWN = 5  # answers printed and kept in samples.json per exact-match evaluation
 
 
-def evaluate(setup: TrainingSetup, lora) -> float:
-    """The mean loss per target token over the eval rows (`train.eval_batches` batches of `train.batch_size`)."""
-    t = setup.config.train
+def _mean_loss(setup: TrainingSetup, lora, rows, batch_rows: int, max_batches: int = 0) -> float:
     total, count = 0.0, 0
-    for batch in setup.eval_batches(setup.data.eval_rows, t.batch_size, t.eval_batches):
+    for batch in setup.eval_batches(rows, batch_rows, max_batches):
         loss_sum, tokens = setup.eval_step(lora, setup.base, batch)
         total, count = total + float(loss_sum), count + int(tokens)
     return total / max(count, 1)
+
+
+def evaluate(setup: TrainingSetup, lora) -> float:
+    """The mean loss per target token over the eval rows (`train.eval_batches` batches of `train.batch_size`)."""
+    t = setup.config.train
+    return _mean_loss(setup, lora, setup.data.eval_rows, t.batch_size, t.eval_batches)
+
+
+def batch_loss(setup: TrainingSetup, lora, batch) -> float:
+    """The mean loss per target token of `lora` on one training batch (a `data.Batch` of `train.batch_size`
+    rows), without dropout, a micro-batch at a time (no more memory than a step): how the divergence check
+    judges the weights a step produced."""
+    t = setup.config.train
+    return _mean_loss(setup, lora, batch, t.batch_size // t.grad_accum)
 
 
 def _reference_and_prompt(record: dict) -> tuple[Any, str] | None:
@@ -142,17 +157,25 @@ class MetricsLog:
         self.path, self.write, self.history = path, write, []
 
     def read(self, up_to_step: int) -> list[dict]:
-        """Metric lines of earlier runs, up to the resumed step (later ones were never checkpointed)."""
+        """Metric lines of earlier runs, up to the resumed step (later ones were never checkpointed). A line that
+        is not a JSON object with a step (the torn last line of a killed run) is dropped."""
         if not self.path.exists():
             return []
-        lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        return [m for m in lines if m["step"] <= up_to_step]
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= up_to_step:
+                kept.append(record)
+        return kept
 
     def start(self, history: list[dict]) -> None:
-        """Starts the file with `history` (the lines kept from earlier runs, or none)."""
+        """Starts the file (replaced whole, atomically) with `history`: the lines kept from earlier runs, or none."""
         self.history = list(history)
         if self.write:
-            self.path.write_text("".join(json.dumps(m) + "\n" for m in self.history))
+            files.write_text(self.path, "".join(json.dumps(m) + "\n" for m in self.history))
 
     def log(self, record: dict) -> None:
         self.history.append(record)
@@ -182,8 +205,10 @@ def plot_losses(path: Path, train_losses: list[tuple[int, float]], eval_losses: 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    files.write_bytes(path, png.getvalue())
 
 
 def device_memory() -> str:
