@@ -103,6 +103,8 @@ def check_same_data(now: dict[str, Any], stored: dict[str, Any] | None, *, sourc
     (`stored`: run.json's "data"; None for runs written before run.json existed, which are not checked here)."""
     if not stored:
         return
+    if not isinstance(stored, dict) or not all(isinstance(stored.get(k), dict | None) for k in ("train", "eval")):
+        raise ResumeError(f'{source}: malformed "data" record; use another train.output_dir')
     for name in ("train", "eval"):
         before, after = stored.get(name), now[name]
         if before is None and after is None or (before and after and before.get("sha256") == after["sha256"]):

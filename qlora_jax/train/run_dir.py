@@ -75,7 +75,8 @@ class RunDirectory:
             )
         if not self.config.is_file():
             raise ResumeError(f"{self.path}: has checkpoints but no config.json; use another train.output_dir")
-        stored_data = read_json(self.run_info, "data record").get("data") if self.run_info.is_file() else None
+        info = read_json(self.run_info, "data record") if self.run_info.is_file() else {}
+        stored_data = info.get("data") if isinstance(info, dict) else None
         check_resumable(config, read_json(self.config, "config"), source=str(self.config),
                         data_by_content=stored_data is not None)  # fmt: skip
         check_same_data(data, stored_data, source=str(self.run_info))
