@@ -103,19 +103,22 @@ def _generate(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     """A transformers directory or GGUF file -> a transformers checkpoint, 4-bit (bitsandbytes) or dense."""
     from qlora_jax.convert.hf import save_pretrained
+    from qlora_jax.convert.safetensors_io import LAYOUT_FILES
+    from qlora_jax.files import check_output_directory, staged_directory
 
+    out = check_output_directory(args.output, "the output directory")  # before any work
     model, _ = _load("convert", args)
-    out = Path(args.output)
-    save_pretrained(model, out, dequantize_weights=args.quant == "none", max_shard_size=args.max_shard_size)
     source = Path(args.model)
-    try:
-        from qlora_jax.tokenizer import load_tokenizer
+    with staged_directory(out, replaces=LAYOUT_FILES) as staging:  # everything appears at once, or nothing
+        save_pretrained(model, staging, dequantize_weights=args.quant == "none", max_shard_size=args.max_shard_size)
+        try:
+            from qlora_jax.tokenizer import load_tokenizer
 
-        load_tokenizer(source).save_pretrained(str(out))
-    except (ValueError, ImportError) as e:
-        print(f"qlora-jax convert: no tokenizer written ({e})", file=sys.stderr)
-    if source.is_dir() and (source / "generation_config.json").is_file():
-        shutil.copy(source / "generation_config.json", out / "generation_config.json")
+            load_tokenizer(source).save_pretrained(str(staging))
+        except (ValueError, ImportError) as e:
+            print(f"qlora-jax convert: no tokenizer written ({e})", file=sys.stderr)
+        if source.is_dir() and (source / "generation_config.json").is_file():
+            shutil.copy(source / "generation_config.json", staging / "generation_config.json")
     print(f"wrote {out}")
     return 0
 
@@ -130,19 +133,14 @@ def _take_flag(args: argparse.Namespace, flag: str) -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from qlora_jax.train.config import ConfigFieldError, load_config
-    from qlora_jax.train.loop import TrainingDiverged, train
+    from qlora_jax.train.config import load_config
+    from qlora_jax.train.loop import train
 
     no_progress = _take_flag(args, "--no-progress")
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigFieldError as e:
-        raise _fail("train", str(e)) from e
+    config = load_config(args.config, args.overrides)
     try:
         result = train(config, progress=not no_progress)
-    except TrainingDiverged as e:
-        raise _fail("train", str(e)) from e
-    except (ValueError, OSError) as e:  # bad data lines, checkpoints, model files: the message names them
+    except ValueError as e:  # from a library below ours (tokenizer files, ...): its message names what
         raise _fail("train", str(e)) from e
     print(f"trained {result.steps} steps; outputs in {result.output_dir}")
     if result.exact_match_before is not None:
@@ -154,19 +152,19 @@ def _plan(args: argparse.Namespace) -> int:
     """The memory plan of a training config, from abstract shapes and compiled shallow steps (nothing loaded)."""
     import jax
 
-    from qlora_jax.train.config import ConfigFieldError, load_config
+    from qlora_jax.train.config import load_config
     from qlora_jax.train.plan import longest_row, memory_budget, plan_memory
 
     compare = _take_flag(args, "--compare")
     longest = _take_flag(args, "--longest-row")
+    config = load_config(args.config, args.overrides)
     try:
-        config = load_config(args.config, args.overrides)
         plan = plan_memory(config, compare=compare)
         if longest:
             budget, source = memory_budget(config)
             policies = ["full"] + (["offload"] if jax.default_backend() != "cpu" else [])
             rows = {policy: longest_row(config, budget=budget, policy=policy)[0] for policy in policies}
-    except (ConfigFieldError, ValueError, OSError) as e:
+    except ValueError as e:  # from a library below ours; errors raised on purpose are handled in main()
         raise _fail("plan", str(e)) from e
     t = config.train
     print(f"{config.model.path}: {plan.num_layers} layers, {config.model.quant} base, LoRA r={config.lora.r}; "
@@ -248,45 +246,47 @@ def _merge(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from qlora_jax.convert.merge import merge_and_save
+    from qlora_jax.convert.safetensors_io import LAYOUT_FILES
+    from qlora_jax.files import check_output_directory, check_output_file, staged_directory
     from qlora_jax.quant import QuantConfig
     from qlora_jax.tokenizer import load_tokenizer
 
-    if args.gguf is not None and args.requantize != "none":  # before the (slow) load
-        raise _fail("merge", f"--requantize {args.requantize} writes bitsandbytes safetensors, not GGUF: drop it "
-                             f"and pick the GGUF tensor type with --gguf ({'|'.join(GGUF_TYPES)})")  # fmt: skip
-    model, _ = _load_with_adapter("merge", args)
     quant = None if args.requantize == "none" else QuantConfig(quant_type=args.requantize)
+    if args.gguf is not None:  # checked before any work
+        if quant is not None:
+            raise _fail("merge", f"--requantize {args.requantize} writes bitsandbytes safetensors, not GGUF: drop it "
+                                 f"and pick the GGUF tensor type with --gguf ({'|'.join(GGUF_TYPES)})")  # fmt: skip
+        check_output_file(args.output, "the GGUF output")
+    else:
+        check_output_directory(args.output, "the output directory")
+    model, _ = _load_with_adapter("merge", args)
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
     except ValueError as e:
         print(f"qlora-jax merge: no tokenizer written ({e})", file=sys.stderr)
         tokenizer = None
     if args.gguf is not None:
-        from qlora_jax.convert.gguf_export import GGUFError, save_gguf
+        from qlora_jax.convert.gguf_export import save_gguf
 
         source = Path(args.tokenizer or args.model)
         tokenizer_gguf = source if source.suffix == ".gguf" else None
-        try:
-            out = save_gguf(model, args.output, tensor_type=args.gguf, tokenizer=tokenizer,
-                            tokenizer_gguf=tokenizer_gguf)  # fmt: skip
-        except (GGUFError, ValueError, OSError) as e:
-            raise _fail("merge", str(e)) from e
+        out = save_gguf(model, args.output, tensor_type=args.gguf, tokenizer=tokenizer, tokenizer_gguf=tokenizer_gguf)
         print(f"wrote {out}")
         return 0
-    merge_and_save(model, args.output, dtype=jnp.dtype(args.out_dtype), quant=quant, tokenizer=tokenizer,
-                   max_shard_size=args.max_shard_size)  # fmt: skip
+    with staged_directory(args.output, replaces=LAYOUT_FILES) as staging:  # everything appears at once, or nothing
+        merge_and_save(model, staging, dtype=jnp.dtype(args.out_dtype), quant=quant, tokenizer=tokenizer,
+                       max_shard_size=args.max_shard_size)  # fmt: skip
     print(f"wrote {args.output}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     """A training run's checkpoint -> a PEFT adapter directory."""
-    from qlora_jax.train.config import ConfigFieldError
     from qlora_jax.train.export import export_run
 
     try:
         out = export_run(args.run_dir, args.output, step=args.step)
-    except (ConfigFieldError, ValueError, OSError) as e:
+    except ValueError as e:
         raise _fail("export", str(e)) from e
     print(f"wrote {out} (PEFT adapter: PeftModel.from_pretrained(base_model, {str(out)!r}))")
     return 0
@@ -376,8 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command. What the user can fix (`qlora_jax.errors.QloraJaxError`: bad files, fields, lines; a
+    locked, unresumable or diverged run) and what the system refuses (OSError: a missing file, no permission, a
+    full disk) end the command with status 1 and one message, never a traceback."""
+    from qlora_jax.errors import QloraJaxError
+
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except QloraJaxError as e:
+        raise _fail(args.command, str(e)) from e
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise _fail(args.command, f"{where}{e.strerror or e}") from e
 
 
 if __name__ == "__main__":

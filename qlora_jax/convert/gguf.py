@@ -27,6 +27,9 @@ import numpy as np
 from gguf import MODEL_TENSOR as T
 from gguf import Keys
 
+from qlora_jax.convert.finite import non_finite
+from qlora_jax.errors import InputError
+
 __all__ = ["SUPPORTED_ARCHITECTURES", "SUPPORTED_TENSOR_TYPES", "GGUFError", "GGUFCheckpoint", "read_gguf"]
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
@@ -104,7 +107,7 @@ _YARN_KEYS = {
 }
 
 
-class GGUFError(ValueError):
+class GGUFError(InputError):
     """A GGUF file that is unreadable, malformed, or holds a model this module cannot convert."""
 
 
@@ -434,7 +437,14 @@ def _load(source: _Source, path: pathlib.Path) -> np.ndarray:
     if tensor.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
         raise GGUFError(f"{path}: tensor {tensor.name!r} has unsupported type {tensor.tensor_type.name}")
     shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists the innermost dimension first
-    array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+    try:
+        array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+    except (ValueError, TypeError, IndexError, ArithmeticError) as e:  # data that does not fit its type and shape
+        raise GGUFError(
+            f"{path}: tensor {tensor.name!r} ({tensor.tensor_type.name}, {shape}) cannot be decoded: {e}"
+        ) from e
+    if problem := non_finite(array):
+        raise GGUFError(f"{path}: tensor {tensor.name!r} {problem}")
     if np.may_share_memory(array, tensor.data):  # F32 comes back as a view of the read-only memory map
         array = array.copy()
     if source.heads is not None:

@@ -23,6 +23,9 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from qlora_jax.convert.finite import non_finite
+from qlora_jax.errors import InputError
+from qlora_jax.files import staged_directory
 from qlora_jax.lora import LoRA, LoraConfig, apply_lora, target_layers
 from qlora_jax.lora_targets import layer_module_name, split_layer_name
 from qlora_jax.models import DecoderLM
@@ -31,6 +34,7 @@ from qlora_jax.nn import QLinear
 __all__ = [
     "save_peft_adapter",
     "load_peft_adapter",
+    "read_peft_adapter",
     "read_adapter_config",
     "read_adapter_config_dict",
     "PeftFormatError",
@@ -50,7 +54,7 @@ _UNSUPPORTED = {"modules_to_save": (None, []), "fan_in_fan_out": (False, None), 
                 "megatron_config": (None, {}), "use_bdlora": (False, None)}  # fmt: skip
 
 
-class PeftFormatError(ValueError):
+class PeftFormatError(InputError):
     """A PEFT adapter that cannot be read, or does not fit the model."""
 
 
@@ -154,14 +158,13 @@ def save_peft_adapter(
             if lora.lora_magnitude_vector is not None:
                 magnitude = lora.lora_magnitude_vector[...][index]
                 tensors[f"{name}.lora_magnitude_vector"] = np.ascontiguousarray(magnitude, np.float32)
+    for key, value in tensors.items():
+        if problem := non_finite(value):
+            raise PeftFormatError(f"{directory}: adapter tensor {key} {problem}; nothing was written")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    # write both files beside their final names, then move: a reader never sees half an adapter
-    save_file(tensors, str(directory / (ADAPTER_WEIGHTS + ".tmp")), metadata={"format": "pt"})
-    (directory / (ADAPTER_CONFIG + ".tmp")).write_text(json.dumps(fields, indent=2))
-    os.chmod(directory / (ADAPTER_WEIGHTS + ".tmp"), 0o644)
-    os.replace(directory / (ADAPTER_WEIGHTS + ".tmp"), directory / ADAPTER_WEIGHTS)
-    os.replace(directory / (ADAPTER_CONFIG + ".tmp"), directory / ADAPTER_CONFIG)
+    with staged_directory(directory) as staging:  # a reader never sees half an adapter
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(fields, indent=2))
     return directory
 
 
@@ -174,7 +177,7 @@ def read_adapter_config_dict(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / ADAPTER_CONFIG
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise PeftFormatError(f"{path}: cannot read the adapter config ({e})") from e
     if not isinstance(raw, dict):
         raise PeftFormatError(f"{path}: expected a JSON object")
@@ -207,8 +210,8 @@ def _lora_config(raw: dict[str, Any], path: Any) -> LoraConfig:
             use_dora=bool(get("use_dora", False)),
             bias=get("bias", "none"),
         )
-    except (KeyError, TypeError, ValueError) as e:
-        raise PeftFormatError(f"{path}: {e}") from e
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise PeftFormatError(f"{path}: {f'missing field {e}' if isinstance(e, KeyError) else e}") from e
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
@@ -217,21 +220,35 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
 
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """{key: float32 array} of an adapter file; PeftFormatError for an unreadable file, a non-float or non-finite
+    tensor."""
     try:
         # "flax" reads bfloat16 too (PEFT adapters trained in bf16), which numpy alone cannot
         with safe_open(str(path), framework="flax") as f:
-            return {key: np.asarray(f.get_tensor(key), np.float32) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+            raw = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise PeftFormatError(f"{path}: not a readable safetensors file ({e})") from e
+    tensors = {}
+    for key, value in raw.items():
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise PeftFormatError(f"{path}: tensor {key} has dtype {value.dtype}, not a floating-point one")
+        tensors[key] = np.asarray(value, np.float32)
+        if problem := non_finite(tensors[key]):
+            raise PeftFormatError(f"{path}: tensor {key} {problem}")
+    return tensors
 
 
-def load_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> LoraConfig:
-    """Adds the adapters of a PEFT directory to `model` (which must have none yet): on the layers its config selects
-    by PEFT's rules, each at its rank, checking that the file holds exactly those tensors with those shapes.
-    Returns the adapter's LoraConfig."""
+def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, dict]]:
+    """Reads a PEFT adapter directory and checks all of it against `model` without changing the model: the layers
+    its config selects by PEFT's rules must be exactly the ones the file holds, each tensor with the shape its
+    layer's rank gives.
+
+    Returns (config, {module path: {"lora_A", "lora_B"[, "lora_magnitude_vector"]: array}}), float32 arrays laid
+    out as `apply_lora` lays them out: for a stacked module [num_layers, max_rank, in] / [num_layers, out,
+    max_rank] / [num_layers, out], zero-padded past each layer's rank (docs/lora.md). Raises PeftFormatError naming
+    the file and the tensor.
+    """
     directory = Path(directory)
-    if _adapted(model):
-        raise ValueError("the model already has LoRA adapters")
     config = read_adapter_config(directory)
     weights_path = directory / ADAPTER_WEIGHTS
     tensors = _read_tensors(weights_path)
@@ -251,25 +268,29 @@ def load_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> LoraCon
             )
         by_layer.setdefault((path, layer), {})[_FIELDS[match.group(2)]] = value
     try:
-        apply_lora(model, dataclasses.replace(config, init_lora_weights=True), rngs=nnx.Rngs(0))
+        targets = target_layers(model, config)
     except ValueError as e:
         raise PeftFormatError(f"{directory / ADAPTER_CONFIG}: {e}") from e
+    values: dict[str, dict[str, np.ndarray]] = {}
     expected = set()
-    for path, module in _adapted(model).items():
-        lora: LoRA = module.lora
-        values = {field: np.zeros(variable[...].shape, np.float32) for field in _FIELDS.values()
-                  if (variable := getattr(lora, field)) is not None}  # fmt: skip
-        for layer in _layers(module):
-            r = lora.ranks[layer or 0]
+    for path, target in targets.items():
+        module, r_max = linears[path], target.max_rank
+        shapes = {"lora_A": (r_max, module.in_features), "lora_B": (module.out_features, r_max)}
+        if config.use_dora:
+            shapes["lora_magnitude_vector"] = (module.out_features,)
+        lead = (len(target.ranks),) if target.stacked else ()
+        values[path] = {field: np.zeros(lead + shape, np.float32) for field, shape in shapes.items()}
+        for i, r in enumerate(target.ranks):
             if r == 0:
-                continue
+                continue  # no adapter on this layer
+            layer = i if target.stacked else None
             expected.add((path, layer))
             name = layer_module_name(path, layer)
             fields = by_layer.get((path, layer))
             if fields is None:
                 raise PeftFormatError(f"{weights_path}: no tensors for {name}, which its config adapts")
             index = () if layer is None else (layer,)
-            for field, full in values.items():
+            for field, full in values[path].items():
                 value = fields.get(field)
                 if value is None:
                     raise PeftFormatError(f"{weights_path}: {name}.{field} is missing")
@@ -278,18 +299,31 @@ def load_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> LoraCon
                 if value.shape != need:
                     raise PeftFormatError(f"{weights_path}: {name}.{field} has shape {value.shape}, the model needs "
                                           f"{need} (rank {r} from the config)")  # fmt: skip
-                target = full[index]
+                target_array = full[index]
                 if field == "lora_A":
-                    target[:r] = value
+                    target_array[:r] = value
                 elif field == "lora_B":
-                    target[:, :r] = value
+                    target_array[:, :r] = value
                 else:
-                    target[...] = value
-        for field, full in values.items():
-            getattr(lora, field).set_value(jnp.asarray(full))
+                    target_array[...] = value
     extra = sorted(set(by_layer) - expected, key=str)
     if extra:
         path, layer = extra[0]
         raise PeftFormatError(f"{weights_path}: holds {layer_module_name(path, layer)}, which its config "
                               f"(target_modules={config.target_modules!r}) does not adapt")  # fmt: skip
+    return config, values
+
+
+def load_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> LoraConfig:
+    """Adds the adapters of a PEFT directory to `model` (which must have none yet; ValueError otherwise) on the
+    layers its config selects by PEFT's rules, each at its rank, after `read_peft_adapter` has checked all of it:
+    a bad adapter (PeftFormatError) leaves the model unchanged. Returns the adapter's LoraConfig."""
+    if _adapted(model):
+        raise ValueError("the model already has LoRA adapters")
+    config, values = read_peft_adapter(model, directory)
+    apply_lora(model, dataclasses.replace(config, init_lora_weights=True), rngs=nnx.Rngs(0))
+    adapted = _adapted(model)
+    for path, fields in values.items():
+        for field, value in fields.items():
+            getattr(adapted[path].lora, field).set_value(jnp.asarray(value))
     return config

@@ -36,6 +36,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from qlora_jax.errors import InputError
+
 __all__ = ["ChatTemplateError", "assistant_mask", "has_generation_blocks"]
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _MARK = re.compile("\ue000(\\d+)\ue001")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InputError):
     """The template cannot render this conversation, or its assistant turns cannot be located."""
 
 

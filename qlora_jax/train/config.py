@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from qlora_jax.errors import InputError
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models import ATTENTION_IMPLS, REMAT_POLICIES
 
@@ -60,7 +61,10 @@ def parse_bytes(value: int | float | str) -> int:
     return int(number * _UNITS[unit])
 
 
-class ConfigFieldError(ValueError):
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where PyYAML was built with it: faster
+
+
+class ConfigFieldError(InputError):
     """A config field that is unknown, missing, of the wrong type, or out of range."""
 
 
@@ -123,6 +127,7 @@ class TrainSection:
     resume: bool = True  # continue from output_dir's latest checkpoint if there is one
     export_peft: bool = True  # write the adapter in PEFT format at the end
     samples: tuple[str, ...] = ()  # prompts answered before and after training
+    divergence_factor: float = 2.0  # a loss this many times (and 1 nat) above its reference stops the run; 0: off
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -230,7 +235,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 def _check_ranges(config: TrainConfig, where: str) -> None:
     def need(ok: bool, field: str, message: str) -> None:
         if not ok:
-            raise ConfigFieldError(f"{where}.{field}: {message}")
+            raise ConfigFieldError(f"{where}: {field}: {message}")
 
     m, d, o, t = config.model, config.data, config.optim, config.train
     need(m.quant in QUANT_TYPES, "model.quant", f"must be one of {QUANT_TYPES}, got {m.quant!r}")
@@ -262,6 +267,12 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
     need(t.loss_chunk_size >= 0, "train.loss_chunk_size", f"must be >= 0 (0: automatic), got {t.loss_chunk_size}")
     need(t.attention_block >= 0, "train.attention_block", f"must be >= 0, got {t.attention_block}")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    for name in ("eval_every", "save_every", "eval_batches", "eval_exact_match"):
+        need(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0 (0: off), got {getattr(t, name)}")
+    need(t.divergence_factor == 0 or t.divergence_factor > 1, "train.divergence_factor",
+         f"must be > 1, or 0 (only non-finite losses stop the run), got {t.divergence_factor}")  # fmt: skip
+    need(bool(t.output_dir), "train.output_dir", "must not be empty")
     mesh = config.mesh
     for name in ("data", "fsdp"):
         n = getattr(mesh, name)
@@ -277,14 +288,17 @@ def check_batch_divides(config: TrainConfig, devices: int, where: str = "config"
     micro = t.batch_size // t.grad_accum
     if micro % devices:
         raise ConfigFieldError(
-            f"{where}.train.batch_size: a micro-batch of {micro} rows (batch_size={t.batch_size} / grad_accum="
+            f"{where}: train.batch_size: a micro-batch of {micro} rows (batch_size={t.batch_size} / grad_accum="
             f"{t.grad_accum}) cannot be split over the mesh's {devices} devices (data x fsdp); make it a multiple"
         )
 
 
 def config_from_dict(raw: Any, *, source: str = "config") -> TrainConfig:
     if not isinstance(raw, dict):
-        raise ConfigFieldError(f"{source}: expected a mapping with model, data, lora, optim, train, mesh")
+        raise ConfigFieldError(
+            f"{source}: the top level must be a mapping of sections (model, data, lora, optim, train, mesh), got "
+            f"a {_yaml_kind(raw)}"
+        )
     unknown = [k for k in raw if k not in _SECTIONS]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), _SECTIONS, n=1)
@@ -310,7 +324,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], *, source: str = 
             raise ConfigFieldError(f"{source}: overrides look like --section.field value, got {flag!r}")
         section, field = flag[2:].split(".")
         try:
-            value = yaml.safe_load(text)
+            value = yaml.load(text, Loader=_SAFE_LOADER)
         except yaml.YAMLError as e:
             raise ConfigFieldError(f"{source}: {flag}: cannot parse {text!r} ({e})") from e
         raw.setdefault(section, {})
@@ -324,14 +338,31 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Reads a YAML training config (paths in it are relative to the file) and applies dotted overrides."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SAFE_LOADER)
+    except UnicodeDecodeError as e:
+        raise ConfigFieldError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except OSError as e:
-        raise ConfigFieldError(f"{path}: cannot read ({e})") from e
+        raise ConfigFieldError(f"{path}: cannot read ({e.strerror or e})") from e
     except yaml.YAMLError as e:
         raise ConfigFieldError(f"{path}: not valid YAML ({e})") from e
+    if raw is None:  # an empty file
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigFieldError(
+            f"{path}: the top level must be a mapping of sections (model, data, lora, optim, train, mesh), got a "
+            f"YAML {_yaml_kind(raw)}"
+        )
     raw = apply_overrides(raw, overrides or [], source=str(path))
     config = config_from_dict(raw, source=str(path))
     return _resolve_paths(config, path.parent)
+
+
+def _yaml_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, str):
+        return f"string ({value[:40]!r})"
+    return type(value).__name__
 
 
 def resolve_package_path(path: str) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from qlora_jax.errors import InputError
 from qlora_jax.train.chat import ChatTemplateError, assistant_mask
 
 __all__ = [
@@ -47,7 +48,7 @@ LOSS_ON = ("completion", "all")
 FORMATS = {"text": ("text",), "prompt/completion": ("prompt", "completion"), "messages": ("messages",)}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad training data; the message starts with "file:line: "."""
 
 
@@ -119,8 +120,16 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: JSON nested too deeply") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got a JSON {_json_type(record)}")
+            if "\\ud" in line.lower():  # JSON may escape half of a UTF-16 surrogate pair, which is no text
+                try:
+                    json.dumps(record, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError:
+                    raise DataError(f"{path}:{number}: a string holds a lone UTF-16 surrogate (\\uD800-\\uDFFF), "
+                                    "which is not text") from None  # fmt: skip
             records.append((number, record))
     return records
 

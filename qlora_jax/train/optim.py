@@ -35,9 +35,9 @@ def learning_rate_schedule(config: OptimSection, total_steps: int) -> optax.Sche
 
 
 def make_optimizer(config: OptimSection, total_steps: int) -> optax.GradientTransformation:
-    chain = []
-    if config.max_grad_norm is not None:
-        chain.append(optax.clip_by_global_norm(config.max_grad_norm))
+    # identity() keeps the state's structure the same with and without clipping, so a run may turn clipping on
+    # (or off) when it resumes from a checkpoint
+    chain = [optax.identity() if config.max_grad_norm is None else optax.clip_by_global_norm(config.max_grad_norm)]
     chain.append(
         optax.adamw(
             learning_rate_schedule(config, total_steps),
