@@ -7,7 +7,7 @@ Each family at its nearest published size to 8B, from the model's own config.jso
 downloaded and no weight is materialized: the model is abstract). The run: NF4 + double quantization, LoRA r=16
 (alpha 32) on all linear layers, AdamW, bfloat16 compute, one sequence of 2048 tokens per step. Reported per row:
 the bytes of the base weights (4-bit linears; embeddings, norms and lm_head in bfloat16), of the adapters and of
-the optimizer state, counted exactly, and the peak of one training step from `qlora_jax.plan.plan_memory`
+the optimizer state, counted exactly, and the peak of one training step from `qlora_jax.train.plan.plan_memory`
 (activations from 2- and 4-layer compiles, extrapolated; `--compare` also compiles the full depth and reports
 XLA's own figure). The compiles run on whatever backend jax has: on CPU these are XLA:CPU's buffer assignments, a
 proxy for XLA:GPU's, and the `offload` policy has no separate host memory to offload to (so it is left out there).
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import jax
 
-from qlora_jax.plan import plan_memory
 from qlora_jax.train.config import config_from_dict
+from qlora_jax.train.plan import plan_memory
 
 # config.json fields of each family's model (the fields the loader reads), as published on the Hugging Face Hub.
 FAMILIES: dict[str, tuple[str, dict]] = {

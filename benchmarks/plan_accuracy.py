@@ -18,8 +18,8 @@ from pathlib import Path
 
 import jax
 
-from qlora_jax.plan import plan_memory
 from qlora_jax.train.config import config_from_dict
+from qlora_jax.train.plan import plan_memory
 
 MODEL = dict(model_type="llama", vocab_size=8192, hidden_size=256, intermediate_size=768, num_attention_heads=8,
              num_key_value_heads=4, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)  # fmt: skip

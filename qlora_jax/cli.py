@@ -107,19 +107,22 @@ def _generate(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     """A transformers directory or GGUF file -> a transformers checkpoint, 4-bit (bitsandbytes) or dense."""
     from qlora_jax.convert.hf import save_pretrained
+    from qlora_jax.convert.safetensors_io import LAYOUT_FILES
+    from qlora_jax.files import check_output_directory, staged_directory
 
+    out = check_output_directory(args.output, "the output directory")  # before any work
     model, _ = _load("convert", args)
-    out = Path(args.output)
-    save_pretrained(model, out, dequantize_weights=args.quant == "none", max_shard_size=args.max_shard_size)
     source = Path(args.model)
-    try:
-        from qlora_jax.tokenizer import load_tokenizer
+    with staged_directory(out, replaces=LAYOUT_FILES) as staging:  # everything appears at once, or nothing
+        save_pretrained(model, staging, dequantize_weights=args.quant == "none", max_shard_size=args.max_shard_size)
+        try:
+            from qlora_jax.tokenizer import load_tokenizer
 
-        load_tokenizer(source).save_pretrained(str(out))
-    except (ValueError, ImportError) as e:
-        print(f"qlora-jax convert: no tokenizer written ({e})", file=sys.stderr)
-    if source.is_dir() and (source / "generation_config.json").is_file():
-        shutil.copy(source / "generation_config.json", out / "generation_config.json")
+            load_tokenizer(source).save_pretrained(str(staging))
+        except (ValueError, ImportError) as e:
+            print(f"qlora-jax convert: no tokenizer written ({e})", file=sys.stderr)
+        if source.is_dir() and (source / "generation_config.json").is_file():
+            shutil.copy(source / "generation_config.json", staging / "generation_config.json")
     print(f"wrote {out}")
     return 0
 
@@ -134,19 +137,14 @@ def _take_flag(args: argparse.Namespace, flag: str) -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from qlora_jax.train.config import ConfigFieldError, load_config
-    from qlora_jax.train.loop import TrainingDiverged, train
+    from qlora_jax.train.config import load_config
+    from qlora_jax.train.loop import train
 
     no_progress = _take_flag(args, "--no-progress")
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigFieldError as e:
-        raise _fail("train", str(e)) from e
+    config = load_config(args.config, args.overrides)
     try:
         result = train(config, progress=not no_progress)
-    except TrainingDiverged as e:
-        raise _fail("train", str(e)) from e
-    except (ValueError, OSError) as e:  # bad data lines, checkpoints, model files: the message names them
+    except ValueError as e:  # from a library below ours (tokenizer files, ...): its message names what
         raise _fail("train", str(e)) from e
     print(f"trained {result.steps} steps; outputs in {result.output_dir}")
     if result.exact_match_before is not None:
@@ -158,20 +156,81 @@ def _plan(args: argparse.Namespace) -> int:
     """The memory plan of a training config, from abstract shapes and compiled shallow steps (nothing loaded)."""
     import jax
 
-    from qlora_jax.plan import plan_memory
-    from qlora_jax.train.config import ConfigFieldError, load_config
+    from qlora_jax.train.config import load_config
+    from qlora_jax.train.plan import longest_row, memory_budget, plan_memory
 
     compare = _take_flag(args, "--compare")
+    longest = _take_flag(args, "--longest-row")
+    config = load_config(args.config, args.overrides)
     try:
-        config = load_config(args.config, args.overrides)
         plan = plan_memory(config, compare=compare)
-    except (ConfigFieldError, ValueError, OSError) as e:
+        if longest:
+            budget, source = memory_budget(config)
+            policies = ["full"] + (["offload"] if jax.default_backend() != "cpu" else [])
+            rows = {policy: longest_row(config, budget=budget, policy=policy)[0] for policy in policies}
+    except ValueError as e:  # from a library below ours; errors raised on purpose are handled in main()
         raise _fail("plan", str(e)) from e
     t = config.train
     print(f"{config.model.path}: {plan.num_layers} layers, {config.model.quant} base, LoRA r={config.lora.r}; "
-          f"batch {t.batch_size} x {config.data.max_length} tokens (grad_accum {t.grad_accum}), remat={t.remat}, "
-          f"on {jax.devices()[0].device_kind}")  # fmt: skip
+          f"batch {t.batch_size} x {config.data.max_length} tokens (grad_accum {t.grad_accum}), remat={plan.remat}, "
+          f"attention={t.attention}, on {jax.devices()[0].device_kind}")  # fmt: skip
     print(plan.table())
+    if longest:
+        for policy, length in rows.items():
+            print(f"longest row within {budget / 2**30:.2f} GiB ({source}), remat={policy}, batch 1: "
+                  f"{length:,} tokens" + ("" if length else " (not even 1,024)"))  # fmt: skip
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    """ "1,8,16" -> [1, 8, 16]; raises ValueError for anything else."""
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _tune(args: argparse.Namespace) -> int:
+    """Measures the kernel choices of a training config's 4-bit linear shapes on this GPU; writes the cache."""
+    from qlora_jax.kernels import autotune, dispatch
+    from qlora_jax.kernels.tune_model import tune_shapes
+    from qlora_jax.nn import linear_shapes
+    from qlora_jax.train.build import abstract_model
+    from qlora_jax.train.config import ConfigFieldError, load_config
+
+    force, no_train = _take_flag(args, "--force"), _take_flag(args, "--no-train")
+    for flag, convert in (("--decode-m", _int_list), ("--cache", str)):
+        if flag in args.overrides:  # given after the config
+            at = args.overrides.index(flag)
+            value = args.overrides[at + 1 : at + 2]
+            args.overrides = args.overrides[:at] + args.overrides[at + 2 :]
+            try:
+                setattr(args, flag[2:].replace("-", "_"), convert(value[0] if value else ""))
+            except ValueError as e:
+                raise _fail("tune", f"{flag}: {e}") from e
+    try:
+        config = load_config(args.config, args.overrides)
+        model = abstract_model(config, num_layers=1)  # reads the model's config.json only
+    except (ConfigFieldError, ValueError, OSError) as e:
+        raise _fail("tune", str(e)) from e
+    shapes = linear_shapes(model)
+    if not shapes:
+        raise _fail("tune", f"{args.config}: the model has no 4-bit linear layers (model.quant is none)")
+    if not dispatch._on_gpu():
+        import jax
+
+        seen = f"{jax.default_backend()} devices ({jax.devices()[0].device_kind})"
+        raise _fail("tune", f"no GPU: JAX sees only {seen}. Tuning times the kernels on the GPU that will run "
+                    "them; without one every shape runs XLA.")  # fmt: skip
+    t = config.train
+    train_m = None if no_train else (t.batch_size // t.grad_accum) * config.data.max_length
+    cache = autotune.TuningCache(Path(args.cache)) if args.cache else autotune.TuningCache()
+    print(f"tuning {len(shapes)} weight shapes of {config.model.path} on {dispatch._device()[0]}; cache {cache.path}")
+    tune_shapes(shapes, decode_ms=args.decode_m, train_m=train_m, cache=cache, force=force)
+    print(f"wrote {cache.path}")
     return 0
 
 
@@ -192,44 +251,47 @@ def _merge(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from qlora_jax.convert.merge import merge_and_save
+    from qlora_jax.convert.safetensors_io import LAYOUT_FILES
+    from qlora_jax.files import check_output_directory, check_output_file, staged_directory
     from qlora_jax.quant import QuantConfig
     from qlora_jax.tokenizer import load_tokenizer
 
-    model, _ = _load_with_adapter("merge", args)
     quant = None if args.requantize == "none" else QuantConfig(quant_type=args.requantize)
+    if args.gguf is not None:  # checked before any work
+        if quant is not None:
+            raise _fail("merge", f"--requantize {args.requantize} writes bitsandbytes safetensors, not GGUF: drop it "
+                                 f"and pick the GGUF tensor type with --gguf ({'|'.join(GGUF_TYPES)})")  # fmt: skip
+        check_output_file(args.output, "the GGUF output")
+    else:
+        check_output_directory(args.output, "the output directory")
+    model, _ = _load_with_adapter("merge", args)
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
     except ValueError as e:
         print(f"qlora-jax merge: no tokenizer written ({e})", file=sys.stderr)
         tokenizer = None
     if args.gguf is not None:
-        from qlora_jax.convert.gguf_export import GGUFError, save_gguf
+        from qlora_jax.convert.gguf_export import save_gguf
 
-        if quant is not None:
-            raise _fail("merge", "--requantize writes bitsandbytes safetensors; with --gguf use --gguf-type q8_0")
         source = Path(args.tokenizer or args.model)
         tokenizer_gguf = source if source.suffix == ".gguf" else None
-        try:
-            out = save_gguf(model, args.output, tensor_type=args.gguf, tokenizer=tokenizer,
-                            tokenizer_gguf=tokenizer_gguf)  # fmt: skip
-        except (GGUFError, ValueError, OSError) as e:
-            raise _fail("merge", str(e)) from e
+        out = save_gguf(model, args.output, tensor_type=args.gguf, tokenizer=tokenizer, tokenizer_gguf=tokenizer_gguf)
         print(f"wrote {out}")
         return 0
-    merge_and_save(model, args.output, dtype=jnp.dtype(args.out_dtype), quant=quant, tokenizer=tokenizer,
-                   max_shard_size=args.max_shard_size)  # fmt: skip
+    with staged_directory(args.output, replaces=LAYOUT_FILES) as staging:  # everything appears at once, or nothing
+        merge_and_save(model, staging, dtype=jnp.dtype(args.out_dtype), quant=quant, tokenizer=tokenizer,
+                       max_shard_size=args.max_shard_size)  # fmt: skip
     print(f"wrote {args.output}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     """A training run's checkpoint -> a PEFT adapter directory."""
-    from qlora_jax.train.config import ConfigFieldError
     from qlora_jax.train.export import export_run
 
     try:
         out = export_run(args.run_dir, args.output, step=args.step)
-    except (ConfigFieldError, ValueError, OSError) as e:
+    except ValueError as e:
         raise _fail("export", str(e)) from e
     print(f"wrote {out} (PEFT adapter: PeftModel.from_pretrained(base_model, {str(out)!r}))")
     return 0
@@ -287,7 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("config", help="the YAML config")
     plan.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: --data.max_length 2048")
     plan.add_argument("--compare", action="store_true", help="also compile the full-depth step and show XLA's total")
+    plan.add_argument("--longest-row", action="store_true",
+                      help="also search the longest one-row step that fits train.memory_budget (remat full; and "
+                           "offload on a GPU)")  # fmt: skip
     plan.set_defaults(run=_plan)
+
+    tune = commands.add_parser("tune", help="measure the fused kernels against XLA for a config's shapes (GPU)")
+    tune.add_argument("config", help="the YAML config (its model and train batch; no weights are read)")
+    tune.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: --train.batch_size 4")
+    tune.add_argument("--decode-m", type=_int_list, default=[1, 2, 4, 8, 16],
+                      metavar="M,...", help="generation batch sizes to tune (<= 16; default 1,2,4,8,16)")  # fmt: skip
+    tune.add_argument("--no-train", action="store_true", help="skip the training micro-batch's M")
+    tune.add_argument("--cache", default=None, help="the cache file (default: $QLORA_JAX_AUTOTUNE_CACHE or "
+                      "~/.cache/qlora_jax/autotune.json)")  # fmt: skip
+    tune.add_argument("--force", action="store_true", help="measure again the keys already cached")
+    tune.set_defaults(run=_tune)
 
     merge = commands.add_parser("merge", help="fold a PEFT adapter into the base model and write a checkpoint")
     _add_model_arguments(merge, default_quant="nf4")
@@ -305,8 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command. What the user can fix (`qlora_jax.errors.QloraJaxError`: bad files, fields, lines; a
+    locked, unresumable or diverged run) and what the system refuses (OSError: a missing file, no permission, a
+    full disk) end the command with status 1 and one message, never a traceback."""
+    from qlora_jax.errors import QloraJaxError
+
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except QloraJaxError as e:
+        raise _fail(args.command, str(e)) from e
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise _fail(args.command, f"{where}{e.strerror or e}") from e
 
 
 if __name__ == "__main__":

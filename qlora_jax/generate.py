@@ -113,7 +113,10 @@ def generate(
     options: ComputeOptions = ComputeOptions(),
 ) -> list[list[int]]:
     """Token ids generated after each prompt (the stop token excluded), for a batch of prompts of any lengths;
-    `options` chooses the kernels and attention blocking (compiled in: another value compiles again)."""
+    `options` chooses the kernels and attention (compiled in: another value compiles again). Decoding reads a
+    KV cache through a key-validity mask, which cuDNN's attention lacks: attention="cudnn" generates with "auto"."""
+    if options.attention == "cudnn":
+        options = dataclasses.replace(options, attention="auto")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)

@@ -17,10 +17,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qlora_jax.kernels import KernelOptions, nf4_matmul
+from qlora_jax.kernels.tune_model import LinearShape
 from qlora_jax.mesh import gathered, gathered_matmul
 from qlora_jax.quant import QUANT_BUFFERS, QuantConfig, QuantizedTensor, dequantize, quantize
 
-__all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm"]
+__all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm", "linear_shapes"]
 
 
 class Frozen(nnx.Variable):
@@ -176,3 +177,19 @@ class RMSNorm(nnx.Module):
         if self.gemma:
             return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
         return w.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def linear_shapes(model: nnx.Module) -> list[LinearShape]:
+    """The distinct quantized linear weights of a (possibly abstract) model, in order of first appearance."""
+    found: dict[tuple, list[str]] = {}
+    for path, module in nnx.iter_graph(model):
+        if not isinstance(module, QLinear) or not module.is_quantized:
+            continue
+        q = module.quant
+        key = (module.out_features, module.in_features, module.param_dtype.name, module.dtype.name, q.quant_type,
+               q.blocksize, q.double_quant)  # fmt: skip
+        name = ".".join(str(p) for p in path[-2:])
+        found.setdefault(key, [])
+        if name not in found[key]:
+            found[key].append(name)
+    return [LinearShape(*key, tuple(names)) for key, names in found.items()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,30 @@ _SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", 
                       "pad_token": "padding_token_id"}  # fmt: skip
 
 
+class _NoTorchNotice(logging.Filter):
+    """Drops transformers' import-time notice "PyTorch was not found. Models won't be available ...": we use its
+    tokenizers only, which need no torch. Any other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found.")
+
+
+def _import_transformers() -> Any:
+    """`import transformers`, without the notice above (printed to every user without torch otherwise)."""
+    logger = logging.getLogger("transformers")  # transformers' library logger, which logs the notice
+    notice = _NoTorchNotice()
+    logger.addFilter(notice)
+    try:
+        import transformers
+    finally:
+        logger.removeFilter(notice)
+    return transformers
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer of a model directory (tokenizer.json, tokenizer_config.json, chat template) or of a GGUF file
     (rebuilt, with its chat template, from the GGUF metadata as transformers rebuilds it)."""
-    from transformers import AutoTokenizer
+    AutoTokenizer = _import_transformers().AutoTokenizer  # noqa: N806
 
     path = Path(path)
     try:
@@ -28,7 +49,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
 
 def _gguf_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+    AutoTokenizer = _import_transformers().AutoTokenizer  # noqa: N806
 
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -45,7 +66,8 @@ def _gguf_tokenizer_without_torch(path: Path) -> Any:
     """transformers' own GGUF tokenizer conversion, fed with metadata read by the `gguf` package instead of
     transformers' torch-importing reader (tests: the same token ids and chat template as AutoTokenizer)."""
     import gguf
-    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast = _import_transformers().PreTrainedTokenizerFast  # noqa: N806
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     reader = gguf.GGUFReader(path)

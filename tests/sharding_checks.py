@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from qlora_jax.distributed import local_rows
-from qlora_jax.lora import LoraConfig, apply_lora
+from qlora_jax.lora import AdapterScaling, LoraConfig, apply_lora
 from qlora_jax.mesh import make_mesh
 from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig
 from qlora_jax.nn import QuantizedWeight
@@ -119,6 +119,9 @@ def check_equivalence(out: Path) -> dict:
     results["quantized_total_bytes"] = sum(x.nbytes for x in jax.tree.leaves(quantized))
     results["offset_bytes"] = sum(x.nbytes for p, x in jax.tree_util.tree_leaves_with_path(quantized)
                                   if "offset" in jax.tree_util.keystr(p))  # fmt: skip
+    # the adapters' per-layer scalings ([num_layers] float32 each): too small to split, replicated
+    scalings = nnx.state(nnx.merge(graphdef, lora, base), AdapterScaling)
+    results["adapter_scaling_bytes"] = sum(x.nbytes for x in jax.tree.leaves(scalings))
     results["whole_blocks"] = check_whole_blocks(graphdef, lora, base)
     return results
 
@@ -233,9 +236,9 @@ def check_process_rows() -> dict:
 
 def check_plan(out: Path) -> dict:
     """`plan_memory` on an fsdp=8 mesh: per-device stored parts, and its total beside XLA's for the full step."""
-    from qlora_jax.plan import plan_memory
     from qlora_jax.train.build import abstract_model
     from qlora_jax.train.config import config_from_dict
+    from qlora_jax.train.plan import plan_memory
 
     model_dir = out / "plan_model"
     model_dir.mkdir(exist_ok=True)

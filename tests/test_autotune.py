@@ -1,20 +1,36 @@
-"""Kernel choice: the tuning space, measured choices, the persistent cache, and `impl="auto"` on a (simulated) GPU."""
+"""Kernel choice: XLA unless measured otherwise (tuning cache, shipped tables), the tuning space and its bounded
+timing, the persistent cache, the table tool and `qlora-jax tune`, on a (simulated) GPU."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qlora_jax.kernels import MatmulConfig, autotune, dispatch
-from qlora_jax.kernels.autotune import Choice, TuningCache, TuningKey, default_choice, m_bucket, tune, tuning_space
+from qlora_jax.cli import main as cli_main
+from qlora_jax.kernels import DecodeConfig, MatmulConfig, autotune, dispatch, tables, timing
+from qlora_jax.kernels.autotune import (
+    MAX_CANDIDATES,
+    Choice,
+    TuningCache,
+    TuningKey,
+    default_fused_config,
+    m_bucket,
+    tune,
+    tuning_space,
+)
 from qlora_jax.quant import quantize
+
+H100 = "NVIDIA H100 80GB HBM3"
 
 
 def _key(**overrides) -> TuningKey:
-    fields = dict(op="forward", device_kind="NVIDIA H100 80GB HBM3", m_bucket=16, n=4096, k=4096,
+    fields = dict(op="forward", device_kind=H100, m_bucket=16, n=4096, k=4096,
                   dtype="bfloat16", quant_type="nf4", blocksize=64, double_quant=True)  # fmt: skip
     return TuningKey(**(fields | overrides))
 
@@ -23,23 +39,33 @@ def test_m_buckets():
     assert [m_bucket(m) for m in (1, 2, 3, 16, 17, 300, 8192, 100_000)] == [1, 2, 4, 16, 32, 512, 8192, 16384]
 
 
-@pytest.mark.parametrize(("op", "m"), [("forward", 1), ("forward", 4096), ("backward", 4096), ("backward", 8)])
-@pytest.mark.parametrize("blocksize", [64, 128, 4096])
-def test_tuning_space_configs_are_all_valid(op, m, blocksize):
-    configs = tuning_space(op, m, 4096, 14336, blocksize)
-    assert configs and len(set(configs)) == len(configs)
+def test_key_round_trips_through_its_text():
+    assert TuningKey.parse(str(_key())) == _key()
+    with pytest.raises(ValueError, match="not a tuning key"):
+        TuningKey.parse("forward|H100|1")
+
+
+@pytest.mark.parametrize(("op", "m"), [("forward", 1), ("forward", 3), ("forward", 16), ("forward", 4096),
+                                       ("backward", 4096), ("backward", 8)])  # fmt: skip
+@pytest.mark.parametrize(("k", "blocksize"), [(14336, 64), (4096, 128), (4096, 4096), (1024, 64)])
+def test_tuning_space_is_small_and_valid(op, m, k, blocksize):
+    configs = tuning_space(op, m, 4096, k, blocksize)
+    assert 4 <= len(configs) <= MAX_CANDIDATES and len(set(configs)) == len(configs)
     for config in configs:
-        config.check(m=m, n=4096, k=14336, blocksize=blocksize)
+        config.check(m=m, n=4096, k=k, blocksize=blocksize)
         assert op == "forward" or config.split_k == 1
+    decode = [c for c in configs if isinstance(c, DecodeConfig)]
+    assert bool(decode) == (op == "forward" and m <= 16)
+    assert any(c.dot == "fma" for c in decode) == (op == "forward" and m <= 4)
 
 
-def test_default_choice_is_fused_only_for_small_m_forward():
-    small = default_choice("forward", 1, 4096, 4096, 64, num_cores=132)
-    assert small.impl == "pallas" and small.config.block_m == 16
-    assert small.config.split_k > 1  # 64 column tiles alone would leave most of 132 SMs idle
-    small.config.check(m=1, n=4096, k=4096, blocksize=64)
-    assert default_choice("forward", 4096, 4096, 4096, 64).impl == "xla"
-    assert default_choice("backward", 1, 4096, 4096, 64).impl == "xla"
+@pytest.mark.parametrize(("op", "m"), [("forward", 1), ("forward", 9), ("forward", 300), ("backward", 1)])
+def test_default_fused_config_is_valid(op, m):
+    config = default_fused_config(op, m, 4096, 4096, 64, num_cores=132)
+    config.check(m=m, n=4096, k=4096, blocksize=64)
+    assert isinstance(config, DecodeConfig) == (op == "forward" and m <= 16)
+    if isinstance(config, DecodeConfig):
+        assert config.split_k > 1  # 64 column tiles alone would leave most of 132 SMs idle
 
 
 def test_tune_keeps_the_fastest_skips_failures_and_caches(tmp_path):
@@ -48,19 +74,37 @@ def test_tune_keeps_the_fastest_skips_failures_and_caches(tmp_path):
     def boom():
         raise RuntimeError("out of shared memory")
 
-    candidates = {name: (lambda name=name: name) for name in times} | {"pallas:c": boom}
-    timer = lambda thunk: times[thunk()]  # noqa: E731
-    config_b = MatmulConfig(block_m=16, block_n=128)
+    candidates = {name: (lambda t=t: t) for name, t in times.items()} | {"pallas:c": boom}
+    config_b = DecodeConfig(block_n=128, split_k=2)
     cache = TuningCache(tmp_path / "tune.json")
-    choice = tune(_key(), candidates, cache=cache, timer=timer, configs={"pallas:b": config_b})
+    choice = tune(_key(), candidates, cache=cache, configs={"pallas:b": config_b, "pallas:a": MatmulConfig()})
     assert choice == Choice("pallas", config_b, "measured", 1.0, 3.0, fused_config=config_b, fused_time_s=1.0)
-    assert TuningCache(tmp_path / "tune.json").get(_key()) == choice  # persisted
+    assert TuningCache(tmp_path / "tune.json").get(_key()) == choice  # persisted, DecodeConfig included
 
-    times["xla"] = 0.5
-    choice = tune(_key(m_bucket=32), candidates, cache=cache, timer=timer, configs={"pallas:b": config_b})
+    candidates["xla"] = lambda: 0.5
+    choice = tune(_key(m_bucket=32), candidates, cache=cache, configs={"pallas:b": config_b})
     assert choice.impl == "xla" and choice.config is None  # never slower than XLA
     assert choice.fused_config == config_b  # still what impl="pallas" uses
     assert len(json.loads((tmp_path / "tune.json").read_text())) == 2
+
+
+def test_tune_stops_starting_candidates_when_its_budget_is_spent():
+    now = [0.0]
+    ran = []
+
+    def candidate(name, seconds):
+        def run():
+            ran.append(name)
+            now[0] += seconds  # the time this candidate took to compile and time
+            return 1.0 if name == "xla" else 0.5
+
+        return run
+
+    candidates = {f"pallas:{i}": candidate(f"pallas:{i}", 8.0) for i in range(10)} | {"xla": candidate("xla", 1.0)}
+    choice = tune(_key(), candidates, configs={}, budget_s=20.0, clock=lambda: now[0])
+    assert ran[0] == "xla"  # the baseline always runs, first
+    assert len(ran) == 4  # started at t = 1, 9, 17; not at 25
+    assert choice.impl == "pallas"
 
 
 def test_tune_fails_clearly_if_the_baseline_fails():
@@ -68,7 +112,7 @@ def test_tune_fails_clearly_if_the_baseline_fails():
         raise RuntimeError("no")
 
     with pytest.raises(RuntimeError, match="XLA baseline itself failed"):
-        tune(_key(), {"xla": boom}, timer=lambda thunk: thunk())
+        tune(_key(), {"xla": boom})
 
 
 def test_corrupt_cache_is_ignored_not_fatal(tmp_path, caplog):
@@ -89,63 +133,188 @@ def test_cache_merges_entries_written_by_another_process(tmp_path):
     first.put(_key(m_bucket=2), Choice("xla", source="measured"))
     fresh = TuningCache(path)
     assert fresh.get(_key(m_bucket=1)) and fresh.get(_key(m_bucket=2))
+    assert hash(first) == hash(second) and first == second  # usable inside a static KernelOptions
+
+
+def test_per_call_seconds_both_modes():
+    weights = timing.distinct_weights(32, 128, jnp.bfloat16, 3)
+    x = jnp.ones((2, 128), jnp.bfloat16)
+    fn = functools.partial(dispatch._xla_forward, dequant="xla")
+    for mode in ("unrolled", "scan"):
+        seconds = timing.per_call_seconds(fn, (x,), weights, 3, mode=mode, repeats=2)
+        assert math.isfinite(seconds) and seconds > 0
+    assert timing.copies_for(8 * 2**20) == 32 and timing.copies_for(2**30) == 2
+
+
+# --- `impl="auto"` on a simulated GPU --------------------------------------------------------------------------
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
-    """Pretend the default backend is an H100 so that `impl="auto"` consults the tuner and its cache."""
+    """Pretend the default backend is an H100 so that `impl="auto"` consults the cache and the tables."""
     monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
-    monkeypatch.setattr(dispatch, "_device", lambda: ("NVIDIA H100 80GB HBM3", 132))
+    monkeypatch.setattr(dispatch, "_device", lambda: (H100, 132))
     return TuningCache(tmp_path / "tune.json")
+
+
+def _plan(m, qt, options, impl="auto"):
+    return dispatch.plan_for(m, qt, jnp.bfloat16, impl=impl, config=None, options=options)
+
+
+@pytest.mark.parametrize("m", [1, 16, 4096])
+def test_untuned_auto_is_xla_everywhere(fake_gpu, m):
+    """Nothing measured for this shape: XLA, never a fused kernel on trust; impl="pallas" still has a config."""
+    qt = quantize(jnp.ones((256, 512), jnp.bfloat16))
+    options = dispatch.KernelOptions(cache=fake_gpu)
+    assert not options.autotune  # no silent minutes of tuning at the first trace
+    plan = _plan(m, qt, options)
+    assert (plan.forward, plan.backward, plan.dequant) == ("xla", "xla", "pallas")
+    fused = _plan(m, qt, options, impl="pallas")
+    assert fused.forward == ("decode" if m <= 16 else "matmul") and fused.backward == "matmul"
 
 
 def test_auto_uses_the_cached_measurement(fake_gpu):
     qt = quantize(jnp.ones((256, 512), jnp.bfloat16))
-    config = MatmulConfig(block_m=16, block_n=128, block_k=64, split_k=4)
-    key = dispatch._tuning_key("forward", 3, qt, jnp.bfloat16)
-    fake_gpu.put(key, Choice("pallas", config, "measured", 1e-5, 2e-5))
-    options = dispatch.KernelOptions(autotune=False, cache=fake_gpu)
-    plan = dispatch.plan_for(3, qt, jnp.bfloat16, impl="auto", config=None, options=options)
-    assert (plan.forward, plan.forward_config) == ("pallas", config)
-    assert plan.backward == "xla" and plan.dequant == "pallas"  # untuned backward: the XLA default
+    config = DecodeConfig(block_n=128, block_k=128, split_k=2, dot="fma")
+    fake_gpu.put(dispatch.tuning_key("forward", 3, qt, jnp.bfloat16), Choice("pallas", config, "measured", 1e-5, 2e-5))
+    plan = _plan(3, qt, dispatch.KernelOptions(cache=fake_gpu))
+    assert (plan.forward, plan.forward_config) == ("decode", config)
+    assert plan.backward == "xla"  # the backward was not measured
 
 
-def test_auto_measures_a_missing_shape_once(fake_gpu, monkeypatch):
+def test_auto_uses_the_shipped_table_after_the_cache(fake_gpu, monkeypatch, tmp_path):
+    qt = quantize(jnp.ones((256, 512), jnp.bfloat16))
+    key = dispatch.tuning_key("forward", 1, qt, jnp.bfloat16)
+    config = DecodeConfig(block_n=64, split_k=4, dot="fma")
+    shipped = {str(tables.table_key(key)): Choice("pallas", config, "measured: H100 run", 1e-5, 3e-5)}
+    autotune.write_entries(tmp_path / "H100.json", shipped)
+    monkeypatch.setattr(tables, "TABLE_DIR", tmp_path)
+    monkeypatch.setattr(tables, "lookup", functools.partial(tables.lookup, table_dir=tmp_path))
+    assert _plan(1, qt, dispatch.KernelOptions(cache=fake_gpu)).forward == "decode"
+    fake_gpu.put(key, Choice("xla", source="measured"))  # this machine's own measurement wins
+    assert _plan(1, qt, dispatch.KernelOptions(cache=fake_gpu)).forward == "xla"
+
+
+def test_the_shipped_tables_hold_only_measured_entries():
+    assert tables.gpu_family("NVIDIA H200") == "H200" and tables.gpu_family("NVIDIA H100 80GB HBM3") == "H100"
+    assert tables.gpu_family("NVIDIA A100-SXM4-80GB") is None
+    for family in tables.FAMILIES:
+        for text, choice in tables.load_table(family).items():
+            assert TuningKey.parse(text).device_kind == family
+            assert choice.source.startswith("measured")
+    # The 2026-11-30 H200 measurement: XLA won at every shape it measured.
+    h200 = tables.lookup(_key(device_kind="NVIDIA H200", m_bucket=1))
+    assert h200.impl == "xla" and h200.fused_time_s > h200.xla_time_s
+
+
+def test_autotune_measures_a_missing_shape_once(fake_gpu, monkeypatch):
     measured = []
 
     def fake_measure(op, m, qt, dtype, options):
         measured.append((op, m))
         choice = Choice("xla", source="measured")
-        options.cache.put(dispatch._tuning_key(op, m, qt, dtype), choice)
+        options.cache.put(dispatch.tuning_key(op, m, qt, dtype), choice)
         return choice
 
     monkeypatch.setattr(dispatch, "_measure", fake_measure)
     qt = quantize(jnp.ones((256, 512), jnp.bfloat16))
-    options = dispatch.KernelOptions(cache=fake_gpu)
+    options = dispatch.KernelOptions(cache=fake_gpu, autotune=True)
     for _ in range(2):
-        plan = dispatch.plan_for(1000, qt, jnp.bfloat16, impl="auto", config=None, options=options)
+        plan = _plan(1000, qt, options)
         assert plan.forward == plan.backward == "xla"
     assert measured == [("forward", 1000), ("backward", 1000)]
 
 
-@pytest.mark.parametrize("op", ["forward", "backward"])
-def test_measure_runs_every_candidate(fake_gpu, monkeypatch, op):
-    """The tuner's plumbing end to end, in the interpreter: every candidate thunk runs; a fake clock makes the
-    widest fused tile the winner."""
+@pytest.mark.parametrize(("op", "m"), [("forward", 4), ("backward", 4)])
+def test_measure_runs_every_candidate(fake_gpu, monkeypatch, op, m):
+    """The tuner's plumbing end to end, in the interpreter: every candidate runs on real inputs; a fake clock makes
+    the widest fused tile the winner."""
     ran = []
 
-    def fake_timer(thunk):
-        out = np.asarray(thunk())
+    def fake_per_call_seconds(fn, args, weights, count, **kwargs):
+        out = np.asarray(fn(*args, jax.tree.map(lambda leaf: leaf[0], weights)), np.float32)
         assert np.all(np.isfinite(out))
-        config = thunk.keywords.get("config") if hasattr(thunk, "keywords") else None
+        config = fn.keywords.get("config")
         ran.append(config)
-        return 1.0 if config is None else 1.0 / (config.block_n * config.block_m * config.split_k)
+        if config is None:
+            return 1.0
+        return 1.0 / (config.block_n * getattr(config, "block_m", 16) * config.split_k * config.block_k)
 
-    monkeypatch.setattr(autotune, "time_on_device", fake_timer)
-    qt = quantize(jnp.ones((64, 128), jnp.bfloat16))
-    options = dispatch.KernelOptions(cache=fake_gpu, interpret=True)
-    choice = dispatch._measure(op, 4, qt, jnp.bfloat16, options)
-    space = tuning_space(op, 4, 64, 128, 64)
+    monkeypatch.setattr(timing, "per_call_seconds", fake_per_call_seconds)
+    full = tuning_space(op, m, 64, 256, 64)
+    space = [*full[:2], full[-1]]  # decode fma + mma, a tiled config (the interpreter is slow; all lower in CI)
+    monkeypatch.setattr(autotune, "tuning_space", lambda *args: space)
+    qt = quantize(jnp.ones((64, 256), jnp.bfloat16))
+    choice = dispatch.measure(op, m, qt, jnp.bfloat16, interpret=True, cache=fake_gpu, budget_s=1e9)
     assert sorted(map(str, filter(None, ran))) == sorted(map(str, space)) and None in ran  # the XLA baseline too
     assert choice.impl == "pallas" and choice.source == "measured" and choice.config in space
-    assert fake_gpu.get(dispatch._tuning_key(op, 4, qt, jnp.bfloat16)) == choice
+    assert fake_gpu.get(dispatch.tuning_key(op, m, qt, jnp.bfloat16)) == choice
+
+
+# --- the table tool and `qlora-jax tune` ------------------------------------------------------------------------
+
+
+def test_table_tool_merges_measured_entries_of_its_gpu_kind(tmp_path, capsys):
+    config = DecodeConfig(block_n=128, split_k=4)
+    cache = TuningCache(tmp_path / "cache.json")
+    cache.put(_key(device_kind="NVIDIA H200", m_bucket=1), Choice("pallas", config, "measured", 1e-5, 2e-5))
+    cache.put(_key(device_kind="NVIDIA A100-SXM4-80GB"), Choice("xla", source="measured"))  # another kind: left out
+    lines = tmp_path / "results.jsonl"
+    record = {"kind": "choice", "key": str(_key(device_kind="NVIDIA H200", m_bucket=8)),
+              "choice": Choice("xla", source="measured: gpu.py").to_json()}  # fmt: skip
+    lines.write_text(json.dumps({"kind": "timing"}) + "\n" + json.dumps(record) + "\n")
+    table_dir = tmp_path / "tables"
+    assert tables.main(["H200", str(cache.path), str(lines), "--table-dir", str(table_dir)]) == 0
+    written = autotune.read_entries(table_dir / "H200.json")
+    assert set(written) == {str(_key(device_kind="H200", m_bucket=1)), str(_key(device_kind="H200", m_bucket=8))}
+    assert written[str(_key(device_kind="H200", m_bucket=1))].config == config
+    assert "added forward|H200|1|" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no measured H100 entries"):
+        tables.main(["H100", str(cache.path), "--table-dir", str(table_dir)])
+
+
+@pytest.fixture
+def tune_config(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    hf = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0,
+          "rms_norm_eps": 1e-5, "tie_word_embeddings": False}  # fmt: skip
+    (model / "config.json").write_text(json.dumps(hf))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{path: {model}, dtype: bfloat16}}\ndata: {{train: x.jsonl, max_length: 64}}\n"
+                      "train: {batch_size: 4, grad_accum: 2}\n")  # fmt: skip
+    return config
+
+
+def test_cli_tune_without_a_gpu_fails_clearly(tune_config):
+    if jax.default_backend() == "gpu":
+        pytest.skip("checks the message on a machine without a GPU")
+    with pytest.raises(SystemExit, match="qlora-jax tune: no GPU: JAX sees only cpu devices"):
+        cli_main(["tune", str(tune_config)])
+    with pytest.raises(SystemExit, match="data.max_length"):
+        cli_main(["tune", str(tune_config), "--data.max_length", "none"])
+
+
+def test_cli_tune_measures_every_linear_shape_for_decode_and_training(fake_gpu, monkeypatch, tune_config, capsys):
+    calls = []
+
+    def fake_measure(op, m, qt, dtype, *, cache):
+        calls.append((op, m, qt.shape, jnp.dtype(dtype).name))
+        choice = Choice("xla", source="measured", time_s=1e-5, xla_time_s=1e-5)
+        cache.put(dispatch.tuning_key(op, m, qt, dtype), choice)
+        return choice
+
+    monkeypatch.setattr(dispatch, "measure", fake_measure)
+    args = ["tune", str(tune_config), "--decode-m", "1,8", "--cache", str(fake_gpu.path)]
+    assert cli_main(args) == 0
+    # q/o (128x128), k/v (64x128), gate/up (256x128), down (128x256): M 1 and 8 forward, M = 2 x 64 both ways
+    shapes = {(128, 128), (64, 128), (256, 128), (128, 256)}
+    assert {c[2] for c in calls} == shapes and len(calls) == len(shapes) * 4
+    assert {(c[0], c[1]) for c in calls} == {("forward", 1), ("forward", 8), ("forward", 128), ("backward", 128)}
+    assert all(c[3] == "bfloat16" for c in calls)
+    assert len(json.loads(fake_gpu.path.read_text())) == len(calls)
+    assert "self_attn.q_proj" in capsys.readouterr().out
+    calls.clear()
+    assert cli_main(args) == 0 and not calls  # cached keys are kept
+    assert cli_main([*args, "--force", "--no-train"]) == 0 and len(calls) == len(shapes) * 2

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 from qlora_jax.convert.hf import load_pretrained
 from qlora_jax.convert.merge import merge_and_save
@@ -20,7 +21,8 @@ from qlora_jax.convert.peft import (
     read_adapter_config_dict,
     save_peft_adapter,
 )
-from qlora_jax.lora import LoraConfig, apply_lora
+from qlora_jax.lora import LoraConfig, apply_lora, target_layers
+from qlora_jax.models.names import layer_name
 from qlora_jax.quant import QuantConfig
 from tests.models_util import make_tiny_model, torch, transformers
 
@@ -161,3 +163,194 @@ def test_bad_adapters_fail_clearly(tiny, tmp_path):
     (wrong / ADAPTER_CONFIG).unlink()
     with pytest.raises(PeftFormatError, match="cannot read the adapter config"):
         load_peft_adapter(fresh, wrong)
+
+
+# ---------------------------------------------------------------------- PEFT's targeting, per layer and rank
+
+LAYERS = 4
+# PEFT LoraConfig keyword arguments; each selects adapters on some layers only, or with per-layer ranks / alphas.
+SELECTIONS = {
+    "regex-q-v": dict(target_modules=r"model\.layers\.\d+\.self_attn\.(q|v)_proj"),  # the issue's regex
+    "regex-some-layers": dict(target_modules=r"model\.layers\.[13]\.mlp\.(gate|down)_proj"),
+    "regex-suffix": dict(target_modules=r".*\.(k|o)_proj"),
+    "regex-with-head": dict(target_modules=r"(.*\.0\.self_attn\.q_proj|lm_head)"),
+    "names-and-head": dict(target_modules=["q_proj", "lm_head"]),
+    "layers_to_transform": dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2]),
+    "layers_pattern": dict(target_modules=["self_attn.q_proj", "up_proj"], layers_to_transform=3,
+                           layers_pattern="layers"),
+    "whole-name-ignores-layers": dict(target_modules=["model.layers.1.mlp.up_proj", "q_proj"],
+                                      layers_to_transform=[2]),
+    "exclude-regex": dict(target_modules="all-linear", exclude_modules=r".*\.[02]\..*"),
+    "exclude-names": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], exclude_modules=["k_proj"]),
+    "rank-alpha-patterns": dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8,
+                                rank_pattern={"v_proj": 2, r"layers\.3\.self_attn\.q_proj": 6},
+                                alpha_pattern={"down_proj": 32, r"model\.layers\.0\..*": 3}),
+    "rslora-patterns": dict(target_modules="all-linear", r=4, use_rslora=True, rank_pattern={"mlp.up_proj": 8},
+                            alpha_pattern={"o_proj": 2}),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama4")
+    make_tiny_model("llama", directory, num_hidden_layers=LAYERS)
+    return directory
+
+
+def _peft_layout(peft_model) -> dict[str, tuple[int, float]]:
+    """{PEFT's module name: (r, scaling)} of every adapted module."""
+    out = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            out[name] = (module.r["default"], module.scaling["default"])
+    return out
+
+
+def _our_layout(model, config) -> dict[str, tuple[int, float]]:
+    out = {}
+    for path, target in target_layers(model, config).items():
+        for i, (r, s) in enumerate(zip(target.ranks, target.scalings(config.use_rslora), strict=True)):
+            if r:
+                out[layer_name(path, i if target.stacked else None)] = (r, pytest.approx(s))
+    return out
+
+
+@pytest.mark.parametrize("kwargs", SELECTIONS.values(), ids=SELECTIONS.keys())
+def test_targets_ranks_and_alphas_select_what_peft_selects(tiny4, kwargs):
+    peft_model = peft.get_peft_model(_hf(tiny4), peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
+    theirs = _peft_layout(peft_model)
+    model, _ = load_pretrained(tiny4, quantization=None, dtype=jnp.float32)
+    config = LoraConfig(**kwargs)
+    assert _our_layout(model, config) == theirs
+    assert 0 < len(theirs) < 7 * LAYERS + 1 or kwargs.get("target_modules") == "all-linear"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "ours"),
+    [
+        # the issue: a regex over our stacked paths, which PEFT's names never match
+        (dict(target_modules=r"model\.layers\.self_attn\.(q|v)_proj"), "matches no linear layer"),
+        (dict(target_modules=r".*input_layernorm"), r"selects model\.layers\.0\.input_layernorm, a RMSNorm"),
+        (dict(target_modules=["q_proj", "embed_tokens"]), r"selects model\.embed_tokens, a Embed"),
+        (dict(target_modules=["self_attn"]), r"selects model\.layers\.0\.self_attn, a Attention"),
+    ],
+    ids=["stacked-path-regex", "norm", "embedding", "container"],
+)
+def test_selections_peft_refuses_or_we_cannot_adapt_are_errors(tiny4, kwargs, ours):
+    model, _ = load_pretrained(tiny4, quantization=None, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=ours):
+        apply_lora(model, LoraConfig(**kwargs), rngs=nnx.Rngs(0))
+    if "embed_tokens" not in str(kwargs):  # (PEFT adapts embeddings; we do not)
+        with pytest.raises(ValueError):
+            peft.get_peft_model(_hf(tiny4), peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
+
+
+def test_a_tied_head_in_target_modules_is_refused(tmp_path):
+    make_tiny_model("qwen2", tmp_path)  # tie_word_embeddings
+    model, _ = load_pretrained(tmp_path, quantization=None, dtype=jnp.float32)
+    # PEFT adapts both; silently adapting q_proj only would train something else than asked
+    assert {n.split(".")[-1] for n in _peft_layout(peft.get_peft_model(
+        _hf(tmp_path), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"])))} == {
+        "q_proj", "lm_head"}  # fmt: skip
+    with pytest.raises(ValueError, match="selects lm_head, but this model ties its output head to model.embed_tok"):
+        apply_lora(model, LoraConfig(target_modules=("q_proj", "lm_head")), rngs=nnx.Rngs(0))
+    apply_lora(model, LoraConfig(target_modules="all-linear"), rngs=nnx.Rngs(0))  # all-linear leaves the head out
+
+
+EXPORTS = ["regex-q-v", "regex-some-layers", "regex-with-head", "layers_to_transform", "exclude-regex",
+           "rank-alpha-patterns", "rslora-patterns"]  # fmt: skip
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("name", EXPORTS)
+def test_peft_loads_our_per_layer_adapters_with_equal_logits(tiny4, tmp_path, name, dora):
+    config = LoraConfig(**SELECTIONS[name], use_dora=dora)
+    model = _ours_with_adapter(tiny4, config)  # (B random everywhere, padding and unadapted layers included)
+    save_peft_adapter(model, tmp_path / "adapter", config, base_model_name_or_path=str(tiny4))
+    written = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS)
+    layout = _our_layout(model, config)
+    assert {k.split(".lora_")[0].removeprefix("base_model.model.") for k in written} == set(layout)
+    for key, value in written.items():
+        if key.endswith("lora_A.weight"):
+            assert value.shape[0] == layout[key.split(".lora_")[0].removeprefix("base_model.model.")][0]
+    peft_model = peft.PeftModel.from_pretrained(_hf(tiny4), tmp_path / "adapter").eval()
+    assert _peft_layout(peft_model) == layout
+    theirs, ours = _logits(peft_model), np.asarray(model(jnp.asarray(TOKENS)))
+    assert np.abs(theirs - _logits(_hf(tiny4))).max() > 1e-3  # the adapter matters
+    np.testing.assert_allclose(ours, theirs, atol=2e-5 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("name", ["regex-some-layers", "layers_pattern", "rank-alpha-patterns", "exclude-names"])
+def test_pefts_per_layer_adapters_load_here_and_round_trip(tiny4, tmp_path, name):
+    torch.manual_seed(0)
+    peft_config = peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **SELECTIONS[name])
+    peft_model = peft.get_peft_model(_hf(tiny4), peft_config).eval()
+    peft_model.save_pretrained(tmp_path / "theirs")
+    model, _ = load_pretrained(tiny4, quantization=None, dtype=jnp.float32)
+    config = load_peft_adapter(model, tmp_path / "theirs")
+    theirs = _logits(peft_model)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), theirs, atol=2e-5 * np.abs(theirs).max())
+    template = read_adapter_config_dict(tmp_path / "theirs")
+    save_peft_adapter(model, tmp_path / "again", config, template=template)
+    assert read_adapter_config_dict(tmp_path / "again") == template
+    before, after = load_file(tmp_path / "theirs" / ADAPTER_WEIGHTS), load_file(tmp_path / "again" / ADAPTER_WEIGHTS)
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+
+
+def test_adapter_files_that_do_not_fit_their_config_are_refused(tiny4, tmp_path):
+    config = LoraConfig(**SELECTIONS["layers_to_transform"])
+    save_peft_adapter(_ours_with_adapter(tiny4, config), tmp_path / "a", config)
+    tensors = load_file(tmp_path / "a" / ADAPTER_WEIGHTS)
+    # a layer the config does not adapt
+    extra = dict(tensors) | {k.replace("layers.0.", "layers.1."): v for k, v in tensors.items() if "layers.0." in k}
+    save_file(extra, tmp_path / "a" / ADAPTER_WEIGHTS)
+    fresh, _ = load_pretrained(tiny4, quantization=None, dtype=jnp.float32)
+    with pytest.raises(PeftFormatError, match=r"holds model\.layers\.1\.self_attn\.q_proj, which its config"):
+        load_peft_adapter(fresh, tmp_path / "a")
+    # a layer it adapts, missing
+    missing = {k: v for k, v in tensors.items() if "layers.2." not in k}
+    save_file(missing, tmp_path / "a" / ADAPTER_WEIGHTS)
+    fresh, _ = load_pretrained(tiny4, quantization=None, dtype=jnp.float32)
+    with pytest.raises(PeftFormatError, match=r"no tensors for model\.layers\.2\.self_attn\.(q|v)_proj, which its"):
+        load_peft_adapter(fresh, tmp_path / "a")
+    # an adapter saved with another config than the one its adapters were made with
+    with pytest.raises(ValueError, match="the model's adapters are not the ones its config selects"):
+        save_peft_adapter(_ours_with_adapter(tiny4, config), tmp_path / "b", LoraConfig(target_modules=("q_proj",)))
+
+
+def test_bfloat16_adapters_load(tiny4, tmp_path):
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(_hf(tiny4), peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False,
+                                                                  target_modules=["q_proj"]))  # fmt: skip
+    peft_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model, _ = load_pretrained(tiny4, quantization=None, dtype=jnp.float32)
+    load_peft_adapter(model, tmp_path / "bf16")
+    a = peft_model.base_model.model.model.layers[1].self_attn.q_proj.lora_A["default"].weight.detach().float().numpy()
+    np.testing.assert_array_equal(np.asarray(model.model.layers.self_attn.q_proj.lora.lora_A[...][1]), a)
+
+
+@pytest.mark.parametrize("quant", [None, QuantConfig()], ids=["dense", "nf4"])
+def test_merged_per_layer_adapters_give_our_unmerged_logits(tiny4, tmp_path, quant):
+    # DoRA magnitudes of the layers without an adapter are changed too (as weight decay would): never merged in
+    config = LoraConfig(**SELECTIONS["rank-alpha-patterns"], use_dora=True)
+    model = _ours_with_adapter(tiny4, config, quant=quant)
+    merge_and_save(model, tmp_path / "merged", dtype=jnp.float32)
+    ours = np.asarray(model(jnp.asarray(TOKENS)))
+    np.testing.assert_allclose(_logits(_hf(tmp_path / "merged")), ours, atol=2e-5 * np.abs(ours).max())
+
+
+def test_a_cut_abstract_model_keeps_the_adapter_layout_of_the_whole(tiny4):
+    """The memory planner compiles models cut to their first layers: a selection naming a later layer must still
+    give the cut layers their (padded) adapters, as the whole model holds them."""
+    from qlora_jax.train.build import abstract_model
+    from qlora_jax.train.config import DataSection, ModelSection, TrainConfig
+
+    lora = LoraConfig(target_modules=r"model\.layers\.3\.self_attn\.q_proj", rank_pattern={"q_proj": 16})
+    config = TrainConfig(model=ModelSection(path=str(tiny4), quant="none", dtype="float32"),
+                         data=DataSection(train="t.jsonl"), lora=lora)  # fmt: skip
+    whole = abstract_model(config).model.layers.self_attn.q_proj.lora
+    assert whole.ranks == (0, 0, 0, 16) and whole.lora_A.get_value().shape == (LAYERS, 16, 64)
+    cut = abstract_model(config, num_layers=1).model.layers.self_attn.q_proj.lora
+    assert cut.lora_A.get_value().shape == (1, 16, 64) and cut.lora_B.get_value().shape == (1, 64, 16)

@@ -45,15 +45,6 @@ CHAT = [
 
 
 @pytest.fixture(scope="session")
-def smol_dir(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct's tokenizer, rebuilt from the GGUF once (slow) and saved (fast to load again)."""
-    tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-    directory = tmp_path_factory.mktemp("smollm2-tokenizer")
-    tok.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
 def smol(smol_dir):
     return transformers.AutoTokenizer.from_pretrained(smol_dir)
 
@@ -122,7 +113,7 @@ def test_prompt_completion_loss_on_completion_and_eos(smol, tiny):
     assert smol.decode(ex.tokens[ex.loss_mask]) == " Paris<|im_end|>"
     assert tokenize_record(record, smol, source="f:1", loss_on="all").loss_mask.all()
     assert smol.decode(tokenize_record(record, smol, source="f:1", add_eos=False).tokens).endswith(" Paris")
-    ex = tokenize_record({"prompt": "hello", "completion": "fine thanks"}, tiny, source="f:1")
+    ex = tokenize_record({"prompt": "hello", "completion": " fine thanks"}, tiny, source="f:1")
     assert ex.tokens.tolist() == [1, 9, 14, 15, 2] and ex.loss_mask.tolist() == [0, 0, 1, 1, 1]
 
 
@@ -154,17 +145,6 @@ def test_chat_with_bos_in_the_template_gets_one_bos(tiny):
     ex = tokenize_record({"messages": chat}, tiny, source="f:1")
     assert ex.tokens.tolist() == [1, 5, 9, 2, 6, 14, 15, 2]  # <s> <user> hello </s> <assistant> fine thanks </s>
     assert ex.loss_mask.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
-
-
-def test_template_that_is_not_prefix_consistent_is_refused(smol_dir):
-    # Like templates that render the last assistant turn differently (Qwen3 and its thinking blocks).
-    tok = transformers.AutoTokenizer.from_pretrained(smol_dir)
-    tok.chat_template = tok.chat_template.replace(
-        "message['content']", "message['content'] + (' (final)' if loop.last else '')"
-    )
-    record = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
-    with pytest.raises(DataError, match=r"^data\.jsonl:4: the chat template is not prefix-consistent"):
-        tokenize_record(record, tok, source="data.jsonl:4")
 
 
 def test_chat_without_a_template_is_a_data_error(tiny):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from qlora_jax.kernels import (
+    DecodeConfig,
     DequantConfig,
     KernelOptions,
     MatmulConfig,
@@ -21,7 +22,9 @@ from qlora_jax.kernels import (
     matmul_transposed_pallas,
     matmul_transposed_reference,
     nf4_matmul,
+    plan_for,
 )
+from qlora_jax.kernels.decode import decode_ladder, decode_pallas, decode_reference
 from qlora_jax.quant import dequantize, quantize
 
 # Relative to the output's largest magnitude: 16-bit inputs differ from the float32 reference by their rounding.
@@ -93,6 +96,74 @@ class KernelTests:
         _assert_close(
             matmul_pallas(x, qt, config=config, interpret=self.INTERPRET), matmul_reference(x, qt), jnp.bfloat16
         )
+
+    # --- the decode kernel (M <= 16) -----------------------------------------------------------------------------
+
+    @pytest.mark.parametrize(("quant_type", "double_quant"), QUANT_VARIANTS)
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+    def test_decode_every_quant_variant_and_dtype(self, quant_type, double_quant, dtype):
+        qt = _weight(80, 512, dtype, quant_type=quant_type, double_quant=double_quant)  # ragged N: 80 of 3 x 32
+        x = _activations(3, 512, dtype=dtype)
+        for config in (DecodeConfig(block_n=32, block_k=128, split_k=2, dot="fma"),
+                       DecodeConfig(block_n=32, block_k=256, split_k=1, dot="mma")):  # fmt: skip
+            got = decode_pallas(x, qt, config=config, interpret=self.INTERPRET)
+            assert got.dtype == dtype
+            _assert_close(got, decode_reference(x, qt), dtype)
+            _assert_close(got, matmul_reference(x, qt), dtype)
+
+    @pytest.mark.parametrize("m", [1, 2, 4, 5, 9, 16])
+    def test_decode_every_m(self, m):
+        qt = _weight(200, 1024)
+        x = _activations(m, 1024)
+        dots = ("fma", "mma") if m <= 4 else ("mma",)
+        for dot in dots:
+            config = DecodeConfig(block_n=64, block_k=128, split_k=4, dot=dot)
+            _assert_close(decode_pallas(x, qt, config=config, interpret=self.INTERPRET), decode_reference(x, qt),
+                          jnp.bfloat16)  # fmt: skip
+
+    @pytest.mark.parametrize(("blocksize", "block_k"), [(64, 64), (64, 512), (128, 64), (256, 128), (512, 512)])
+    @pytest.mark.parametrize("lookup", ["gather", "select"])
+    def test_decode_blocks_and_lookups(self, blocksize, block_k, lookup):
+        """block_k below the blocksize (several steps share a scale) and above it (a step spans blocks)."""
+        qt = _weight(64, 1024, blocksize=blocksize)
+        x = _activations(2, 1024)
+        config = DecodeConfig(block_n=32, block_k=block_k, split_k=2, dot="fma", lookup=lookup)
+        _assert_close(decode_pallas(x, qt, config=config, interpret=self.INTERPRET), decode_reference(x, qt),
+                      jnp.bfloat16)  # fmt: skip
+
+    def test_decode_equals_reference_exactly_for_one_hot_rows(self):
+        """A one-hot x picks single columns of W: the kernel's weight is exactly dequantize(W) in its own dtype."""
+        qt = _weight(64, 256, jnp.bfloat16)
+        x = jnp.eye(256, dtype=jnp.float32)[jnp.array([0, 1, 130, 255])]
+        config = DecodeConfig(block_n=32, block_k=128, split_k=2, dot="fma")
+        y = decode_pallas(x, qt, config=config, interpret=self.INTERPRET)
+        want = np.asarray(dequantize(qt).astype(jnp.float32)).T[[0, 1, 130, 255]]
+        np.testing.assert_array_equal(np.asarray(y), want)
+
+    def test_decode_ladder_rungs(self):
+        """Each rung of the benchmark ladder computes what it says (row sums of bytes, nibbles, codes, weights)."""
+        qt = _weight(64, 256, jnp.float32, double_quant=False)
+        x = _activations(1, 256)
+        config = DecodeConfig(block_n=32, block_k=128, split_k=2, dot="fma")
+        packed = np.asarray(qt.packed).reshape(64, 128).astype(np.float32)
+        hi, lo = np.floor(packed / 16), packed % 16
+        rungs = [decode_ladder(x, qt, config=config, stage=s, interpret=self.INTERPRET) for s in range(5)]
+        np.testing.assert_allclose(np.asarray(rungs[0])[0], packed.sum(1), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(rungs[1])[0], (hi + lo).sum(1), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(rungs[3])[0], np.asarray(dequantize(qt)).sum(1), rtol=1e-5, atol=1e-5)
+        _assert_close(rungs[4], decode_reference(x, qt), jnp.bfloat16)
+
+    def test_nf4_matmul_pallas_runs_the_decode_kernel_for_small_m(self):
+        qt = _weight(96, 256)
+        x = _activations(2, 3, 256)  # M = 6 after flattening
+        plan = plan_for(6, qt, jnp.bfloat16, impl="pallas", options=self.options)
+        assert plan.forward == "decode" and plan.backward == "matmul"
+        _assert_close(nf4_matmul(x, qt, options=self.options, impl="pallas"), matmul_reference(x, qt), jnp.bfloat16)
+        # vmap folds rows into M while they fit (<= 16), and maps beyond
+        for batch in (2, 5):
+            xs = _activations(batch, 4, 256)
+            got = jax.vmap(lambda a: nf4_matmul(a, qt, options=self.options, impl="pallas"))(xs)
+            _assert_close(got, matmul_reference(xs, qt), jnp.bfloat16)
 
     # --- backward (dx = dy @ W) --------------------------------------------------------------------------------
 
@@ -244,3 +315,26 @@ def test_bad_calls(kwargs, error, match):
 def test_bad_configs(config, match):
     with pytest.raises(ValueError, match=match):
         matmul_pallas(_activations(2, 128), _weight(32, 128), config=config, interpret=True)
+
+
+# --- the weight is used in its own dtype, as bitsandbytes' matmul_4bit does ---------------------------------------
+
+
+def _bnb_semantics(x, qt):
+    """x @ W.T with W = dequantize_4bit(W) (the weight's own dtype) cast to x's dtype, summed in float64."""
+    w = np.asarray(dequantize(qt).astype(x.dtype), np.float64)
+    return np.asarray(x, np.float64) @ w.T
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
+def test_float32_x_uses_the_bf16_stored_weight_rounded_to_bf16(impl):
+    """A bf16-stored weight multiplied by float32 activations is the weight rounded to bf16 (bitsandbytes'
+    `dequantize_4bit(W).to(A.dtype)`), not the exact float32 product T[code] * absmax."""
+    qt = _weight(64, 256, jnp.bfloat16)
+    x = _activations(5, 256, dtype=jnp.float32)
+    got = np.asarray(nf4_matmul(x, qt, options=KernelOptions(interpret=True), impl=impl), np.float64)
+    want = _bnb_semantics(x, qt)
+    exact_f32_weight = np.asarray(x, np.float64) @ np.asarray(dequantize(qt, jnp.float32), np.float64).T
+    scale = np.max(np.abs(want))
+    assert np.max(np.abs(exact_f32_weight - want)) > 1e-4 * scale  # the two semantics are far apart here
+    np.testing.assert_allclose(got, want, atol=2e-6 * scale, rtol=0)

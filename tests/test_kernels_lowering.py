@@ -7,15 +7,19 @@ import jax.numpy as jnp
 import pytest
 
 from qlora_jax.kernels import (
+    DecodeConfig,
     DequantConfig,
+    KernelOptions,
     MatmulConfig,
+    decode_pallas,
     dequantize_pallas,
     matmul_pallas,
     matmul_transposed_pallas,
     nf4_matmul,
     tuning_space,
 )
-from qlora_jax.kernels.autotune import DEQUANT_SPACE, default_choice
+from qlora_jax.kernels.autotune import DEQUANT_SPACE, default_fused_config
+from qlora_jax.kernels.decode import LADDER, decode_ladder
 from qlora_jax.kernels.lowering import export_for_cuda
 from qlora_jax.quant import quantize
 
@@ -38,14 +42,22 @@ def _assert_triton_call(exported):
     assert "triton" in text, "expected a Triton custom call in the CUDA module"
 
 
-@pytest.mark.parametrize(("op", "m"), [("forward", 1), ("forward", 16), ("forward", 300), ("backward", 300)])
+def _forward(config):
+    kernel = decode_pallas if isinstance(config, DecodeConfig) else matmul_pallas
+    return lambda x, q: kernel(x, q, config=config)
+
+
+@pytest.mark.parametrize(
+    ("op", "m"), [("forward", 1), ("forward", 4), ("forward", 16), ("forward", 300), ("backward", 16),
+                  ("backward", 300)]
+)  # fmt: skip
 def test_every_config_in_the_tuning_space_lowers(op, m):
     qt = _abstract_weight()
     configs = tuning_space(op, m, N, K, qt.blocksize)
     assert configs
-    for config in configs:
+    for config in [*configs, default_fused_config(op, m, N, K, qt.blocksize)]:
         if op == "forward":
-            exported = export_for_cuda(lambda x, q, c=config: matmul_pallas(x, q, config=c), _spec(m, K), qt)
+            exported = export_for_cuda(_forward(config), _spec(m, K), qt)
         else:
             exported = export_for_cuda(
                 lambda dy, q, c=config: matmul_transposed_pallas(dy, q, config=c), _spec(m, N), qt
@@ -57,11 +69,11 @@ def test_every_config_in_the_tuning_space_lowers(op, m):
 @pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)])
 def test_every_quant_variant_and_dtype_lowers(dtype, quant_type, double_quant):
     qt = _abstract_weight(dtype, quant_type, double_quant, blocksize=64)
-    for m in (1, 300):
-        config = default_choice("forward", m, N, K, 64).config or MatmulConfig()
-        _assert_triton_call(
-            export_for_cuda(lambda x, q, c=config: matmul_pallas(x, q, config=c), _spec(m, K, dtype=dtype), qt)
-        )
+    for m in (1, 7, 300):
+        config = default_fused_config("forward", m, N, K, 64)
+        _assert_triton_call(export_for_cuda(_forward(config), _spec(m, K, dtype=dtype), qt))
+    for config in (DecodeConfig(dot="fma", lookup="select"), DecodeConfig(dot="mma", block_k=512, split_k=1)):
+        _assert_triton_call(export_for_cuda(_forward(config), _spec(3, K, dtype=dtype), qt))
     _assert_triton_call(
         export_for_cuda(
             lambda dy, q: matmul_transposed_pallas(dy, q, config=MatmulConfig()), _spec(300, N, dtype=dtype), qt
@@ -69,6 +81,32 @@ def test_every_quant_variant_and_dtype_lowers(dtype, quant_type, double_quant):
     )
     for config in (DequantConfig(), *DEQUANT_SPACE):
         _assert_triton_call(export_for_cuda(lambda q, c=config: dequantize_pallas(q, dtype, config=c), qt))
+
+
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_decode_ladder_and_block_layouts_lower(blocksize):
+    """Every rung of gpu.py's ladder, both lookups, and block_k below / above the blocksize."""
+    qt = _abstract_weight(blocksize=blocksize)
+    for block_k in (64, 512):
+        for lookup in ("gather", "select"):
+            config = DecodeConfig(block_n=128, block_k=block_k, split_k=1, dot="fma", lookup=lookup)
+            for stage in range(len(LADDER)):
+                _assert_triton_call(
+                    export_for_cuda(lambda x, q, s=stage, c=config: decode_ladder(x, q, config=c, stage=s),
+                                    _spec(1, K), qt)
+                )  # fmt: skip
+
+
+def test_decoding_through_nf4_matmul_lowers():
+    """impl="pallas" at M <= 16 inside a scan over stacked layers: the decode kernel, mapped over the layers."""
+    stacked = jax.eval_shape(lambda: jax.vmap(quantize)(jnp.zeros((2, K, K), jnp.bfloat16)))
+    options = KernelOptions(impl="pallas")
+
+    def forward(x, layers):
+        return jax.lax.scan(lambda h, qt: (nf4_matmul(h, qt, options=options), None), x, layers)[0]
+
+    exported = export_for_cuda(forward, _spec(8, K), stacked)
+    assert "nf4_decode" in exported.mlir_module()
 
 
 def test_training_step_through_nf4_matmul_lowers():

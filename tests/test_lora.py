@@ -3,16 +3,28 @@ gradients against a float32 dense reference, LoftQ."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from qlora_jax.lora import LoraConfig, apply_lora, loftq_initialize, target_module_names, trainable_parameters
+from qlora_jax.lora import (
+    AdapterScaling,
+    LoraConfig,
+    apply_lora,
+    loftq_initialize,
+    target_layers,
+    target_module_names,
+    trainable_parameters,
+)
 from qlora_jax.models import DecoderLM, ModelConfig
+from qlora_jax.models.names import layer_name, split_layer_name
 from qlora_jax.nn import Frozen, QuantizedWeight
 from qlora_jax.quant import QuantConfig, dequantize
+from qlora_jax.train.config import ConfigFieldError, load_config
 from qlora_jax.train.optim import OptimConfig, make_optimizer
 from qlora_jax.train.step import TrainState, make_train_step
 
@@ -49,10 +61,49 @@ def _batch(accum=1, batch=2, length=8, seed=0):
         (("q_proj", "v_proj"), ["model.layers.self_attn.q_proj", "model.layers.self_attn.v_proj"]),
         (r".*mlp\.(up|down)_proj", ["model.layers.mlp.up_proj", "model.layers.mlp.down_proj"]),
         (("lm_head",), ["lm_head"]),
+        # PEFT's names carry the layer index: a regex may name some layers, or all of them
+        (
+            r"model\.layers\.\d+\.self_attn\.(q|v)_proj",
+            ["model.layers.self_attn.q_proj", "model.layers.self_attn.v_proj"],
+        ),
+        (r"model\.layers\.1\.mlp\.down_proj", ["model.layers.mlp.down_proj"]),
+        ((), None),
     ],
 )
 def test_target_modules_select_as_peft_does(target, expected):
+    if expected is None:
+        with pytest.raises(ValueError, match="target_modules must name at least one module"):
+            LoraConfig(target_modules=target)
+        return
     assert sorted(target_module_names(_model(), LoraConfig(target_modules=target))) == sorted(expected)
+    if target == r"model\.layers\.1\.mlp\.down_proj":
+        assert target_layers(_model(), LoraConfig(target_modules=target))[expected[0]].ranks == (0, 8)
+
+
+def test_per_layer_names():
+    assert layer_name("model.layers.self_attn.q_proj", 3) == "model.layers.3.self_attn.q_proj"
+    assert layer_name("model.layers", 0) == "model.layers.0" and layer_name("lm_head", None) == "lm_head"
+    assert split_layer_name("model.layers.12.mlp.up_proj") == ("model.layers.mlp.up_proj", 12)
+    assert split_layer_name("model.layers.2") == ("model.layers", 2) and split_layer_name("lm_head") == (
+        "lm_head",
+        None,
+    )
+    with pytest.raises(ValueError, match="not a path in model.layers"):
+        layer_name("lm_head", 1)
+
+
+def test_lora_fields_from_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: {path: m}\ndata: {train: t.jsonl}\n"
+        "lora: {target_modules: [q_proj, v_proj], layers_to_transform: [0, 2], rank_pattern: {v_proj: 16}}\n"
+    )
+    config = load_config(path, ["--lora.alpha_pattern", "{q_proj: 32}", "--lora.exclude_modules", "[k_proj]"]).lora
+    assert config == LoraConfig(target_modules=("q_proj", "v_proj"), layers_to_transform=(0, 2), exclude_modules=(
+        "k_proj",), rank_pattern={"v_proj": 16}, alpha_pattern={"q_proj": 32.0})  # fmt: skip
+    assert hash(config) == hash(dataclasses.replace(config))
+    with pytest.raises(ConfigFieldError, match=r"lora.rank_pattern\['v_proj'\]: expected an integer, got 'x'"):
+        load_config(path, ["--lora.rank_pattern", "{v_proj: x}"])
 
 
 def test_bad_targets_and_double_application():
@@ -71,6 +122,11 @@ def test_bad_targets_and_double_application():
         ({"lora_dropout": 1.0}, "lora_dropout"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights"),
         ({"bias": "all"}, "bias='all' is not supported"),
+        ({"lora_alpha": 0}, "lora_alpha must be a finite nonzero number"),
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive integer"),
+        ({"alpha_pattern": {"q_proj": float("nan")}}, r"alpha_pattern\['q_proj'\] must be a finite nonzero"),
+        ({"target_modules": ".*q_proj", "layers_to_transform": [0]}, "layers_to_transform cannot be used when"),
+        ({"target_modules": ("q_proj",), "layers_pattern": "layers"}, "layers_to_transform must be specified too"),
     ],
 )
 def test_bad_lora_configs(kwargs, match):
@@ -83,7 +139,10 @@ def test_initial_adapters_change_nothing_and_counts_are_peft_like(capsys):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 8)))
     before = np.asarray(model(tokens))
     apply_lora(model, LoraConfig(r=4), rngs=nnx.Rngs(1))
-    np.testing.assert_array_equal(np.asarray(model(tokens)), before)  # B starts at zero
+    # B starts at zero: the adapters add exactly 0 (up to how XLA fuses the now larger layer scan: 1 ulp)
+    np.testing.assert_allclose(np.asarray(model(tokens)), before, rtol=0, atol=1e-6 * np.abs(before).max())
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 64)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(model.lm_head(x)), np.asarray(model.lm_head.base(x)))
     trainable, total = trainable_parameters(model)
     per_layer = sum(4 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)])
     assert trainable == 2 * per_layer
@@ -161,6 +220,7 @@ def test_only_adapters_train_and_only_they_have_optimizer_state():
     assert {type(v) for v in jax.tree.leaves(base, is_leaf=lambda v: isinstance(v, nnx.Variable))} <= {
         Frozen,
         QuantizedWeight,
+        AdapterScaling,  # fixed by the config, not trained
     }
 
 
@@ -224,3 +284,63 @@ def test_loftq_lowers_the_reconstruction_error():
         w_hat = dequantize(qt, jnp.float32) + config.scaling * delta
         residuals.append(np.linalg.norm(weights[f"model.layers.{layer}.self_attn.q_proj.weight"] - np.asarray(w_hat)))
     assert np.sqrt(np.sum(np.square(residuals))) == pytest.approx(errors["model.layers.self_attn.q_proj"][1], rel=1e-4)
+
+
+# ------------------------------------------------------------------------- adapters on some layers, per-layer rank
+
+PER_LAYER = LoraConfig(
+    r=4,
+    lora_alpha=8,
+    init_lora_weights=False,
+    target_modules=r"model\.layers\.1\.self_attn\.(q|v)_proj|lm_head",
+    rank_pattern={"v_proj": 2, "lm_head": 6},
+    alpha_pattern={"q_proj": 2},
+)
+
+
+def test_layers_without_adapters_and_rank_padding_stay_exactly_zero_through_training():
+    """Stacked modules hold every layer's adapter at the largest rank: layers without one and the padding of
+    smaller ranks add nothing, get exactly zero gradient, and stay zero under AdamW with weight decay and
+    clipping; DoRA's magnitude there gets no gradient either."""
+    model = _model(quant=QuantConfig(), dtype=jnp.bfloat16)
+    config = dataclasses.replace(PER_LAYER, use_dora=True)
+    assert sorted(apply_lora(model, config, rngs=nnx.Rngs(1))) == [
+        "lm_head", "model.layers.self_attn.q_proj", "model.layers.self_attn.v_proj"]  # fmt: skip
+    q, v, head = (
+        model.model.layers.self_attn.q_proj.lora,
+        model.model.layers.self_attn.v_proj.lora,
+        model.lm_head.lora,
+    )
+    assert (q.ranks, v.ranks, head.ranks) == ((0, 4), (0, 2), (6,))
+    assert q.lora_A[...].shape == (2, 4, 64) and v.lora_B[...].shape == (2, 32, 2) and head.lora_A[...].shape == (6, 64)
+    np.testing.assert_allclose(np.asarray(q.scaling[...]), [0, 2 / 4])
+    np.testing.assert_allclose(np.asarray(v.scaling[...]), [0, 8 / 2])
+    trainable, _ = trainable_parameters(model, verbose=False)
+    assert trainable == 4 * (64 + 64) + 64 + 2 * (64 + 32) + 32 + 6 * (64 + 128) + 128  # PEFT's count, no padding
+    graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.5), 10)
+    state = TrainState.create(lora, optimizer)
+    step = make_train_step(graphdef, optimizer, chunk_size=8)
+
+    def grads_of(adapters):
+        def loss(a):
+            m = nnx.merge(graphdef, a, base)
+            return jnp.mean(jax.nn.log_softmax(m(_batch()["tokens"][0]).astype(jnp.float32))[..., 0])
+
+        return nnx.to_flat_state(jax.grad(loss)(adapters))
+
+    flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in grads_of(lora)}
+    assert not flat["model.layers.self_attn.q_proj.lora.lora_A"][0].any()  # layer 0 has none
+    assert not flat["model.layers.self_attn.q_proj.lora.lora_magnitude_vector"][0].any()
+    assert flat["model.layers.self_attn.q_proj.lora.lora_magnitude_vector"][1].any()
+    for _ in range(3):
+        state, _ = step(state, base, _batch(), jax.random.key(0))
+    after = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state.lora)}
+    for module, r in (("q_proj", 4), ("v_proj", 2)):
+        a, b = (
+            after[f"model.layers.self_attn.{module}.lora.lora_A"],
+            after[f"model.layers.self_attn.{module}.lora.lora_B"],
+        )
+        assert not a[0].any() and not b[0].any(), module  # the layer without an adapter
+        assert not a[1, r:].any() and not b[1, :, r:].any(), module  # padding past the layer's rank
+        assert a[1, :r].all() and b[1, :, :r].any(), module  # what trains, trains

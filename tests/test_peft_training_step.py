@@ -22,9 +22,22 @@ pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.oracle
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_one_step_loss_and_lora_gradients_match_peft_bitsandbytes(family, tmp_path):
-    make_tiny_model(family, tmp_path / "base")
+LORA = {
+    "all-linear": dict(target_modules="all-linear"),
+    # adapters on some layers only, with per-layer ranks and alphas: zero-padded here, unpadded in PEFT
+    "per-layer": dict(target_modules=r"model\.layers\.[02]\.(self_attn\.(q|v)|mlp\.down)_proj",
+                      rank_pattern={"v_proj": 2, r"layers\.2\.mlp\.down_proj": 6}, alpha_pattern={"q_proj": 32}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("family", "lora_kwargs"),
+    [("llama", LORA["all-linear"]), ("qwen2", LORA["all-linear"]), ("llama", LORA["per-layer"])],
+    ids=["llama", "qwen2", "llama-per-layer"],
+)
+def test_one_step_loss_and_lora_gradients_match_peft_bitsandbytes(family, lora_kwargs, tmp_path):
+    per_layer = "rank_pattern" in lora_kwargs
+    make_tiny_model(family, tmp_path / "base", **({"num_hidden_layers": 3} if per_layer else {}))
     bnb_config = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
@@ -32,8 +45,7 @@ def test_one_step_loss_and_lora_gradients_match_peft_bitsandbytes(family, tmp_pa
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "base", quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
     )
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
-                           task_type="CAUSAL_LM")  # fmt: skip
+    lora = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM", **lora_kwargs)
     torch.manual_seed(0)
     peft_model = peft.get_peft_model(hf, lora)
     peft_model.train()
@@ -59,15 +71,24 @@ def test_one_step_loss_and_lora_gradients_match_peft_bitsandbytes(family, tmp_pa
     value, grads = jax.value_and_grad(loss)(adapters)
     np.testing.assert_allclose(float(value), out.loss.item(), rtol=1e-5)
 
-    flat = {".".join(path): variable.get_value() for path, variable in nnx.to_flat_state(grads)}
-    matched = 0
+    flat = {".".join(path): np.asarray(variable.get_value()) for path, variable in nnx.to_flat_state(grads)}
+    matched = set()
     for name, grad in theirs.items():
         # base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight -> our stacked leaf, layer 1
         m = re.match(r"base_model\.model\.model\.layers\.(\d+)\.(.+)\.(lora_[AB])\.default\.weight", name)
         assert m, name
         layer, module, field = int(m.group(1)), m.group(2), m.group(3)
-        ours = np.asarray(flat[f"model.layers.{module}.lora.{field}"])[layer]
+        key = f"model.layers.{module}.lora.{field}"
+        ours = flat[key][layer]
+        r = grad.shape[0] if field == "lora_A" else grad.shape[1]
+        ours, padding = (ours[:r], ours[r:]) if field == "lora_A" else (ours[:, :r], ours[:, r:])
         scale = max(np.abs(grad).max(), 1e-8)
         np.testing.assert_allclose(ours, grad, atol=2e-4 * scale, rtol=0, err_msg=name)
-        matched += 1
-    assert matched == len(theirs) == 2 * 2 * 7
+        assert not padding.any(), name  # the zero padding of a smaller rank gets exactly zero gradient
+        matched.add((key, layer))
+    assert len(matched) == len(theirs) == (2 * 2 * 7 if not per_layer else 2 * 3 * 2)
+    # layers without an adapter (and modules of ours PEFT does not have): exactly zero gradient
+    for key, grad in flat.items():
+        for layer in range(grad.shape[0] if key.startswith("model.layers.") else 0):
+            if (key, layer) not in matched:
+                assert not grad[layer].any(), (key, layer)

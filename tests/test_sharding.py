@@ -155,8 +155,10 @@ def test_each_device_holds_its_share_of_the_base_model(eight_devices):
         mesh = eq["meshes"][name]
         # codes, absmax codes and nested absmax: exactly 1/M a device; the offsets (4 bytes a weight) replicated
         assert mesh["codes_bytes_per_device"] == [(codes_total - offsets) // fsdp] * 8, name
-        # and every dense weight of this model divides too: the whole base is total/M
-        assert mesh["base_bytes_per_device"] == [(total - offsets) // fsdp + offsets] * 8, name
+        # and every dense weight of this model divides too: the whole base is total/M (but the offsets and the
+        # adapters' per-layer scalings, replicated)
+        replicated = offsets + eq["adapter_scaling_bytes"]
+        assert mesh["base_bytes_per_device"] == [(total - replicated) // fsdp + replicated] * 8, name
     assert eq["meshes"]["data8"]["lora_specs"] == ["P(None, None, None)"]  # nothing split over data
     assert eq["meshes"]["fsdp8"]["lora_specs"] == ["P(None, 'fsdp', None)", "P(None, None, 'fsdp')"]  # B, A
 

@@ -1,5 +1,6 @@
 """`train()` end to end on a tiny model with SmolLM2's tokenizer: outputs, PEFT export, kill-and-resume with
-bit-identical losses, divergence handling, bad data lines, the CLI."""
+bit-identical losses (and a second `train` refused meanwhile), divergence handling, what a failed or refused
+`train` leaves (nothing changed), resume checks, incomplete checkpoints, bad data lines, the CLI."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from qlora_jax.cli import main as cli_main
-from qlora_jax.train import loop
+from qlora_jax.train import setup as train_setup
 from qlora_jax.train.config import load_config
 from qlora_jax.train.loop import TrainingDiverged, train
 from tests.tiny_smol import save_tiny_smol
@@ -73,8 +74,10 @@ def test_train_end_to_end_writes_everything_and_the_adapter_loads_in_peft(tmp_pa
     run = result.output_dir
     assert result.steps == 6 and len(result.train_losses) == 6
     assert result.train_losses[-1] < result.train_losses[0]
-    for name in ("metrics.jsonl", "loss.png", "samples.json", "config.json", "adapter/adapter_model.safetensors"):
+    for name in ("metrics.jsonl", "loss.png", "samples.json", "config.json", "run.json",
+                 "adapter/adapter_model.safetensors"):  # fmt: skip
         assert (run / name).is_file(), name
+    assert not (run / ".lock").exists() and not [p for p in run.rglob("*") if ".partial" in p.name]
     assert (run / "checkpoints" / "6").is_dir()
     samples = json.loads((run / "samples.json").read_text())
     assert len(samples["before"]) == len(samples["after"]) == 1 and len(samples["eval_after"]) == 4
@@ -115,7 +118,7 @@ def test_train_end_to_end_writes_everything_and_the_adapter_loads_in_peft(tmp_pa
     assert not (tmp_path / "nope").exists()
 
 
-def test_kill_and_resume_gives_bit_identical_losses(tmp_path, tiny_model_dir):
+def test_kill_and_resume_gives_bit_identical_losses(tmp_path, tiny_model_dir, capsys):
     uninterrupted = load_config(_config(tmp_path / "a", tiny_model_dir, save_every=1, export_peft=False))
     expected = train(uninterrupted, progress=False)
 
@@ -126,20 +129,50 @@ def test_kill_and_resume_gives_bit_identical_losses(tmp_path, tiny_model_dir):
                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and len(_losses(run) if (run / "metrics.jsonl").exists() else {}) < 3:
+        while time.time() < deadline and len(_losses(run) if (run / "metrics.jsonl").exists() else {}) < 2:
+            time.sleep(0.05)
+        # a second training of the same directory, meanwhile, is refused: the run is left alone
+        with pytest.raises(SystemExit, match=rf"in use by another training \(pid {process.pid} on host "):
+            cli_main(["train", str(config_path)])
+        while time.time() < deadline and len(_losses(run)) < 3:
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)  # mid-run, possibly mid-save
     finally:
         process.wait()
     killed_at = max(_losses(run))
     assert 3 <= killed_at < 6, killed_at
+    capsys.readouterr()
     resumed = train(load_config(config_path), progress=False)
+    assert f"taking over the lock left by pid {process.pid}" in capsys.readouterr().out
     assert _losses(run) == _losses(tmp_path / "a" / "run")  # every step, bit for bit
     assert resumed.train_losses == expected.train_losses
 
 
-def test_divergence_stops_with_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    real = loop.make_train_step
+def test_a_blow_up_is_not_saved_and_the_hint_resumes_from_the_last_good_checkpoint(tmp_path, tiny_model_dir):
+    """A learning rate that explodes the adapters at step 2 (warmup: step 1's is 0) to |w| ~ 1e37, as in the
+    report: checkpoint 1 is the last, nothing exploded is saved (the loss of a random tiny model stays near
+    uniform whatever its hidden states do, so here the blow-up shows as a NaN loss of the weights to be saved), and
+    doing what the message says (a lower learning rate, the same command) resumes from checkpoint 1 and trains to
+    the end."""
+    config_path = _config(tmp_path, tiny_model_dir, save_every=1, steps=4, export_peft=False)
+    blow_up = ["--optim.learning_rate", "1e38", "--optim.warmup_steps", "4", "--optim.max_grad_norm", "null"]
+    with pytest.raises(SystemExit) as error:
+        cli_main(["train", "--no-progress", str(config_path), *blow_up])
+    message = str(error.value)
+    assert "step 2: the update blew up" in message, message
+    assert f"last good checkpoint is {tmp_path / 'run' / 'checkpoints' / '1'}" in message, message
+    assert "lower optim.learning_rate or set optim.max_grad_norm" in message  # clipping was off: say so
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["1"]
+    config = load_config(config_path, ["--optim.learning_rate", "3e-3", "--optim.warmup_steps", "4"])
+    result = train(config, progress=False)
+    assert result.steps == 4 and all(np.isfinite(result.train_losses))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3, 4]  # the blown-up step 2's line is gone
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    real = train_setup.make_train_step
 
     def poisoned(*args, **kwargs):
         step = real(*args, **kwargs)
@@ -152,12 +185,82 @@ def test_divergence_stops_with_the_last_good_checkpoint(tmp_path, tiny_model_dir
 
         return wrapped
 
-    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    monkeypatch.setattr(train_setup, "make_train_step", poisoned)
     config = load_config(_config(tmp_path, tiny_model_dir, save_every=2))
-    with pytest.raises(TrainingDiverged, match=r"step 5: loss nan.*last good checkpoint is .*checkpoints/4"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"step 5: loss nan.*last good checkpoint is .*checkpoints/4: lower "
+        r"optim.learning_rate, and run",
+    ):  # clipping is on: no hint to set it
         train(config, progress=False)
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 4]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    """A finished 4-step run with checkpoints 2 and 4, and its config file."""
+    directory = tmp_path_factory.mktemp("finished")
+    config_path = _config(directory, tiny_model_dir, steps=4, save_every=2, export_peft=False)
+    train(load_config(config_path), progress=False)
+    return config_path, directory / "run"
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_train_changes_nothing_in_the_run(finished_run, tmp_path):
+    config_path, run = finished_run
+    before = _snapshot(run)
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text("".join((ROOT / "examples/data/dates_train.jsonl").read_text().splitlines(True)[:3]))
+    for overrides, expected in (
+        (["--model.path", str(tmp_path / "nowhere")], rf"model.path: '.*' in the run, '{tmp_path / 'nowhere'}' now"),
+        (["--lora.r", "8"], r"lora.r: 4 in the run, 8 now"),
+        (["--train.seed", "1", "--lora.lora_alpha", "4"], r"lora.lora_alpha: 8.0 in the run, 4.0 now\n"
+                                                          r"  train.seed: 0 in the run, 1 now"),
+        (["--data.train", str(other_data)], r"data.train: .*other.jsonl is not the file this run started with .*now 3 "
+                                            r"records"),
+        (["--train.resume", "false"], r"holds checkpoints of a run \(steps 2, 4\) and train.resume is false"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit, match=expected):
+            cli_main(["train", "--no-progress", str(config_path), *overrides])
+        assert _snapshot(run) == before, overrides
+    # a new run into a new directory with a model that is not there leaves no directory behind
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit, match="nowhere"):
+        cli_main(["train", str(config_path), "--model.path", str(tmp_path / "nowhere"), "--train.output_dir",
+                  str(fresh)])  # fmt: skip
+    assert not fresh.exists()
+
+
+def test_resume_with_a_changed_config_is_one_message_and_no_traceback(finished_run):
+    """In a separate process: what the user sees, to the last line (no orbax internals, no asyncio noise)."""
+    config_path, run = finished_run
+    done = subprocess.run([sys.executable, "-m", "qlora_jax.cli", "train", str(config_path), "--lora.r", "8",
+                           "--model.quant", "fp4"], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith("qlora-jax train: train.output_dir"), done.stderr
+    for expected in ("model.quant: 'nf4' in the run, 'fp4' now", "lora.r: 4 in the run, 8 now", "another "
+                     "train.output_dir"):  # fmt: skip
+        assert expected in done.stderr
+    for noise in ("Traceback", "Event loop is closed", "ArrayRestoreArgs", "orbax"):
+        assert noise not in done.stderr + done.stdout, done.stderr
+
+
+def test_export_of_an_incomplete_checkpoint_is_a_clear_error(finished_run, tmp_path):
+    import shutil
+
+    _, finished = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "checkpoints" / "22" / "state").mkdir(parents=True)  # what an interrupted deletion used to leave
+    with pytest.raises(SystemExit, match=r"checkpoints/22: not a complete checkpoint \(missing _CHECKPOINT_METADATA"):
+        cli_main(["export", str(run), str(tmp_path / "out"), "--step", "22"])
+    assert not (tmp_path / "out").exists()
+    assert cli_main(["export", str(run), str(tmp_path / "out")]) == 0  # the latest complete one: 4
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
 def test_bad_data_line_is_named_by_the_cli(tmp_path, tiny_model_dir):

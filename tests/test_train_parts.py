@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import yaml
 from flax import nnx
@@ -147,6 +148,55 @@ def test_remat_policies_give_the_same_gradients(remat):
     assert losses[remat] == pytest.approx(losses["none"], rel=1e-5)
 
 
+def _packed_batch():
+    """Two rows: two packed examples and right padding; one example and right padding."""
+    batch = _batch(accum=1, batch=2, length=16)
+    segments = np.array([[[1] * 6 + [2] * 7 + [0] * 3, [1] * 11 + [0] * 5]], np.int32)
+    positions = np.array([[list(range(6)) + list(range(7)) + [0] * 3, list(range(11)) + [0] * 5]], np.int32)
+    targets = np.where(segments > 0, np.asarray(batch["targets"]), IGNORE_INDEX)
+    return batch | {"segment_ids": jnp.asarray(segments), "positions": jnp.asarray(positions),
+                    "targets": jnp.asarray(targets)}  # fmt: skip
+
+
+def test_flash_attention_step_equals_the_xla_step():
+    """Loss, gradient norm and gradients (an SGD step of rate 1 subtracts them) of a step through the Pallas flash
+    kernel (interpreted), packed rows, padding and LoRA dropout included, equal the XLA attention's."""
+    graphdef, lora, base = _trainable(dtype=jnp.float32, dropout=0.1)
+    optimizer = optax.sgd(1.0)
+    results = []
+    for attention in ("xla", "pallas"):
+        options = ComputeOptions(remat="full", attention=attention, kernels=KernelOptions(interpret=True))
+        state = TrainState.create(jax.tree.map(jnp.copy, lora), optimizer)
+        state, metrics = make_train_step(graphdef, optimizer, chunk_size=16, options=options)(
+            state, base, _packed_batch(), jax.random.key(0)
+        )
+        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), state.lora))
+    assert results[1][:2] == pytest.approx(results[0][:2], rel=1e-5)
+    for a, b, before in zip(*(jax.tree.leaves(r[2]) for r in results), jax.tree.leaves(lora), strict=True):
+        grad_xla, grad_pallas = np.asarray(before) - np.asarray(a), np.asarray(before) - np.asarray(b)
+        np.testing.assert_allclose(grad_pallas, grad_xla, rtol=1e-4, atol=1e-5 * np.abs(grad_xla).max())
+
+
+def test_unpacked_rows_need_no_segment_ids():
+    """Rows of one example then right padding: the step with packed_rows=False (causal mask only) computes the
+    same loss and gradients as with the segment mask."""
+    graphdef, lora, base = _trainable(dtype=jnp.float32)
+    batch = _packed_batch()
+    batch["segment_ids"] = jnp.where(batch["segment_ids"] > 0, 1, 0)  # one example a row
+    batch["positions"] = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), batch["tokens"].shape)
+    optimizer = optax.sgd(1.0)
+    results = []
+    for packed_rows in (True, False):
+        state = TrainState.create(jax.tree.map(jnp.copy, lora), optimizer)
+        step = make_train_step(graphdef, optimizer, chunk_size=16, packed_rows=packed_rows,
+                               options=ComputeOptions(remat="none", attention="xla"))  # fmt: skip
+        state, metrics = step(state, base, batch, jax.random.key(0))
+        results.append((float(metrics["loss"]), state.lora))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
 def test_offloaded_optimizer_state_lives_in_pinned_host_memory():
     graphdef, lora, base = _trainable()
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-2), 10)
@@ -207,6 +257,11 @@ def test_yaml_config_with_overrides(tmp_path):
         ({"lora": {"r": 0}}, [], "lora: lora r must be a positive integer"),
         ({"train": {"loss_chunk_size": -1}}, [], r"train.loss_chunk_size: must be >= 0 \(0: automatic\)"),
         ({"train": {"attention_block": -2}}, [], "train.attention_block: must be >= 0, got -2"),
+        ({"train": {"attention": "flash"}}, [], "train.attention: must be one of"),
+        ({"train": {"attention": "cudnn"}}, [], "train.attention: cudnn has no mask for packed rows"),
+        ({"train": {"memory_budget": "lots"}}, [], "train.memory_budget: expected a number of bytes or a size"),
+        ({"train": {"memory_budget": -3}}, [], "train.memory_budget: a memory size must be > 0"),
+        ({"train": {"remat": "sometimes"}}, [], r"train.remat: must be one of \('auto', 'none'"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, change, overrides, match):
@@ -265,3 +320,17 @@ def test_compute_options_reject_unknown_values():
         ComputeOptions(attention_block=-1)
     with pytest.raises(ValueError, match="impl must be one of"):
         KernelOptions(impl="triton")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ComputeOptions(attention="flash")
+
+
+def test_memory_sizes_parse_in_si_and_binary_units():
+    from qlora_jax.train.config import parse_bytes
+
+    assert parse_bytes("24GiB") == 24 * 2**30
+    assert parse_bytes("8 GB") == 8 * 10**9
+    assert parse_bytes("1.5MiB") == 3 * 2**19
+    assert parse_bytes(4096) == 4096
+    for bad in ("", "12 parsecs", "GiB", 0, True):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax import codebooks
+from qlora_jax.convert.finite import non_finite
+from qlora_jax.errors import InputError
 from qlora_jax.quant import SUPPORTED_BLOCKSIZES, SUPPORTED_DTYPES, QuantizedTensor
 
 __all__ = [
@@ -33,7 +35,7 @@ __all__ = [
 _QUANT_STATE = ".quant_state.bitsandbytes__"
 
 
-class BnbFormatError(ValueError):
+class BnbFormatError(InputError):
     """A bitsandbytes 4-bit entry of a state dict is missing, malformed or inconsistent."""
 
 
@@ -84,6 +86,12 @@ def _require(tensors: Mapping[str, Any], key: str, dtype: Any, shape: tuple[int,
     return array.reshape(shape) if shape is not None else array
 
 
+def _finite(array: np.ndarray, key: str) -> np.ndarray:
+    if problem := non_finite(array):
+        raise BnbFormatError(f"{key}: {problem}")
+    return array
+
+
 def from_state_dict(tensors: Mapping[str, Any], key: str = "weight") -> QuantizedTensor:
     """Reads the 4-bit weight `key` (and its `key.*` statistics) from a state dict, checking every field."""
     state_key = _quant_state_key(tensors, key)
@@ -109,7 +117,7 @@ def from_state_dict(tensors: Mapping[str, Any], key: str = "weight") -> Quantize
         )
     nested = f"{key}.nested_absmax" in tensors
     if not nested:
-        absmax = _require(tensors, f"{key}.absmax", np.float32, (num_blocks,))
+        absmax = _finite(_require(tensors, f"{key}.absmax", np.float32, (num_blocks,)), f"{key}.absmax")
         return QuantizedTensor(packed, absmax, None, None, shape, dtype, quant_type, blocksize, None)
     try:
         dq_blocksize, offset = int(meta["nested_blocksize"]), np.float32(meta["nested_offset"])
@@ -122,6 +130,9 @@ def from_state_dict(tensors: Mapping[str, Any], key: str = "weight") -> Quantize
         raise BnbFormatError(f"{state_key}: unsupported nested_blocksize {dq_blocksize}")
     absmax = _require(tensors, f"{key}.absmax", np.uint8, (num_blocks,))
     nested_absmax = _require(tensors, f"{key}.nested_absmax", np.float32, (-(-num_blocks // dq_blocksize),))
+    _finite(nested_absmax, f"{key}.nested_absmax")
+    if not np.isfinite(offset):
+        raise BnbFormatError(f"{state_key}: nested_offset is {offset}")
     nested_map = _require(tensors, f"{key}.nested_quant_map", np.float32, (256,))
     if not np.array_equal(nested_map, codebooks.DYNAMIC_CODE):
         raise BnbFormatError(f"{key}.nested_quant_map: differs from bitsandbytes' dynamic map")

@@ -29,6 +29,7 @@ import gguf
 import numpy as np
 from gguf import MODEL_TENSOR as T
 
+from qlora_jax.convert.finite import non_finite
 from qlora_jax.models.config_files import (
     BLOCK_NAME,
     SUPPORTED_ARCHITECTURES,
@@ -221,6 +222,8 @@ def _hf_base(
 
 def _load(source: _Source, path: pathlib.Path) -> np.ndarray:
     array = tensor_values(source.tensor, path)
+    if problem := non_finite(array):
+        raise GGUFError(f"{path}: tensor {source.tensor.name!r} {problem}")
     if source.heads is not None:
         try:
             array = from_ggml_rows(array, source.heads)

@@ -32,6 +32,7 @@ import numpy as np
 from gguf import MODEL_ARCH
 from gguf import GGMLQuantizationType as Q
 
+from qlora_jax.convert.finite import non_finite
 from qlora_jax.convert.gguf import norm_offset, permuted_heads, to_ggml_rows
 from qlora_jax.convert.gguf_tokenizer import add_tokenizer
 from qlora_jax.convert.merge import merged_tensors
@@ -125,6 +126,8 @@ def save_gguf(
         for (hf_name, array), (planned, (gguf_name, shape, qtype)) in zip(_tensors(model), plan.items(), strict=True):
             if hf_name != planned:
                 raise GGUFError(f"merged tensors out of order: got {hf_name!r} where {planned!r} was planned")
+            if problem := non_finite(array):
+                raise GGUFError(f"{path}: tensor {hf_name} {problem}; nothing was written")
             writer.write_tensor_data(_encode(array, gguf_name, shape, qtype, config, arch))
         writer.close()
         os.replace(partial, path)

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax.convert import bnb
+from qlora_jax.convert.finite import non_finite
 from qlora_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 from qlora_jax.convert.state_map import Slot, all_keys, model_slots, resolve, variable_at
 from qlora_jax.models import DecoderLM, ModelConfig
@@ -103,6 +104,18 @@ def _float_tensor(source: TensorSource, key: str) -> np.ndarray:
     return array
 
 
+def _cast(array: np.ndarray, dtype: Any, key: str, source: TensorSource) -> jax.Array:
+    """The tensor in `dtype`; values beyond its range (float32 -> float16) are an error, not an Inf."""
+    cast = jnp.asarray(array).astype(dtype)
+    if not bool(jnp.isfinite(cast).all()):
+        if problem := non_finite(np.asarray(array)):  # a source that does not check (readers here all do)
+            raise CheckpointError(f"{source.file_of(key)}: tensor {key} {problem}")
+        largest = float(np.abs(np.asarray(array, np.float32)).max())
+        raise CheckpointError(f"{source.file_of(key)}: tensor {key} holds values up to {largest:.4g}, beyond "
+                              f"{jnp.dtype(dtype).name}'s range; load it in bfloat16 or float32")  # fmt: skip
+    return cast
+
+
 def load_model(
     config: ModelConfig,
     source: TensorSource,
@@ -156,7 +169,7 @@ def load_model(
             if slot.quantized:
                 q = quantization
                 qt = quantize(
-                    jnp.asarray(array).astype(param_dtype),
+                    _cast(array, param_dtype, key, source),
                     quant_type=q.quant_type,
                     blocksize=q.blocksize,
                     double_quant=q.double_quant,
@@ -165,7 +178,7 @@ def load_model(
                 _fill_quantized(buffers, slot, index, qt, key, source)
             else:
                 (path,) = slot.paths
-                buffers[path][index] = np.asarray(jnp.asarray(array).astype(buffers[path].dtype))
+                buffers[path][index] = np.asarray(_cast(array, buffers[path].dtype, key, source))
         filled.add(key)
     expected = {key for key, _, _ in all_keys(slots, config.num_layers)}
     if missing := sorted(expected - filled):

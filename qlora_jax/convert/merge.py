@@ -52,7 +52,7 @@ def merged_weight(module: QLinear, layer: int | None = None) -> jax.Array:
         module = _layer_of(module, layer)
     w = module.dense_weight(jnp.float32)
     lora = module.lora
-    if lora is None:
+    if lora is None or lora.ranks[layer or 0] == 0:  # no adapter on this layer (docs/lora.md)
         return w
     delta = lora.delta_weight()
     if lora.lora_magnitude_vector is None:

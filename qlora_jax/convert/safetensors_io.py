@@ -1,16 +1,15 @@
 """Reading and writing (sharded) safetensors checkpoints, one tensor at a time, with errors that name the file.
 
 Reading never holds more than one tensor in memory (files are memory-mapped); writing fills one shard at a time
-and moves the finished files into place only at the end, so an interrupted write leaves an existing checkpoint
-in the directory untouched.
+and moves the finished files into place only at the end (`qlora_jax.files.staged_directory`), so an interrupted
+write leaves an existing checkpoint in the directory untouched. A tensor with NaN or Inf is refused both ways,
+naming the file (or the output) and the tensor.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -18,13 +17,19 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-__all__ = ["CheckpointError", "SafetensorsReader", "write_sharded", "parse_size"]
+from qlora_jax.convert.finite import non_finite
+from qlora_jax.errors import InputError
+from qlora_jax.files import staged_directory
+
+__all__ = ["CheckpointError", "SafetensorsReader", "write_sharded", "parse_size", "LAYOUT_FILES"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# The files of a checkpoint's weights, in either layout: a new checkpoint written over an old one replaces them all.
+LAYOUT_FILES = (SINGLE_FILE, INDEX_FILE, "model-*-of-*.safetensors")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file is missing, unreadable, truncated, or holds an unexpected tensor."""
 
 
@@ -40,6 +45,11 @@ class SafetensorsReader:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")
+                for name in weight_map.values()
+            ):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names in {directory}")
             self.files = sorted(set(weight_map.values()))
             self._expected = dict(weight_map)
         elif (self.directory / SINGLE_FILE).is_file():
@@ -83,20 +93,24 @@ class SafetensorsReader:
         if key not in self._locations:
             raise CheckpointError(f"{self.directory}: no tensor {key}")
         with self._open(self._locations[key]) as f:
-            try:
-                return f.get_tensor(key)
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{self.file_of(key)}: cannot read tensor {key} ({e}); truncated?") from e
+            return self._read(f, key, self.file_of(key))
+
+    @staticmethod
+    def _read(f, key: str, path: Path) -> np.ndarray:
+        try:
+            array = f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, TypeError, AttributeError) as e:  # AttributeError: a dtype
+            raise CheckpointError(f"{path}: cannot read tensor {key} ({e})") from e  # numpy lacks (F8_E4M3, ...)
+        if problem := non_finite(array):
+            raise CheckpointError(f"{path}: tensor {key} {problem}")
+        return array
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(key, array) for every tensor, file by file, one in memory at a time."""
         for name in self.files:
             with self._open(name) as f:
                 for key in f.keys():
-                    try:
-                        yield key, f.get_tensor(key)
-                    except (SafetensorError, OSError, ValueError) as e:
-                        raise CheckpointError(f"{self.directory / name}: cannot read tensor {key} ({e})") from e
+                    yield key, self._read(f, key, self.directory / name)
 
 
 def parse_size(size: int | str) -> int:
@@ -121,13 +135,13 @@ def write_sharded(
     """Writes tensors as transformers does: one `model.safetensors`, or shards plus an index past max_shard_size.
 
     Tensors stream in; at most one shard is held in memory. `extra_files` (name -> text, e.g. config.json) are
-    written too. Everything is written to a temporary directory first and moved into `directory` at the end.
+    written too. Everything is written to a staging directory first and moved into `directory` at the end, where
+    it replaces a previous checkpoint's files of either layout. A tensor with NaN or Inf raises CheckpointError
+    naming it, and nothing is written.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
-    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=directory))
-    try:
+    with staged_directory(directory, replaces=LAYOUT_FILES) as staging:
         shards: list[tuple[str, list[str]]] = []
         current: dict[str, np.ndarray] = {}
         current_size, total_size = 0, 0
@@ -142,6 +156,8 @@ def write_sharded(
 
         for key, array in tensors:
             array = np.ascontiguousarray(array)
+            if problem := non_finite(array):
+                raise CheckpointError(f"{directory}: tensor {key} {problem}; nothing was written")
             if current and current_size + array.nbytes > limit:
                 flush()
             current[key] = array
@@ -165,13 +181,4 @@ def write_sharded(
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
             final_names.append(name)
-        # Remove a previous checkpoint's other layout (a single file vs shards) only now that the new one is whole.
-        for stale in [SINGLE_FILE, INDEX_FILE, *(p.name for p in directory.glob("model-*-of-*.safetensors"))]:
-            if stale not in final_names and (directory / stale).exists():
-                (directory / stale).unlink()
-        for name in final_names:
-            os.chmod(staging / name, 0o644)
-            os.replace(staging / name, directory / name)
-        return [directory / name for name in final_names]
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return [directory / name for name in final_names]

@@ -1,33 +1,29 @@
-"""Choosing kernels and tile sizes by timing them on the GPU, with a persistent cache.
+"""Measured kernel choices: the tuning space, the timing of candidates, and the persistent cache.
 
-A choice is keyed by (op, GPU kind, M bucket, N, K, dtype, quant type, blocksize, double quant). For each key we
-time the plain XLA path (dequantize, then cuBLAS) and every fused configuration in the tuning space, and keep the
-fastest, so `impl="auto"` is never slower than XLA on a measured shape. Without a measurement (no GPU, tuning off)
-a conservative default applies: fused for small M, where reading 4-bit weights wins, XLA otherwise.
+A choice is keyed by (op, GPU kind, M bucket, N, K, dtype, quant type, blocksize, double quant). Tuning a key
+times the plain XLA path (dequantize, then cuBLAS) and at most ~16 fused configurations of the tuning space, each
+on weights distinct per call (no L2 reuse), and keeps the fastest: a fused kernel is chosen only where it
+measured faster than XLA. The time a shape takes to tune is bounded by construction: few repeats, and a budget
+after which no further candidate is started.
 
 The cache is a JSON file (default `~/.cache/qlora_jax/autotune.json`, or `$QLORA_JAX_AUTOTUNE_CACHE`), written
-atomically.
+atomically and merged with what other processes wrote. `qlora-jax tune CONFIG.yaml` fills it for a model's shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
-import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
+from qlora_jax.kernels.decode import FMA_MAX_M, MAX_M, DecodeConfig
 from qlora_jax.kernels.dequant import DequantConfig
 from qlora_jax.kernels.matmul import MatmulConfig
 
@@ -35,19 +31,24 @@ __all__ = [
     "Choice",
     "TuningKey",
     "TuningCache",
+    "KernelConfig",
     "m_bucket",
     "tuning_space",
-    "default_choice",
+    "default_fused_config",
     "tune",
     "cache_path",
+    "config_to_json",
+    "config_from_json",
+    "MAX_CANDIDATES",
+    "TUNE_BUDGET_S",
 ]
 
 log = logging.getLogger(__name__)
 
 OPS = ("forward", "backward")
-SMALL_M = 32  # at or below: decode-style configs (block_m=16, split-K)
-_WARPS_STAGES_SMALL = ((2, 3), (4, 4))
-_WARPS_STAGES_LARGE = ((4, 3), (8, 3), (4, 4))
+KernelConfig = MatmulConfig | DecodeConfig
+MAX_CANDIDATES = 16  # fused configurations timed per (op, M bucket, shape)
+TUNE_BUDGET_S = 20.0  # no candidate is started after this many seconds of tuning one key
 
 
 def m_bucket(m: int) -> int:
@@ -70,59 +71,126 @@ class TuningKey:
     def __str__(self) -> str:
         return "|".join(str(v) for v in dataclasses.astuple(self))
 
+    @classmethod
+    def parse(cls, text: str) -> TuningKey:
+        """The inverse of str(key); raises ValueError for a malformed key."""
+        parts = text.split("|")
+        if len(parts) != 9 or parts[0] not in OPS or parts[8] not in ("True", "False"):
+            raise ValueError(f"not a tuning key: {text!r}")
+        op, kind, bucket, n, k, dtype, quant_type, blocksize, dq = parts
+        return cls(op, kind, int(bucket), int(n), int(k), dtype, quant_type, int(blocksize), dq == "True")
+
+
+def config_to_json(config: KernelConfig | None) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    kernel = "decode" if isinstance(config, DecodeConfig) else "matmul"
+    return {"kernel": kernel, **dataclasses.asdict(config)}
+
+
+def config_from_json(data: dict[str, Any] | None) -> KernelConfig | None:
+    if not data:
+        return None
+    data = dict(data)
+    kernel = data.pop("kernel", "matmul")
+    if kernel not in ("decode", "matmul"):
+        raise ValueError(f"unknown kernel {kernel!r} in a tuning entry")
+    return DecodeConfig(**data) if kernel == "decode" else MatmulConfig(**data)
+
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """The winner, impl "pallas" (with `config`) or "xla"; also the best fused config even when XLA won (what
-    impl="pallas" uses). `source` says whether it was measured or defaulted."""
+    """The winner of one key: impl "pallas" (with `config`, a MatmulConfig or a DecodeConfig) or "xla"; also the
+    best fused config even when XLA won (what impl="pallas" uses). `source` says where it comes from ("measured" on
+    this machine, or a shipped table's provenance)."""
 
     impl: str
-    config: MatmulConfig | None = None
-    source: str = "default"
+    config: KernelConfig | None = None
+    source: str = "measured"
     time_s: float | None = None
     xla_time_s: float | None = None
-    fused_config: MatmulConfig | None = None
+    fused_config: KernelConfig | None = None
     fused_time_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for name in ("config", "fused_config"):
-            value = getattr(self, name)
-            out[name] = dataclasses.asdict(value) if value else None
+        out["config"], out["fused_config"] = config_to_json(self.config), config_to_json(self.fused_config)
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Choice:
         data = dict(data)
-        for name in ("config", "fused_config"):
-            data[name] = MatmulConfig(**data[name]) if data.get(name) else None
-        return cls(**data)
+        data["config"], data["fused_config"] = (
+            config_from_json(data.get("config")),
+            config_from_json(data.get("fused_config")),
+        )
+        choice = cls(**data)
+        if choice.impl not in ("xla", "pallas") or (choice.impl == "pallas" and choice.config is None):
+            raise ValueError(f"a choice must be xla, or pallas with a config: {data}")
+        return choice
 
 
-def tuning_space(op: str, m: int, n: int, k: int, blocksize: int) -> list[MatmulConfig]:
-    """Every fused configuration worth timing for this shape (all valid for it)."""
+def _decode_space(m: int, k: int, blocksize: int) -> list[DecodeConfig]:
+    """At most 12 decode configs: wide loads, split K; multiply-adds on CUDA cores for M <= 4."""
+    dots = ("fma", "mma") if m <= FMA_MAX_M else ("mma",)
+    shapes = [(64, 128, 4), (128, 128, 4), (64, 256, 2), (128, 256, 2), (256, 128, 2), (32, 256, 8)]
+    configs = []
+    for dot in dots:
+        for bn, bk, split in shapes[: 12 // len(dots)]:
+            while split > 1 and k % (bk * split):
+                split //= 2
+            if k % bk == 0:
+                configs.append(DecodeConfig(block_n=bn, block_k=bk, split_k=split, dot=dot, num_warps=4))
+    return list(dict.fromkeys(configs))
+
+
+def tuning_space(op: str, m: int, n: int, k: int, blocksize: int) -> list[KernelConfig]:
+    """The fused configurations worth timing for this shape (all valid for it; at most MAX_CANDIDATES).
+
+    forward, M <= 16: the decode kernel (12) and 4 split-K configs of the tiled kernel; forward, larger M: the
+    tiled kernel's tensor-core tiles; backward: the transposed kernel's tiles.
+    """
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    block_ks = [bk for bk in (32, 64, 128) if blocksize % bk == 0 and k % bk == 0]
-    configs: Iterable[MatmulConfig]
-    if op == "forward" and m <= SMALL_M:
-        configs = (
-            MatmulConfig(block_m=16, block_n=bn, block_k=bk, split_k=s, num_warps=w, num_stages=st)
-            for bn, bk, s, (w, st) in itertools.product((32, 64, 128), block_ks, (1, 2, 4, 8), _WARPS_STAGES_SMALL)
-            if k % (bk * s) == 0
-        )
+    del n
+    block_ks = [bk for bk in (64, 32, 128) if blocksize % bk == 0 and k % bk == 0]
+    bk = block_ks[0]
+    configs: list[KernelConfig]
+    if op == "forward" and m <= MAX_M:
+        configs = [*_decode_space(m, k, blocksize)]
+        for bn, split in ((128, 4), (64, 8), (128, 2), (64, 4)):
+            if k % (bk * split) == 0:
+                configs.append(MatmulConfig(block_m=16, block_n=bn, block_k=bk, split_k=split, num_warps=4))
     elif op == "forward":
-        configs = (
-            MatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-            for bm, bn, bk, (w, st) in itertools.product((64, 128), (64, 128), block_ks, _WARPS_STAGES_LARGE)
-        )
+        configs = [
+            MatmulConfig(block_m=bm, block_n=bn, block_k=kk, num_warps=w, num_stages=st)
+            for bm, bn, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4))
+            for kk in block_ks[:2]
+            for st in (3, 4)
+        ]
     else:
-        configs = (
-            MatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-            for bm, bn, bk, (w, st) in itertools.product((16, 64, 128), (32, 64), block_ks, _WARPS_STAGES_LARGE[:2])
-            if bm > 16 or m <= SMALL_M
-        )
-    return list(configs)
+        bms = (16, 64) if m <= MAX_M else (64, 128)
+        configs = [
+            MatmulConfig(block_m=bm, block_n=bn, block_k=kk, num_warps=w, num_stages=3)
+            for bm in bms
+            for bn in (32, 64)
+            for kk in block_ks[:2]
+            for w in (4, 8)
+        ]
+    return list(dict.fromkeys(configs))[:MAX_CANDIDATES]
+
+
+def default_fused_config(op: str, m: int, n: int, k: int, blocksize: int, num_cores: int = 132) -> KernelConfig:
+    """The fused configuration impl="pallas" uses when nothing was measured: the decode kernel for forward at
+    M <= 16 (K split so that about two programs run per SM), the tiled kernels otherwise."""
+    block_k = 64 if blocksize % 64 == 0 and k % 64 == 0 else 32
+    if op == "backward" or m > MAX_M:
+        return MatmulConfig(block_m=64, block_n=64, block_k=block_k)
+    bn, bk = 64, 128 if k % 128 == 0 else 64
+    split = 1
+    while split < 16 and -(-n // bn) * split < 2 * num_cores and k % (bk * split * 2) == 0:
+        split *= 2
+    return DecodeConfig(block_n=bn, block_k=bk, split_k=split, dot="fma" if m <= FMA_MAX_M else "mma")
 
 
 DEQUANT_SPACE = (
@@ -132,25 +200,39 @@ DEQUANT_SPACE = (
 )
 
 
-def default_choice(op: str, m: int, n: int, k: int, blocksize: int, num_cores: int = 132) -> Choice:
-    """The untuned choice: fused for small-M forward (memory-bound; 4-bit reads win), XLA otherwise."""
-    block_k = 64 if blocksize % 64 == 0 and k % 64 == 0 else 32
-    if op == "backward":
-        return Choice("xla", fused_config=MatmulConfig(block_m=64, block_n=64, block_k=block_k))
-    if m > SMALL_M:
-        return Choice("xla", fused_config=MatmulConfig(block_m=64, block_n=64, block_k=block_k))
-    n_tiles = -(-n // 64)
-    split = 1
-    while split < 8 and n_tiles * split < 2 * num_cores and k % (block_k * split * 2) == 0:
-        split *= 2  # enough programs to keep every SM streaming the weight
-    config = MatmulConfig(block_m=16, block_n=64, block_k=block_k, split_k=split, num_warps=4, num_stages=3)
-    return Choice("pallas", config, fused_config=config)
-
-
 def cache_path() -> Path:
     if env := os.environ.get("QLORA_JAX_AUTOTUNE_CACHE"):
         return Path(env)
     return Path.home() / ".cache" / "qlora_jax" / "autotune.json"
+
+
+def read_entries(path: Path) -> dict[str, Choice]:
+    """The entries of a cache or table file; raises ValueError (naming the file and entry) if it is malformed."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected an object of tuning entries")
+    entries = {}
+    for key, value in raw.items():
+        try:
+            TuningKey.parse(key)
+            entries[key] = Choice.from_json(value)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}: bad entry {key!r} ({e})") from e
+    return entries
+
+
+def write_entries(path: Path, entries: dict[str, Choice]) -> None:
+    """Writes entries atomically (a reader never sees a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps({k: v.to_json() for k, v in sorted(entries.items())}, indent=1) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(payload)
+    os.replace(tmp, path)
 
 
 class TuningCache:
@@ -171,9 +253,8 @@ class TuningCache:
         if not self.path.is_file():
             return {}
         try:
-            raw = json.loads(self.path.read_text())
-            return {key: Choice.from_json(value) for key, value in raw.items()}
-        except (ValueError, KeyError, TypeError) as e:
+            return read_entries(self.path)
+        except ValueError as e:
             log.warning("ignoring the unreadable autotune cache %s (%s)", self.path, e)
             return {}
 
@@ -181,47 +262,51 @@ class TuningCache:
         with self._lock:
             return self._load().get(str(key))
 
+    def entries(self) -> dict[str, Choice]:
+        with self._lock:
+            return dict(self._load())
+
     def put(self, key: TuningKey, choice: Choice) -> None:
         with self._lock:
             entries = self._read() | self._load()  # keep what another process wrote meanwhile
             entries[str(key)] = choice
             self._entries = entries
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            payload = json.dumps({k: v.to_json() for k, v in sorted(entries.items())}, indent=1)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(payload)
-            os.replace(tmp, self.path)
+            write_entries(self.path, entries)
 
+    # Hashable by path, so that KernelOptions holding a cache stays a usable static argument.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TuningCache) and other.path == self.path
 
-def time_on_device(fn: Callable[[], Any], repeats: int = 10) -> float:
-    """Median wall time of fn() (which returns arrays), after a compile-and-warm-up call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    def __hash__(self) -> int:
+        return hash(("TuningCache", str(self.path)))
 
 
 def tune(
     key: TuningKey,
-    candidates: dict[str, Callable[[], Any]],
+    candidates: dict[str, Callable[[], float]],
     *,
     cache: TuningCache | None = None,
-    timer: Callable[[Callable[[], Any]], float] | None = None,
-    configs: dict[str, MatmulConfig] | None = None,
+    configs: dict[str, KernelConfig] | None = None,
+    budget_s: float = TUNE_BUDGET_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Choice:
-    """Times every candidate (name -> thunk; "xla" is the baseline), keeps and caches the fastest.
+    """Runs every candidate (name -> a thunk returning its measured seconds a call; "xla" is the baseline and runs
+    first), keeps and caches the fastest.
 
-    Candidates that fail to compile or run (too much shared memory, say) are skipped with a log line.
+    Candidates that fail to compile or run (too much shared memory, say) are skipped with a log line; once
+    `budget_s` seconds have passed, the remaining ones are skipped too (logged), so a key never tunes for long.
+    Raises RuntimeError if the XLA baseline itself fails.
     """
-    timer = timer or time_on_device
+    start = clock()
     times: dict[str, float] = {}
-    for name, thunk in candidates.items():
+    names = sorted(candidates, key=lambda name: name != "xla")
+    for index, name in enumerate(names):
+        if name != "xla" and clock() - start > budget_s:
+            log.warning("autotune %s: budget of %.0f s spent; %d candidates not timed", key, budget_s,
+                        len(names) - index)  # fmt: skip
+            break
         try:
-            times[name] = timer(thunk)
+            times[name] = float(candidates[name]())
         except Exception as e:  # noqa: BLE001 - any failure just removes the candidate
             log.info("autotune %s: %s failed (%s: %s)", key, name, type(e).__name__, e)
     if "xla" not in times:
@@ -239,19 +324,7 @@ def tune(
         fused_config=configs.get(best_fused),
         fused_time_s=times.get(best_fused),
     )
-    log.info("autotune %s: %s (%.3g ms; xla %.3g ms)", key, best, times[best] * 1e3, times["xla"] * 1e3)
+    log.info("autotune %s: %s (%.3g us; xla %.3g us)", key, best, times[best] * 1e6, times["xla"] * 1e6)
     if cache is not None:
         cache.put(key, choice)
     return choice
-
-
-def synthetic_inputs(m: int, n: int, k: int, dtype: Any, *, quant_type: str, blocksize: int, double_quant: bool):
-    """Random activations and a random quantized weight of the given shape, for timing."""
-    from qlora_jax.quant import quantize
-
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
-    dy = jnp.asarray(rng.standard_normal((m, n)), dtype)
-    w = jnp.asarray(rng.standard_normal((n, k)) * 0.02, dtype)
-    qt = quantize(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
-    return x, dy, qt

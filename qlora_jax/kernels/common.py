@@ -113,8 +113,10 @@ def load_weight_tile(
     num_rows: int,
     num_cols: int,
     dtype: Any,
+    weight_dtype: Any = None,
 ) -> jax.Array:
-    """The dequantized tile W[row_start : +num_rows, col_start : +num_cols] in `dtype` ([R, C])."""
+    """The dequantized tile W[row_start : +num_rows, col_start : +num_cols] in `dtype` ([R, C]), rounded first to
+    `weight_dtype` (the weight's own dtype, as bitsandbytes' `dequantize_4bit` returns it) when given."""
     packed = plgpu.load(
         packed_ref.at[pl.ds(row_start, num_rows), pl.ds(col_start // 2, num_cols // 2)],
         mask=row_mask[:, None],
@@ -123,7 +125,10 @@ def load_weight_tile(
     # The first value of a pair sits in the high nibble; interleave back to column order.
     codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(num_rows, num_cols)
     # Scaled in float32 and then rounded, exactly as `dequantize` does, so the tile equals the dequantized weight.
-    return (table_ref[codes] * scales[:, None]).astype(dtype)
+    tile = table_ref[codes] * scales[:, None]
+    if weight_dtype is not None:
+        tile = tile.astype(weight_dtype)
+    return tile.astype(dtype)
 
 
 def dot_precision(dtype: Any) -> Any:

@@ -1,16 +1,22 @@
 """`nf4_matmul`: y = x @ dequantize(W).T, differentiable in x, with the kernel chosen per shape and device.
 
 impl:
-  "auto"      fused Pallas kernels on GPU where measured (or, untuned, expected) faster, else "xla"
-  "pallas"    the fused kernels (an error if the weight's layout does not allow them)
+  "auto"      XLA, unless a measurement says a fused kernel is faster for this shape on this GPU kind: the
+              user's tuning cache (`qlora-jax tune`), then the table shipped for the GPU kind (`tables.py`)
+  "pallas"    the fused kernels: the decode kernel for M <= 16, the tiled kernel above; the backward pass by the
+              transposed kernel (an error if the weight's layout does not allow them)
   "xla"       dequantize (a Pallas kernel on GPU), then one XLA dot; what runs on CPU
-  "reference" dequantize to float32 and multiply at full precision (for tests)
+  "reference" the bitsandbytes-semantics weight in float32 and a full-precision dot (for tests)
+
+Every path multiplies by the weight as bitsandbytes' `matmul_4bit` forms it: each value T[code] * absmax in
+float32, rounded to the weight's own dtype (`dequantize_4bit`), then cast to x's dtype; products are summed in
+float32.
 
 The backward pass computes only dx = dy @ dequantize(W), recomputing the dequantization (or reading the packed
 weight in the fused kernel) instead of keeping a 16-bit copy of W alive between the passes; the weight itself gets
 zero cotangents. The choice is a `KernelOptions` value passed to each call (models take it in `ComputeOptions`):
 a frozen, hashable value that is part of what jit compiles, so changing it recompiles; nothing is read from global
-or thread-local state while tracing.
+or thread-local state while tracing (the tuning cache and tables are read once per traced shape).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qlora_jax.kernels import autotune, common
+from qlora_jax.kernels import autotune, common, tables, timing
+from qlora_jax.kernels.decode import FMA_MAX_M, MAX_M, DecodeConfig, decode_pallas
 from qlora_jax.kernels.dequant import dequant_unsupported_reason, dequantize_pallas
 from qlora_jax.kernels.matmul import (
     MatmulConfig,
@@ -47,15 +54,17 @@ class KernelOptions:
     Attributes:
       impl: "auto" | "pallas" | "xla" | "reference" (see the module docstring).
       interpret: run the Pallas kernels in Pallas' interpreter (any platform; for tests).
-      autotune: on GPU, time the candidates of a shape the tuning cache lacks (at trace time, once per shape).
-      cache: the tuning cache to read and write (default: `autotune.TuningCache()` at its default path).
+      autotune: on GPU, time the candidates of a shape that neither the tuning cache nor the shipped table has,
+        while tracing (up to ~20 s a shape and op). Off by default: a first trace that silently tunes for minutes
+        is a bad surprise; run `qlora-jax tune CONFIG.yaml` once instead.
+      cache: the tuning cache to read (and write) (default: `autotune.TuningCache()` at its default path).
 
     Raises ValueError for an unknown impl.
     """
 
     impl: str = "auto"
     interpret: bool = False
-    autotune: bool = True
+    autotune: bool = False
     cache: autotune.TuningCache | None = None
 
     def __post_init__(self):
@@ -67,9 +76,9 @@ class KernelOptions:
 class Plan:
     """What runs for one (shape, weight layout): static, so it can key jit caches."""
 
-    forward: str  # "pallas" | "xla" | "reference"
-    forward_config: MatmulConfig | None
-    backward: str
+    forward: str  # "decode" | "matmul" | "xla" | "reference"
+    forward_config: MatmulConfig | DecodeConfig | None
+    backward: str  # "matmul" | "xla" | "reference"
     backward_config: MatmulConfig | None
     dequant: str  # how the "xla" path dequantizes: "pallas" | "xla"
     interpret: bool
@@ -85,58 +94,96 @@ def _device() -> tuple[str, int]:
     return device.device_kind, getattr(device, "core_count", 132)
 
 
-def _tuning_key(op: str, m: int, qt: QuantizedTensor, dtype: Any) -> autotune.TuningKey:
+def tuning_key(op: str, m: int, qt: QuantizedTensor, dtype: Any, device_kind: str | None = None) -> autotune.TuningKey:
+    """The key of one (op, M, weight, activation dtype) on this (or the named) GPU kind."""
     n, k = qt.shape
-    device_kind = _device()[0]
     return autotune.TuningKey(
-        op, device_kind, autotune.m_bucket(m), n, k, jnp.dtype(dtype).name, qt.quant_type, qt.blocksize,
-        qt.double_quant,
+        op, device_kind or _device()[0], autotune.m_bucket(m), n, k, jnp.dtype(dtype).name, qt.quant_type,
+        qt.blocksize, qt.double_quant,
     )  # fmt: skip
 
 
+_tuning_key = tuning_key
+
+
+def _kernel_name(config: Any) -> str:
+    return "decode" if isinstance(config, DecodeConfig) else "matmul"
+
+
+def fused_fn(op: str, config: Any, interpret: bool) -> Callable[[jax.Array, QuantizedTensor], jax.Array]:
+    """The fused kernel call (activations, weight) -> output for a config of the tuning space."""
+    if op == "backward":
+        return functools.partial(matmul_transposed_pallas, config=config, interpret=interpret)
+    if isinstance(config, DecodeConfig):
+        return functools.partial(decode_pallas, config=config, interpret=interpret)
+    return functools.partial(matmul_pallas, config=config, interpret=interpret)
+
+
+def xla_fn(op: str, interpret: bool = False) -> Callable[[jax.Array, QuantizedTensor], jax.Array]:
+    """The XLA path (Pallas dequantize on GPU or in the interpreter, then one dot) as (activations, weight) ->."""
+    base = _xla_forward if op == "forward" else _xla_backward
+    return functools.partial(base, dequant="pallas", interpret=interpret)
+
+
+def measure(
+    op: str, m: int, qt: QuantizedTensor, dtype: Any, *, interpret: bool = False, cache: Any = None,
+    repeats: int = 3, budget_s: float = autotune.TUNE_BUDGET_S,
+) -> autotune.Choice:  # fmt: skip
+    """Times XLA and every fused config of the tuning space for this key on synthetic weights distinct per call,
+    keeps the fastest and stores it in `cache`. Run outside any trace (in a worker thread while tracing)."""
+    n, k = qt.shape
+    key = tuning_key(op, m, qt, dtype)
+    bucket = key.m_bucket
+    count = timing.copies_for(n * k // 2 + n * k // qt.blocksize * 4)
+    weights = timing.distinct_weights(
+        n, k, qt.dtype, count, quant_type=qt.quant_type, blocksize=qt.blocksize, double_quant=qt.double_quant
+    )
+    rows = jax.random.normal(jax.random.key(1), (bucket, k if op == "forward" else n), jnp.float32).astype(dtype)
+    configs = {f"pallas:{c}": c for c in autotune.tuning_space(op, bucket, n, k, qt.blocksize)}
+
+    def thunk(fn):
+        return lambda: timing.per_call_seconds(fn, (rows,), weights, count, repeats=repeats)
+
+    candidates = {"xla": thunk(xla_fn(op, interpret))}
+    for name, config in configs.items():
+        candidates[name] = thunk(fused_fn(op, config, interpret))
+    return autotune.tune(key, candidates, cache=cache, configs=configs, budget_s=budget_s)
+
+
 def _measure(op: str, m: int, qt: QuantizedTensor, dtype: Any, options: KernelOptions) -> autotune.Choice:
-    """Times XLA and every fused config for this shape in a worker thread (outside any trace), and caches it."""
+    """`measure` in a worker thread (JAX's trace state is thread-local), caching into the options' cache."""
+    cache = options.cache or autotune.TuningCache()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(measure, op, m, qt, dtype, interpret=options.interpret, cache=cache).result()
+
+
+def _choose(op: str, m: int, qt: QuantizedTensor, dtype: Any, options: KernelOptions) -> autotune.Choice | None:
+    """The measured choice for this key: the tuning cache, the shipped table, a measurement now (autotune on),
+    or None (nothing measured: XLA). Only on a GPU, whose kind keys the measurements."""
+    if not _on_gpu():
+        return None
+    key = tuning_key(op, m, qt, dtype)
+    cache = options.cache or autotune.TuningCache()
+    if (choice := cache.get(key)) is not None or (choice := tables.lookup(key)) is not None:
+        return choice
+    return _measure(op, m, qt, dtype, options) if options.autotune else None
+
+
+def _config_for(op: str, m: int, qt: QuantizedTensor, choice: autotune.Choice | None) -> Any:
+    """impl="pallas": the best measured fused config if any, else the default one."""
+    if choice is not None and choice.fused_config is not None:
+        return choice.fused_config
     n, k = qt.shape
-    key = _tuning_key(op, m, qt, dtype)
-    interpret = options.interpret
-
-    def run() -> autotune.Choice:
-        x, dy, weight = autotune.synthetic_inputs(
-            key.m_bucket, n, k, dtype, quant_type=qt.quant_type, blocksize=qt.blocksize,
-            double_quant=qt.double_quant,
-        )  # fmt: skip
-        configs = {f"pallas:{c}": c for c in autotune.tuning_space(op, key.m_bucket, n, k, qt.blocksize)}
-        if op == "forward":
-            fused, baseline, activations = matmul_pallas, _xla_forward, x
-        else:
-            fused, baseline, activations = matmul_transposed_pallas, _xla_backward, dy
-        baseline = jax.jit(functools.partial(baseline, dequant="pallas", interpret=interpret))
-        candidates = {"xla": functools.partial(baseline, activations, weight)}
-        for name, config in configs.items():
-            candidates[name] = functools.partial(fused, activations, weight, config=config, interpret=interpret)
-        return autotune.tune(key, candidates, cache=options.cache or autotune.TuningCache(), configs=configs)
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # JAX's trace state is thread-local
-        return pool.submit(run).result()
+    cores = _device()[1] if _on_gpu() else 132
+    return autotune.default_fused_config(op, m, n, k, qt.blocksize, cores)
 
 
-def _choose(op: str, m: int, qt: QuantizedTensor, dtype: Any, options: KernelOptions) -> autotune.Choice:
-    """The measured choice for this shape (measured now if missing and autotuning is on), else the default."""
-    n, k = qt.shape
-    on_gpu = _on_gpu()
-    if on_gpu:
-        cache = options.cache or autotune.TuningCache()
-        if (choice := cache.get(_tuning_key(op, m, qt, dtype))) is not None:
-            return choice
-        if options.autotune:
-            return _measure(op, m, qt, dtype, options)
-    return autotune.default_choice(op, m, n, k, qt.blocksize, _device()[1] if on_gpu else 132)
+def plan_for(m: int, qt: QuantizedTensor, dtype: Any, *, impl: str, config: Any = None, options: KernelOptions) -> Plan:
+    """The kernels one call runs: a static decision made while tracing.
 
-
-def plan_for(
-    m: int, qt: QuantizedTensor, dtype: Any, *, impl: str, config: MatmulConfig | None, options: KernelOptions
-) -> Plan:
-    """The kernels one call runs: a static decision made while tracing."""
+    config: a MatmulConfig or DecodeConfig forcing the forward kernel (impl="pallas"; a DecodeConfig needs
+    M <= 16). Raises ValueError for an unknown impl, or impl="pallas" with a weight the fused kernels cannot take.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     interpret = options.interpret
@@ -148,16 +195,23 @@ def plan_for(
             raise ValueError(f"nf4_matmul(impl='pallas'): {reason}; use impl='auto' or 'xla'")
         return Plan("xla", None, "xla", None, dequant, interpret)
     forward, backward = _choose("forward", m, qt, dtype, options), _choose("backward", m, qt, dtype, options)
-    if impl == "pallas":  # fused both ways, with the best measured (or default) tiles
-        return Plan("pallas", config or forward.fused_config, "pallas", backward.fused_config, dequant, interpret)
-    if not _on_gpu() and not interpret:
-        return Plan("xla", None, "xla", None, dequant, interpret)
-    return Plan(forward.impl, config or forward.config, backward.impl, backward.config, dequant, interpret)
+    if impl == "pallas":  # fused both ways, with the best measured (or default) configs
+        forward_config = config or _config_for("forward", m, qt, forward)
+        if isinstance(forward_config, DecodeConfig) and m > MAX_M:
+            forward_config = autotune.default_fused_config("forward", m, *qt.shape, qt.blocksize)
+        backward_config = _config_for("backward", m, qt, backward)
+        return Plan(_kernel_name(forward_config), forward_config, "matmul", backward_config, dequant, interpret)
+    fwd, bwd = ("xla", None), ("xla", None)
+    if forward is not None and forward.impl == "pallas":
+        fwd = (_kernel_name(forward.config), forward.config)
+    if backward is not None and backward.impl == "pallas":
+        bwd = ("matmul", backward.config)
+    return Plan(*fwd, *bwd, dequant, interpret)
 
 
-def _fold_batch_into_m(fn: Callable[[jax.Array, QuantizedTensor], jax.Array]):
-    """Wraps a 2D kernel call so that vmap folds a batch of activations into M (one launch), and maps over a
-    batch of weights (stacked layers) with lax.map."""
+def _fold_batch_into_m(fn: Callable[[jax.Array, QuantizedTensor], jax.Array], max_m: int | None = None):
+    """Wraps a 2D kernel call so that vmap folds a batch of activations into M (one launch; up to `max_m` rows
+    for the decode kernel, else mapped), and maps over a batch of weights (stacked layers) with lax.map."""
 
     @jax.custom_batching.custom_vmap
     def wrapped(a: jax.Array, qt: QuantizedTensor) -> jax.Array:
@@ -167,8 +221,10 @@ def _fold_batch_into_m(fn: Callable[[jax.Array, QuantizedTensor], jax.Array]):
     def _rule(axis_size, in_batched, a, qt):
         a_batched, qt_batched = in_batched
         if not any(jax.tree.leaves(qt_batched)):
-            out = wrapped(a.reshape(axis_size * a.shape[1], a.shape[2]), qt)
-            return out.reshape(axis_size, a.shape[1], out.shape[-1]), True
+            if max_m is None or axis_size * a.shape[1] <= max_m:
+                out = wrapped(a.reshape(axis_size * a.shape[1], a.shape[2]), qt)
+                return out.reshape(axis_size, a.shape[1], out.shape[-1]), True
+            return jax.lax.map(lambda rows: wrapped(rows, qt), a), True  # one weight, too many rows for one call
         a = a if a_batched else jnp.broadcast_to(a, (axis_size, *a.shape))
         qt = jax.tree.map(
             lambda leaf, batched: leaf if batched else jnp.broadcast_to(leaf, (axis_size, *jnp.shape(leaf))),
@@ -181,8 +237,11 @@ def _fold_batch_into_m(fn: Callable[[jax.Array, QuantizedTensor], jax.Array]):
 
 
 @functools.cache
-def _fused_forward(config: MatmulConfig, interpret: bool):
-    return _fold_batch_into_m(functools.partial(matmul_pallas, config=config, interpret=interpret))
+def _fused_forward(config: MatmulConfig | DecodeConfig, interpret: bool):
+    max_m = None
+    if isinstance(config, DecodeConfig):
+        max_m = FMA_MAX_M if config.dot == "fma" else MAX_M
+    return _fold_batch_into_m(fused_fn("forward", config, interpret), max_m)
 
 
 @functools.cache
@@ -220,9 +279,12 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _xla_weight(qt: QuantizedTensor, dtype: Any, dequant: str, interpret: bool = False) -> jax.Array:
+    """The weight as bitsandbytes' matmul_4bit multiplies by it: dequantized to its own dtype, then cast."""
     if dequant == "pallas":
-        return _pallas_dequantizer(jnp.dtype(dtype), interpret)(qt)
-    return dequantize(qt, dtype)
+        w = _pallas_dequantizer(jnp.dtype(qt.dtype), interpret)(qt)
+    else:
+        w = dequantize(qt)
+    return w.astype(dtype)
 
 
 def _xla_forward(x: jax.Array, qt: QuantizedTensor, dequant: str, interpret: bool = False) -> jax.Array:
@@ -234,7 +296,7 @@ def _xla_backward(dy: jax.Array, qt: QuantizedTensor, dequant: str, interpret: b
 
 
 def _forward(x: jax.Array, qt: QuantizedTensor, plan: Plan) -> jax.Array:
-    if plan.forward == "pallas":
+    if plan.forward in ("decode", "matmul"):
         return _fused_forward(plan.forward_config, plan.interpret)(x, qt)
     return _xla_forward(x, qt, plan.dequant, plan.interpret)
 
@@ -249,7 +311,7 @@ def _matmul_fwd(x, qt, plan):
 
 
 def _matmul_bwd(plan, qt, dy):
-    if plan.backward == "pallas":
+    if plan.backward == "matmul":
         dx = _fused_backward(plan.backward_config, plan.interpret)(dy, qt)
     else:
         dx = _xla_backward(dy, qt, plan.dequant, plan.interpret)
@@ -265,7 +327,7 @@ def nf4_matmul(
     *,
     options: KernelOptions = KernelOptions(),
     impl: str | None = None,
-    config: MatmulConfig | None = None,
+    config: MatmulConfig | DecodeConfig | None = None,
 ) -> jax.Array:
     """y = x @ dequantize(qt).T for a weight qt of shape (out_features, in_features), in PyTorch's layout.
 
@@ -274,11 +336,13 @@ def nf4_matmul(
       qt: the 4-bit weight (any quant type, with or without double quantization).
       options: the kernel choice (`KernelOptions`; default: impl "auto").
       impl: overrides `options.impl` for this call: "auto" | "pallas" | "xla" | "reference".
-      config: tile sizes for the fused forward kernel (impl="pallas"); autotuned or defaulted otherwise.
+      config: the fused forward kernel and its tiles (impl="pallas"): a DecodeConfig (M <= 16) or a MatmulConfig;
+        by default the best measured one, else `autotune.default_fused_config`.
 
-    Returns [..., out_features] in x's dtype, accumulated in float32. Differentiable in x (jit, vmap, scan and
-    jax.checkpoint compose with it); the weight receives zero cotangents. Raises ValueError for a weight that is not
-    2D or does not match x, or an unknown impl; TypeError for another x dtype.
+    Returns [..., out_features] in x's dtype: x times the weight as bitsandbytes' matmul_4bit forms it
+    (dequantized to qt.dtype, then cast to x's dtype), products accumulated in float32. Differentiable in x (jit,
+    vmap, scan and jax.checkpoint compose with it); the weight receives zero cotangents. Raises ValueError for a
+    weight that is not 2D or does not match x, or an unknown impl; TypeError for another x dtype.
     """
     impl = options.impl if impl is None else impl
     if len(qt.shape) != 2:

@@ -17,11 +17,13 @@ __all__ = ["export_for_cuda"]
 
 # The Triton custom call's target is named differently across jax versions; only its safety check is disabled.
 _TRITON_TARGETS = ("triton_kernel_call", "__gpu$xla.gpu.triton")
+# cuDNN's fused attention (jax.nn.dot_product_attention(implementation="cudnn")), forward and backward.
+_CUDNN_TARGETS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
 
 
 def export_for_cuda(fn: Callable[..., Any], *args: Any, device_kind: str = "NVIDIA H100 80GB HBM3") -> export.Exported:
     """Exports `jax.jit(fn)(*args)` (args may be ShapeDtypeStructs) for CUDA, as if on a `device_kind` GPU."""
-    checks = [export.DisabledSafetyCheck.custom_call(target) for target in _TRITON_TARGETS]
+    checks = [export.DisabledSafetyCheck.custom_call(target) for target in _TRITON_TARGETS + _CUDNN_TARGETS]
     context: contextlib.AbstractContextManager = contextlib.nullcontext()
     if jax.default_backend() != "gpu":
         # Newer jax asks the device for its compute capability while lowering; name an abstract one.

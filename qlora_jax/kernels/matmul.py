@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ class MatmulConfig:
             raise ValueError(f"in_features={k} must be a multiple of block_k * split_k = {self.block_k * self.split_k}")
 
 
-def _forward_kernel(x_ref, *refs, m, n, k, blocksize, dq_blocksize, config: MatmulConfig, out_dtype):
+def _forward_kernel(x_ref, *refs, m, n, k, blocksize, dq_blocksize, config: MatmulConfig, out_dtype, weight_dtype):
     packed_ref, absmax_ref, dq_refs, table_ref, (o_ref,) = common.split_refs(refs, dq_blocksize is not None)
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     i, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -80,7 +81,16 @@ def _forward_kernel(x_ref, *refs, m, n, k, blocksize, dq_blocksize, config: Matm
         )
         x = plgpu.load(x_ref.at[pl.ds(m_start, bm), pl.ds(k_start, bk)], mask=m_mask[:, None], other=0)  # [bm, bk]
         w = common.load_weight_tile(
-            packed_ref, table_ref, scales, n_mask, n_start, k_start, num_rows=bn, num_cols=bk, dtype=x.dtype
+            packed_ref,
+            table_ref,
+            scales,
+            n_mask,
+            n_start,
+            k_start,
+            num_rows=bn,
+            num_cols=bk,
+            dtype=x.dtype,
+            weight_dtype=weight_dtype,
         )  # [bn, bk]
         return acc + jnp.dot(x, w.T, preferred_element_type=jnp.float32, precision=common.dot_precision(x.dtype))
 
@@ -93,7 +103,7 @@ def _forward_kernel(x_ref, *refs, m, n, k, blocksize, dq_blocksize, config: Matm
     plgpu.store(out, acc.astype(out_dtype), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _backward_kernel(dy_ref, *refs, m, n, k, blocksize, dq_blocksize, config: MatmulConfig):
+def _backward_kernel(dy_ref, *refs, m, n, k, blocksize, dq_blocksize, config: MatmulConfig, weight_dtype):
     packed_ref, absmax_ref, dq_refs, table_ref, (dx_ref,) = common.split_refs(refs, dq_blocksize is not None)
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     i, kt = pl.program_id(0), pl.program_id(1)
@@ -120,7 +130,16 @@ def _backward_kernel(dy_ref, *refs, m, n, k, blocksize, dq_blocksize, config: Ma
             dy_ref.at[pl.ds(m_start, bm), pl.ds(n_start, bn)], mask=m_mask[:, None] & n_mask[None, :], other=0
         )  # [bm, bn]
         w = common.load_weight_tile(
-            packed_ref, table_ref, scales, n_mask, n_start, k_start, num_rows=bn, num_cols=bk, dtype=dy.dtype
+            packed_ref,
+            table_ref,
+            scales,
+            n_mask,
+            n_start,
+            k_start,
+            num_rows=bn,
+            num_cols=bk,
+            dtype=dy.dtype,
+            weight_dtype=weight_dtype,
         )  # [bn, bk]
         return acc + jnp.dot(dy, w, preferred_element_type=jnp.float32, precision=common.dot_precision(dy.dtype))
 
@@ -142,6 +161,8 @@ def matmul_pallas(x: jax.Array, qt: QuantizedTensor, *, config: MatmulConfig, in
     m, (n, k) = x.shape[0], qt.shape
     _check_activations(x, k, "x")
     config.check(m=m, n=n, k=k, blocksize=qt.blocksize)
+    if m < config.block_m:  # a tile never reaches past its array (newer jax checks static slices)
+        return matmul_pallas(jnp.pad(x, ((0, config.block_m - m), (0, 0))), qt, config=config, interpret=interpret)[:m]
     split = config.split_k
     out_dtype = x.dtype if split == 1 else jnp.float32
     out_shape = (m, n) if split == 1 else (split, m, n)
@@ -154,6 +175,7 @@ def matmul_pallas(x: jax.Array, qt: QuantizedTensor, *, config: MatmulConfig, in
         dq_blocksize=qt.dq_blocksize,
         config=config,
         out_dtype=out_dtype,
+        weight_dtype=jnp.dtype(qt.dtype),
     )
     y = pl.pallas_call(
         kernel,
@@ -177,8 +199,18 @@ def matmul_transposed_pallas(
     if config.split_k != 1:
         raise ValueError(f"the transposed kernel does not split; got split_k={config.split_k}")
     config.check(m=m, n=n, k=k, blocksize=qt.blocksize)
+    if m < config.block_m:
+        padded = jnp.pad(dy, ((0, config.block_m - m), (0, 0)))
+        return matmul_transposed_pallas(padded, qt, config=config, interpret=interpret)[:m]
     kernel = functools.partial(
-        _backward_kernel, m=m, n=n, k=k, blocksize=qt.blocksize, dq_blocksize=qt.dq_blocksize, config=config
+        _backward_kernel,
+        m=m,
+        n=n,
+        k=k,
+        blocksize=qt.blocksize,
+        dq_blocksize=qt.dq_blocksize,
+        config=config,
+        weight_dtype=jnp.dtype(qt.dtype),
     )
     return pl.pallas_call(
         kernel,
@@ -190,13 +222,21 @@ def matmul_transposed_pallas(
     )(dy, *ops.arrays)
 
 
+def reference_weight(qt: QuantizedTensor, dtype: Any) -> jax.Array:
+    """The weight a matmul with `dtype` activations multiplies by, as bitsandbytes' `matmul_4bit` forms it:
+    `dequantize_4bit(W)` in the weight's own dtype (qt.dtype), then cast to the activations' dtype; as float32."""
+    w = dequantize(qt).astype(dtype)
+    return jax.lax.stop_gradient(w.astype(jnp.float32))
+
+
 def matmul_reference(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
-    """Plain JAX: dequantize to float32, one float32 matmul at full precision, cast to x's dtype."""
-    w = jax.lax.stop_gradient(dequantize(qt, jnp.float32))
-    y = jnp.dot(x.astype(jnp.float32), w.T, precision=jax.lax.Precision.HIGHEST)
+    """Plain JAX: x @ W.T with W = `reference_weight(qt, x.dtype)`, products summed in float32 at full precision,
+    cast to x's dtype."""
+    y = jnp.dot(x.astype(jnp.float32), reference_weight(qt, x.dtype).T, precision=jax.lax.Precision.HIGHEST)
     return y.astype(x.dtype)
 
 
 def matmul_transposed_reference(dy: jax.Array, qt: QuantizedTensor) -> jax.Array:
-    w = jax.lax.stop_gradient(dequantize(qt, jnp.float32))
+    """Plain JAX: dx = dy @ W, W as in `matmul_reference`."""
+    w = reference_weight(qt, dy.dtype)
     return jnp.dot(dy.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST).astype(dy.dtype)

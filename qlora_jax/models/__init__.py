@@ -2,9 +2,10 @@
 
 from qlora_jax.models.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeConfig, UnsupportedModelError
 from qlora_jax.models.config_files import read_model_config
-from qlora_jax.models.decoder import REMAT_POLICIES, ComputeOptions, DecoderLM, KVCache
+from qlora_jax.models.decoder import ATTENTION_IMPLS, REMAT_POLICIES, ComputeOptions, DecoderLM, KVCache
 
 __all__ = [
+    "ATTENTION_IMPLS",
     "SUPPORTED_MODEL_TYPES",
     "REMAT_POLICIES",
     "ComputeOptions",

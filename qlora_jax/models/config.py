@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from qlora_jax.errors import InputError
+
 __all__ = ["ModelConfig", "RopeConfig", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "ConfigError"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
@@ -24,11 +26,11 @@ ROPE_TYPES = ("default", "linear", "llama3")
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InputError):
     """A config.json for a model family (or feature) that qlora-jax does not implement."""
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config.json field that is missing or malformed."""
 
 

@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 from gguf import Keys
 
+from qlora_jax.errors import InputError
 from qlora_jax.models.config import ConfigError, ModelConfig, RopeConfig
 
 __all__ = [
@@ -67,7 +68,7 @@ _YARN_KEYS = {
 }
 
 
-class GGUFError(ValueError):
+class GGUFError(InputError):
     """A GGUF file that is unreadable, malformed, or holds a model this package cannot convert."""
 
 
@@ -141,7 +142,12 @@ def tensor_values(tensor: gguf.ReaderTensor, path: pathlib.Path) -> np.ndarray:
     if tensor.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
         raise GGUFError(f"{path}: tensor {tensor.name!r} has unsupported type {tensor.tensor_type.name}")
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+    try:
+        array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+    except (ValueError, TypeError, IndexError, ArithmeticError) as e:  # data that does not fit its type and shape
+        raise GGUFError(
+            f"{path}: tensor {tensor.name!r} ({tensor.tensor_type.name}, {shape}) cannot be decoded: {e}"
+        ) from e
     if np.may_share_memory(array, tensor.data):  # F32 comes back as a view of the read-only memory map
         array = array.copy()
     return array

@@ -16,12 +16,20 @@ from flax import nnx
 
 from qlora_jax.kernels import KernelOptions
 from qlora_jax.mesh import gathered
-from qlora_jax.models.attention import apply_rope, attend, attention_mask, rope_tables
+from qlora_jax.models.attention import (
+    ATTENTION_IMPLS,
+    AttentionMasks,
+    apply_rope,
+    attention_mask,
+    multi_head_attention,
+    resolve_attention,
+    rope_tables,
+)
 from qlora_jax.models.config import ModelConfig
 from qlora_jax.nn import Embed, QLinear, RMSNorm
 from qlora_jax.quant import QuantConfig
 
-__all__ = ["ComputeOptions", "DecoderLM", "KVCache", "REMAT_POLICIES"]
+__all__ = ["ATTENTION_IMPLS", "ComputeOptions", "DecoderLM", "KVCache", "REMAT_POLICIES"]
 
 # Gradient checkpointing of each layer: what the backward pass may keep from the forward pass.
 REMAT_POLICIES = ("none", "full", "save_dots", "offload")
@@ -36,20 +44,27 @@ class ComputeOptions:
       remat: gradient checkpointing of each layer, one of REMAT_POLICIES: "none", "full" (recompute the layer in
         the backward pass), "save_dots" (keep matmul outputs, recompute the rest), "offload" (matmul outputs kept
         in pinned host memory). Only a backward pass sees a difference.
-      attention_block: queries per attention block (`attend`'s block_size): a longer sequence never holds its
-        [heads, length, length] scores whole; 0 takes all queries at once.
+      attention: the attention implementation, one of ATTENTION_IMPLS (`qlora_jax.models.attention`): "auto"
+        (cuDNN's flash attention on a GPU where its masks suffice, else our Pallas flash kernel; XLA on CPU and for
+        one-token decoding), "xla", "cudnn" or "pallas" (the Pallas kernel runs in Pallas' interpreter when
+        `kernels.interpret`).
+      attention_block: queries per block of the XLA attention (`attend`'s block_size): a longer sequence never
+        holds its [heads, length, length] scores whole; 0 takes all queries at once. The flash paths need none.
       kernels: how 4-bit matmuls run (`qlora_jax.kernels.KernelOptions`).
 
-    Raises ValueError for an unknown remat policy or a negative attention_block.
+    Raises ValueError for an unknown remat policy or attention implementation, or a negative attention_block.
     """
 
     remat: str = "none"
+    attention: str = "auto"
     attention_block: int = 512
     kernels: KernelOptions = KernelOptions()
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.attention_block < 0:
             raise ValueError(f"attention_block must be >= 0 (0: unblocked), got {self.attention_block}")
 
@@ -116,8 +131,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, eps=c.norm_eps, gemma=c.gemma_norm, param_dtype=param_dtype)
         self.config = config
 
-    def __call__(self, x, *, cos, sin, mask, options: ComputeOptions, dropout_key=None, cache_kv=None,
-                 cache_index=None):  # fmt: skip
+    def __call__(self, x, *, cos, sin, masks: AttentionMasks, attention: str, options: ComputeOptions,
+                 dropout_key=None, cache_kv=None, cache_index=None):  # fmt: skip
         c = self.config
         b, t, _ = x.shape
         linear = dict(kernels=options.kernels, dropout_key=dropout_key)
@@ -138,8 +153,10 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
             new_kv = (k, v)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=c.attn_scale,
-                     softcap=c.attn_logit_softcap, block_size=options.attention_block)  # fmt: skip
+        out = multi_head_attention(q, k.astype(q.dtype), v.astype(q.dtype), masks, impl=attention,
+                                   window=c.sliding_window if c.sliding_layers.any() else None, scale=c.attn_scale,
+                                   softcap=c.attn_logit_softcap, block_size=options.attention_block,
+                                   interpret=options.kernels.interpret)  # fmt: skip
         return self.o_proj(out.reshape(b, t, c.q_size), **linear), new_kv
 
 
@@ -185,10 +202,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
 
-    def __call__(self, h, *, cos, sin, mask, options: ComputeOptions, dropout_key=None, cache_kv=None,
-                 cache_index=None):  # fmt: skip
-        attn, new_kv = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, options=options,
-                                      dropout_key=dropout_key, cache_kv=cache_kv, cache_index=cache_index)  # fmt: skip
+    def __call__(self, h, *, cos, sin, masks: AttentionMasks, attention: str, options: ComputeOptions,
+                 dropout_key=None, cache_kv=None, cache_index=None):  # fmt: skip
+        attn, new_kv = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, masks=masks, attention=attention,
+                                      options=options, dropout_key=dropout_key, cache_kv=cache_kv,
+                                      cache_index=cache_index)  # fmt: skip
         mlp = dict(options=options, dropout_key=dropout_key)
         if self.config.sandwich_norms:
             h = h + self.post_attention_layernorm(attn)
@@ -294,10 +312,17 @@ class DecoderLM(nnx.Module):
             new_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid, cache.index, axis=1)
             k_index = jnp.broadcast_to(jnp.arange(cache.valid.shape[1], dtype=jnp.int32), cache.valid.shape)
             k_valid = new_valid
-        masks = dict(q_segments=segment_ids, k_segments=segment_ids, k_valid=k_valid)
-        full_mask = attention_mask(q_index, k_index, **masks)
         sliding = c.sliding_layers
-        sliding_mask = attention_mask(q_index, k_index, window=c.sliding_window, **masks) if sliding.any() else None
+        attention = resolve_attention(options.attention, queries=t, dtype=self.dtype, head_dim=c.head_dim,
+                                      softcap=c.attn_logit_softcap, packed=segment_ids is not None,
+                                      key_mask=k_valid is not None)  # fmt: skip
+        full_mask = sliding_mask = None
+        if attention == "xla":  # the dense masks, built once for every layer
+            masks = dict(q_segments=segment_ids, k_segments=segment_ids, k_valid=k_valid)
+            full_mask = attention_mask(q_index, k_index, **masks)
+            if sliding.any():
+                sliding_mask = attention_mask(q_index, k_index, window=c.sliding_window, **masks)
+        mixed = bool(sliding.any()) and not bool(sliding.all())
         cos, sin = rope_tables(c.rope.inverse_frequencies(c.rotary_dim), positions, self.dtype)
         local_rope = None
         if c.rope_local is not None:
@@ -313,11 +338,12 @@ class DecoderLM(nnx.Module):
             mask, (cos_l, sin_l) = full_mask, (cos, sin)
             if sliding_mask is not None:
                 mask = jnp.where(is_sliding, sliding_mask, full_mask)
+            masks = AttentionMasks(mask, segment_ids, segment_ids, k_valid, start, is_sliding if mixed else None)
             if local_rope is not None:
                 cos_l, sin_l = jnp.where(is_sliding, local_rope[0], cos), jnp.where(is_sliding, local_rope[1], sin)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-            return layer(h, cos=cos_l, sin=sin_l, mask=mask, options=options, dropout_key=key, cache_kv=kv,
-                         cache_index=start)  # fmt: skip
+            return layer(h, cos=cos_l, sin=sin_l, masks=masks, attention=attention, options=options,
+                         dropout_key=key, cache_kv=kv, cache_index=start)  # fmt: skip
 
         step = _remat(layer_step, options.remat)
         kv_in = None if cache is None else (cache.k, cache.v)

@@ -20,7 +20,7 @@ __all__ = ["LAYERS", "LAYERS_PATH", "is_stacked", "layer_name", "split_layer_nam
 
 LAYERS = "model.layers"
 LAYERS_PATH: tuple[str, ...] = tuple(LAYERS.split("."))
-_INDEXED = re.compile(rf"^{re.escape(LAYERS)}\.(0|[1-9][0-9]*)\.(.+)$")
+_INDEXED = re.compile(rf"^{re.escape(LAYERS)}\.(0|[1-9][0-9]*)(?:\.(.+))?$")
 
 
 def is_stacked(path: str | tuple[str, ...]) -> bool:
@@ -29,12 +29,14 @@ def is_stacked(path: str | tuple[str, ...]) -> bool:
     return parts[: len(LAYERS_PATH)] == LAYERS_PATH and len(parts) > len(LAYERS_PATH)
 
 
-def layer_name(path: str, layer: int) -> str:
+def layer_name(path: str, layer: int | None) -> str:
     """One layer's name of a stacked path: `model.layers.<rest>` -> `model.layers.<layer>.<rest>` (and
-    `model.layers` -> `model.layers.<layer>`).
+    `model.layers` -> `model.layers.<layer>`); with layer None, `path` as it is (a module outside the layers).
 
-    Raises ValueError for a path outside the stacked layers.
+    Raises ValueError for a layer index on a path outside the stacked layers.
     """
+    if layer is None:
+        return path
     if path == LAYERS:
         return f"{LAYERS}.{layer}"
     if not is_stacked(path):
@@ -44,7 +46,7 @@ def layer_name(path: str, layer: int) -> str:
 
 def split_layer_name(name: str) -> tuple[str, int | None]:
     """The stacked path and layer index of one layer's name (`model.layers.3.<rest>` -> (`model.layers.<rest>`,
-    3)); any other name comes back as it is, with None."""
+    3); `model.layers.3` -> (`model.layers`, 3)); any other name comes back as it is, with None."""
     if match := _INDEXED.match(name):
-        return f"{LAYERS}.{match[2]}", int(match[1])
+        return (LAYERS if match[2] is None else f"{LAYERS}.{match[2]}"), int(match[1])
     return name, None

@@ -4,16 +4,22 @@ with adapters."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
+from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
 
-from qlora_jax.lora import apply_lora
+from qlora_jax.lora import apply_lora, target_layers
+from qlora_jax.lora_targets import ModuleTargets
 from qlora_jax.models import ComputeOptions, DecoderLM, read_model_config
 from qlora_jax.quant import QuantConfig
 from qlora_jax.train.config import TrainConfig, resolve_package_path
 
-__all__ = ["quant_config", "compute_options", "abstract_model"]
+__all__ = ["quant_config", "compute_options", "abstract_model", "base_model_name"]
+
+log = logging.getLogger(__name__)
 
 
 def quant_config(config: TrainConfig) -> QuantConfig | None:
@@ -25,25 +31,78 @@ def quant_config(config: TrainConfig) -> QuantConfig | None:
 
 
 def compute_options(config: TrainConfig) -> ComputeOptions:
-    """How the run's model computes (train.remat, train.attention_block): what its jitted steps compile in."""
-    return ComputeOptions(remat=config.train.remat, attention_block=config.train.attention_block)
+    """How the run's model computes (train.remat, train.attention, train.attention_block): what its jitted steps
+    compile in. `train.remat: auto` must be resolved first (`qlora_jax.train.plan.resolve_remat`)."""
+    t = config.train
+    if t.remat == "auto":
+        raise ValueError("train.remat: auto is resolved by qlora_jax.train.plan.resolve_remat before compiling")
+    return ComputeOptions(remat=t.remat, attention=t.attention, attention_block=t.attention_block)
 
 
 def abstract_model(config: TrainConfig, *, num_layers: int | None = None) -> DecoderLM:
     """The run's model with adapters, every array a ShapeDtypeStruct: nothing is read but the model's config.
 
     It has the structure of the trained model (LoftQ-initialized adapters have the same shapes), so checkpoints
-    restore into it and memory plans compile against it. `num_layers` cuts the model to its first layers.
+    restore into it and memory plans compile against it. `num_layers` cuts the model to its first layers (or
+    repeats its layer pattern, for a model shallower than that).
     """
     model_config = read_model_config(resolve_package_path(config.model.path))
-    if num_layers is not None:
-        model_config = dataclasses.replace(model_config, num_layers=num_layers,
-                                           layer_types=model_config.layer_types[:num_layers])  # fmt: skip
     dtype = jnp.dtype(config.model.dtype)
 
-    def build() -> DecoderLM:
+    def build(model_config, targets=None) -> DecoderLM:
         model = DecoderLM(model_config, quant=quant_config(config), dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-        apply_lora(model, config.lora, rngs=nnx.Rngs(config.train.seed))
+        apply_lora(model, config.lora, rngs=nnx.Rngs(config.train.seed), targets=targets)
         return model
 
-    return nnx.eval_shape(build)
+    if num_layers is None:
+        return nnx.eval_shape(lambda: build(model_config))
+    # The adapters of the whole model, cut: a stacked module holds every layer's adapter at its largest rank
+    # (docs/lora.md), so each of the first layers gets that rank, whichever layers the config selects.
+    full = nnx.eval_shape(lambda: DecoderLM(model_config, quant=quant_config(config), dtype=dtype,
+                                            param_dtype=dtype, rngs=nnx.Rngs(0)))  # fmt: skip
+    alpha = config.lora.lora_alpha
+    targets = {path: ModuleTargets((t.max_rank,) * num_layers, (alpha,) * num_layers, True) if t.stacked else t
+               for path, t in target_layers(full, config.lora).items()}  # fmt: skip
+    # Cut in depth (or, for a model shallower than the planner's probes, its layer pattern repeated).
+    types = model_config.layer_types
+    layer_types = tuple(types[i % len(types)] for i in range(num_layers)) if types else ()
+    cut = dataclasses.replace(model_config, num_layers=num_layers, layer_types=layer_types)
+    return nnx.eval_shape(lambda: build(cut, targets))
+
+
+_HUB_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/(?!datasets/|spaces/)([\w.-]+/[\w.-]+)/?$")
+
+
+def base_model_name(config: TrainConfig) -> str:
+    """What a run's PEFT adapter records as `base_model_name_or_path` (what `AutoPeftModel` loads as its base):
+    `model.base_model_name_or_path` if set; for a GGUF, the Hugging Face repository it was converted from when its
+    metadata names one (`general.source.repo_url`, `general.source.huggingface.repository`), with a warning when
+    it names none; else the model's path on this machine (`package:` paths resolved)."""
+    m = config.model
+    if m.base_model_name_or_path:
+        return m.base_model_name_or_path
+    path = resolve_package_path(m.path)
+    if path.endswith(".gguf") and Path(path).is_file():
+        repository = _gguf_source_repository(path)
+        if repository is not None:
+            return repository
+        log.warning("%s names no source repository (general.source.repo_url): the adapter records the file's path "
+                    "as its base; set model.base_model_name_or_path to the Hub id of the model", path)  # fmt: skip
+    return path
+
+
+def _gguf_source_repository(path: str) -> str | None:
+    """The Hub repository ("org/name") a GGUF file says it was converted from, if it says so. (Not the
+    `general.base_model.*` keys: those name the model this one was fine-tuned from, not this model.)"""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    for key in ("general.source.huggingface.repository", "general.source.repo_url"):
+        if key in fields:
+            value = str(fields[key].contents()).strip()
+            match = _HUB_URL.match(value)
+            if match:
+                return match.group(1)
+            if re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+                return value
+    return None

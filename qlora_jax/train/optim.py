@@ -95,9 +95,9 @@ def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Sched
 
 def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """AdamW with `config`'s schedule over `total_steps` optimizer steps, after clipping by global norm."""
-    chain = []
-    if config.max_grad_norm is not None:
-        chain.append(optax.clip_by_global_norm(config.max_grad_norm))
+    # identity() keeps the state's structure the same with and without clipping, so a run may turn clipping on
+    # (or off) when it resumes from a checkpoint
+    chain = [optax.identity() if config.max_grad_norm is None else optax.clip_by_global_norm(config.max_grad_norm)]
     chain.append(
         optax.adamw(
             learning_rate_schedule(config, total_steps),

@@ -61,10 +61,14 @@ class TrainState:
         return cls(jax.device_put(jnp.int32(0), shardings.step), lora, opt_state)
 
 
-def _loss(graphdef, lora, base, batch, key, *, chunk_size: int, options: ComputeOptions, mesh=None):
+def _loss(graphdef, lora, base, batch, key, *, chunk_size: int, options: ComputeOptions, packed_rows: bool,
+          mesh=None):  # fmt: skip
     with compute_mesh(mesh):  # trace-time: weights gathered where used, kernels per device
         model = nnx.merge(graphdef, lora, base)
-        h, _ = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+        # Unpacked rows are one example then right padding: causal attention alone gives every target token the
+        # same value (no real token attends a later padding token), and lets attention take cuDNN's causal mask.
+        segment_ids = batch["segment_ids"] if packed_rows else None
+        h, _ = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=segment_ids,
                                    dropout_key=key, options=options)  # fmt: skip
         logits = functools.partial(model.logits, options=options)
         return chunked_cross_entropy(logits, h, batch["targets"], chunk_size=chunk_size,
@@ -80,6 +84,7 @@ def make_train_step(
     offload_optimizer: bool = False,
     learning_rate: optax.Schedule | None = None,
     shardings: Any = None,
+    packed_rows: bool = True,
 ) -> Callable:
     """A jitted `step(state, base, batch, key) -> (state, metrics)`.
 
@@ -89,14 +94,16 @@ def make_train_step(
     `options`: how the model computes (checkpointing, attention blocks, kernels), compiled into the step.
     With `offload_optimizer`, the optimizer state lives in pinned host memory and visits the device only here.
     `shardings` (a `qlora_jax.train.parallel.StepShardings`): compiled for that mesh placement, arguments and
-    the new state alike.
+    the new state alike. `packed_rows=False` promises rows of one example each, right-padded (`pad_examples`):
+    `segment_ids` is then not used (same loss and gradients; attention needs only its causal mask).
     """
     mesh = None if shardings is None else shardings.mesh
     opt_shardings = None if shardings is None else shardings.state.opt_state
 
     def loss_and_grads(lora, base, micro, key):
         def fn(adapters):
-            return _loss(graphdef, adapters, base, micro, key, chunk_size=chunk_size, options=options, mesh=mesh)
+            return _loss(graphdef, adapters, base, micro, key, chunk_size=chunk_size, options=options,
+                         packed_rows=packed_rows, mesh=mesh)  # fmt: skip
 
         (loss_sum, count), grads = jax.value_and_grad(fn, has_aux=True)(lora)
         return loss_sum, count, grads
@@ -145,13 +152,16 @@ def make_eval_step(
     chunk_size: int = 1024,
     options: ComputeOptions = ComputeOptions(),
     shardings: Any = None,
+    packed_rows: bool = True,
 ) -> Callable:
     """A jitted `eval_step(lora, base, batch) -> (loss_sum, target_count)` for batch arrays [B, T] (no dropout);
-    `options` and `shardings` as for `make_train_step` (then B must divide by the mesh's data x fsdp devices)."""
+    `options`, `shardings` and `packed_rows` as for `make_train_step` (with shardings, B must divide by the mesh's
+    data x fsdp devices)."""
     mesh = None if shardings is None else shardings.mesh
 
     def eval_step(lora, base, batch):
-        return _loss(graphdef, lora, base, batch, None, chunk_size=chunk_size, options=options, mesh=mesh)
+        return _loss(graphdef, lora, base, batch, None, chunk_size=chunk_size, options=options,
+                     packed_rows=packed_rows, mesh=mesh)  # fmt: skip
 
     if shardings is None:
         return jax.jit(eval_step)

@@ -10,6 +10,13 @@ depth. `compare=True` also compiles the full-depth step and reports XLA's own fi
 The figures are for the backend the plan runs on (XLA:CPU buffer assignment differs from XLA:GPU): run it on the
 target machine for its numbers; it allocates no device memory there either.
 
+`train.remat: auto` is resolved here too (`choose_remat`): the policies are planned from the cheapest in compute
+to the most frugal in memory (none, save_dots, offload, full) and the first whose device total fits
+`train.memory_budget` is taken. The default budget is 90% of the device's free memory (`memory_stats()`); on CPU,
+where there is no device memory, 90% of the host's available memory (/proc/meminfo's MemAvailable). "offload"
+is only a candidate on an accelerator (on CPU the host *is* the device memory) and when its host side fits the
+host's available memory.
+
 With a `mesh` section every figure is per device: the stored parts as the sharding rule places them
 (`qlora_jax.sharding`), the batch split over data x fsdp, and XLA's analysis of the step compiled for the mesh
 (which is per device). That needs as many devices as the mesh; on CPU, simulate them by starting Python with
@@ -30,13 +37,29 @@ from flax import nnx
 from qlora_jax.nn import QuantizedWeight
 from qlora_jax.sharding import param_shardings, shard_bytes
 from qlora_jax.train.build import abstract_model, compute_options, quant_config
-from qlora_jax.train.config import TrainConfig
+from qlora_jax.train.config import TrainConfig, parse_bytes
 from qlora_jax.train.loss import auto_chunk_size
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
 from qlora_jax.train.parallel import configured_mesh, step_shardings
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_train_step
 
-__all__ = ["MemoryPlan", "CompiledMemory", "plan_memory", "compiled_memory"]
+__all__ = [
+    "MemoryPlan",
+    "CompiledMemory",
+    "RematChoice",
+    "REMAT_ORDER",
+    "plan_memory",
+    "compiled_memory",
+    "choose_remat",
+    "longest_row",
+    "memory_budget",
+    "resolve_remat",
+]
+
+# remat: auto tries the policies in this order (least recomputation first) and takes the first that fits.
+REMAT_ORDER = ("none", "save_dots", "offload", "full")
+# The default budget is this fraction of the free memory: room for the planner's error and XLA's fragmentation.
+DEFAULT_BUDGET_FRACTION = 0.9
 
 # Depths the step is compiled at to measure activations; the per-layer cost is their difference.
 _PROBE_LAYERS = (2, 4)
@@ -81,6 +104,8 @@ class MemoryPlan:
     host_activations: int  # activations offloaded to host by the "offload" remat policy
     compiled: CompiledMemory | None = None  # XLA's analysis of the full step, if compared
     mesh: tuple[int, int] | None = None  # (data, fsdp): then every figure is per device
+    remat: str = "full"  # the checkpointing policy planned
+    remat_choice: RematChoice | None = None  # how remat: auto chose it
 
     @property
     def saved_activations(self) -> int:
@@ -121,7 +146,134 @@ class MemoryPlan:
             error = self.device_total / self.compiled.total - 1
             lines.append(f"{'device total (XLA, full step)':<{width}}  {_size(self.compiled.total):>10}  "
                          f"plan {error:+.1%}")  # fmt: skip
+        if self.remat_choice is not None:
+            lines.append(self.remat_choice.explain())
         return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class RematChoice:
+    """What `remat: auto` chose and why: the policy, the budget (bytes per device) and where it came from, and
+    the planned device total of each policy tried (None: skipped, with the reason in `skipped`)."""
+
+    policy: str
+    budget: int
+    budget_source: str
+    totals: dict[str, int]  # policy -> planned device bytes, in the order tried
+    skipped: dict[str, str]  # policy -> why it was not a candidate
+
+    @property
+    def fits(self) -> bool:
+        return self.totals.get(self.policy, 0) <= self.budget
+
+    def explain(self) -> str:
+        tried = [f"{p} {_size(n)} {'fits' if n <= self.budget else 'does not fit'}" for p, n in self.totals.items()]
+        tried += [f"{p} skipped ({why})" for p, why in self.skipped.items()]
+        verdict = f"remat: auto -> {self.policy}"
+        if not self.fits:
+            verdict += " (no policy fits: the least memory-hungry is taken; the step may run out of memory)"
+        return f"{verdict}; budget {_size(self.budget)} ({self.budget_source}); " + ", ".join(tried)
+
+
+def _host_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def memory_budget(config: TrainConfig) -> tuple[int, str]:
+    """(bytes per device, where the figure comes from): `train.memory_budget` if set, else 90% of the first
+    device's free memory (bytes_limit - bytes_in_use), or on CPU 90% of the host's available memory."""
+    if config.train.memory_budget is not None:
+        return parse_bytes(config.train.memory_budget), "train.memory_budget"
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    if stats.get("bytes_limit"):
+        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return int(free * DEFAULT_BUDGET_FRACTION), f"90% of {device.device_kind}'s free memory"
+    available = _host_available()
+    if available is None:
+        raise ValueError("train.memory_budget: cannot read the free memory of this machine; set it (e.g. 24GiB)")
+    return int(available * DEFAULT_BUDGET_FRACTION), "90% of the host's available memory (CPU)"
+
+
+def _with_remat(config: TrainConfig, policy: str) -> TrainConfig:
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, remat=policy))
+
+
+def choose_remat(config: TrainConfig, *, budget: int | None = None) -> tuple[RematChoice, MemoryPlan]:
+    """The cheapest checkpointing policy (REMAT_ORDER) whose planned step fits the budget (default:
+    `memory_budget(config)`), and its plan. If none fits, "full" (the least memory), flagged in the choice."""
+    source = "given"
+    if budget is None:
+        budget, source = memory_budget(config)
+    on_accelerator = jax.default_backend() != "cpu"
+    host = _host_available()
+    totals: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    plans: dict[str, MemoryPlan] = {}
+    for policy in REMAT_ORDER:
+        if policy == "offload" and not on_accelerator:
+            skipped[policy] = "on CPU the host is the device memory"
+            continue
+        plan = plan_memory(_with_remat(config, policy))
+        if policy == "offload" and host is not None and plan.host_activations > host:
+            skipped[policy] = f"its {_size(plan.host_activations)} of host activations exceed the host's free memory"
+            continue
+        plans[policy], totals[policy] = plan, plan.device_total
+        if plan.device_total <= budget:
+            break
+    fitting = [p for p, n in totals.items() if n <= budget]
+    policy = fitting[0] if fitting else min(totals, key=totals.get)
+    choice = RematChoice(policy, budget, source, totals, skipped)
+    return choice, dataclasses.replace(plans[policy], remat_choice=choice)
+
+
+def resolve_remat(config: TrainConfig) -> tuple[TrainConfig, RematChoice | None]:
+    """`config` with `train.remat: auto` replaced by `choose_remat`'s policy (and the choice), or unchanged."""
+    if config.train.remat != "auto":
+        return config, None
+    choice, _ = choose_remat(config)
+    if jax.process_count() > 1:  # every process must compile the same step: process 0's choice holds
+        from jax.experimental import multihost_utils
+
+        index = int(multihost_utils.broadcast_one_to_all(np.int32(REMAT_ORDER.index(choice.policy))))
+        choice = dataclasses.replace(choice, policy=REMAT_ORDER[index])
+    return _with_remat(config, choice.policy), choice
+
+
+def longest_row(
+    config: TrainConfig, *, budget: int | None = None, policy: str = "full", multiple: int = 1024,
+    limit: int = 2**20,
+) -> tuple[int, MemoryPlan | None]:  # fmt: skip
+    """The longest `data.max_length` (a multiple of `multiple`, up to `limit`) whose one-row step (batch_size 1,
+    grad_accum 1) under `policy` fits `budget` (default `memory_budget(config)`), and its plan; (0, None) if even
+    `multiple` tokens do not fit. Doubling, then bisection: about 2 log2(limit / multiple) plans of 2 compiles."""
+    if budget is None:
+        budget, _ = memory_budget(config)
+    one_row = dataclasses.replace(config.train, batch_size=1, grad_accum=1, remat=policy)
+
+    def plan_at(length: int) -> MemoryPlan:
+        return plan_memory(dataclasses.replace(config, train=one_row,
+                                               data=dataclasses.replace(config.data, max_length=length)))  # fmt: skip
+
+    best, best_plan, high = 0, None, multiple
+    while high <= limit:
+        plan = plan_at(high)
+        if plan.device_total > budget:
+            break
+        best, best_plan, high = high, plan, high * 2
+    low, high = best // multiple, min(high, limit + multiple) // multiple  # in units of `multiple`: low fits
+    while high - low > 1:
+        middle = (low + high) // 2
+        plan = plan_at(middle * multiple)
+        if plan.device_total <= budget:
+            low, best, best_plan = middle, middle * multiple, plan
+        else:
+            high = middle
+    return best, best_plan
 
 
 def _size(n: int) -> str:
@@ -161,10 +313,10 @@ def _abstract_step(config: TrainConfig, num_layers: int | None):
     step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, options=compute_options(config),
                            offload_optimizer=config.optim.offload,
                            learning_rate=learning_rate_schedule(config.optim, t.steps),
-                           shardings=shardings)  # fmt: skip
+                           shardings=shardings, packed_rows=config.data.packing)  # fmt: skip
     shape = (t.grad_accum, t.batch_size // t.grad_accum, config.data.max_length)
     batch = {field: jax.ShapeDtypeStruct(shape, jnp.int32) for field in BATCH_FIELDS}
-    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.eval_shape(lambda: jax.random.key(0, impl=t.dropout_rng))
     return step, (state, base, batch, key), model, shardings
 
 
@@ -176,7 +328,13 @@ def compiled_memory(config: TrainConfig, *, num_layers: int | None = None) -> Co
 
 def plan_memory(config: TrainConfig, *, compare: bool = False) -> MemoryPlan:
     """The memory plan of `config`'s training step (see the module docstring for how each part is found); per
-    device on the configured mesh."""
+    device on the configured mesh. With `train.remat: auto`, the plan of the policy `choose_remat` picks."""
+    if config.train.remat == "auto":
+        choice, plan = choose_remat(config)
+        if compare:
+            compiled = compiled_memory(_with_remat(config, choice.policy))
+            plan = dataclasses.replace(plan, compiled=compiled)
+        return plan
     _, (state, base, batch, _), model, shardings = _abstract_step(config, None)
     num_layers = model.config.num_layers
     quantized_state = nnx.state(model, QuantizedWeight)
@@ -217,4 +375,5 @@ def plan_memory(config: TrainConfig, *, compare: bool = False) -> MemoryPlan:
         host_activations=max(host_per_layer, 0) * num_layers,
         compiled=compiled_memory(config) if compare else None,
         mesh=None if shardings is None else (shardings.mesh.shape["data"], shardings.mesh.shape["fsdp"]),
+        remat=config.train.remat,
     )
