@@ -437,13 +437,17 @@ def section_ckpt(args, emit):
 def parse_row(spec: str) -> dict:
     """'base=nf4,batch=2,length=2048,remat=full,attention_block=512,kernels.impl=xla' -> a train row.
 
-    base (nf4 | bf16), batch, length and steps are the row's; every other key is a field of ComputeOptions
-    (`kernels.X`: of KernelOptions), passed through as given (ints and true/false converted), so rows can set
-    levers this script does not know about. Raises ValueError naming an unknown key or a bad value."""
+    base (nf4 | bf16), batch, length, steps, packed (true: the step takes packed rows, segment ids honoured;
+    default false, one example per row as the PyTorch baseline trains) and dropout_rng (a jax key implementation,
+    default threefry2x32) are the row's; every other key is a field of ComputeOptions (`kernels.X`: of
+    KernelOptions), passed through as given (ints and true/false converted), so rows can set levers this script
+    does not know about. Raises ValueError naming an unknown key or a bad value."""
     from qlora_jax.kernels import KernelOptions
     from qlora_jax.models import ComputeOptions
+    from qlora_jax.train.config import DROPOUT_RNGS
 
-    row = {"base": "nf4", "batch": 2, "length": 2048, "steps": 3, "compute": {}, "kernels": {}, "spec": spec}
+    row = {"base": "nf4", "batch": 2, "length": 2048, "steps": 3, "packed": False, "dropout_rng": "threefry2x32",
+           "compute": {}, "kernels": {}, "spec": spec}  # fmt: skip
     compute_fields = {f.name for f in dataclasses.fields(ComputeOptions)} - {"kernels"}
     kernel_fields = {f.name for f in dataclasses.fields(KernelOptions)} - {"interpret", "cache"}
     for item in filter(None, spec.split(",")):
@@ -459,13 +463,23 @@ def parse_row(spec: str) -> dict:
             if value not in ("nf4", "bf16"):
                 raise ValueError(f"train row {spec!r}: base must be nf4 or bf16, got {text!r}")
             row[key] = value
+        elif key == "packed":
+            if not isinstance(value, bool):
+                raise ValueError(f"train row {spec!r}: packed must be true or false, got {text!r}")
+            row[key] = value
+        elif key == "dropout_rng":
+            if value not in DROPOUT_RNGS:
+                raise ValueError(f"train row {spec!r}: dropout_rng must be one of {DROPOUT_RNGS}, got {text!r}")
+            row[key] = value
         elif key.startswith("kernels.") and key[8:] in kernel_fields:
             row["kernels"][key[8:]] = value
         elif key in compute_fields:
             row["compute"][key] = value
         else:
             known = sorted(
-                {"base", "batch", "length", "steps"} | compute_fields | {f"kernels.{f}" for f in kernel_fields}
+                {"base", "batch", "length", "steps", "packed", "dropout_rng"}
+                | compute_fields
+                | {f"kernels.{f}" for f in kernel_fields}
             )
             raise ValueError(f"train row {spec!r}: unknown key {key!r} (known: {', '.join(known)})")
     ComputeOptions(**row["compute"], kernels=KernelOptions(**row["kernels"]))  # validates the values
@@ -504,14 +518,15 @@ def section_train(args, emit):
     optimizer = make_optimizer(OptimConfig(learning_rate=2e-4, schedule="constant", max_grad_norm=1.0), 100)
     state = TrainState.create(lora, optimizer)
     options = ComputeOptions(**row["compute"], kernels=KernelOptions(**row["kernels"], interpret=args.smoke))
-    step = make_train_step(graphdef, optimizer, chunk_size=auto_chunk_size(config.vocab_size), options=options)
+    step = make_train_step(graphdef, optimizer, chunk_size=auto_chunk_size(config.vocab_size), options=options,
+                           packed_rows=row["packed"])  # fmt: skip
     batch, length = row["batch"], row["length"]
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, length), dtype=np.int32)
     targets = np.concatenate([tokens[..., 1:], np.full((1, batch, 1), -100, np.int32)], axis=-1)
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
     arrays = dict(tokens=tokens, targets=targets, positions=positions, segment_ids=np.ones_like(tokens))
     data = {name: jnp.asarray(value) for name, value in arrays.items()}
-    key = jax.random.key(0)
+    key = jax.random.key(0, impl=row["dropout_rng"])
     start = time.perf_counter()
     compiled = step.lower(state, base, data, key).compile()
     compile_s = time.perf_counter() - start

@@ -44,17 +44,22 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
-def check_output_directory(path: str | os.PathLike, what: str = "the output") -> Path:
-    """`path` as a directory to write: refused (InputError) if it exists and is not a directory."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{path}: {what} is an existing file, not a directory; give a directory")
+def _parents_are_directories(path: Path) -> Path:
+    """`path`, after checking that its nearest existing ancestor is a directory (InputError otherwise)."""
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise InputError(f"{path}: {parent} is a file, not a directory")
             break
     return path
+
+
+def check_output_directory(path: str | os.PathLike, what: str = "the output") -> Path:
+    """`path` as a directory to write: refused (InputError) if it exists and is not a directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: {what} is an existing file, not a directory; give a directory")
+    return _parents_are_directories(path)
 
 
 def check_output_file(path: str | os.PathLike, what: str = "the output") -> Path:
@@ -62,12 +67,7 @@ def check_output_file(path: str | os.PathLike, what: str = "the output") -> Path
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: {what} is an existing directory; give a file name")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(f"{path}: {parent} is a file, not a directory")
-            break
-    return path
+    return _parents_are_directories(path)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from qlora_jax.kernels import KernelOptions
 from qlora_jax.lora_targets import ModuleTargets, select_targets
 from qlora_jax.models.names import layer_name
 from qlora_jax.nn import Frozen, QLinear
-from qlora_jax.quant import dequantize, quantize
+from qlora_jax.quant import QUANT_BUFFERS, dequantize, quantize
 
 __all__ = [
     "LoraConfig",
@@ -39,10 +39,10 @@ __all__ = [
     "target_module_names",
     "target_layers",
     "loftq_initialize",
+    "dora_weight_norm",
 ]
 
 INIT_CHOICES = (True, False, "gaussian", "loftq")
-_QUANT_BUFFERS = ("packed", "absmax", "nested_absmax", "offset")
 
 
 def _tuple(value: Any) -> Any:
@@ -51,6 +51,14 @@ def _tuple(value: Any) -> Any:
 
 def _index(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def dora_weight_norm(weight: jax.Array, delta: jax.Array) -> jax.Array:
+    """||W + delta||, row by row: float32[out] for W, delta [out, in] (PEFT's `DoraLinearLayer.get_weight_norm`).
+
+    DoRA's layer computes m / this norm times its adapted output, so its merged weight is (W + delta) * m / norm.
+    """
+    return jnp.linalg.norm((weight + delta).astype(jnp.float32), axis=1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -212,8 +220,8 @@ class LoRA(nnx.Module):
             return lora_out
         # DoRA: rescale each output row to the learned magnitude; the norm of the adapted weight is a constant.
         weight = jax.lax.stop_gradient(layer.dense_weight(dtype))
-        adapted = weight + jax.lax.stop_gradient(self.delta_weight()).astype(dtype)
-        norm = jax.lax.stop_gradient(jnp.linalg.norm(adapted.astype(jnp.float32), axis=1))
+        delta = jax.lax.stop_gradient(self.delta_weight()).astype(dtype)
+        norm = jax.lax.stop_gradient(dora_weight_norm(weight, delta))
         magnitude_scale = (self.lora_magnitude_vector[...] / norm).astype(dtype)
         if dropped:
             base = layer.base(x_in, kernels=kernels)
@@ -245,7 +253,7 @@ def _initial_adapter(key: jax.Array, layer: QLinear, config: LoraConfig, r: jax.
     a, b = jnp.where(used[:, None], a, 0), jnp.where(used[None, :], b, 0)
     magnitude = None
     if config.use_dora:
-        magnitude = jnp.linalg.norm(layer.dense_weight(jnp.float32) + scaling * (b @ a), axis=1)
+        magnitude = dora_weight_norm(layer.dense_weight(jnp.float32), scaling * (b @ a))
     return a, b, magnitude
 
 
@@ -354,12 +362,12 @@ def loftq_initialize(
         a_list, b_list, m_list = [], [], []
         for k, r in enumerate(target.ranks):
             index = (k,) if target.stacked else ()
-            old = {buf: getattr(module, buf)[...][index] for buf in _QUANT_BUFFERS if getattr(module, buf) is not None}
+            old = {buf: getattr(module, buf)[...][index] for buf in QUANT_BUFFERS if getattr(module, buf) is not None}
             a = jnp.zeros((rank, module.in_features), jnp.float32)
             b = jnp.zeros((module.out_features, rank), jnp.float32)
             if r == 0:  # no adapter on this layer: its weight stays as loaded
                 new = old
-                w_hat = None
+                qt = jax.tree.map(lambda x, i=index: x[i], module.quantized_tensor())
             else:
                 w = jnp.asarray(np.asarray(get(layer_name(name, k if target.stacked else None) + ".weight")),
                                 jnp.float32)  # fmt: skip
@@ -367,16 +375,12 @@ def loftq_initialize(
                 plain_err, loftq_err = plain_err + plain**2, loftq_err + err**2
                 new = {buf: getattr(qt, buf) for buf in old}
                 a, b = a.at[:r].set(a_r), b.at[:, :r].set(b_r)
-                w_hat = dequantize(qt, jnp.float32) + scalings[k] * (b @ a)
             for buf, value in new.items():
                 buffers.setdefault(buf, []).append(value)
             a_list.append(a)
             b_list.append(b)
             if config.use_dora:  # the magnitude starts at the row norms of the adapted weight (PEFT's DoRA init)
-                if w_hat is None:
-                    qt_old = jax.tree.map(lambda x, i=index: x[i], module.quantized_tensor())
-                    w_hat = dequantize(qt_old, jnp.float32)
-                m_list.append(jnp.linalg.norm(w_hat, axis=1))
+                m_list.append(dora_weight_norm(dequantize(qt, jnp.float32), scalings[k] * (b @ a)))
         stack = (lambda xs: jnp.stack(xs)) if target.stacked else (lambda xs: xs[0])
         for buf, values in buffers.items():
             getattr(module, buf).set_value(stack(values))

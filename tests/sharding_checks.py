@@ -273,8 +273,9 @@ def check_train(out: Path, model_dir: str) -> dict:
         "data": {"train": str(data / "dates_train.jsonl"), "eval": str(data / "dates_eval.jsonl"), "max_length": 64},
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
         "optim": {"learning_rate": 3e-3},
+        # a fixed policy: remat: auto would plan each candidate on the mesh (check_plan plans on one) first
         "train": {"output_dir": str(out / "run"), "steps": 2, "batch_size": 8, "grad_accum": 1, "eval_batches": 1,
-                  "samples": ["March 5, 2021"]},
+                  "samples": ["March 5, 2021"], "remat": "full"},
         "mesh": {"data": 2, "fsdp": -1},
     }  # fmt: skip
     result = train(config_from_dict(raw), progress=False)

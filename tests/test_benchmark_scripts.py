@@ -51,6 +51,11 @@ def test_gpu_benchmark_train_rows_pass_compute_options_through():
     row = gpu.parse_row("base=bf16,batch=1,length=8192,remat=save_dots,attention_block=1024,kernels.impl=xla")
     assert (row["base"], row["batch"], row["length"]) == ("bf16", 1, 8192)
     assert row["compute"] == {"remat": "save_dots", "attention_block": 1024} and row["kernels"] == {"impl": "xla"}
+    assert (row["packed"], row["dropout_rng"]) == (False, "threefry2x32")  # one example a row, as torch trains
+    row = gpu.parse_row("packed=true,dropout_rng=rbg,attention=cudnn")
+    assert (row["packed"], row["dropout_rng"], row["compute"]) == (True, "rbg", {"attention": "cudnn"})
+    with pytest.raises(ValueError, match="dropout_rng must be one of"):
+        gpu.parse_row("dropout_rng=mt19937")
     with pytest.raises(ValueError, match="unknown key 'flash'"):
         gpu.parse_row("base=nf4,flash=true")
     with pytest.raises(ValueError, match="remat policy"):
@@ -106,7 +111,8 @@ def test_cost_benchmark_counts_the_stored_bytes(tmp_path):
     linear_in_out = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden)] + [(hidden, mlp)] * 3
     linear_params = layers * sum(i * o for i, o in linear_in_out)
     assert row["base_4bit"] * 8 / linear_params == pytest.approx(4.127, abs=5e-4)
-    assert row["base_dense"] == (2 * vocab * hidden + (2 * layers + 1) * hidden) * 2  # embed, lm_head, norms; bf16
+    # embed, lm_head, norms in bf16; the adapters' per-layer scalings (float32, frozen) are stored beside them
+    assert row["base_dense"] == (2 * vocab * hidden + (2 * layers + 1) * hidden) * 2 + len(linear_in_out) * layers * 4
     assert row["adapters"] == layers * sum(16 * (i + o) for i, o in linear_in_out) * 4
     assert row["optimizer"] >= 2 * row["adapters"]
     assert 0 < row["device_total"] and abs(row["device_total"] / row["xla_full_step"] - 1) < 0.1

@@ -124,7 +124,7 @@ def test_longest_row_is_the_longest_that_fits(model_dir):
         return plan_memory(_config(model_dir, remat="full", length=length, batch=1)).device_total
 
     budget = total(2048)
-    length, plan = longest_row(_config(model_dir, remat="auto", batch=4), budget=budget, multiple=512, limit=8192)
+    length, plan = longest_row(_config(model_dir, remat="auto", batch=4), budget=budget, multiple=1024, limit=8192)
     assert length >= 2048 and plan.device_total <= budget and plan.remat == "full"
-    assert length == 8192 or total(length + 512) > budget
-    assert longest_row(_config(model_dir), budget=1, multiple=512) == (0, None)
+    assert length == 8192 or total(length + 1024) > budget  # (planned during the search: compiled once)
+    assert longest_row(_config(model_dir), budget=1, multiple=1024) == (0, None)

@@ -54,6 +54,7 @@ def _config(tmp_path, model_dir, **train_fields):
             "grad_accum": 2,
             "eval_batches": 2,
             "log_every": 1,
+            "remat": "none",  # remat: auto (the default) plans with two compiles per policy; tested where it matters
         }
         | train_fields,  # fmt: skip
     }
@@ -119,10 +120,10 @@ def test_train_end_to_end_writes_everything_and_the_adapter_loads_in_peft(tmp_pa
 
 
 def test_kill_and_resume_gives_bit_identical_losses(tmp_path, tiny_model_dir, capsys):
-    uninterrupted = load_config(_config(tmp_path / "a", tiny_model_dir, save_every=1, export_peft=False))
+    uninterrupted = load_config(_config(tmp_path / "a", tiny_model_dir, save_every=1, export_peft=False, remat="auto"))
     expected = train(uninterrupted, progress=False)
 
-    config_path = _config(tmp_path / "b", tiny_model_dir, save_every=1, export_peft=False)
+    config_path = _config(tmp_path / "b", tiny_model_dir, save_every=1, export_peft=False, remat="auto")
     run = tmp_path / "b" / "run"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen([sys.executable, "-m", "qlora_jax.cli", "train", "--no-progress", str(config_path)],
@@ -142,8 +143,12 @@ def test_kill_and_resume_gives_bit_identical_losses(tmp_path, tiny_model_dir, ca
     killed_at = max(_losses(run))
     assert 3 <= killed_at < 6, killed_at
     capsys.readouterr()
+    chosen = json.loads((run / "config.json").read_text())["train"]["remat"]  # remat: auto, resolved at the start
+    assert chosen in ("none", "save_dots", "full"), chosen
     resumed = train(load_config(config_path), progress=False)
-    assert f"taking over the lock left by pid {process.pid}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"taking over the lock left by pid {process.pid}" in out
+    assert f"remat: {chosen} (auto: the policy this run was started with)" in out  # not planned again
     assert _losses(run) == _losses(tmp_path / "a" / "run")  # every step, bit for bit
     assert resumed.train_losses == expected.train_losses
 

@@ -22,21 +22,12 @@ from flax import nnx
 from qlora_jax.convert import bnb
 from qlora_jax.convert.safetensors_io import write_sharded
 from qlora_jax.convert.state_map import all_keys, model_slots, variable_at
+from qlora_jax.lora import dora_weight_norm
 from qlora_jax.models import DecoderLM
 from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig, quantize
 
-__all__ = ["merged_weight", "merged_tensors", "merge_and_save", "dora_weight_norm"]
-
-
-def dora_weight_norm(weight: jax.Array, delta: jax.Array) -> jax.Array:
-    """||W + delta||, row by row: float32[out] for W, delta [out, in] (PEFT's `DoraLinearLayer.get_weight_norm`).
-
-    DoRA's layer computes m / this norm times its adapted output, so its merged weight is (W + delta) * m / norm.
-    """
-    # The one formula of DoRA's norm; `qlora_jax.lora` computes it too (LoRA.__call__, the magnitude's init) and
-    # is the place it belongs: lora.py was rewritten in parallel, so it waits here to be moved.
-    return jnp.linalg.norm((weight + delta).astype(jnp.float32), axis=1)
+__all__ = ["merged_weight", "merged_tensors", "merge_and_save"]
 
 
 def _layer_of(module: nnx.Module, layer: int) -> nnx.Module:

@@ -67,8 +67,9 @@ def _adapted(model: nnx.Module) -> dict[str, QLinear]:
 
 
 def _layers(module: QLinear) -> list[int | None]:
-    """The layer indices of a module's adapter ([None] outside the stacked layers)."""
-    return [None] if module.lora.scaling[...].ndim == 0 else list(range(len(module.lora.ranks)))
+    """The layer indices of a module's adapter ([None] outside the stacked layers). The scaling may be abstract
+    (a checkpoint's export builds the base as shapes only)."""
+    return [None] if module.lora.scaling.get_value().ndim == 0 else list(range(len(module.lora.ranks)))
 
 
 def _jsonable(value: Any) -> Any:

@@ -26,6 +26,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -34,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax.models import read_model_config
 from qlora_jax.nn import QuantizedWeight
 from qlora_jax.sharding import param_shardings, shard_bytes
 from qlora_jax.train.build import abstract_model, compute_options, quant_config
-from qlora_jax.train.config import TrainConfig, parse_bytes
+from qlora_jax.train.config import TrainConfig, parse_bytes, resolve_package_path
 from qlora_jax.train.loss import auto_chunk_size
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
 from qlora_jax.train.parallel import configured_mesh, step_shardings
@@ -321,7 +323,19 @@ def _abstract_step(config: TrainConfig, num_layers: int | None):
 
 
 def compiled_memory(config: TrainConfig, *, num_layers: int | None = None) -> CompiledMemory:
-    """XLA's memory analysis of the configured training step, compiled for abstract arguments."""
+    """XLA's memory analysis of the configured training step, compiled for abstract arguments.
+
+    Kept per process for an equal config, model configuration (its config.json or GGUF metadata, read again each
+    call), depth and device set: planning the same step twice (`remat: auto`, then `--longest-row` or `train`)
+    compiles it once."""
+    model_config = read_model_config(resolve_package_path(config.model.path))
+    return _compiled_memory(config, model_config, num_layers, tuple(map(str, jax.devices())))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_memory(config: TrainConfig, model_config: Any, num_layers: int | None, devices: tuple[str, ...]
+                     ) -> CompiledMemory:  # fmt: skip
+    del model_config, devices  # cache keys only
     step, args, _, _ = _abstract_step(config, num_layers)
     return CompiledMemory.of(step.lower(*args).compile())
 
