@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -287,3 +288,37 @@ def test_offload_and_remat_options_train_the_same(tmp_path, tiny_model_dir):
                                                             output_dir=str(tmp_path / "b")))  # fmt: skip
     a, b = train(base, progress=False), train(offload, progress=False)
     np.testing.assert_allclose(a.train_losses, b.train_losses, rtol=1e-5)
+
+
+def test_the_divergence_check_scores_packed_training_rows_as_the_step_does(tmp_path, tiny_model_dir):
+    """`batch_loss` (what the check before a save judges) on packed rows keeps their examples apart: it equals the
+    loss of the same rows with their examples moved to rows of their own. (A regression: scored as one sequence,
+    a well-trained demo model's loss jumped 50x and the run was stopped as diverged.)"""
+    from qlora_jax.train import data as data_lib
+    from qlora_jax.train.report import batch_loss
+    from qlora_jax.train.setup import set_up
+
+    config = load_config(_config(tmp_path, tiny_model_dir, grad_accum=1), ["--data.max_length", "256"])
+    assert config.data.packing
+    setup = set_up(config, verbose=False)
+    rows = setup.data.rows.take(np.arange(config.train.batch_size))
+    assert (rows.segment_ids.max(axis=1) > 1).any()  # several examples in a row
+    examples = []
+    for r in range(rows.num_rows):
+        for s in range(1, int(rows.segment_ids[r].max()) + 1):
+            keep = rows.segment_ids[r] == s
+            examples.append(data_lib.Batch(*(getattr(rows, f)[r][keep] for f in ("tokens", "targets", "positions",
+                                                                                 "segment_ids"))))  # fmt: skip
+    length = rows.tokens.shape[1]
+    apart = data_lib.Batch(*(np.stack([np.pad(getattr(e, f), (0, length - len(e.tokens)),
+                                              constant_values=-100 if f == "targets" else 0) for e in examples])
+                             for f in ("tokens", "targets", "positions", "segment_ids")))  # fmt: skip
+    apart = dataclasses.replace(apart, segment_ids=np.where(apart.segment_ids > 0, 1, 0).astype(np.int32))
+    # random adapters: a random tiny model's loss is near uniform whatever it attends to; these make it depend on
+    # the context
+    rng = np.random.default_rng(0)
+    lora = jax.tree.map(lambda x: jnp.asarray(rng.normal(0.0, 0.5, x.shape), x.dtype), setup.state.lora)
+    whole = batch_loss(setup, lora, rows)
+    separate = sum(batch_loss(setup, lora, apart.take(np.arange(i, i + 1))) *
+                   int((apart.targets[i] != -100).sum()) for i in range(apart.num_rows))  # fmt: skip
+    assert whole == pytest.approx(separate / int((apart.targets != -100).sum()), rel=1e-4)

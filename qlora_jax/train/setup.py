@@ -195,8 +195,9 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
     train_step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, options=options,
                                  offload_optimizer=config.optim.offload, learning_rate=schedule,
                                  shardings=shardings, packed_rows=config.data.packing)  # fmt: skip
-    # Eval rows are always one example each (pad_examples).
+    # Not only eval rows (one example each): the divergence check scores training batches with this step too, and
+    # packed rows read as one sequence would attend across their examples.
     eval_step = make_eval_step(graphdef, chunk_size=chunk_size, options=options, shardings=shardings,
-                               packed_rows=False)  # fmt: skip
+                               packed_rows=config.data.packing)  # fmt: skip
     return TrainingSetup(config, model, tokenizer, data, graphdef, base, optimizer, state, train_step, eval_step,
                          options, shardings)  # fmt: skip
