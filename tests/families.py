@@ -66,3 +66,23 @@ def family_config(family: str, **changes: Any) -> dict[str, Any]:
     """config.json fields (model_type included) of the tiny `family`, with `changes` on top (None is passed on as
     None: transformers' default for that field)."""
     return {**COMMON, **FAMILIES[family], **changes}
+
+
+def write_one_block_gguf(path: Any, tensors: list[tuple[str, Any, Any]]) -> None:
+    """A one-block llama GGUF file (hidden 8, 2 heads, MLP 16) holding `tensors`: (GGUF name, array, raw GGML type
+    or None for the array's own dtype). For tests of the GGUF reader on files they shape by hand."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(1)
+    for key, value in (("llama.embedding_length", 8), ("llama.feed_forward_length", 16),
+                       ("llama.attention.head_count", 2), ("llama.context_length", 32)):  # fmt: skip
+        writer.add_uint32(key, value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    for name, array, raw_dtype in tensors:
+        writer.add_tensor(name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

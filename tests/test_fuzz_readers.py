@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.families import write_one_block_gguf
 from tests.fuzzing import Fuzzer, dumps, run
 
 FUZZ_EXAMPLES = int(os.environ.get("QLORA_JAX_FUZZ_EXAMPLES", 10_000))
@@ -52,22 +53,11 @@ def _both_outcomes(outcomes) -> None:
 
 def _gguf_seed(path: Path) -> bytes:
     gguf = pytest.importorskip("gguf")
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(1)
-    for key, value in (("llama.embedding_length", 8), ("llama.feed_forward_length", 16),
-                       ("llama.attention.head_count", 2), ("llama.context_length", 32)):  # fmt: skip
-        writer.add_uint32(key, value)
-    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    writer.add_string("tokenizer.ggml.model", "gpt2")
     rng = np.random.default_rng(0)
-    writer.add_tensor("token_embd.weight", rng.standard_normal((16, 8)).astype(np.float32))
-    writer.add_tensor("blk.0.attn_norm.weight", np.ones(8, np.float16))
     q8 = gguf.quants.quantize(rng.standard_normal((4, 32)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-    writer.add_tensor("blk.0.attn_q.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_one_block_gguf(path, [("token_embd.weight", rng.standard_normal((16, 8)).astype(np.float32), None),
+                                ("blk.0.attn_norm.weight", np.ones(8, np.float16), None),
+                                ("blk.0.attn_q.weight", q8, gguf.GGMLQuantizationType.Q8_0)])  # fmt: skip
     return path.read_bytes()
 
 

@@ -26,6 +26,7 @@ from qlora_jax.train.config import ConfigFieldError, config_from_dict, load_conf
 from qlora_jax.train.divergence import DivergenceGuard, TrainingDiverged
 from qlora_jax.train.lock import LOCK_FILE, RunDirectoryLocked, RunLock
 from qlora_jax.train.resume import RESUMABLE_FIELDS, ResumeError, check_resumable, check_same_data, data_fingerprint
+from tests.families import write_one_block_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
@@ -371,24 +372,14 @@ def test_non_finite_bitsandbytes_statistics_are_named():
 
 
 def test_a_gguf_tensor_that_decodes_to_nan_is_named(tmp_path):
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")
     from qlora_jax.convert.gguf import GGUFError, read_gguf
 
     path = tmp_path / "nan.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(1)
-    for key, value in (("llama.embedding_length", 8), ("llama.feed_forward_length", 16),
-                       ("llama.attention.head_count", 2), ("llama.context_length", 32)):  # fmt: skip
-        writer.add_uint32(key, value)
-    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    writer.add_tensor("token_embd.weight", np.ones((16, 8), np.float32))
     bad = np.ones(8, np.float16)
     bad[3] = np.nan
-    writer.add_tensor("blk.0.attn_norm.weight", bad)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_one_block_gguf(path, [("token_embd.weight", np.ones((16, 8), np.float32), None),
+                                ("blk.0.attn_norm.weight", bad, None)])  # fmt: skip
     checkpoint = read_gguf(path)
     checkpoint.tensor("model.embed_tokens.weight")
     with pytest.raises(GGUFError, match=r"nan.gguf: tensor 'blk.0.attn_norm.weight' holds 1 NaN of its 8 values"):
