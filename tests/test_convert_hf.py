@@ -118,8 +118,8 @@ def test_unknown_model_type_lists_the_supported_ones(copy):
 
 
 def test_unsupported_rope_and_missing_fields(copy):
-    _edit_config(copy, rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)
-    with pytest.raises(UnsupportedModelError, match="rope_type 'yarn' is not supported"):
+    _edit_config(copy, rope_scaling={"rope_type": "mrope", "factor": 4.0}, rope_parameters=None)
+    with pytest.raises(UnsupportedModelError, match=r"rope_scaling\.rope_type 'mrope' is not supported"):
         load_pretrained(copy)
     _edit_config(copy, rope_scaling=None, hidden_size=None)
     with pytest.raises(ValueError, match="required field 'hidden_size' is missing"):

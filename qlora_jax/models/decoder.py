@@ -323,10 +323,8 @@ class DecoderLM(nnx.Module):
             if sliding.any():
                 sliding_mask = attention_mask(q_index, k_index, window=c.sliding_window, **masks)
         mixed = bool(sliding.any()) and not bool(sliding.all())
-        cos, sin = rope_tables(c.rope.inverse_frequencies(c.rotary_dim), positions, self.dtype)
-        local_rope = None
-        if c.rope_local is not None:
-            local_rope = rope_tables(c.rope_local.inverse_frequencies(c.rotary_dim), positions, self.dtype)
+        cos, sin = rope_tables(c.rope, c.rotary_dim, positions, self.dtype)
+        local_rope = None if c.rope_local is None else rope_tables(c.rope_local, c.rotary_dim, positions, self.dtype)
 
         graphdef, layer_state = nnx.split(self.model.layers)
 
