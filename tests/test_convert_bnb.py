@@ -125,6 +125,52 @@ def test_checkpoint_we_quantize_loads_in_transformers(tiny_llama, tmp_path):
     np.testing.assert_allclose(_logits(ours), _logits(reference_model), rtol=1e-4, atol=1e-5)
 
 
+# The storage dtypes BitsAndBytesConfig accepts (and config.json can name): bitsandbytes reinterprets the packed
+# bytes as this dtype (FSDP-QLoRA stores them in the model's float dtype, so that FSDP can flatten them with it).
+QUANT_STORAGES = ("uint8", "int8", "bfloat16", "float16", "float32", "float64")
+
+
+@pytest.mark.parametrize("storage", QUANT_STORAGES)
+def test_quant_storage_dtypes_load_as_stored(tiny_llama, tmp_path, storage):
+    """A checkpoint transformers + bitsandbytes saved with `bnb_4bit_quant_storage=<storage>`: its packed codes are
+    read as bytes (the reinterpretation bitsandbytes makes), so no NaN / Inf bit pattern in a float storage is taken
+    for a value; the logits are transformers + bitsandbytes' own; saved again, it is uint8 (the same bytes), which
+    transformers loads to the same logits."""
+    from safetensors.torch import load_file as load_torch
+
+    from qlora_jax.convert.hf import load_pretrained, save_pretrained
+
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=storage,
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_llama, quantization_config=config, device_map="cpu", dtype=torch.float32
+    ).save_pretrained(tmp_path / "stored")
+    stored = load_torch(tmp_path / "stored" / "model.safetensors")
+    packed = {k: v for k, v in stored.items() if k.endswith("proj.weight") and not k.startswith("lm_head")}
+    assert {str(v.dtype) for v in packed.values()} == {f"torch.{storage}"}
+    if storage.startswith(("float", "bfloat")):  # bit patterns that are NaN or Inf as floats: not an error
+        assert sum(int((~torch.isfinite(v)).sum()) for v in packed.values()) > 0
+    theirs = _logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stored", device_map="cpu"))
+
+    model, _ = load_pretrained(tmp_path / "stored", dtype=jnp.float32)
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0)).numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
+    q_proj = model.model.layers.self_attn.q_proj.packed[...]
+    for layer in range(2):
+        expected = packed[f"model.layers.{layer}.self_attn.q_proj.weight"].view(torch.uint8).reshape(-1).numpy()
+        np.testing.assert_array_equal(np.asarray(q_proj[layer]), expected)
+
+    save_pretrained(model, tmp_path / "ours")
+    assert (
+        json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_storage"]
+        == "uint8"
+    )
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", device_map="cpu", dtype=torch.float32)
+    np.testing.assert_allclose(_logits(again), theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
+
+
 def _state(tmp_path_factory=None):
     qt = quantize(np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
     return bnb_format.to_state_dict(qt, "layer.weight")
@@ -134,7 +180,11 @@ def _state(tmp_path_factory=None):
     ("mutate", "match"),
     [
         (lambda s: s.pop("layer.weight.absmax"), "layer.weight.absmax: missing"),
-        (lambda s: s.__setitem__("layer.weight", s["layer.weight"][:-1]), "layer.weight: expected 512 values"),
+        (lambda s: s.__setitem__("layer.weight", s["layer.weight"][:-1]), "layer.weight: expected 512 bytes"),
+        (
+            lambda s: s.__setitem__("layer.weight", s["layer.weight"].astype(bool)),
+            "layer.weight: packed 4-bit codes stored as bool",
+        ),
         (
             lambda s: s.__setitem__("layer.weight.absmax", s["layer.weight.absmax"].astype(np.float32)),
             "layer.weight.absmax: expected dtype uint8",

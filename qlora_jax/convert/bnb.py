@@ -86,6 +86,24 @@ def _require(tensors: Mapping[str, Any], key: str, dtype: Any, shape: tuple[int,
     return array.reshape(shape) if shape is not None else array
 
 
+def _packed_bytes(tensors: Mapping[str, Any], key: str, nbytes: int) -> np.ndarray:
+    """The packed codes as uint8[nbytes]. bitsandbytes stores them in `bnb_4bit_quant_storage`'s dtype (uint8 by
+    default; bfloat16, float16, float32, float64, int8, ... for FSDP-QLoRA) by reinterpreting the bytes
+    (`packed.view(quant_storage)`), so they are read back by the same reinterpretation, never converted: their
+    "values" in a float storage are arbitrary bit patterns (NaN among them), not numbers."""
+    if key not in tensors:
+        raise BnbFormatError(f"{key}: missing from the checkpoint")
+    array = np.ascontiguousarray(tensors[key])
+    if array.dtype.kind not in "iufV" and array.dtype.name != "bfloat16":
+        raise BnbFormatError(f"{key}: packed 4-bit codes stored as {array.dtype.name}, not a numeric storage dtype")
+    raw = array.reshape(-1).view(np.uint8)
+    if raw.size != nbytes:
+        raise BnbFormatError(
+            f"{key}: expected {nbytes} bytes of packed codes, found {raw.size} ({array.dtype.name}{list(array.shape)})"
+        )
+    return raw
+
+
 def _finite(array: np.ndarray, key: str) -> np.ndarray:
     if problem := non_finite(array):
         raise BnbFormatError(f"{key}: {problem}")
@@ -109,7 +127,7 @@ def from_state_dict(tensors: Mapping[str, Any], key: str = "weight") -> Quantize
         raise BnbFormatError(f"{state_key}: unsupported dtype {dtype.name}")
     size = math.prod(shape)
     num_blocks = -(-size // blocksize)
-    packed = _require(tensors, key, np.uint8, ((size + 1) // 2,))
+    packed = _packed_bytes(tensors, key, (size + 1) // 2)
     quant_map = _require(tensors, f"{key}.quant_map", np.float32, (16,))
     if not np.array_equal(quant_map, codebooks.code_table(quant_type)):
         raise BnbFormatError(

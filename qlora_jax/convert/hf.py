@@ -43,7 +43,7 @@ class TensorSource(Protocol):
 
     def keys(self) -> list[str]: ...
 
-    def tensor(self, key: str) -> np.ndarray: ...
+    def tensor(self, key: str, *, check_finite: bool = True) -> np.ndarray: ...
 
     def file_of(self, key: str) -> Path: ...
 
@@ -86,8 +86,10 @@ def _statistics_keys(keys: list[str], quantized: set[str]) -> dict[str, list[str
 
 
 def _read_bnb(source: TensorSource, key: str, statistics: list[str]) -> QuantizedTensor:
+    # the packed codes are bytes, whatever float dtype `bnb_4bit_quant_storage` lends them: no NaN check
+    tensors = {key: source.tensor(key, check_finite=False)} | {k: source.tensor(k) for k in statistics}
     try:
-        return bnb.from_state_dict({k: source.tensor(k) for k in [key, *statistics]}, key)
+        return bnb.from_state_dict(tensors, key)
     except bnb.BnbFormatError as e:
         raise CheckpointError(f"{source.file_of(key)}: {e}") from e
 
@@ -213,8 +215,8 @@ class _GGUFSource:
     def keys(self) -> list[str]:
         return list(self.checkpoint.tensor_names)
 
-    def tensor(self, key: str) -> np.ndarray:
-        return self.checkpoint.tensor(key)
+    def tensor(self, key: str, *, check_finite: bool = True) -> np.ndarray:
+        return self.checkpoint.tensor(key)  # GGUF tensors are always checked (and never hold packed 4-bit codes)
 
     def file_of(self, key: str) -> Path:
         return self.path
@@ -240,8 +242,8 @@ class _LanguageModelOnly:
     def keys(self) -> list[str]:
         return list(self._original)
 
-    def tensor(self, key: str) -> np.ndarray:
-        return self.source.tensor(self._original[key])
+    def tensor(self, key: str, *, check_finite: bool = True) -> np.ndarray:
+        return self.source.tensor(self._original[key], check_finite=check_finite)
 
     def file_of(self, key: str) -> Path:
         return self.source.file_of(self._original[key])
