@@ -20,7 +20,7 @@ import numpy as np
 from qlora_jax import codebooks
 from qlora_jax.convert.finite import non_finite
 from qlora_jax.errors import InputError
-from qlora_jax.quant import SUPPORTED_BLOCKSIZES, SUPPORTED_DTYPES, QuantizedTensor
+from qlora_jax.quant import SUPPORTED_BLOCKSIZES, SUPPORTED_DTYPES, QuantConfig, QuantizedTensor
 
 __all__ = [
     "BnbFormatError",
@@ -30,6 +30,8 @@ __all__ = [
     "split_state_dict",
     "merge_state_dict",
     "quantization_config",
+    "stored_quant_config",
+    "DEFAULT_SKIP_MODULES",
 ]
 
 _QUANT_STATE = ".quant_state.bitsandbytes__"
@@ -181,6 +183,37 @@ def merge_state_dict(quantized: Mapping[str, QuantizedTensor], rest: Mapping[str
                 raise ValueError(f"{k}: written twice (a 4-bit weight and a plain tensor share the name)")
             out[k] = v
     return out
+
+
+# transformers' default skip list when llm_int8_skip_modules is null (`get_keys_to_not_convert`): the output
+# embedding, which is the only linear it finds among the supported families (tied models have none).
+DEFAULT_SKIP_MODULES = ("lm_head",)
+
+
+def stored_quant_config(quantization_config: Mapping[str, Any], *, source: str = "config.json") -> QuantConfig:
+    """The QuantConfig of a bitsandbytes 4-bit checkpoint from its config.json `quantization_config` alone (the
+    blocksizes transformers always writes: 64 and 256; `qlora_jax.convert.hf` checks them against the tensors).
+    Raises BnbFormatError for a quantization_config that is not bitsandbytes 4-bit, or fields of the wrong kind."""
+    qc = quantization_config
+    if qc.get("quant_method", "bitsandbytes") != "bitsandbytes" or not (qc.get("load_in_4bit") or
+                                                                        qc.get("_load_in_4bit")):  # fmt: skip
+        raise BnbFormatError(f"{source}: only bitsandbytes 4-bit checkpoints are supported, got {dict(qc)}")
+    skip = qc.get("llm_int8_skip_modules")
+    if skip is not None and (not isinstance(skip, list | tuple) or not all(isinstance(m, str) for m in skip)):
+        raise BnbFormatError(
+            f"{source}: quantization_config.llm_int8_skip_modules must list module names, got {skip!r}"
+        )
+    quant_type = qc.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default
+    if quant_type not in codebooks.BNB_QUANT_TYPES:
+        raise BnbFormatError(f"{source}: quantization_config.bnb_4bit_quant_type {quant_type!r} is not nf4 or fp4")
+    try:
+        return QuantConfig(
+            quant_type=quant_type,
+            double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
+            skip_modules=DEFAULT_SKIP_MODULES if skip is None else tuple(skip),
+        )
+    except ValueError as e:
+        raise BnbFormatError(f"{source}: quantization_config.llm_int8_skip_modules: {e}") from e
 
 
 def quantization_config(

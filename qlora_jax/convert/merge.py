@@ -24,6 +24,7 @@ from qlora_jax.convert.safetensors_io import write_sharded
 from qlora_jax.convert.state_map import all_keys, model_slots, variable_at
 from qlora_jax.lora import dora_weight_norm
 from qlora_jax.models import DecoderLM
+from qlora_jax.models.names import layer_name
 from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig, quantize
 
@@ -56,14 +57,15 @@ def merged_tensors(model: DecoderLM, dtype: Any = jnp.bfloat16, quant: QuantConf
                    ) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
     """(transformers name, array) for every tensor of the merged model, one layer at a time.
 
-    With `quant`, linear weights not in `quant.skip_modules` are re-quantized and written as bitsandbytes 4-bit.
+    With `quant`, linear weights that `quant.skip_modules` does not keep (matched per layer, `QuantConfig.skips`) are
+    re-quantized and written as bitsandbytes 4-bit.
     """
     dtype = jnp.dtype(dtype)
     for key, slot, layer in all_keys(model_slots(model), model.config.num_layers):
         module = variable_at(model, slot.module_path)
         if isinstance(module, QLinear) and key.endswith(".weight"):
             w = merged_weight(module, layer).astype(dtype)
-            module_name = ".".join(slot.module_path)
+            module_name = layer_name(".".join(slot.module_path), layer)  # one layer's name, as transformers matches
             if quant is not None and not quant.skips(module_name):
                 qt = quantize(w, quant_type=quant.quant_type, blocksize=quant.blocksize,
                               double_quant=quant.double_quant, dq_blocksize=quant.dq_blocksize)  # fmt: skip

@@ -26,6 +26,7 @@ from qlora_jax.models.attention import (
     rope_tables,
 )
 from qlora_jax.models.config import ModelConfig
+from qlora_jax.models.names import LAYERS, layer_name
 from qlora_jax.nn import Embed, QLinear, RMSNorm
 from qlora_jax.quant import QuantConfig
 
@@ -104,7 +105,22 @@ class KVCache:
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool), jnp.int32(0))
 
 
-def _quant_for(quant: QuantConfig | None, path: str) -> QuantConfig | None:
+@dataclasses.dataclass(frozen=True)
+class _StackedQuant:
+    """The QuantConfig as the stacked layers see it: their modules are named per layer (`model.layers.<i>.<path>`)."""
+
+    quant: QuantConfig
+    num_layers: int
+
+
+def _quant_for(quant: QuantConfig | _StackedQuant | None, path: str) -> QuantConfig | None:
+    """How the linear at `path` (relative to the stacked layers, inside them) is stored: None (16 bits) where
+    `skip_modules` keeps it. A stacked module holds one storage for all its layers, so it is 16-bit when any layer's
+    name is skipped (an Unsloth checkpoint's `model.layers.0.mlp`): exact for every layer, at the 16-bit memory cost
+    for the whole stack (counted by the memory planner, logged by the loader)."""
+    if isinstance(quant, _StackedQuant):
+        names = [layer_name(f"{LAYERS}.{path}", i) for i in range(quant.num_layers)]
+        return None if any(quant.quant.skips(name) for name in names) else quant.quant
     return None if quant is None or quant.skips(path) else quant
 
 
@@ -219,6 +235,7 @@ class DecoderLayer(nnx.Module):
 
 def _stacked_layers(config: ModelConfig, *, quant, dtype, param_dtype, rngs: nnx.Rngs) -> DecoderLayer:
     """num_layers DecoderLayers as one module whose variables have a leading layer axis."""
+    quant = None if quant is None else _StackedQuant(quant, config.num_layers)
     kwargs = dict(quant=quant, dtype=dtype, param_dtype=param_dtype)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(config, rngs=nnx.Rngs(0), **kwargs)))
     keys = jax.random.split(rngs.params(), config.num_layers)
