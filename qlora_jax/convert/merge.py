@@ -28,10 +28,10 @@ from qlora_jax.models.names import layer_name
 from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig, quantize
 
-__all__ = ["merged_weight", "merged_tensors", "merge_and_save"]
+__all__ = ["merged_weight", "merged_tensors", "merge_and_save", "layer_of"]
 
 
-def _layer_of(module: nnx.Module, layer: int) -> nnx.Module:
+def layer_of(module: nnx.Module, layer: int) -> nnx.Module:
     """A copy of a stacked module (every variable with a leading [num_layers] axis) holding only layer `layer`."""
     graphdef, state = nnx.split(module)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))
@@ -41,7 +41,7 @@ def merged_weight(module: QLinear, layer: int | None = None) -> jax.Array:
     """The float32 weight [out, in] of one (layer of a) linear, its adapter folded in: `QLinear.dense_weight` +
     `LoRA.delta_weight`, scaled row-wise to DoRA's magnitude if the adapter has one."""
     if layer is not None:
-        module = _layer_of(module, layer)
+        module = layer_of(module, layer)
     w = module.dense_weight(jnp.float32)
     lora = module.lora
     if lora is None or lora.ranks[layer or 0] == 0:  # no adapter on this layer (docs/lora.md)

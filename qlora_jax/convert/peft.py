@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -24,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from qlora_jax.convert.finite import non_finite
+from qlora_jax.convert.merge import layer_of
 from qlora_jax.errors import InputError
 from qlora_jax.files import staged_directory
 from qlora_jax.lora import LoRA, LoraConfig, apply_lora, target_layers
@@ -52,6 +54,25 @@ _UNSUPPORTED = {"modules_to_save": (None, []), "fan_in_fan_out": (False, None), 
                 "layer_replication": (None, []), "trainable_token_indices": (None, [], {}),
                 "target_parameters": (None, []), "use_qalora": (False, None), "alora_invocation_tokens": (None, []),
                 "megatron_config": (None, {}), "use_bdlora": (False, None)}  # fmt: skip
+
+
+# PEFT initializations that change the base weights (W - scaling B0 A0 with the adapter's initial B0, A0 taken from
+# W) and redo that when PEFT loads the adapter. pissa and olora are computed from the base alone (an SVD, a QR):
+# such an adapter is applied here as PEFT's own conversion would write it (`_as_plain_lora`). The others need what
+# only their training run had: a random sketch (pissa_niter_N), data (corda), gradients (lora_ga).
+_REPRODUCIBLE_BASE_CHANGES = ("pissa", "olora")
+_BASE_CHANGES = ("pissa", "olora", "corda", "lora_ga")
+# PEFT initializations after which the base is left as it was: the adapter means what a plain LoRA means (LoftQ
+# adapters, on the LoftQ-initialized base they were trained with).
+_PLAIN_INITS = (True, False, None, "gaussian", "eva", "loftq", "orthogonal", "mica")
+_CONVERSION = (
+    "convert it to a plain LoRA adapter with PEFT: peft_model.save_pretrained(out_dir, "
+    "path_initial_model_for_weight_conversion=<the adapter saved right after initialization>)"
+)
+
+
+def _changes_base(init: Any) -> bool:
+    return isinstance(init, str) and init.lower().startswith(_BASE_CHANGES)
 
 
 class PeftFormatError(InputError):
@@ -143,6 +164,8 @@ def save_peft_adapter(
             fields["base_model_name_or_path"] = template.get("base_model_name_or_path")
         if isinstance(template.get("target_modules"), list | str):
             fields["target_modules"] = template["target_modules"]
+    if _changes_base(fields.get("init_lora_weights")):  # loaded here as PEFT's conversion (`_as_plain_lora`)
+        fields["init_lora_weights"] = True
     _check_selection(model, _lora_config(fields, ADAPTER_CONFIG), adapted, str(directory))
     tensors: dict[str, np.ndarray] = {}
     for path, module in adapted.items():
@@ -191,6 +214,18 @@ def _lora_config(raw: dict[str, Any], path: Any) -> LoraConfig:
     for field, defaults in _UNSUPPORTED.items():
         if raw.get(field) not in defaults:
             raise PeftFormatError(f"{path}: {field}={raw[field]!r} is not supported")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() in _REPRODUCIBLE_BASE_CHANGES:
+        if raw.get("use_dora"):
+            raise PeftFormatError(f"{path}: init_lora_weights={init!r} with use_dora is not supported; {_CONVERSION}")
+    elif _changes_base(init):
+        raise PeftFormatError(
+            f"{path}: init_lora_weights={init!r}: PEFT changed the base weights when it initialized this adapter, "
+            f"from what only that run had (a random sketch, data or gradients), so neither PEFT nor this package can "
+            f"rebuild the base it was trained on; {_CONVERSION}"
+        )
+    elif init not in _PLAIN_INITS:
+        raise PeftFormatError(f"{path}: init_lora_weights={init!r} is not an initialization this package knows")
 
     def get(name: str, default: Any = None) -> Any:
         value = raw.get(name)
@@ -320,7 +355,71 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
             values[path]["lora_B"][index][:, :r] = fields["lora_B"]
             if config.use_dora:
                 values[path]["lora_magnitude_vector"][index] = fields["lora_magnitude_vector"]
+    init = read_adapter_config_dict(directory).get("init_lora_weights", True)
+    if _changes_base(init):
+        return _as_plain_lora(model, config, values, init.lower(), directory / ADAPTER_CONFIG)
     return config, values
+
+
+def _initial_adapter(w: jax.Array, r: int, scaling: float, init: str) -> tuple[np.ndarray, np.ndarray]:
+    """(A0 [r, in], B0 [out, r]): the adapter PEFT's `pissa_init` / `olora_init` make from the base weight
+    w [out, in] (float32, as PEFT computes them): PiSSA the top-r singular triplets, A0 = sqrt(S / scaling) Vh,
+    B0 = U sqrt(S / scaling); OLoRA the first r columns of Q and rows of R of w = QR. Either way the base becomes
+    w - scaling B0 A0, whatever signs the decomposition picks."""
+    if init == "pissa":
+        u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+        root = jnp.sqrt(s[:r] / scaling)
+        a0, b0 = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+    else:
+        q, rr = jnp.linalg.qr(w)
+        a0, b0 = rr[:r], q[:, :r]
+    return np.asarray(a0, np.float32), np.asarray(b0, np.float32)
+
+
+def _as_plain_lora(
+    model: DecoderLM, config: LoraConfig, values: dict[str, dict], init: str, where: Path
+) -> tuple[LoraConfig, dict[str, dict]]:
+    """A PiSSA / OLoRA adapter (A, B at rank r, for the base w - scaling B0 A0 that PEFT makes from `model`'s base
+    weights when it loads the adapter) as the plain LoRA PEFT's conversion (`path_initial_model_for_weight_conversion`)
+    writes for the unchanged base: rank 2r, A' = [A; A0], B' = [B, -B0], lora_alpha (and alpha_pattern) doubled (times
+    sqrt 2 with rsLoRA), so that each layer's scaling is unchanged. Same outputs as PEFT, without changing the base.
+
+    PEFT initializes both from 16-bit weights (PiSSA refuses 4-bit ones, OLoRA re-quantizes the residual base), so a
+    4-bit base is refused."""
+    linears = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, QLinear)}
+    if quantized := sorted(path for path in values if linears[path].is_quantized):
+        raise PeftFormatError(
+            f"{where}: init_lora_weights={init!r} on a 4-bit base ({quantized[0]}, ...): PEFT builds this adapter's "
+            f"base from 16-bit weights, which a 4-bit model no longer has; load the base unquantized (quantization="
+            f"None, model.quant: none), or {_CONVERSION}"
+        )
+    alpha = 2**0.5 if config.use_rslora else 2
+    plain = dataclasses.replace(
+        config,
+        r=2 * config.r,
+        lora_alpha=alpha * config.lora_alpha,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: alpha * v for k, v in config.alpha_pattern.items()},
+    )
+    targets, doubled = target_layers(model, config), target_layers(model, plain)
+    out: dict[str, dict] = {}
+    for path, target in targets.items():
+        assert doubled[path].ranks == tuple(2 * r for r in target.ranks), path  # PEFT's conversion, layer by layer
+        assert np.allclose(doubled[path].scalings(plain.use_rslora), target.scalings(config.use_rslora)), path
+        lead = (len(target.ranks),) if target.stacked else ()
+        module, r_max = linears[path], 2 * target.max_rank
+        a = np.zeros(lead + (r_max, module.in_features), np.float32)
+        b = np.zeros(lead + (module.out_features, r_max), np.float32)
+        for i, (r, scaling) in enumerate(zip(target.ranks, target.scalings(config.use_rslora), strict=True)):
+            if r == 0:
+                continue
+            index = (i,) if target.stacked else ()
+            base = (layer_of(module, i) if target.stacked else module).dense_weight(jnp.float32)
+            a0, b0 = _initial_adapter(base, r, scaling, init)
+            a[index][:r], a[index][r : 2 * r] = values[path]["lora_A"][index][:r], a0
+            b[index][:, :r], b[index][:, r : 2 * r] = values[path]["lora_B"][index][:, :r], -b0
+        out[path] = {"lora_A": a, "lora_B": b}
+    return plain, out
 
 
 def load_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> LoraConfig:
