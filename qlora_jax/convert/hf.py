@@ -27,7 +27,7 @@ from qlora_jax.convert.safetensors_io import CheckpointError, SafetensorsReader,
 from qlora_jax.convert.state_map import Slot, all_keys, model_slots, resolve, variable_at
 from qlora_jax.models import DecoderLM, ModelConfig
 from qlora_jax.models.config_files import is_gguf
-from qlora_jax.models.names import LAYERS, layer_name
+from qlora_jax.models.names import LAYERS, hf_module_name, layer_name
 from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
@@ -87,7 +87,7 @@ def _stored_quant_config(hf: dict[str, Any], source: TensorSource, config: Model
             key = slot.key(layer)
             if not slot.quantized or key not in present:  # a missing tensor is reported by load_model
                 continue
-            skipped = quant.skips(key.removesuffix(".weight"))
+            skipped = quant.skips(hf_module_name(key.removesuffix(".weight"), config.text_model_path))
             if skipped == (key in stored_4bit):
                 stored = "4 bits" if key in stored_4bit else "16 bits"
                 rule = "keeps it in 16 bits" if skipped else "does not keep it in 16 bits"
@@ -108,7 +108,7 @@ def _log_dense_stacks(model: DecoderLM) -> None:
         if not isinstance(module, QLinear) or module.is_quantized:
             continue
         name = f"{LAYERS}.{'.'.join(str(p) for p in path)}"
-        kept = [i for i in range(c.num_layers) if quant.skips(layer_name(name, i))]
+        kept = [i for i in range(c.num_layers) if quant.skips(hf_module_name(layer_name(name, i), c.text_model_path))]
         if len(kept) == c.num_layers:
             continue
         shape = jax.ShapeDtypeStruct((module.out_features, module.in_features), module.param_dtype)
@@ -233,7 +233,9 @@ def load_model(
             else:
                 (path,) = slot.paths
                 value = _cast(array, buffers[path].dtype, key, source)
-                if slot.name in dense_linears and not quantization.skips(key.removesuffix(".weight")):
+                if slot.name in dense_linears and not quantization.skips(
+                    hf_module_name(key.removesuffix(".weight"), config.text_model_path)
+                ):
                     # a 4-bit layer of a stack held in 16 bits for another layer's sake: its 4-bit values
                     value = dequantize(_quantize(value, quantization), value.dtype)
                 buffers[path][index] = np.asarray(value)
@@ -399,7 +401,8 @@ def _checkpoint_tensors(model: DecoderLM, *, dequantize_weights: bool) -> Iterat
         (path,) = slot.paths
         array = np.asarray(variable_at(model, path).get_value()[index])
         linear = isinstance(variable_at(model, slot.module_path), QLinear) and key.endswith(".weight")
-        if linear and q is not None and not dequantize_weights and not q.skips(key.removesuffix(".weight")):
+        name = hf_module_name(key.removesuffix(".weight"), model.config.text_model_path)
+        if linear and q is not None and not dequantize_weights and not q.skips(name):
             # a layer of a stack held in 16 bits for another layer's sake (`skip_modules`): 4-bit again, as the
             # quantization_config says (from its dequantized values: the same codes, double-quant statistics aside)
             qt = quantize(array, quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,

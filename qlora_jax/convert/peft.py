@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -30,7 +31,7 @@ from qlora_jax.errors import InputError
 from qlora_jax.files import staged_directory
 from qlora_jax.lora import LoRA, LoraConfig, apply_lora, target_layers
 from qlora_jax.models import DecoderLM
-from qlora_jax.models.names import layer_name, split_layer_name
+from qlora_jax.models.names import hf_module_name, layer_name, module_name_from_hf, split_layer_name
 from qlora_jax.nn import QLinear
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "ADAPTER_CONFIG",
 ]
+
+log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -164,6 +167,8 @@ def save_peft_adapter(
             fields["base_model_name_or_path"] = template.get("base_model_name_or_path")
         if isinstance(template.get("target_modules"), list | str):
             fields["target_modules"] = template["target_modules"]
+    elif model.config.multimodal_config is not None:
+        fields["exclude_modules"] = _text_only(fields["exclude_modules"])
     if _changes_base(fields.get("init_lora_weights")):  # loaded here as PEFT's conversion (`_as_plain_lora`)
         fields["init_lora_weights"] = True
     _check_selection(model, _lora_config(fields, ADAPTER_CONFIG), adapted, str(directory))
@@ -175,7 +180,7 @@ def save_peft_adapter(
             if r == 0:
                 continue  # no adapter on this layer
             index = () if layer is None else (layer,)
-            name = _PREFIX + layer_name(path, layer)
+            name = _PREFIX + hf_module_name(layer_name(path, layer), model.config.text_model_path)
             # contiguous copies: safetensors writes an array's buffer as it lies, whatever its strides
             tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(lora.lora_A[...][index][:r], np.float32)
             tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(lora.lora_B[...][index][:, :r], np.float32)
@@ -291,11 +296,15 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
     linears = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, QLinear)}
     num_layers = model.config.num_layers
     by_layer: dict[tuple[str, int | None], dict[str, np.ndarray]] = {}
+    outside: list[str] = []  # adapters of an image-text model's vision tower or projector
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise PeftFormatError(f"{weights_path}: unexpected tensor {key} (not a LoRA weight)")
-        name = match.group(1)
+        name = module_name_from_hf(match.group(1), model.config.text_model_path)
+        if name is None:
+            outside.append(key)
+            continue
         path, layer = split_layer_name(name)
         if path not in linears or (layer is not None and layer >= num_layers):
             raise PeftFormatError(
@@ -355,10 +364,25 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
             values[path]["lora_B"][index][:, :r] = fields["lora_B"]
             if config.use_dora:
                 values[path]["lora_magnitude_vector"][index] = fields["lora_magnitude_vector"]
+    if outside:
+        trained = sum(key.endswith("lora_B.weight") and bool(np.any(tensors[key])) for key in outside)
+        log.warning(
+            "%s: %d adapter tensors of the vision tower / projector are not loaded (%d of their lora_B non-zero): this "
+            "package runs Gemma 3's text decoder only, whose outputs they do not change; an adapter saved from here "
+            "will not carry them (PEFT then starts them at B = 0)", weights_path, len(outside), trained,
+        )  # fmt: skip
     init = read_adapter_config_dict(directory).get("init_lora_weights", True)
     if _changes_base(init):
         return _as_plain_lora(model, config, values, init.lower(), directory / ADAPTER_CONFIG)
     return config, values
+
+
+def _text_only(exclude: Any) -> str:
+    """`exclude_modules` for an adapter of Gemma 3's image-text model that PEFT applies to its text decoder alone:
+    the config's own exclusions (a list's names as PEFT matches them, a regex as it is) or the vision tower and the
+    projector, whose q/k/v projections (and all-linear's fc1, fc2, out_proj) a list of names would reach too."""
+    parts = [f"(?:{exclude})"] if isinstance(exclude, str) else [rf"(?:.*\.)?{re.escape(e)}" for e in exclude or ()]
+    return "|".join([*parts, r"model\.(?:vision_tower|multi_modal_projector)(?:\..*)?"])
 
 
 def _initial_adapter(w: jax.Array, r: int, scaling: float, init: str) -> tuple[np.ndarray, np.ndarray]:

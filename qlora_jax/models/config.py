@@ -216,6 +216,16 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     hf_config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+    # The image-text model whose text decoder this is (Gemma 3's Gemma3ForConditionalGeneration, how gemma-3-it is
+    # published): its whole config.json (hf_config is its text_config); None for a causal LM checkpoint.
+    multimodal_config: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False,
+                                                                    repr=False)  # fmt: skip
+
+    @property
+    def text_model_path(self) -> str:
+        """Where the decoder's `model.*` modules sit in the transformers model the checkpoint loads as:
+        `model.language_model` in Gemma 3's image-text model (`models.names.hf_module_name`), else `model`."""
+        return "model" if self.multimodal_config is None else "model.language_model"
 
     @property
     def rotary_dim(self) -> int:
@@ -359,8 +369,11 @@ def _eos(value: Any) -> tuple[int, ...]:
 
 
 def _parse(hf: dict[str, Any], source: str) -> ModelConfig:
-    if hf.get("model_type") == "gemma3" and "text_config" in hf:  # the multimodal wrapper: its text decoder
-        hf = {**hf["text_config"], "model_type": "gemma3_text"}
+    multimodal = None
+    if hf.get("model_type") == "gemma3" and "text_config" in hf:  # the image-text model: its text decoder
+        multimodal = types.MappingProxyType(dict(hf))
+        quantization = {"quantization_config": hf["quantization_config"]} if "quantization_config" in hf else {}
+        hf = {**hf["text_config"], "model_type": "gemma3_text", **quantization}
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
@@ -434,4 +447,5 @@ def _parse(hf: dict[str, Any], source: str) -> ModelConfig:
         eos_token_ids=_eos(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"),
         hf_config=types.MappingProxyType(hf),
+        multimodal_config=multimodal,
     )

@@ -26,7 +26,7 @@ from qlora_jax.models.attention import (
     rope_tables,
 )
 from qlora_jax.models.config import ModelConfig
-from qlora_jax.models.names import LAYERS, layer_name
+from qlora_jax.models.names import LAYERS, hf_module_name, layer_name
 from qlora_jax.nn import Embed, QLinear, RMSNorm
 from qlora_jax.quant import QuantConfig
 
@@ -107,10 +107,12 @@ class KVCache:
 
 @dataclasses.dataclass(frozen=True)
 class _StackedQuant:
-    """The QuantConfig as the stacked layers see it: their modules are named per layer (`model.layers.<i>.<path>`)."""
+    """The QuantConfig as the stacked layers see it: their modules are named per layer, as transformers names them
+    (`model.layers.<i>.<path>`; `model.language_model.layers.<i>.<path>` in Gemma 3's image-text model)."""
 
     quant: QuantConfig
     num_layers: int
+    text_model: str = "model"  # ModelConfig.text_model_path
 
 
 def _quant_for(quant: QuantConfig | _StackedQuant | None, path: str) -> QuantConfig | None:
@@ -119,7 +121,7 @@ def _quant_for(quant: QuantConfig | _StackedQuant | None, path: str) -> QuantCon
     name is skipped (an Unsloth checkpoint's `model.layers.0.mlp`): exact for every layer, at the 16-bit memory cost
     for the whole stack (counted by the memory planner, logged by the loader)."""
     if isinstance(quant, _StackedQuant):
-        names = [layer_name(f"{LAYERS}.{path}", i) for i in range(quant.num_layers)]
+        names = [hf_module_name(layer_name(f"{LAYERS}.{path}", i), quant.text_model) for i in range(quant.num_layers)]
         return None if any(quant.quant.skips(name) for name in names) else quant.quant
     return None if quant is None or quant.skips(path) else quant
 
@@ -235,7 +237,7 @@ class DecoderLayer(nnx.Module):
 
 def _stacked_layers(config: ModelConfig, *, quant, dtype, param_dtype, rngs: nnx.Rngs) -> DecoderLayer:
     """num_layers DecoderLayers as one module whose variables have a leading layer axis."""
-    quant = None if quant is None else _StackedQuant(quant, config.num_layers)
+    quant = None if quant is None else _StackedQuant(quant, config.num_layers, config.text_model_path)
     kwargs = dict(quant=quant, dtype=dtype, param_dtype=param_dtype)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(config, rngs=nnx.Rngs(0), **kwargs)))
     keys = jax.random.split(rngs.params(), config.num_layers)
