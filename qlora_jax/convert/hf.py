@@ -421,12 +421,17 @@ def save_pretrained(
 ) -> list[Path]:
     """Writes the base model as transformers saves it: safetensors (sharded past max_shard_size) + config.json.
 
-    A 4-bit model is written in bitsandbytes' 4-bit format with a `quantization_config` (transformers loads it
+    A text decoder loaded from Gemma 3's image-text checkpoint is written as the text model alone (a warning says
+    so). A 4-bit model is written in bitsandbytes' 4-bit format with a `quantization_config` (transformers loads it
     with bitsandbytes; `bnb_4bit_compute_dtype` is the model's compute dtype), or dequantized to its dtype with
     `dequantize_weights=True`. LoRA adapters are not part of
     the base model: see `qlora_jax.convert.peft` and `qlora_jax.convert.merge`.
     """
     config = model.config
+    if config.multimodal_config is not None:
+        log.warning("saving the text decoder of a Gemma 3 image-text model: writing a text-only Gemma3ForCausalLM "
+                    "(model_type gemma3_text) to %s; merge_and_save(..., source=) writes the image-text model",
+                    directory)  # fmt: skip
     hf = config.to_hf_config()
     hf["torch_dtype"] = hf["dtype"] = jnp.dtype(model.model.embed_tokens.weight.get_value().dtype).name
     if model.quant is not None and not dequantize_weights:

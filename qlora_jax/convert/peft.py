@@ -415,7 +415,7 @@ def _as_plain_lora(
         raise PeftFormatError(
             f"{where}: init_lora_weights={init!r} on a 4-bit base ({quantized[0]}, ...): PEFT builds this adapter's "
             f"base from 16-bit weights, which a 4-bit model no longer has; load the base unquantized (quantization="
-            f"None, model.quant: none), or {_CONVERSION}"
+            f"None; --quant none; model.quant: none), or {_CONVERSION}"
         )
     alpha = 2**0.5 if config.use_rslora else 2
     plain = dataclasses.replace(
