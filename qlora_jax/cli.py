@@ -280,7 +280,8 @@ def _merge(args: argparse.Namespace) -> int:
         return 0
     with staged_directory(args.output, replaces=LAYOUT_FILES) as staging:  # everything appears at once, or nothing
         merge_and_save(model, staging, dtype=jnp.dtype(args.out_dtype), quant=quant, tokenizer=tokenizer,
-                       max_shard_size=args.max_shard_size)  # fmt: skip
+                       max_shard_size=args.max_shard_size,  # an image-text model keeps its vision tower
+                       source=args.model if Path(args.model).is_dir() else None)  # fmt: skip
     print(f"wrote {args.output}")
     return 0
 

@@ -10,6 +10,7 @@ copied as they are, never re-quantized.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +27,20 @@ from qlora_jax.convert.safetensors_io import CheckpointError, SafetensorsReader,
 from qlora_jax.convert.state_map import Slot, all_keys, model_slots, resolve, variable_at
 from qlora_jax.models import DecoderLM, ModelConfig
 from qlora_jax.models.config_files import is_gguf
+from qlora_jax.models.names import LAYERS, hf_module_name, layer_name
+from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
-__all__ = ["load_pretrained", "save_pretrained", "load_model", "tensor_source", "CheckpointError"]
+__all__ = [
+    "load_pretrained",
+    "save_pretrained",
+    "load_model",
+    "tensor_source",
+    "stored_quantization",
+    "CheckpointError",
+]
+
+log = logging.getLogger(__name__)
 
 NF4 = QuantConfig()  # QLoRA's storage: NF4, blocks of 64, double quantization, lm_head kept in 16 bits
 
@@ -43,36 +55,77 @@ class TensorSource(Protocol):
 
     def keys(self) -> list[str]: ...
 
-    def tensor(self, key: str) -> np.ndarray: ...
+    def tensor(self, key: str, *, check_finite: bool = True) -> np.ndarray: ...
 
     def file_of(self, key: str) -> Path: ...
 
 
 def _stored_quant_config(hf: dict[str, Any], source: TensorSource, config: ModelConfig) -> QuantConfig:
-    """The QuantConfig a bitsandbytes 4-bit checkpoint was written with, from its config.json and tensors."""
-    qc = hf["quantization_config"]
-    if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
-        raise CheckpointError(f"{source.name}: only bitsandbytes 4-bit checkpoints are supported, got {qc}")
+    """The QuantConfig a bitsandbytes 4-bit checkpoint was written with: its format from the tensors, the modules kept
+    in 16 bits from config.json's `llm_int8_skip_modules` (matched per layer as transformers matches them,
+    `QuantConfig.skips`), each linear weight checked to be stored as that list says."""
+    try:
+        listed = bnb.stored_quant_config(hf["quantization_config"], source=f"{source.name}/config.json")
+    except bnb.BnbFormatError as e:
+        raise CheckpointError(str(e)) from e
     keys = source.keys()
     quantized = bnb.quantized_weight_prefixes(keys)
     if not quantized:
         raise CheckpointError(f"{source.name}: quantization_config says 4-bit but no tensor is stored in 4 bits")
     first = _read_bnb(source, quantized[0], _statistics_keys(keys, set(quantized))[quantized[0]])
-    # Linear layers the checkpoint keeps in 16 bits (lm_head, usually) stay dense here too.
-    all_linear = nnx.eval_shape(lambda: DecoderLM(config, quant=QuantConfig(skip_modules=()), rngs=nnx.Rngs(0)))
-    dense = {
-        slot.name.split(".")[-2]
-        for slot in model_slots(all_linear).values()
-        if slot.quantized and slot.key(0 if slot.stacked else None) in keys
-        and slot.key(0 if slot.stacked else None) not in quantized
-    }  # fmt: skip
-    return QuantConfig(
+    quant = QuantConfig(
         quant_type=first.quant_type,
         double_quant=first.double_quant,
         blocksize=first.blocksize,
         dq_blocksize=first.dq_blocksize or 256,
-        skip_modules=tuple(sorted(dense)),
+        skip_modules=listed.skip_modules,
     )
+    stored_4bit, present = set(quantized), set(keys)
+    all_linear = nnx.eval_shape(lambda: DecoderLM(config, quant=QuantConfig(skip_modules=()), rngs=nnx.Rngs(0)))
+    for slot in model_slots(all_linear).values():
+        for layer in range(config.num_layers) if slot.stacked else [None]:
+            key = slot.key(layer)
+            if not slot.quantized or key not in present:  # a missing tensor is reported by load_model
+                continue
+            skipped = quant.skips(hf_module_name(key.removesuffix(".weight"), config.text_model_path))
+            if skipped == (key in stored_4bit):
+                stored = "4 bits" if key in stored_4bit else "16 bits"
+                rule = "keeps it in 16 bits" if skipped else "does not keep it in 16 bits"
+                raise CheckpointError(
+                    f"{source.file_of(key)}: {key} is stored in {stored}, but quantization_config."
+                    f"llm_int8_skip_modules {list(quant.skip_modules)} {rule}: transformers would not load it either"
+                )
+    return quant
+
+
+def _log_dense_stacks(model: DecoderLM) -> None:
+    """Names the stacked modules held in 16 bits for every layer because `skip_modules` keeps some of their layers
+    (an Unsloth "dynamic" 4-bit checkpoint), with what that costs over 4 bits."""
+    quant, c = model.quant, model.config
+    if quant is None:
+        return
+    for path, module in nnx.iter_graph(model.model.layers):
+        if not isinstance(module, QLinear) or module.is_quantized:
+            continue
+        name = f"{LAYERS}.{'.'.join(str(p) for p in path)}"
+        kept = [i for i in range(c.num_layers) if quant.skips(hf_module_name(layer_name(name, i), c.text_model_path))]
+        if len(kept) == c.num_layers:
+            continue
+        shape = jax.ShapeDtypeStruct((module.out_features, module.in_features), module.param_dtype)
+        four_bit = sum(leaf.size * leaf.dtype.itemsize
+                       for leaf in jax.tree.leaves(jax.eval_shape(lambda w: _quantize(w, quant), shape)))  # fmt: skip
+        dense = module.out_features * module.in_features * module.param_dtype.itemsize
+        extra = (c.num_layers - len(kept)) * (dense - four_bit)
+        log.warning(
+            "%s: skip_modules keeps layer%s %s unquantized, so this module is held in %s for all %d layers (%s more "
+            "than 4 bits for the others, whose 4-bit weights it holds dequantized)",
+            name, "s" * (len(kept) > 1), ", ".join(map(str, kept)), module.param_dtype.name, c.num_layers, _size(extra),
+        )  # fmt: skip
+
+
+def _size(n: int) -> str:
+    return next(f"{n / scale:.1f} {unit}" for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
+                if n >= scale or unit == "B")  # fmt: skip
 
 
 def _statistics_keys(keys: list[str], quantized: set[str]) -> dict[str, list[str]]:
@@ -86,8 +139,10 @@ def _statistics_keys(keys: list[str], quantized: set[str]) -> dict[str, list[str
 
 
 def _read_bnb(source: TensorSource, key: str, statistics: list[str]) -> QuantizedTensor:
+    # the packed codes are bytes, whatever float dtype `bnb_4bit_quant_storage` lends them: no NaN check
+    tensors = {key: source.tensor(key, check_finite=False)} | {k: source.tensor(k) for k in statistics}
     try:
-        return bnb.from_state_dict({k: source.tensor(k) for k in [key, *statistics]}, key)
+        return bnb.from_state_dict(tensors, key)
     except bnb.BnbFormatError as e:
         raise CheckpointError(f"{source.file_of(key)}: {e}") from e
 
@@ -137,6 +192,12 @@ def load_model(
         for path in slot.paths:
             spec = variable_at(abstract, path).get_value()
             buffers[path] = np.zeros(spec.shape, spec.dtype)
+    # linear weights held in 16 bits while `quantization` stores some of their layers in 4 bits (skip_modules)
+    dense_linears = set() if quantization is None else {
+        slot.name for slot in slots.values()
+        if not slot.quantized and isinstance(variable_at(abstract, slot.module_path), QLinear)
+        and slot.name.endswith(".weight")
+    }  # fmt: skip
     keys = source.keys()
     stored_4bit = set(bnb.quantized_weight_prefixes(keys))
     statistics = _statistics_keys(keys, stored_4bit)
@@ -167,18 +228,17 @@ def load_model(
             array = _float_tensor(source, key)
             _check_shape(slot, key, array.shape, source)
             if slot.quantized:
-                q = quantization
-                qt = quantize(
-                    _cast(array, param_dtype, key, source),
-                    quant_type=q.quant_type,
-                    blocksize=q.blocksize,
-                    double_quant=q.double_quant,
-                    dq_blocksize=q.dq_blocksize,
-                )
-                _fill_quantized(buffers, slot, index, qt, key, source)
+                _fill_quantized(buffers, slot, index, _quantize(_cast(array, param_dtype, key, source), quantization),
+                                key, source)  # fmt: skip
             else:
                 (path,) = slot.paths
-                buffers[path][index] = np.asarray(_cast(array, buffers[path].dtype, key, source))
+                value = _cast(array, buffers[path].dtype, key, source)
+                if slot.name in dense_linears and not quantization.skips(
+                    hf_module_name(key.removesuffix(".weight"), config.text_model_path)
+                ):
+                    # a 4-bit layer of a stack held in 16 bits for another layer's sake: its 4-bit values
+                    value = dequantize(_quantize(value, quantization), value.dtype)
+                buffers[path][index] = np.asarray(value)
         filled.add(key)
     expected = {key for key, _, _ in all_keys(slots, config.num_layers)}
     if missing := sorted(expected - filled):
@@ -187,6 +247,11 @@ def load_model(
     for path in list(buffers):
         variable_at(abstract, path).set_value(jnp.asarray(buffers.pop(path)))  # frees each host buffer in turn
     return abstract
+
+
+def _quantize(array: Any, q: QuantConfig) -> QuantizedTensor:
+    return quantize(array, quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
+                    dq_blocksize=q.dq_blocksize)  # fmt: skip
 
 
 def _fill_quantized(buffers, slot: Slot, index, qt: QuantizedTensor, key: str, source: TensorSource) -> None:
@@ -213,8 +278,8 @@ class _GGUFSource:
     def keys(self) -> list[str]:
         return list(self.checkpoint.tensor_names)
 
-    def tensor(self, key: str) -> np.ndarray:
-        return self.checkpoint.tensor(key)
+    def tensor(self, key: str, *, check_finite: bool = True) -> np.ndarray:
+        return self.checkpoint.tensor(key)  # GGUF tensors are always checked (and never hold packed 4-bit codes)
 
     def file_of(self, key: str) -> Path:
         return self.path
@@ -240,8 +305,8 @@ class _LanguageModelOnly:
     def keys(self) -> list[str]:
         return list(self._original)
 
-    def tensor(self, key: str) -> np.ndarray:
-        return self.source.tensor(self._original[key])
+    def tensor(self, key: str, *, check_finite: bool = True) -> np.ndarray:
+        return self.source.tensor(self._original[key], check_finite=check_finite)
 
     def file_of(self, key: str) -> Path:
         return self.source.file_of(self._original[key])
@@ -258,6 +323,20 @@ def tensor_source(path: str | os.PathLike) -> TensorSource:
     ) == "gemma3":
         return _LanguageModelOnly(reader)
     return reader
+
+
+def stored_quantization(path: str | os.PathLike) -> QuantConfig | None:
+    """The QuantConfig of a bitsandbytes 4-bit checkpoint directory (what `load_pretrained` keeps it in, whatever
+    `quantization` says, unless None), read from its config.json and the quant state of one 4-bit tensor; None for
+    any other checkpoint. Checks every linear weight's storage against `llm_int8_skip_modules`."""
+    path = Path(path)
+    if is_gguf(path) or not (path / "config.json").is_file():
+        return None
+    config = ModelConfig.from_file(path / "config.json")
+    hf = dict(config.hf_config)
+    if (hf.get("quantization_config") or {}).get("quant_method") != "bitsandbytes":
+        return None
+    return _stored_quant_config(hf, tensor_source(path), config)
 
 
 def load_pretrained(
@@ -302,12 +381,13 @@ def load_pretrained(
     if (hf.get("quantization_config") or {}).get("quant_method") == "bitsandbytes" and quantization is not None:
         quantization = _stored_quant_config(hf, reader, config)
     model = load_model(config, reader, quantization=quantization, dtype=dtype, param_dtype=param_dtype)
+    _log_dense_stacks(model)
     return model, config
 
 
 def _checkpoint_tensors(model: DecoderLM, *, dequantize_weights: bool) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) of every base-model tensor, in transformers' names, layer by layer."""
-    slots = model_slots(model)
+    slots, q = model_slots(model), model.quant
     for key, slot, layer in all_keys(slots, model.config.num_layers):
         index = () if layer is None else (layer,)
         if slot.quantized:
@@ -317,9 +397,19 @@ def _checkpoint_tensors(model: DecoderLM, *, dequantize_weights: bool) -> Iterat
                 yield key, np.asarray(dequantize(qt))
             else:
                 yield from bnb.to_state_dict(qt, key).items()
+            continue
+        (path,) = slot.paths
+        array = np.asarray(variable_at(model, path).get_value()[index])
+        linear = isinstance(variable_at(model, slot.module_path), QLinear) and key.endswith(".weight")
+        name = hf_module_name(key.removesuffix(".weight"), model.config.text_model_path)
+        if linear and q is not None and not dequantize_weights and not q.skips(name):
+            # a layer of a stack held in 16 bits for another layer's sake (`skip_modules`): 4-bit again, as the
+            # quantization_config says (from its dequantized values: the same codes, double-quant statistics aside)
+            qt = quantize(array, quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
+                          dq_blocksize=q.dq_blocksize)  # fmt: skip
+            yield from bnb.to_state_dict(qt, key).items()
         else:
-            (path,) = slot.paths
-            yield key, np.asarray(variable_at(model, path).get_value()[index])
+            yield key, array
 
 
 def save_pretrained(
@@ -331,12 +421,17 @@ def save_pretrained(
 ) -> list[Path]:
     """Writes the base model as transformers saves it: safetensors (sharded past max_shard_size) + config.json.
 
-    A 4-bit model is written in bitsandbytes' 4-bit format with a `quantization_config` (transformers loads it
+    A text decoder loaded from Gemma 3's image-text checkpoint is written as the text model alone (a warning says
+    so). A 4-bit model is written in bitsandbytes' 4-bit format with a `quantization_config` (transformers loads it
     with bitsandbytes; `bnb_4bit_compute_dtype` is the model's compute dtype), or dequantized to its dtype with
     `dequantize_weights=True`. LoRA adapters are not part of
     the base model: see `qlora_jax.convert.peft` and `qlora_jax.convert.merge`.
     """
     config = model.config
+    if config.multimodal_config is not None:
+        log.warning("saving the text decoder of a Gemma 3 image-text model: writing a text-only Gemma3ForCausalLM "
+                    "(model_type gemma3_text) to %s; merge_and_save(..., source=) writes the image-text model",
+                    directory)  # fmt: skip
     hf = config.to_hf_config()
     hf["torch_dtype"] = hf["dtype"] = jnp.dtype(model.model.embed_tokens.weight.get_value().dtype).name
     if model.quant is not None and not dequantize_weights:

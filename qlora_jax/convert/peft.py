@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -24,11 +26,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from qlora_jax.convert.finite import non_finite
+from qlora_jax.convert.merge import layer_of
 from qlora_jax.errors import InputError
 from qlora_jax.files import staged_directory
 from qlora_jax.lora import LoRA, LoraConfig, apply_lora, target_layers
 from qlora_jax.models import DecoderLM
-from qlora_jax.models.names import layer_name, split_layer_name
+from qlora_jax.models.names import hf_module_name, layer_name, module_name_from_hf, split_layer_name
 from qlora_jax.nn import QLinear
 
 __all__ = [
@@ -42,6 +45,8 @@ __all__ = [
     "ADAPTER_CONFIG",
 ]
 
+log = logging.getLogger(__name__)
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
@@ -52,6 +57,25 @@ _UNSUPPORTED = {"modules_to_save": (None, []), "fan_in_fan_out": (False, None), 
                 "layer_replication": (None, []), "trainable_token_indices": (None, [], {}),
                 "target_parameters": (None, []), "use_qalora": (False, None), "alora_invocation_tokens": (None, []),
                 "megatron_config": (None, {}), "use_bdlora": (False, None)}  # fmt: skip
+
+
+# PEFT initializations that change the base weights (W - scaling B0 A0 with the adapter's initial B0, A0 taken from
+# W) and redo that when PEFT loads the adapter. pissa and olora are computed from the base alone (an SVD, a QR):
+# such an adapter is applied here as PEFT's own conversion would write it (`_as_plain_lora`). The others need what
+# only their training run had: a random sketch (pissa_niter_N), data (corda), gradients (lora_ga).
+_REPRODUCIBLE_BASE_CHANGES = ("pissa", "olora")
+_BASE_CHANGES = ("pissa", "olora", "corda", "lora_ga")
+# PEFT initializations after which the base is left as it was: the adapter means what a plain LoRA means (LoftQ
+# adapters, on the LoftQ-initialized base they were trained with).
+_PLAIN_INITS = (True, False, None, "gaussian", "eva", "loftq", "orthogonal", "mica")
+_CONVERSION = (
+    "convert it to a plain LoRA adapter with PEFT: peft_model.save_pretrained(out_dir, "
+    "path_initial_model_for_weight_conversion=<the adapter saved right after initialization>)"
+)
+
+
+def _changes_base(init: Any) -> bool:
+    return isinstance(init, str) and init.lower().startswith(_BASE_CHANGES)
 
 
 class PeftFormatError(InputError):
@@ -143,6 +167,10 @@ def save_peft_adapter(
             fields["base_model_name_or_path"] = template.get("base_model_name_or_path")
         if isinstance(template.get("target_modules"), list | str):
             fields["target_modules"] = template["target_modules"]
+    elif model.config.multimodal_config is not None:
+        fields["exclude_modules"] = _text_only(fields["exclude_modules"])
+    if _changes_base(fields.get("init_lora_weights")):  # loaded here as PEFT's conversion (`_as_plain_lora`)
+        fields["init_lora_weights"] = True
     _check_selection(model, _lora_config(fields, ADAPTER_CONFIG), adapted, str(directory))
     tensors: dict[str, np.ndarray] = {}
     for path, module in adapted.items():
@@ -152,7 +180,7 @@ def save_peft_adapter(
             if r == 0:
                 continue  # no adapter on this layer
             index = () if layer is None else (layer,)
-            name = _PREFIX + layer_name(path, layer)
+            name = _PREFIX + hf_module_name(layer_name(path, layer), model.config.text_model_path)
             # contiguous copies: safetensors writes an array's buffer as it lies, whatever its strides
             tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(lora.lora_A[...][index][:r], np.float32)
             tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(lora.lora_B[...][index][:, :r], np.float32)
@@ -191,6 +219,18 @@ def _lora_config(raw: dict[str, Any], path: Any) -> LoraConfig:
     for field, defaults in _UNSUPPORTED.items():
         if raw.get(field) not in defaults:
             raise PeftFormatError(f"{path}: {field}={raw[field]!r} is not supported")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() in _REPRODUCIBLE_BASE_CHANGES:
+        if raw.get("use_dora"):
+            raise PeftFormatError(f"{path}: init_lora_weights={init!r} with use_dora is not supported; {_CONVERSION}")
+    elif _changes_base(init):
+        raise PeftFormatError(
+            f"{path}: init_lora_weights={init!r}: PEFT changed the base weights when it initialized this adapter, "
+            f"from what only that run had (a random sketch, data or gradients), so neither PEFT nor this package can "
+            f"rebuild the base it was trained on; {_CONVERSION}"
+        )
+    elif init not in _PLAIN_INITS:
+        raise PeftFormatError(f"{path}: init_lora_weights={init!r} is not an initialization this package knows")
 
     def get(name: str, default: Any = None) -> Any:
         value = raw.get(name)
@@ -256,11 +296,15 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
     linears = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, QLinear)}
     num_layers = model.config.num_layers
     by_layer: dict[tuple[str, int | None], dict[str, np.ndarray]] = {}
+    outside: list[str] = []  # adapters of an image-text model's vision tower or projector
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise PeftFormatError(f"{weights_path}: unexpected tensor {key} (not a LoRA weight)")
-        name = match.group(1)
+        name = module_name_from_hf(match.group(1), model.config.text_model_path)
+        if name is None:
+            outside.append(key)
+            continue
         path, layer = split_layer_name(name)
         if path not in linears or (layer is not None and layer >= num_layers):
             raise PeftFormatError(
@@ -320,7 +364,86 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
             values[path]["lora_B"][index][:, :r] = fields["lora_B"]
             if config.use_dora:
                 values[path]["lora_magnitude_vector"][index] = fields["lora_magnitude_vector"]
+    if outside:
+        trained = sum(key.endswith("lora_B.weight") and bool(np.any(tensors[key])) for key in outside)
+        log.warning(
+            "%s: %d adapter tensors of the vision tower / projector are not loaded (%d of their lora_B non-zero): this "
+            "package runs Gemma 3's text decoder only, whose outputs they do not change; an adapter saved from here "
+            "will not carry them (PEFT then starts them at B = 0)", weights_path, len(outside), trained,
+        )  # fmt: skip
+    init = read_adapter_config_dict(directory).get("init_lora_weights", True)
+    if _changes_base(init):
+        return _as_plain_lora(model, config, values, init.lower(), directory / ADAPTER_CONFIG)
     return config, values
+
+
+def _text_only(exclude: Any) -> str:
+    """`exclude_modules` for an adapter of Gemma 3's image-text model that PEFT applies to its text decoder alone:
+    the config's own exclusions (a list's names as PEFT matches them, a regex as it is) or the vision tower and the
+    projector, whose q/k/v projections (and all-linear's fc1, fc2, out_proj) a list of names would reach too."""
+    parts = [f"(?:{exclude})"] if isinstance(exclude, str) else [rf"(?:.*\.)?{re.escape(e)}" for e in exclude or ()]
+    return "|".join([*parts, r"model\.(?:vision_tower|multi_modal_projector)(?:\..*)?"])
+
+
+def _initial_adapter(w: jax.Array, r: int, scaling: float, init: str) -> tuple[np.ndarray, np.ndarray]:
+    """(A0 [r, in], B0 [out, r]): the adapter PEFT's `pissa_init` / `olora_init` make from the base weight
+    w [out, in] (float32, as PEFT computes them): PiSSA the top-r singular triplets, A0 = sqrt(S / scaling) Vh,
+    B0 = U sqrt(S / scaling); OLoRA the first r columns of Q and rows of R of w = QR. Either way the base becomes
+    w - scaling B0 A0, whatever signs the decomposition picks."""
+    if init == "pissa":
+        u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+        root = jnp.sqrt(s[:r] / scaling)
+        a0, b0 = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+    else:
+        q, rr = jnp.linalg.qr(w)
+        a0, b0 = rr[:r], q[:, :r]
+    return np.asarray(a0, np.float32), np.asarray(b0, np.float32)
+
+
+def _as_plain_lora(
+    model: DecoderLM, config: LoraConfig, values: dict[str, dict], init: str, where: Path
+) -> tuple[LoraConfig, dict[str, dict]]:
+    """A PiSSA / OLoRA adapter (A, B at rank r, for the base w - scaling B0 A0 that PEFT makes from `model`'s base
+    weights when it loads the adapter) as the plain LoRA PEFT's conversion (`path_initial_model_for_weight_conversion`)
+    writes for the unchanged base: rank 2r, A' = [A; A0], B' = [B, -B0], lora_alpha (and alpha_pattern) doubled (times
+    sqrt 2 with rsLoRA), so that each layer's scaling is unchanged. Same outputs as PEFT, without changing the base.
+
+    PEFT initializes both from 16-bit weights (PiSSA refuses 4-bit ones, OLoRA re-quantizes the residual base), so a
+    4-bit base is refused."""
+    linears = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, QLinear)}
+    if quantized := sorted(path for path in values if linears[path].is_quantized):
+        raise PeftFormatError(
+            f"{where}: init_lora_weights={init!r} on a 4-bit base ({quantized[0]}, ...): PEFT builds this adapter's "
+            f"base from 16-bit weights, which a 4-bit model no longer has; load the base unquantized (quantization="
+            f"None; --quant none; model.quant: none), or {_CONVERSION}"
+        )
+    alpha = 2**0.5 if config.use_rslora else 2
+    plain = dataclasses.replace(
+        config,
+        r=2 * config.r,
+        lora_alpha=alpha * config.lora_alpha,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: alpha * v for k, v in config.alpha_pattern.items()},
+    )
+    targets, doubled = target_layers(model, config), target_layers(model, plain)
+    out: dict[str, dict] = {}
+    for path, target in targets.items():
+        assert doubled[path].ranks == tuple(2 * r for r in target.ranks), path  # PEFT's conversion, layer by layer
+        assert np.allclose(doubled[path].scalings(plain.use_rslora), target.scalings(config.use_rslora)), path
+        lead = (len(target.ranks),) if target.stacked else ()
+        module, r_max = linears[path], 2 * target.max_rank
+        a = np.zeros(lead + (r_max, module.in_features), np.float32)
+        b = np.zeros(lead + (module.out_features, r_max), np.float32)
+        for i, (r, scaling) in enumerate(zip(target.ranks, target.scalings(config.use_rslora), strict=True)):
+            if r == 0:
+                continue
+            index = (i,) if target.stacked else ()
+            base = (layer_of(module, i) if target.stacked else module).dense_weight(jnp.float32)
+            a0, b0 = _initial_adapter(base, r, scaling, init)
+            a[index][:r], a[index][r : 2 * r] = values[path]["lora_A"][index][:r], a0
+            b[index][:, :r], b[index][:, r : 2 * r] = values[path]["lora_B"][index][:, :r], -b0
+        out[path] = {"lora_A": a, "lora_B": b}
+    return plain, out
 
 
 def load_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> LoraConfig:

@@ -89,19 +89,21 @@ class SafetensorsReader:
             view = f.get_slice(key)
             return tuple(view.get_shape()), view.get_dtype()
 
-    def tensor(self, key: str) -> np.ndarray:
+    def tensor(self, key: str, *, check_finite: bool = True) -> np.ndarray:
+        """One tensor; a NaN or Inf in a floating-point one is an error unless not `check_finite` (bytes that only
+        borrow a float dtype: bitsandbytes' packed 4-bit codes in a float `bnb_4bit_quant_storage`)."""
         if key not in self._locations:
             raise CheckpointError(f"{self.directory}: no tensor {key}")
         with self._open(self._locations[key]) as f:
-            return self._read(f, key, self.file_of(key))
+            return self._read(f, key, self.file_of(key), check_finite=check_finite)
 
     @staticmethod
-    def _read(f, key: str, path: Path) -> np.ndarray:
+    def _read(f, key: str, path: Path, *, check_finite: bool = True) -> np.ndarray:
         try:
             array = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError, TypeError, AttributeError) as e:  # AttributeError: a dtype
             raise CheckpointError(f"{path}: cannot read tensor {key} ({e})") from e  # numpy lacks (F8_E4M3, ...)
-        if problem := non_finite(array):
+        if check_finite and (problem := non_finite(array)):
             raise CheckpointError(f"{path}: tensor {key} {problem}")
         return array
 
