@@ -24,6 +24,7 @@ from qlora_jax.convert.safetensors_io import write_sharded
 from qlora_jax.convert.state_map import all_keys, model_slots, variable_at
 from qlora_jax.lora import dora_weight_norm
 from qlora_jax.models import DecoderLM
+from qlora_jax.models.generation_config import GENERATION_CONFIG
 from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig, quantize
 
@@ -85,7 +86,8 @@ def merge_and_save(
     tokenizer: Any = None,
     max_shard_size: int | str = "5GB",
 ) -> list[Path]:
-    """Writes the merged model: safetensors (sharded past max_shard_size) + config.json (+ tokenizer files).
+    """Writes the merged model: safetensors (sharded past max_shard_size) + config.json (+ the checkpoint's
+    generation_config.json, so that transformers stops and samples as the base model did; + tokenizer files).
 
     dtype: what the merged weights are stored in. quant: re-quantize the linear weights to bitsandbytes 4-bit (the
     config then carries a quantization_config, with `dtype` as `bnb_4bit_compute_dtype`, and transformers loads
@@ -100,12 +102,11 @@ def merge_and_save(
             compute_dtype=jnp.dtype(dtype).name,
             skip_modules=list(quant.skip_modules) or None,
         )
-    files = write_sharded(
-        directory,
-        merged_tensors(model, dtype, quant),
-        max_shard_size=max_shard_size,
-        extra_files={"config.json": json.dumps(hf, indent=2)},
-    )
+    extra = {"config.json": json.dumps(hf, indent=2)}
+    if model.config.generation is not None:
+        extra[GENERATION_CONFIG] = model.config.generation.to_json()
+    files = write_sharded(directory, merged_tensors(model, dtype, quant), max_shard_size=max_shard_size,
+                          extra_files=extra)  # fmt: skip
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return files

@@ -13,11 +13,14 @@ import math
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qlora_jax.errors import InputError
+
+if TYPE_CHECKING:
+    from qlora_jax.models.generation_config import GenerationDefaults
 
 __all__ = ["ModelConfig", "RopeConfig", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "ConfigError"]
 
@@ -126,6 +129,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     hf_config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+    # What the checkpoint ships for generation (generation_config.json, a GGUF's end ids): set by the loaders
+    # (`qlora_jax.models.generation_config`), used by `qlora_jax.generate`, written back by the exports.
+    generation: GenerationDefaults | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def rotary_dim(self) -> int:
