@@ -70,7 +70,13 @@ def _load(command: str, args: argparse.Namespace):
     from qlora_jax.convert.hf import load_pretrained
 
     try:
-        return load_pretrained(args.model, quantization=_quant_config(args), dtype=jnp.dtype(args.dtype))
+        model, config = load_pretrained(args.model, quantization=_quant_config(args), dtype=jnp.dtype(args.dtype))
+        if args.resize_token_embeddings is not None:  # added tokens (before an adapter that trains their rows)
+            from qlora_jax.tokens import resize_token_embeddings
+
+            resize_token_embeddings(model, args.resize_token_embeddings)
+            config = model.config
+        return model, config
     except (ValueError, OSError) as e:
         raise _fail(command, str(e)) from e
 
@@ -305,6 +311,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, default_quant: str 
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-double-quant", action="store_true")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--resize-token-embeddings", type=int, default=None, metavar="N",
+                        help="resize the embedding (and an untied lm_head) to N rows, for a tokenizer with added "
+                        "tokens; new rows start at the mean of the old ones, as in transformers")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

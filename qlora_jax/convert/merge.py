@@ -3,7 +3,8 @@
 W' = dequantize(W) + scaling * B @ A (`LoRA.delta_weight`; DoRA: m * (W + scaling B A) / ||W + scaling B A||, row-wise,
 as PEFT's `DoraLinearLayer` merges it), written layer by layer as 16-bit safetensors (`merge_and_save`) or
 re-quantized to bitsandbytes 4-bit (`quant=...`), so host memory stays near one layer's tensors whatever the model's
-size.
+size. Trained embedding rows (PEFT's trainable tokens, modules_to_save: `qlora_jax.tokens`) are written into the
+(resized) embedding and output head, as PEFT's merge writes them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def merged_weight(module: QLinear, layer: int | None = None) -> jax.Array:
     if layer is not None:
         module = _layer_of(module, layer)
     w = module.dense_weight(jnp.float32)
+    if module.trainable_rows is not None:  # an output head's trained rows (qlora_jax.tokens)
+        w = module.trainable_rows.merged(w)
     lora = module.lora
     if lora is None or lora.ranks[layer or 0] == 0:  # no adapter on this layer (docs/lora.md)
         return w
@@ -74,7 +77,10 @@ def merged_tensors(model: DecoderLM, dtype: Any = jnp.bfloat16, quant: QuantConf
         else:
             (path,) = slot.paths
             index = () if layer is None else (layer,)
-            yield key, np.asarray(variable_at(model, path).get_value()[index].astype(dtype))
+            value = variable_at(model, path).get_value()[index]
+            if getattr(module, "trainable_rows", None) is not None:  # the embedding's trained rows
+                value = module.trainable_rows.merged(value)
+            yield key, np.asarray(value.astype(dtype))
 
 
 def merge_and_save(
