@@ -115,7 +115,8 @@ def read_token_tensors(
 
     values: dict[str, dict[str, np.ndarray]] = {}
     for path in _tables(model):
-        shape = (model.config.vocab_size, token_module(model, path).weight[...].shape[-1])
+        # (shapes only: the model may be abstract, its arrays ShapeDtypeStructs)
+        shape = (model.config.vocab_size, token_module(model, path).weight.get_value().shape[-1])
         ids = targets.get(path, ())
         fields: dict[str, np.ndarray] = {}
         if ids is None:  # modules_to_save: the trained copy under the module's name
