@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,13 +70,20 @@ def _load(command: str, args: argparse.Namespace):
     from qlora_jax.convert.hf import load_pretrained
 
     try:
-        return load_pretrained(args.model, quantization=_quant_config(args), dtype=jnp.dtype(args.dtype))
+        model, config = load_pretrained(args.model, quantization=_quant_config(args), dtype=jnp.dtype(args.dtype))
+        if args.resize_token_embeddings is not None:  # added tokens (before an adapter that trains their rows)
+            from qlora_jax.tokens import resize_token_embeddings
+
+            resize_token_embeddings(model, args.resize_token_embeddings)
+            config = model.config
+        return model, config
     except (ValueError, OSError) as e:
         raise _fail(command, str(e)) from e
 
 
 def _generate(args: argparse.Namespace) -> int:
     from qlora_jax.generate import SamplingConfig, generate_text
+    from qlora_jax.models.generation_config import read_generation_config
     from qlora_jax.tokenizer import load_tokenizer
 
     try:
@@ -86,8 +92,12 @@ def _generate(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
             seed=args.seed,
         )
+        # the checkpoint's generation defaults, refused before loading if qlora-jax cannot honour them
+        sampling.resolved(read_generation_config(args.model))
     except ValueError as e:
         raise _fail("generate", str(e)) from e
     model, _ = _load_with_adapter("generate", args)
@@ -121,8 +131,6 @@ def _convert(args: argparse.Namespace) -> int:
             load_tokenizer(source).save_pretrained(str(staging))
         except (ValueError, ImportError) as e:
             print(f"qlora-jax convert: no tokenizer written ({e})", file=sys.stderr)
-        if source.is_dir() and (source / "generation_config.json").is_file():
-            shutil.copy(source / "generation_config.json", staging / "generation_config.json")
     print(f"wrote {out}")
     return 0
 
@@ -304,6 +312,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, default_quant: str 
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-double-quant", action="store_true")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--resize-token-embeddings", type=int, default=None, metavar="N",
+                        help="resize the embedding (and an untied lm_head) to N rows, for a tokenizer with added "
+                        "tokens; new rows start at the mean of the old ones, as in transformers")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,10 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     gen.add_argument("--tokenizer", default=None, help="where the tokenizer is (default: the model)")
     gen.add_argument("--adapter", default=None, help="a PEFT adapter directory to apply")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
+    # None: the checkpoint's generation_config.json, else transformers' defaults (64 new tokens, greedy)
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's, else 64")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 is greedy, > 0 samples (default: the checkpoint's do_sample and temperature)")  # fmt: skip
+    gen.add_argument("--top-k", type=int, default=None, help="0: off (default: the checkpoint's, else 50)")
+    gen.add_argument("--top-p", type=float, default=None, help="1.0: off (default: the checkpoint's)")
+    gen.add_argument("--min-p", type=float, default=None, help="keep tokens at least this fraction as likely as "
+                     "the most likely one (default: the checkpoint's)")  # fmt: skip
+    gen.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="> 1 discourages tokens of the prompt and the output; 1.0: off (default: the checkpoint's)",
+    )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", action="store_true", help="complete the raw prompt, without the chat template")
     gen.set_defaults(run=_generate)

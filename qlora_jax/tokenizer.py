@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_tokenizer"]
+from qlora_jax.errors import InputError
+
+__all__ = ["load_tokenizer", "TokenIdError", "check_token_ids"]
 
 # GGUF ids of the special tokens, by the tokenizer_config name transformers gives them.
 _SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
@@ -85,3 +87,27 @@ def _gguf_tokenizer_without_torch(path: Path) -> Any:
         config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
     backend, _ = convert_gguf_tokenizer(meta["general.architecture"], tokenizer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **config)
+
+
+class TokenIdError(InputError):
+    """Token ids that the model has no embedding row for."""
+
+
+_RESIZE = (
+    "resize the embedding to the tokenizer's size (qlora_jax.tokens.resize_token_embeddings; "
+    "--resize-token-embeddings on the command line) and train the new rows (docs/lora.md#added-tokens)"
+)
+
+
+def check_token_ids(ids: Any, vocab_size: int, where: str, *, fix: str = _RESIZE) -> None:
+    """Raises TokenIdError naming the ids >= `vocab_size` (the model's embedding rows) found in `ids` (a sequence
+    of integer sequences, or an integer array) and `fix`, what to do: a tokenizer with added tokens on a model
+    whose embedding was not resized would otherwise index past the table (NaN losses, zeros from `generate`)."""
+    import numpy as np
+
+    flat = np.concatenate([np.asarray(row, np.int64).reshape(-1) for row in ids]) if len(ids) else np.zeros(0)
+    bad = np.unique(flat[(flat >= vocab_size) | (flat < 0)])
+    if bad.size:
+        shown = ", ".join(map(str, bad[:8].tolist())) + (f" (and {bad.size - 8} more)" if bad.size > 8 else "")
+        raise TokenIdError(f"{where}: token ids {shown} are outside the model's embedding of {vocab_size} rows (added "
+                           f"tokens the model was not resized for?); {fix}")  # fmt: skip

@@ -9,6 +9,7 @@ copied as they are, never re-quantized.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from qlora_jax.convert.safetensors_io import CheckpointError, SafetensorsReader,
 from qlora_jax.convert.state_map import Slot, all_keys, model_slots, resolve, variable_at
 from qlora_jax.models import DecoderLM, ModelConfig
 from qlora_jax.models.config_files import is_gguf
+from qlora_jax.models.generation_config import GENERATION_CONFIG, read_generation_config
 from qlora_jax.models.names import LAYERS, hf_module_name, layer_name
 from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
@@ -354,8 +356,9 @@ def load_pretrained(
         checkpoint keeps its stored layout whatever this says, unless it is None (then it is dequantized).
       dtype: compute dtype; param_dtype: storage dtype of dense weights, embeddings and norms (default: dtype).
 
-    Returns (model, config). Errors name the file and tensor: unknown model_type (with the supported list),
-    missing or truncated shards, unexpected or missing tensors, shape or dtype mismatches.
+    Returns (model, config); `config.generation` holds the checkpoint's generation defaults
+    (generation_config.json, or a GGUF's end ids). Errors name the file and tensor: unknown model_type (with the
+    supported list), missing or truncated shards, unexpected or missing tensors, shape or dtype mismatches.
 
     >>> import tempfile
     >>> config = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=128, hidden_size=64,
@@ -370,12 +373,14 @@ def load_pretrained(
     if is_gguf(path):
         source = _GGUFSource(path)
         config = ModelConfig.from_hf_config(source.checkpoint.config, source=str(path))
+        config = dataclasses.replace(config, generation=read_generation_config(path))
         return load_model(config, source, quantization=quantization, dtype=dtype, param_dtype=param_dtype), config
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a model directory or a .gguf file")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json")
     config = ModelConfig.from_file(path / "config.json")
+    config = dataclasses.replace(config, generation=read_generation_config(path))
     reader = tensor_source(path)
     hf = dict(config.hf_config)
     if (hf.get("quantization_config") or {}).get("quant_method") == "bitsandbytes" and quantization is not None:
@@ -419,7 +424,8 @@ def save_pretrained(
     dequantize_weights: bool = False,
     max_shard_size: int | str = "5GB",
 ) -> list[Path]:
-    """Writes the base model as transformers saves it: safetensors (sharded past max_shard_size) + config.json.
+    """Writes the base model as transformers saves it: safetensors (sharded past max_shard_size) + config.json
+    (+ generation_config.json, when the model was loaded with one).
 
     A text decoder loaded from Gemma 3's image-text checkpoint is written as the text model alone (a warning says
     so). A 4-bit model is written in bitsandbytes' 4-bit format with a `quantization_config` (transformers loads it
@@ -443,6 +449,7 @@ def save_pretrained(
             skip_modules=list(q.skip_modules) or None,
         )
     tensors = _checkpoint_tensors(model, dequantize_weights=dequantize_weights)
-    return write_sharded(
-        directory, tensors, max_shard_size=max_shard_size, extra_files={"config.json": json.dumps(hf, indent=2)}
-    )
+    extra = {"config.json": json.dumps(hf, indent=2)}
+    if config.generation is not None:
+        extra[GENERATION_CONFIG] = config.generation.to_json()
+    return write_sharded(directory, tensors, max_shard_size=max_shard_size, extra_files=extra)

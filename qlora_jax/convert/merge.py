@@ -3,7 +3,8 @@
 W' = dequantize(W) + scaling * B @ A (`LoRA.delta_weight`; DoRA: m * (W + scaling B A) / ||W + scaling B A||, row-wise,
 as PEFT's `DoraLinearLayer` merges it), written layer by layer as 16-bit safetensors (`merge_and_save`) or
 re-quantized to bitsandbytes 4-bit (`quant=...`), so host memory stays near one layer's tensors whatever the model's
-size.
+size. Trained embedding rows (PEFT's trainable tokens, modules_to_save: `qlora_jax.tokens`) are written into the
+(resized) embedding and output head, as PEFT's merge writes them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from qlora_jax.convert.safetensors_io import SafetensorsReader, write_sharded
 from qlora_jax.convert.state_map import all_keys, model_slots, variable_at
 from qlora_jax.lora import dora_weight_norm
 from qlora_jax.models import DecoderLM
+from qlora_jax.models.generation_config import GENERATION_CONFIG
 from qlora_jax.models.names import hf_module_name, layer_name
 from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig, dequantize, quantize
@@ -46,6 +48,8 @@ def merged_weight(module: QLinear, layer: int | None = None) -> jax.Array:
     if layer is not None:
         module = layer_of(module, layer)
     w = module.dense_weight(jnp.float32)
+    if module.trainable_rows is not None:  # an output head's trained rows (qlora_jax.tokens)
+        w = module.trainable_rows.merged(w)
     lora = module.lora
     if lora is None or lora.ranks[layer or 0] == 0:  # no adapter on this layer (docs/lora.md)
         return w
@@ -79,7 +83,10 @@ def merged_tensors(model: DecoderLM, dtype: Any = jnp.bfloat16, quant: QuantConf
         else:
             (path,) = slot.paths
             index = () if layer is None else (layer,)
-            yield key, np.asarray(variable_at(model, path).get_value()[index].astype(dtype))
+            value = variable_at(model, path).get_value()[index]
+            if getattr(module, "trainable_rows", None) is not None:  # the embedding's trained rows
+                value = module.trainable_rows.merged(value)
+            yield key, np.asarray(value.astype(dtype))
 
 
 def merge_and_save(
@@ -92,7 +99,8 @@ def merge_and_save(
     max_shard_size: int | str = "5GB",
     source: str | os.PathLike | None = None,
 ) -> list[Path]:
-    """Writes the merged model: safetensors (sharded past max_shard_size) + config.json (+ tokenizer files).
+    """Writes the merged model: safetensors (sharded past max_shard_size) + config.json (+ the checkpoint's
+    generation_config.json, so that transformers stops and samples as the base model did; + tokenizer files).
 
     dtype: what the merged weights are stored in. quant: re-quantize the linear weights to bitsandbytes 4-bit (the
     config then carries a quantization_config, with `dtype` as `bnb_4bit_compute_dtype`, and transformers loads
@@ -128,9 +136,10 @@ def merge_and_save(
             compute_dtype=jnp.dtype(dtype).name,
             skip_modules=skip or None,
         )
-    files = write_sharded(
-        directory, tensors, max_shard_size=max_shard_size, extra_files={"config.json": json.dumps(hf, indent=2)}
-    )
+    extra = {"config.json": json.dumps(hf, indent=2)}
+    if model.config.generation is not None:
+        extra[GENERATION_CONFIG] = model.config.generation.to_json()
+    files = write_sharded(directory, tensors, max_shard_size=max_shard_size, extra_files=extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return files

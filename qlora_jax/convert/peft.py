@@ -27,12 +27,20 @@ from safetensors.numpy import save_file
 
 from qlora_jax.convert.finite import non_finite
 from qlora_jax.convert.merge import layer_of
+from qlora_jax.convert.peft_tokens import (
+    read_token_tensors,
+    resized_from,
+    set_token_values,
+    token_targets_of,
+    token_tensors,
+)
 from qlora_jax.errors import InputError
 from qlora_jax.files import staged_directory
 from qlora_jax.lora import LoRA, LoraConfig, apply_lora, target_layers
 from qlora_jax.models import DecoderLM
 from qlora_jax.models.names import hf_module_name, layer_name, module_name_from_hf, split_layer_name
 from qlora_jax.nn import QLinear
+from qlora_jax.tokens import token_targets
 
 __all__ = [
     "save_peft_adapter",
@@ -53,8 +61,7 @@ _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 _FIELDS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "lora_magnitude_vector"}
 # PEFT fields that would change the model in ways we do not implement, with their no-op values.
-_UNSUPPORTED = {"modules_to_save": (None, []), "fan_in_fan_out": (False, None), "lora_bias": (False, None),
-                "layer_replication": (None, []), "trainable_token_indices": (None, [], {}),
+_UNSUPPORTED = {"fan_in_fan_out": (False, None), "lora_bias": (False, None), "layer_replication": (None, []),
                 "target_parameters": (None, []), "use_qalora": (False, None), "alora_invocation_tokens": (None, []),
                 "megatron_config": (None, {}), "use_bdlora": (False, None)}  # fmt: skip
 
@@ -124,9 +131,14 @@ def _config_json(config: LoraConfig, adapted: dict[str, QLinear], base_model_nam
         "init_lora_weights": True,
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": _jsonable(config.modules_to_save),
+        "trainable_token_indices": _token_indices_json(config.trainable_token_indices),
         "revision": None,
     }
+
+
+def _token_indices_json(value: Any) -> Any:
+    return {k: list(v) for k, v in value.items()} if isinstance(value, dict) else _jsonable(value)
 
 
 def _check_selection(model: DecoderLM, config: LoraConfig, adapted: dict[str, QLinear], where: str) -> None:
@@ -136,12 +148,20 @@ def _check_selection(model: DecoderLM, config: LoraConfig, adapted: dict[str, QL
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from e
     have = {path: module.lora.ranks for path, module in adapted.items()}
+    # the trained embedding rows too (trainable_token_indices, modules_to_save)
+    wanted.update(_rows_of(config))
+    have.update({path: ("rows", ids) for path, ids in token_targets_of(model).items()})
     if wanted != have:
         diff = sorted(set(wanted.items()) ^ set(have.items()))[0][0]
         raise ValueError(
             f"{where}: the model's adapters are not the ones its config selects (first difference: {diff}, "
             f"adapter ranks per layer {have.get(diff)}, config {wanted.get(diff)}); PEFT would load another adapter"
         )
+
+
+def _rows_of(config: LoraConfig) -> dict[str, Any]:
+    return {path: ("rows", ids) for path, ids in token_targets(config.trainable_token_indices,
+                                                               config.modules_to_save).items()}  # fmt: skip
 
 
 def save_peft_adapter(
@@ -151,14 +171,18 @@ def save_peft_adapter(
     *,
     base_model_name_or_path: str | None = None,
     template: dict[str, Any] | None = None,
+    save_embedding_layers: bool | str = "auto",
 ) -> Path:
     """Writes the model's adapters as PEFT would (`PeftModel.from_pretrained` loads them onto the transformers
     model): every layer that has one, at its own rank. `config` must be the LoraConfig the adapters were made
     with (checked: PEFT rebuilds the adapters from it). `template`: an adapter_config.json read earlier
     (`read_adapter_config_dict`) whose other fields are kept as they were, so that PEFT -> qlora-jax -> PEFT changes
-    nothing. Returns the directory."""
+    nothing. Trained embedding rows (`trainable_token_indices`, `modules_to_save`) are written as PEFT writes them;
+    `save_embedding_layers` (PEFT's argument) also writes the resized embedding and head, so that PEFT computes our
+    logits whatever initialized its own resized rows: "auto" when `base_model_name_or_path` is a local model whose
+    vocabulary differs from the model's (`convert.peft_tokens`). Returns the directory."""
     adapted = _adapted(model)
-    if not adapted:
+    if not adapted and not token_targets_of(model):
         raise ValueError("the model has no LoRA adapters to save")
     fields = _config_json(config, adapted, base_model_name_or_path)
     if template is not None:
@@ -187,6 +211,10 @@ def save_peft_adapter(
             if lora.lora_magnitude_vector is not None:
                 magnitude = lora.lora_magnitude_vector[...][index]
                 tensors[f"{name}.lora_magnitude_vector"] = np.ascontiguousarray(magnitude, np.float32)
+    if save_embedding_layers == "auto":
+        save_embedding_layers = resized_from(model, fields.get("base_model_name_or_path"))
+    # trained embedding rows (PEFT's trainable tokens / modules_to_save), the resized tables
+    tensors.update(token_tensors(model, save_embedding_layers=bool(save_embedding_layers)))
     for key, value in tensors.items():
         if problem := non_finite(value):
             raise PeftFormatError(f"{directory}: adapter tensor {key} {problem}; nothing was written")
@@ -199,7 +227,8 @@ def save_peft_adapter(
 
 # Fields whose values come from the adapter itself even when a template is given.
 _OURS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "peft_type", "exclude_modules",
-         "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern")  # fmt: skip
+         "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save",
+         "trainable_token_indices")  # fmt: skip
 
 
 def read_adapter_config_dict(directory: str | os.PathLike) -> dict[str, Any]:
@@ -250,6 +279,8 @@ def _lora_config(raw: dict[str, Any], path: Any) -> LoraConfig:
             use_rslora=bool(get("use_rslora", False)),
             use_dora=bool(get("use_dora", False)),
             bias=get("bias", "none"),
+            trainable_token_indices=get("trainable_token_indices"),
+            modules_to_save=get("modules_to_save"),
         )
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise PeftFormatError(f"{path}: {f'missing field {e}' if isinstance(e, KeyError) else e}") from e
@@ -295,6 +326,12 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
     tensors = _read_tensors(weights_path)
     linears = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, QLinear)}
     num_layers = model.config.num_layers
+    try:
+        targets = target_layers(model, config)
+    except ValueError as e:
+        raise PeftFormatError(f"{directory / ADAPTER_CONFIG}: {e}") from e
+    rows = read_token_tensors(model, config, tensors, lora_targets=targets, weights_path=weights_path,
+                              config_path=directory / ADAPTER_CONFIG, error=PeftFormatError)  # fmt: skip
     by_layer: dict[tuple[str, int | None], dict[str, np.ndarray]] = {}
     outside: list[str] = []  # adapters of an image-text model's vision tower or projector
     for key, value in tensors.items():
@@ -312,10 +349,6 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
                 f"({num_layers} layers) -- an adapter for another architecture?"
             )
         by_layer.setdefault((path, layer), {})[_FIELDS[match.group(2)]] = value
-    try:
-        targets = target_layers(model, config)
-    except ValueError as e:
-        raise PeftFormatError(f"{directory / ADAPTER_CONFIG}: {e}") from e
     expected = set()
     for path, target in targets.items():  # every tensor checked before anything is allocated
         module = linears[path]
@@ -373,7 +406,9 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
         )  # fmt: skip
     init = read_adapter_config_dict(directory).get("init_lora_weights", True)
     if _changes_base(init):
-        return _as_plain_lora(model, config, values, init.lower(), directory / ADAPTER_CONFIG)
+        config, values = _as_plain_lora(model, config, values, init.lower(), directory / ADAPTER_CONFIG)
+    for path, fields in rows.items():  # trained embedding rows, resized tables (convert.peft_tokens)
+        values.setdefault(path, {}).update(fields)
     return config, values
 
 
@@ -455,7 +490,11 @@ def load_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> LoraCon
     config, values = read_peft_adapter(model, directory)
     apply_lora(model, dataclasses.replace(config, init_lora_weights=True), rngs=nnx.Rngs(0))
     adapted = _adapted(model)
+    rows = {path: {f: v for f, v in fields.items() if not f.startswith("lora_")} for path, fields in values.items()}
+    set_token_values(model, {path: fields for path, fields in rows.items() if fields})
     for path, fields in values.items():
         for field, value in fields.items():
+            if not field.startswith("lora_"):
+                continue
             getattr(adapted[path].lora, field).set_value(jnp.asarray(value))
     return config

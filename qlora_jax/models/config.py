@@ -13,11 +13,14 @@ import math
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qlora_jax.errors import InputError
+
+if TYPE_CHECKING:
+    from qlora_jax.models.generation_config import GenerationDefaults
 
 __all__ = ["ModelConfig", "RopeConfig", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "ConfigError"]
 
@@ -226,6 +229,10 @@ class ModelConfig:
         """Where the decoder's `model.*` modules sit in the transformers model the checkpoint loads as:
         `model.language_model` in Gemma 3's image-text model (`models.names.hf_module_name`), else `model`."""
         return "model" if self.multimodal_config is None else "model.language_model"
+
+    # What the checkpoint ships for generation (generation_config.json, a GGUF's end ids): set by the loaders
+    # (`qlora_jax.models.generation_config`), used by `qlora_jax.generate`, written back by the exports.
+    generation: GenerationDefaults | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def rotary_dim(self) -> int:

@@ -14,12 +14,12 @@ from flax import nnx
 from qlora_jax.convert.hf import stored_quantization
 from qlora_jax.lora import apply_lora, target_layers
 from qlora_jax.lora_targets import ModuleTargets
-from qlora_jax.models import ComputeOptions, DecoderLM, read_model_config
+from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig, read_model_config
 from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig
 from qlora_jax.train.config import TrainConfig, resolve_package_path
 
-__all__ = ["quant_config", "compute_options", "abstract_model", "base_model_name"]
+__all__ = ["quant_config", "compute_options", "abstract_model", "base_model_name", "run_vocab_size", "resized"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,18 @@ def compute_options(config: TrainConfig) -> ComputeOptions:
     return ComputeOptions(remat=t.remat, attention=t.attention, attention_block=t.attention_block)
 
 
+def run_vocab_size(config: TrainConfig, model_vocab: int) -> int:
+    """The rows of the run's embedding: `model.resize_token_embeddings`, else the model's own."""
+    return config.model.resize_token_embeddings or model_vocab
+
+
+def resized(config: TrainConfig, model_config: ModelConfig) -> ModelConfig:
+    """The model's config with the run's vocabulary size (`model.resize_token_embeddings`), as
+    `qlora_jax.tokens.resize_token_embeddings` leaves it."""
+    vocab = run_vocab_size(config, model_config.vocab_size)
+    return model_config if vocab == model_config.vocab_size else dataclasses.replace(model_config, vocab_size=vocab)
+
+
 def abstract_model(config: TrainConfig, *, num_layers: int | None = None) -> DecoderLM:
     """The run's model with adapters, every array a ShapeDtypeStruct: nothing is read but the model's config.
 
@@ -52,7 +64,7 @@ def abstract_model(config: TrainConfig, *, num_layers: int | None = None) -> Dec
     restore into it and memory plans compile against it. `num_layers` cuts the model to its first layers (or
     repeats its layer pattern, for a model shallower than that).
     """
-    model_config = read_model_config(resolve_package_path(config.model.path))
+    model_config = resized(config, read_model_config(resolve_package_path(config.model.path)))
     dtype = jnp.dtype(config.model.dtype)
     quant = quant_config(config)
 

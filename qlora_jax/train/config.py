@@ -79,6 +79,7 @@ class ModelSection:
     dtype: str = "bfloat16"  # compute dtype: bfloat16 | float16 | float32
     tokenizer: str | None = None  # default: the model's
     base_model_name_or_path: str | None = None  # what adapters record as their base (a Hub id); default: see docs
+    resize_token_embeddings: int | None = None  # rows of the embedding (and untied lm_head): added tokens
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -228,6 +229,8 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
     need(m.quant in QUANT_CHOICES, "model.quant", f"must be one of {QUANT_CHOICES}, got {m.quant!r}")
     need(m.dtype in COMPUTE_DTYPES, "model.dtype", f"unsupported dtype {m.dtype!r}")
     need(m.blocksize in SUPPORTED_BLOCKSIZES, "model.blocksize", f"unsupported {m.blocksize}")
+    need(m.resize_token_embeddings is None or m.resize_token_embeddings >= 1, "model.resize_token_embeddings",
+         f"must be a positive number of rows, got {m.resize_token_embeddings}")  # fmt: skip
     need(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     need(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
     need(d.loss_on in ("completion", "all"), "data.loss_on", f"must be completion or all, got {d.loss_on!r}")

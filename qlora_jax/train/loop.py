@@ -217,5 +217,7 @@ def _export_adapter(setup: TrainingSetup, lora, directory: Path, *, primary: boo
         lora = multihost_utils.process_allgather(lora, tiled=True)
     if primary:
         config = setup.config
+        # a resized embedding goes with the adapter, as PEFT's save_embedding_layers writes it
         save_peft_adapter(setup.model_with(lora), directory, config.lora,
-                          base_model_name_or_path=base_model_name(config))  # fmt: skip
+                          base_model_name_or_path=base_model_name(config),
+                          save_embedding_layers=config.model.resize_token_embeddings is not None)  # fmt: skip
