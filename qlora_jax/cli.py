@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -18,8 +19,20 @@ DTYPES = ("bfloat16", "float16", "float32")  # train.config.COMPUTE_DTYPES
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # convert.gguf_export.TENSOR_TYPES
 
 
-def _fail(command: str, message: str) -> SystemExit:
-    return SystemExit(f"qlora-jax {command}: {message}")
+class CommandFailed(SystemExit):
+    """A command's end with one message and an exit status (`status`): `main` prints the message on stderr (for
+    status 1, Python's own handling of SystemExit does)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message if status == 1 else status)
+        self.message, self.status = message, status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _fail(command: str, message: str, *, status: int = 1) -> CommandFailed:
+    return CommandFailed(f"qlora-jax {command}: {message}", status)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -137,14 +150,18 @@ def _take_flag(args: argparse.Namespace, flag: str) -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from qlora_jax.errors import QloraJaxError
     from qlora_jax.train.config import load_config
     from qlora_jax.train.loop import train
 
     no_progress = _take_flag(args, "--no-progress")
+    overwrite, break_lock = _take_flag(args, "--overwrite"), _take_flag(args, "--break-lock")
     config = load_config(args.config, args.overrides)
     try:
-        result = train(config, progress=not no_progress)
+        result = train(config, progress=not no_progress, overwrite=overwrite, break_lock=break_lock)
     except ValueError as e:  # from a library below ours (tokenizer files, ...): its message names what
+        if isinstance(e, QloraJaxError):
+            raise
         raise _fail("train", str(e)) from e
     print(f"trained {result.steps} steps; outputs in {result.output_dir}")
     if result.exact_match_before is not None:
@@ -337,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="the YAML config")
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: --lora.r 32 --train.steps 10")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run in train.output_dir (its own files) instead of resuming it")  # fmt: skip
+    train.add_argument("--break-lock", action="store_true",
+                       help="take over a lock held from another host whose training is known to be gone")  # fmt: skip
     train.set_defaults(run=_train)
 
     export = commands.add_parser("export", help="write a training run's adapters in PEFT format")
@@ -382,18 +403,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command. What the user can fix (`qlora_jax.errors.QloraJaxError`: bad files, fields, lines; a
-    locked, unresumable or diverged run) and what the system refuses (OSError: a missing file, no permission, a
-    full disk) end the command with status 1 and one message, never a traceback."""
+    locked, unresumable, diverged or stopped run) and what the system refuses (OSError: a missing file, no
+    permission, a full disk) end the command with one message, never a traceback: status 1, or 128 + the signal's
+    number for a run stopped by a signal (143: SIGTERM, 130: SIGINT / Ctrl-C)."""
     from qlora_jax.errors import QloraJaxError
 
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except QloraJaxError as e:
-        raise _fail(args.command, str(e)) from e
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        raise _fail(args.command, f"{where}{e.strerror or e}") from e
+        try:
+            return args.run(args)
+        except QloraJaxError as e:
+            raise _fail(args.command, str(e), status=getattr(e, "exit_code", 1)) from e
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise _fail(args.command, f"{where}{e.strerror or e}") from e
+        except KeyboardInterrupt:
+            raise _fail(args.command, "interrupted (Ctrl-C); outputs are as they were before", status=130) from None
+        except Exception as e:  # a multi-process run's runtime errors (collectives, the coordination service)
+            failure = _distributed_failure(args.command, e)
+            if failure is None:
+                raise
+            raise failure from e
+    except CommandFailed as failure:
+        if failure.status != 1:
+            print(failure.message, file=sys.stderr, flush=True)
+        if _multi_process() and failure.status not in (130, 143):  # a stop every process agreed on exits normally
+            # The other processes may be gone, or stuck in a collective: JAX's exit handler would wait for them and
+            # then print its own errors. One line, then out (the lock was released on the way here).
+            if failure.status == 1:
+                print(failure.message, file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(failure.status)
+        raise
+
+
+def _multi_process() -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
+
+
+def _distributed_failure(command: str, error: Exception) -> CommandFailed | None:
+    if not _multi_process():
+        return None
+    from qlora_jax.distributed import describe_failure
+
+    message = describe_failure(error)
+    return None if message is None else _fail(command, message)
 
 
 if __name__ == "__main__":
