@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from qlora_jax.errors import InputError
+from qlora_jax.errors import InputError, OutputError
 
 __all__ = [
     "write_text",
@@ -40,6 +40,7 @@ __all__ = [
     "check_output_directory",
     "check_output_file",
     "check_writable",
+    "output_error",
     "PARTIAL",
 ]
 
@@ -110,8 +111,10 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(temp, 0o644)
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as e:
         Path(temp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise output_error(e, path, "the file") from e
         raise
     return path
 
@@ -160,6 +163,30 @@ def check_writable(path: str | os.PathLike, what: str = "the output") -> Path:
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+_OS_WORDS = tuple(os.strerror(e) for e in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG,
+                                            errno.EIO))  # fmt: skip
+
+
+def output_error(error: BaseException, path: str | os.PathLike, what: str = "the output") -> OutputError:
+    """One line for a failed write of `path` whatever raised it: an OSError (its errno's words), safetensors'
+    writer (`SafetensorError`, which wraps the OS error in Rust's debug format), numpy's `tofile` (an OSError
+    without errno: "N requested and M written"). A disk that is full (or nearly) is said so."""
+    text = str(error)
+    reason = getattr(error, "strerror", None)
+    if reason is None:  # the OS's words inside a library's message (safetensors: IoError(Os { .. message: ".." }))
+        reason = next((words for words in _OS_WORDS if words.lower() in text.lower()), None)
+    if reason is None:
+        reason = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+    where = next((p for p in [Path(path), *Path(path).parents] if p.exists()), None)
+    if where is not None and "space" not in reason.lower():
+        try:
+            if shutil.disk_usage(where).free < 64 * 2**20:
+                reason += f"; {where} has {shutil.disk_usage(where).free // 2**20} MiB free: the disk is full"
+        except OSError:
+            pass
+    return OutputError(f"{path}: cannot write {what} ({reason}); what was there before is unchanged")
 
 
 # -------------------------------------------------------------------------------------------- publishing

@@ -4,6 +4,9 @@
   bytes in their own header, under the metadata key `qlora_jax.sha256` (a JSON object: tensor name -> hex digest),
   so the checksum travels with the file; readers check each tensor as they read it (`check_tensor`). Files
   without the key (written by anything else) are read as they are.
+- GGUF files we export carry the SHA-256 of their tensor data (everything after the header) under the metadata
+  key `qlora_jax.tensor_data.sha256`, written into the header in place once the data is written
+  (`seal_gguf`); `read_gguf` checks it (`check_gguf`).
 - directories (a checkpoint step) get a manifest file listing each file's size and SHA-256 (`write_manifest`);
   `verify_manifest` re-reads them all.
 
@@ -29,6 +32,9 @@ __all__ = [
     "IntegrityError",
     "tensor_sha256",
     "file_sha256",
+    "GGUF_CHECKSUM_KEY",
+    "seal_gguf",
+    "check_gguf",
     "checksummed_metadata",
     "check_tensor",
     "write_manifest",
@@ -37,6 +43,8 @@ __all__ = [
 ]
 
 CHECKSUM_KEY = "qlora_jax.sha256"  # safetensors metadata: {tensor name: SHA-256 of its bytes}, as JSON text
+GGUF_CHECKSUM_KEY = "qlora_jax.tensor_data.sha256"  # GGUF metadata: SHA-256 of the file from its tensor data on
+GGUF_PENDING = "0" * 64  # written first (the header precedes the data), replaced once the data is written
 _CHUNK = 1 << 24
 
 
@@ -50,12 +58,40 @@ def tensor_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(data.reshape(-1).view(np.uint8)).hexdigest()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike, start: int = 0) -> str:
+    """The SHA-256 of a file's bytes from offset `start` to its end."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(start)
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def seal_gguf(path: str | os.PathLike, data_offset: int) -> None:
+    """Writes the SHA-256 of the GGUF file's tensor data (from `data_offset`) over the GGUF_PENDING value of its
+    GGUF_CHECKSUM_KEY field, in place (same length: no offset moves), and syncs the file."""
+    digest = file_sha256(path, data_offset)
+    with open(path, "r+b") as f:
+        header = f.read(data_offset)
+        at = header.find(GGUF_CHECKSUM_KEY.encode())
+        value = header.find(GGUF_PENDING.encode(), at) if at >= 0 else -1
+        if value < 0:
+            raise ValueError(f"{path}: no {GGUF_CHECKSUM_KEY} field to seal")
+        f.seek(value)
+        f.write(digest.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_gguf(path: str | os.PathLike, recorded: str | None, data_offset: int) -> None:
+    """IntegrityError naming the file if its tensor data's SHA-256 differs from `recorded` (the field's value;
+    None: not written by us, nothing to check)."""
+    if recorded is None:
+        return
+    if recorded == GGUF_PENDING or file_sha256(path, data_offset) != recorded:
+        raise IntegrityError(f"{path}: its tensor data does not match the checksum recorded when it was written "
+                             f"({GGUF_CHECKSUM_KEY}): the file is damaged or incomplete")  # fmt: skip
 
 
 def checksummed_metadata(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
