@@ -102,7 +102,9 @@ def _generate(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except ValueError as e:
-        raise _fail("generate", str(e)) from e
+        raise _fail("generate", f"--{str(e).replace('_', '-')}") from e  # "--temperature must be >= 0, got nan"
+    if empty := [i for i, prompt in enumerate(args.prompt) if not prompt.strip()]:
+        raise _fail("generate", f"--prompt: prompt {empty[0] + 1} is empty; give the text to answer or complete")
     model, _ = _load_with_adapter("generate", args)
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -121,9 +123,10 @@ def _convert(args: argparse.Namespace) -> int:
     """A transformers directory or GGUF file -> a transformers checkpoint, 4-bit (bitsandbytes) or dense."""
     from qlora_jax.convert.hf import save_pretrained
     from qlora_jax.convert.safetensors_io import LAYOUT_FILES
-    from qlora_jax.files import check_output_directory, staged_directory
+    from qlora_jax.files import check_output_directory, check_writable, staged_directory
 
     out = check_output_directory(args.output, "the output directory")  # before any work
+    check_writable(out, "the output directory")
     model, _ = _load("convert", args)
     source = Path(args.model)
     with staged_directory(out, replaces=LAYOUT_FILES) as staging:  # everything appears at once, or nothing
@@ -269,7 +272,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     from qlora_jax.convert.merge import merge_and_save
     from qlora_jax.convert.safetensors_io import LAYOUT_FILES
-    from qlora_jax.files import check_output_directory, check_output_file, staged_directory
+    from qlora_jax.files import check_output_directory, check_output_file, check_writable, staged_directory
     from qlora_jax.quant import QuantConfig
     from qlora_jax.tokenizer import load_tokenizer
 
@@ -281,6 +284,7 @@ def _merge(args: argparse.Namespace) -> int:
         check_output_file(args.output, "the GGUF output")
     else:
         check_output_directory(args.output, "the output directory")
+    check_writable(args.output, "the output")  # a read-only or full place is found before the model is loaded
     model, _ = _load_with_adapter("merge", args)
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -427,14 +431,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandFailed as failure:
         if failure.status != 1:
             print(failure.message, file=sys.stderr, flush=True)
-        if _multi_process() and failure.status not in (130, 143):  # a stop every process agreed on exits normally
-            # The other processes may be gone, or stuck in a collective: JAX's exit handler would wait for them and
-            # then print its own errors. One line, then out (the lock was released on the way here).
+        if _multi_process() and failure.status not in (130, 143) and not _all_failed():
+            # Only this process failed: the others may be gone, or stuck in a collective, and JAX's exit handler
+            # would wait for them, then print its own errors. One line, then out (the lock was released already).
             if failure.status == 1:
                 print(failure.message, file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(failure.status)
-        raise
+        raise  # every process stops together (a stop on a signal, or the same error everywhere): a normal exit
+
+
+FAILED_TOGETHER_S = 30  # how long a failed process of several waits for the others to fail too
+
+
+def _all_failed() -> bool:
+    """Whether every process of the job fails (most errors are the same everywhere: bad data, a refused start,
+    divergence); then they exit normally, together, and the job's coordination service ends cleanly."""
+    from qlora_jax.distributed import together
+
+    return together("qlora_jax/failed", FAILED_TOGETHER_S)
 
 
 def _multi_process() -> bool:

@@ -19,6 +19,7 @@ fails before a collective can still tell the others why, and they stop with its 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,7 +28,7 @@ import jax
 from qlora_jax.errors import QloraJaxError
 
 __all__ = ["DistributedError", "distributed_settings", "initialize_from_environment", "is_primary", "local_rows",
-           "publish", "wait_for", "describe_failure"]  # fmt: skip
+           "publish", "wait_for", "together", "describe_failure"]  # fmt: skip
 
 
 class DistributedError(QloraJaxError, RuntimeError):
@@ -91,15 +92,19 @@ def initialize_from_environment(
         return False
     if jax.distributed.is_initialized():
         return True
+    coordinator = settings.get("coordinator_address", "from SLURM")
+    rank = settings.get("process_id", os.environ.get("SLURM_PROCID", "?"))
+    count = settings.get("num_processes", os.environ.get("SLURM_NTASKS", "?"))
+    # If a process never comes, JAX ends the others with its own fatal log (an abort) once the timeout has passed:
+    # this line says beforehand what they wait for, and for how long.
+    print(f"process {rank} of {count}: waiting up to {initialization_timeout} s for all {count} processes at the "
+          f"coordinator {coordinator} (mesh.initialization_timeout)", file=sys.stderr, flush=True)  # fmt: skip
     try:
         jax.distributed.initialize(**settings, initialization_timeout=initialization_timeout,
                                    heartbeat_timeout_seconds=heartbeat_timeout_seconds,
                                    shutdown_timeout_seconds=shutdown_timeout_seconds)  # fmt: skip
     except Exception as e:  # the coordination service's errors (XlaRuntimeError, RuntimeError): their log is long
         _forget_failed_start()
-        coordinator = settings.get("coordinator_address", "from SLURM")
-        rank = settings.get("process_id", os.environ.get("SLURM_PROCID", "?"))
-        count = settings.get("num_processes", os.environ.get("SLURM_NTASKS", "?"))
         raise DistributedError(
             f"process {rank} of {count}: the processes did not come together at the coordinator {coordinator} "
             f"within {initialization_timeout} s ({_first_line(e)}): start every process with the same "
@@ -137,6 +142,15 @@ def _client() -> Any:
 def publish(key: str, value: str) -> None:
     """Sets `key` to `value` in the job's key-value store (every process may read it; each key is set once)."""
     _client().key_value_set(key, value)
+
+
+def together(name: str, timeout_s: float) -> bool:
+    """Whether every process reaches the barrier `name` within `timeout_s` (False also if the job is broken)."""
+    try:
+        _client().wait_at_barrier(name, int(timeout_s * 1000))
+    except Exception:  # noqa: BLE001 -- DEADLINE_EXCEEDED, or a coordination service that is gone
+        return False
+    return True
 
 
 def wait_for(key: str, timeout_s: float, *, what: str) -> str:

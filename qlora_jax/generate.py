@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax.errors import InputError
 from qlora_jax.models import ComputeOptions, DecoderLM, KVCache
+from qlora_jax.tokenizer import ChatTemplateTimeout, apply_chat_template
 
 __all__ = ["SamplingConfig", "generate", "generate_text", "sample_logits", "chat_token_ids"]
 
@@ -24,8 +26,12 @@ __all__ = ["SamplingConfig", "generate", "generate_text", "sample_logits", "chat
 def chat_token_ids(
     tokenizer: Any, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True
 ) -> list[int]:
-    """The chat template applied and tokenized (transformers 4 returns a list, 5 a BatchEncoding)."""
-    encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
+    """The chat template applied and tokenized (transformers 4 returns a list, 5 a BatchEncoding). A template that
+    fails (its own error, the sandbox's SecurityError, MemoryError) or runs past its time is an InputError."""
+    try:
+        encoded = apply_chat_template(tokenizer, messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    except (Exception, ChatTemplateTimeout) as e:
+        raise InputError(f"the chat template fails on this prompt ({type(e).__name__}: {e})") from e
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
@@ -44,7 +50,7 @@ class SamplingConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
@@ -120,6 +126,10 @@ def generate(
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
+    if longest + config.max_new_tokens > model.config.max_position_embeddings:
+        raise InputError(f"max_new_tokens: a prompt of {longest} tokens and {config.max_new_tokens} new tokens go past "
+                         f"the model's {model.config.max_position_embeddings} positions (max_position_embeddings); "
+                         "give fewer new tokens or a shorter prompt")  # fmt: skip
     tokens = np.full((len(prompts), longest), pad_token_id, np.int32)
     valid = np.zeros((len(prompts), longest), bool)
     for row, prompt in enumerate(prompts):

@@ -23,6 +23,7 @@ target says (`shardings`, or the shardings of `like`), whatever the device count
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -186,12 +187,20 @@ class RunCheckpoints:
             self._set_journal(step)
         self._barrier(f"saving {step} in")
         args = ocp.args.Composite(state=ocp.args.StandardSave(_savable(state)), extra=ocp.args.JsonSave(extra))
-        self._manager.save(step, args=args, force=True)
-        self._manager.wait_until_finished()
-        self._barrier(f"saved {step} in")  # every process's shards are written before they are listed
-        if self._primary:
-            write_manifest(path, MANIFEST, {"format": _FORMAT, "step": step})
-            self._set_journal(None)
+        absl = logging.getLogger("absl")  # orbax logs a failed write from each of its threads: one line is ours
+        level = absl.level
+        absl.setLevel(logging.CRITICAL)
+        try:
+            self._manager.save(step, args=args, force=True)
+            self._manager.wait_until_finished()
+            self._barrier(f"saved {step} in")  # every process's shards are written before they are listed
+            if self._primary:
+                write_manifest(path, MANIFEST, {"format": _FORMAT, "step": step})
+                self._set_journal(None)
+        except (OSError, ValueError, RuntimeError) as e:  # tensorstore's and orbax's words for a full disk, ...
+            raise files.output_error(e, path, f"the checkpoint of step {step}") from e
+        finally:
+            absl.setLevel(level)
         self._barrier(f"committed {step} in")
         self._prune()
         return path

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_jax.train.config import ConfigFieldError, TrainConfig, config_from_dict
-from qlora_jax.train.data import DataError
+from qlora_jax.train.data import DataError, check_data_file
 
 __all__ = ["RESUMABLE_FIELDS", "ResumeError", "check_resumable", "data_fingerprint", "check_same_data"]
 
@@ -81,6 +81,7 @@ def check_resumable(config: TrainConfig, stored: dict[str, Any], *, source: str,
 
 
 def _file_fingerprint(path: str, field: str) -> dict[str, Any]:
+    check_data_file(path, field)
     digest, records = hashlib.sha256(), 0
     try:
         with open(path, "rb") as f:

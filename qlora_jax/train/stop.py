@@ -17,6 +17,7 @@ SIGINT is passed on to it as a SIGTERM to the process itself. If the preemption 
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -41,6 +42,14 @@ class TrainingStopped(QloraJaxError):
         self.exit_code = 128 + signum
 
 
+class _QuietSyncPoint(logging.Filter):
+    """Drops orbax's warning at every save after a preemption notice ("Reached preemption sync point"): the run
+    says what happens in its own line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Reached preemption sync point" not in str(record.msg)
+
+
 def _preemption_service() -> Any:
     """JAX's preemption sync manager of a multi-process run, or None."""
     from jax._src import distributed
@@ -60,8 +69,10 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
         self._processes = jax.process_count()
         self._service = _preemption_service() if self._processes > 1 else None
+        self._quiet = _QuietSyncPoint()
 
     def __enter__(self) -> StopSignals:
+        logging.getLogger("absl").addFilter(self._quiet)  # orbax logs through absl
         if threading.current_thread() is not threading.main_thread():
             return self  # signals reach the main thread only: a run in another thread keeps their defaults
         for signum in _SIGNALS:
@@ -71,6 +82,7 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
+        logging.getLogger("absl").removeFilter(self._quiet)
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
