@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import qlora_jax
@@ -26,6 +27,7 @@ class CommandFailed(SystemExit):
     def __init__(self, message: str, status: int = 1):
         super().__init__(message if status == 1 else status)
         self.message, self.status = message, status
+        self.agreed = False  # every process of a multi-process run ends this way at the same point
 
     def __str__(self) -> str:
         return self.message
@@ -122,14 +124,13 @@ def _generate(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     """A transformers directory or GGUF file -> a transformers checkpoint, 4-bit (bitsandbytes) or dense."""
     from qlora_jax.convert.hf import save_pretrained
-    from qlora_jax.convert.safetensors_io import LAYOUT_FILES
-    from qlora_jax.files import check_output_directory, check_writable, staged_directory
+    from qlora_jax.files import check_output_directory, check_writable
 
     out = check_output_directory(args.output, "the output directory")  # before any work
     check_writable(out, "the output directory")
     model, _ = _load("convert", args)
     source = Path(args.model)
-    with staged_directory(out, replaces=LAYOUT_FILES) as staging:  # everything appears at once, or nothing
+    with _published(out) as staging:  # everything appears at once, or nothing
         save_pretrained(model, staging, dequantize_weights=args.quant == "none", max_shard_size=args.max_shard_size)
         try:
             from qlora_jax.tokenizer import load_tokenizer
@@ -141,6 +142,23 @@ def _convert(args: argparse.Namespace) -> int:
             shutil.copy(source / "generation_config.json", staging / "generation_config.json")
     print(f"wrote {out}")
     return 0
+
+
+@contextlib.contextmanager
+def _published(output: str | Path) -> Iterator[Path]:
+    """A staging directory for the checkpoint `output` (`files.staged_directory`); a write that fails in it (a full
+    disk) is reported for `output`, which is as it was."""
+    from qlora_jax.convert.safetensors_io import LAYOUT_FILES
+    from qlora_jax.errors import OutputError
+    from qlora_jax.files import output_error, staged_directory
+
+    try:
+        with staged_directory(output, replaces=LAYOUT_FILES) as staging:
+            yield staging
+    except OutputError as e:
+        raise output_error(e.__cause__ or e, output) from e
+    except OSError as e:  # the tokenizer's files, the publish itself
+        raise output_error(e, output) from e
 
 
 def _take_flag(args: argparse.Namespace, flag: str) -> bool:
@@ -271,8 +289,7 @@ def _merge(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from qlora_jax.convert.merge import merge_and_save
-    from qlora_jax.convert.safetensors_io import LAYOUT_FILES
-    from qlora_jax.files import check_output_directory, check_output_file, check_writable, staged_directory
+    from qlora_jax.files import check_output_directory, check_output_file, check_writable
     from qlora_jax.quant import QuantConfig
     from qlora_jax.tokenizer import load_tokenizer
 
@@ -299,7 +316,7 @@ def _merge(args: argparse.Namespace) -> int:
         out = save_gguf(model, args.output, tensor_type=args.gguf, tokenizer=tokenizer, tokenizer_gguf=tokenizer_gguf)
         print(f"wrote {out}")
         return 0
-    with staged_directory(args.output, replaces=LAYOUT_FILES) as staging:  # everything appears at once, or nothing
+    with _published(args.output) as staging:  # everything appears at once, or nothing
         merge_and_save(model, staging, dtype=jnp.dtype(args.out_dtype), quant=quant, tokenizer=tokenizer,
                        max_shard_size=args.max_shard_size)  # fmt: skip
     print(f"wrote {args.output}")
@@ -417,12 +434,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.run(args)
         except QloraJaxError as e:
-            raise _fail(args.command, str(e), status=getattr(e, "exit_code", 1)) from e
+            failure = _fail(args.command, str(e), status=getattr(e, "exit_code", 1))
+            failure.agreed = hasattr(e, "exit_code")  # a stop on a signal: every process of a job stops together
+            raise failure from e
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             raise _fail(args.command, f"{where}{e.strerror or e}") from e
         except KeyboardInterrupt:
-            raise _fail(args.command, "interrupted (Ctrl-C); outputs are as they were before", status=130) from None
+            message = ("interrupted (Ctrl-C twice): the steps since the last checkpoint are lost; run the same command "
+                       "again to resume from it" if args.command == "train" else
+                       "interrupted (Ctrl-C); outputs are as they were before")  # fmt: skip
+            raise _fail(args.command, message, status=130) from None
         except Exception as e:  # a multi-process run's runtime errors (collectives, the coordination service)
             failure = _distributed_failure(args.command, e)
             if failure is None:
@@ -431,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandFailed as failure:
         if failure.status != 1:
             print(failure.message, file=sys.stderr, flush=True)
-        if _multi_process() and failure.status not in (130, 143) and not _all_failed():
+        if _multi_process() and not failure.agreed and not _all_failed():
             # Only this process failed: the others may be gone, or stuck in a collective, and JAX's exit handler
             # would wait for them, then print its own errors. One line, then out (the lock was released already).
             if failure.status == 1:

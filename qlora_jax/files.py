@@ -179,13 +179,15 @@ def output_error(error: BaseException, path: str | os.PathLike, what: str = "the
         reason = next((words for words in _OS_WORDS if words.lower() in text.lower()), None)
     if reason is None:
         reason = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
-    where = next((p for p in [Path(path), *Path(path).parents] if p.exists()), None)
-    if where is not None and "space" not in reason.lower():
+    path = Path(path)
+    where = next((p for p in [path, *path.parents] if p.is_dir()), None)
+    if where is not None and os.strerror(errno.ENOSPC) not in reason:
         try:
-            if shutil.disk_usage(where).free < 64 * 2**20:
-                reason += f"; {where} has {shutil.disk_usage(where).free // 2**20} MiB free: the disk is full"
+            free = shutil.disk_usage(where).free
         except OSError:
-            pass
+            free = None
+        if free is not None and free < 64 * 2**20:  # numpy's "N requested and M written": the disk filled up
+            reason = f"{os.strerror(errno.ENOSPC)}: {free // 2**20} MiB free in {where}; {reason}"
     return OutputError(f"{path}: cannot write {what} ({reason}); what was there before is unchanged")
 
 

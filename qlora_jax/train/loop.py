@@ -130,6 +130,8 @@ def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False
             model, exact_match_after = _finish(setup, run, checkpoints, metrics, run_dir)
         finally:
             checkpoints.close()
+        if stop.signum is not None and jax.process_count() == 1:  # a signal during the reports: stop before export
+            raise stop.stopped(int(run.state.step), checkpoints.directory / str(int(run.state.step)))
         if t.export_peft:
             _export_adapter(setup, run.state.lora, run_dir.adapter, primary=primary)
     losses = [loss for _, loss in metrics.series("loss")]
