@@ -78,7 +78,7 @@ def _launch(config: Path, processes: int, *extra: list[str], count: int = 2, por
     return started
 
 
-def _finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+def _finish(processes: list[subprocess.Popen], timeout: float = 900) -> list[tuple[int, str]]:
     out = []
     for process in processes:
         try:
@@ -109,7 +109,7 @@ def test_two_processes_train_as_one_stop_together_on_sigterm_and_resume_on_one(t
     run = tmp_path / "two" / "run"
     processes = _launch(config, [0, 1])
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 900
         while time.time() < deadline and len(_losses(run) if (run / "metrics.jsonl").exists() else {}) < 2:
             assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
             time.sleep(0.05)
