@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax.errors import InputError
 from qlora_jax.models import ComputeOptions, DecoderLM, KVCache
 from qlora_jax.models.generation_config import GenerationDefaults, UnsupportedGenerationError
-from qlora_jax.tokenizer import check_token_ids
+from qlora_jax.tokenizer import ChatTemplateTimeout, apply_chat_template, check_token_ids
 
 __all__ = [
     "SamplingConfig",
@@ -51,11 +52,13 @@ def chat_token_ids(
     tools: Sequence[dict[str, Any]] | None = None,
 ) -> list[int]:
     """The chat template applied (with `tools`, JSON schemas the template shows the model) and tokenized
-    (transformers 4 returns a list, 5 a BatchEncoding)."""
-    encoded = tokenizer.apply_chat_template(
-        list(messages), tools=list(tools) if tools else None, add_generation_prompt=add_generation_prompt,
-        tokenize=True,
-    )  # fmt: skip
+    (transformers 4 returns a list, 5 a BatchEncoding). A template that fails (its own error, the sandbox's
+    SecurityError, MemoryError) or runs past its time is an InputError."""
+    try:
+        encoded = apply_chat_template(tokenizer, messages, tools=list(tools) if tools else None,
+                                      add_generation_prompt=add_generation_prompt, tokenize=True)  # fmt: skip
+    except (Exception, ChatTemplateTimeout) as e:
+        raise InputError(f"the chat template fails on this prompt ({type(e).__name__}: {e})") from e
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
@@ -276,6 +279,10 @@ def generate(
     if pad_token_id is None:
         pad_token_id = defaults.pad_token_id if defaults is not None and defaults.pad_token_id is not None else 0
     pad_token_id = pad_token_id if 0 <= pad_token_id < model.config.vocab_size else 0
+    if longest + config.max_new_tokens > model.config.max_position_embeddings:
+        raise InputError(f"max_new_tokens: a prompt of {longest} tokens and {config.max_new_tokens} new tokens go past "
+                         f"the model's {model.config.max_position_embeddings} positions (max_position_embeddings); "
+                         "give fewer new tokens or a shorter prompt")  # fmt: skip
     tokens = np.full((len(prompts), longest), pad_token_id, np.int32)
     valid = np.zeros((len(prompts), longest), bool)
     for row, prompt in enumerate(prompts):

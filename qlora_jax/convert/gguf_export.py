@@ -37,6 +37,8 @@ from qlora_jax.convert.gguf import norm_offset, permuted_heads, to_ggml_rows
 from qlora_jax.convert.gguf_tokenizer import add_tokenizer
 from qlora_jax.convert.merge import merged_tensors
 from qlora_jax.convert.state_map import all_keys, model_slots
+from qlora_jax.files import output_error
+from qlora_jax.integrity import GGUF_CHECKSUM_KEY, GGUF_PENDING, seal_gguf
 from qlora_jax.models import DecoderLM, ModelConfig
 from qlora_jax.models.config import SLIDING
 from qlora_jax.models.config_files import GEMMA_27B_LAYERS, MODEL_TYPES, GGUFError
@@ -116,6 +118,7 @@ def save_gguf(
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, config, tokenizer, tokenizer_gguf)
+        writer.add_string(GGUF_CHECKSUM_KEY, GGUF_PENDING)  # sealed below, once the tensor data is written
         for gguf_name, shape, qtype in plan.values():
             nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
@@ -130,10 +133,16 @@ def save_gguf(
                 raise GGUFError(f"{path}: tensor {hf_name} {problem}; nothing was written")
             writer.write_tensor_data(_encode(array, gguf_name, shape, qtype, config, arch))
         writer.close()
+        seal_gguf(partial, gguf.GGUFReader(partial).data_offset)
         os.replace(partial, path)
-    except BaseException:
-        writer.close()
+    except BaseException as e:
+        try:
+            writer.close()
+        except OSError:
+            pass  # flushing the rest onto the full disk fails too
         partial.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk ("N requested and M written" from numpy), no permission
+            raise output_error(e, path, "the GGUF file") from e
         raise
     return path
 

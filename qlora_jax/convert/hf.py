@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +59,8 @@ class TensorSource(Protocol):
     def keys(self) -> list[str]: ...
 
     def tensor(self, key: str, *, check_finite: bool = True) -> np.ndarray: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...  # the header's claim, read without the data
 
     def file_of(self, key: str) -> Path: ...
 
@@ -204,6 +207,7 @@ def load_model(
     stored_4bit = set(bnb.quantized_weight_prefixes(keys))
     statistics = _statistics_keys(keys, stored_4bit)
     owned = {k for names in statistics.values() for k in names}
+    _check_claimed_shapes(source, keys, slots, config.num_layers, stored_4bit, statistics)
     filled: set[str] = set()
     for key in keys:
         if key in owned:
@@ -256,6 +260,30 @@ def _quantize(array: Any, q: QuantConfig) -> QuantizedTensor:
                     dq_blocksize=q.dq_blocksize)  # fmt: skip
 
 
+def _check_claimed_shapes(source: TensorSource, keys: list[str], slots: dict[str, Slot], num_layers: int,
+                          stored_4bit: set[str], statistics: dict[str, list[str]]) -> None:  # fmt: skip
+    """Every tensor's shape as its file's header claims it, against the model, before any data is read: a file
+    whose known tensor claims a huge shape is refused here, naming it, instead of being read into memory."""
+    owner = {stat: weight for weight, stats in statistics.items() for stat in stats}
+    for key in keys:
+        found = resolve(owner.get(key, key), slots, num_layers)
+        if found is None:
+            continue  # an unexpected or ignored tensor: the loader names it (or skips it) without reading it
+        slot, _ = found
+        size = math.prod(slot.shape)
+        shape = tuple(source.shape(key))
+        if key in owner:  # 4-bit statistics (absmax, quant map, quant state): at most one value per weight value
+            if math.prod(shape) > max(size, 4096):
+                raise CheckpointError(f"{source.file_of(key)}: tensor {key} claims shape {shape}, more values than "
+                                      f"its weight's {slot.shape}; not read")  # fmt: skip
+        elif key in stored_4bit:  # packed codes: two a byte
+            if math.prod(shape) != (size + 1) // 2:
+                raise CheckpointError(f"{source.file_of(key)}: 4-bit tensor {key} claims shape {shape}, not the "
+                                      f"{(size + 1) // 2} bytes of a {slot.shape} weight; not read")  # fmt: skip
+        else:
+            _check_shape(slot, key, shape, source)
+
+
 def _fill_quantized(buffers, slot: Slot, index, qt: QuantizedTensor, key: str, source: TensorSource) -> None:
     for path in slot.paths:
         value = np.asarray(getattr(qt, path[-1]))
@@ -283,6 +311,9 @@ class _GGUFSource:
     def tensor(self, key: str, *, check_finite: bool = True) -> np.ndarray:
         return self.checkpoint.tensor(key)  # GGUF tensors are always checked (and never hold packed 4-bit codes)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.checkpoint.shape(key)
+
     def file_of(self, key: str) -> Path:
         return self.path
 
@@ -309,6 +340,9 @@ class _LanguageModelOnly:
 
     def tensor(self, key: str, *, check_finite: bool = True) -> np.ndarray:
         return self.source.tensor(self._original[key], check_finite=check_finite)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.source.shape(self._original[key])
 
     def file_of(self, key: str) -> Path:
         return self.source.file_of(self._original[key])

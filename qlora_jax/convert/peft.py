@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -35,7 +36,8 @@ from qlora_jax.convert.peft_tokens import (
     token_tensors,
 )
 from qlora_jax.errors import InputError
-from qlora_jax.files import staged_directory
+from qlora_jax.files import output_error, staged_directory
+from qlora_jax.integrity import check_tensor, checksummed_metadata, stored_checksums
 from qlora_jax.lora import LoRA, LoraConfig, apply_lora, target_layers
 from qlora_jax.models import DecoderLM
 from qlora_jax.models.names import hf_module_name, layer_name, module_name_from_hf, split_layer_name
@@ -219,9 +221,12 @@ def save_peft_adapter(
         if problem := non_finite(value):
             raise PeftFormatError(f"{directory}: adapter tensor {key} {problem}; nothing was written")
     directory = Path(directory)
-    with staged_directory(directory) as staging:  # a reader never sees half an adapter
-        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(fields, indent=2))
+    try:
+        with staged_directory(directory) as staging:  # a reader never sees half an adapter
+            save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata=checksummed_metadata(tensors, {"format": "pt"}))
+            (staging / ADAPTER_CONFIG).write_text(json.dumps(fields, indent=2))
+    except (SafetensorError, OSError) as e:  # a full disk, no permission: one line, the old adapter unchanged
+        raise output_error(e, directory, "the adapter") from e
     return directory
 
 
@@ -291,19 +296,35 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     return _lora_config(read_adapter_config_dict(directory), Path(directory) / ADAPTER_CONFIG)
 
 
+def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of an adapter file, from its header only (no tensor data is read); PeftFormatError for an
+    unreadable file or a tensor that is not floating-point."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            headers = {key: f.get_slice(key) for key in f.keys()}
+            shapes = {key: tuple(view.get_shape()) for key, view in headers.items()}
+            dtypes = {key: view.get_dtype() for key, view in headers.items()}
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise PeftFormatError(f"{path}: not a readable safetensors file ({e})") from e
+    for key, dtype in dtypes.items():
+        if dtype not in ("F64", "F32", "F16", "BF16"):
+            raise PeftFormatError(f"{path}: tensor {key} has dtype {dtype}, not a floating-point one")
+    return shapes
+
+
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    """{key: float32 array} of an adapter file; PeftFormatError for an unreadable file, a non-float or non-finite
-    tensor."""
+    """{key: float32 array} of an adapter file whose shapes have been checked (`_read_shapes`); PeftFormatError
+    for an unreadable or non-finite tensor, IntegrityError for one that differs from its recorded checksum."""
     try:
         # "flax" reads bfloat16 too (PEFT adapters trained in bf16), which numpy alone cannot
         with safe_open(str(path), framework="flax") as f:
+            sums = stored_checksums(f.metadata(), path)
             raw = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise PeftFormatError(f"{path}: not a readable safetensors file ({e})") from e
     tensors = {}
     for key, value in raw.items():
-        if not jnp.issubdtype(value.dtype, jnp.floating):
-            raise PeftFormatError(f"{path}: tensor {key} has dtype {value.dtype}, not a floating-point one")
+        check_tensor(path, key, np.asarray(value), sums)
         tensors[key] = np.asarray(value, np.float32)
         if problem := non_finite(tensors[key]):
             raise PeftFormatError(f"{path}: tensor {key} {problem}")
@@ -323,21 +344,21 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights_path = directory / ADAPTER_WEIGHTS
-    tensors = _read_tensors(weights_path)
+    shapes = _read_shapes(weights_path)  # every shape is checked against the model before any data is read
     linears = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, QLinear)}
     num_layers = model.config.num_layers
     try:
         targets = target_layers(model, config)
     except ValueError as e:
         raise PeftFormatError(f"{directory / ADAPTER_CONFIG}: {e}") from e
-    rows = read_token_tensors(model, config, tensors, lora_targets=targets, weights_path=weights_path,
-                              config_path=directory / ADAPTER_CONFIG, error=PeftFormatError)  # fmt: skip
-    by_layer: dict[tuple[str, int | None], dict[str, np.ndarray]] = {}
+    by_layer: dict[tuple[str, int | None], dict[str, str]] = {}
     outside: list[str] = []  # adapters of an image-text model's vision tower or projector
-    for key, value in tensors.items():
+    others: list[str] = []  # trained embedding rows and tables (convert.peft_tokens), or unexpected
+    for key in shapes:
         match = _KEY.match(key)
         if match is None:
-            raise PeftFormatError(f"{weights_path}: unexpected tensor {key} (not a LoRA weight)")
+            others.append(key)
+            continue
         name = module_name_from_hf(match.group(1), model.config.text_model_path)
         if name is None:
             outside.append(key)
@@ -348,7 +369,7 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
                 f"{weights_path}: {name} is not a linear layer of this {model.config.model_type} model "
                 f"({num_layers} layers) -- an adapter for another architecture?"
             )
-        by_layer.setdefault((path, layer), {})[_FIELDS[match.group(2)]] = value
+        by_layer.setdefault((path, layer), {})[_FIELDS[match.group(2)]] = key
     expected = set()
     for path, target in targets.items():  # every tensor checked before anything is allocated
         module = linears[path]
@@ -369,17 +390,31 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
                                       f"(use_dora={config.use_dora} in {ADAPTER_CONFIG})")  # fmt: skip
             for field, need in needs.items():
                 need = tuple(r if n is None else n for n in need)
-                value = fields.get(field)
-                if value is None:
+                key = fields.get(field)
+                if key is None:
                     raise PeftFormatError(f"{weights_path}: {name}.{field} is missing")
-                if value.shape != need:
-                    raise PeftFormatError(f"{weights_path}: {name}.{field} has shape {value.shape}, the model needs "
+                if shapes[key] != need:
+                    raise PeftFormatError(f"{weights_path}: {name}.{field} has shape {shapes[key]}, the model needs "
                                           f"{need} (rank {r} from the config)")  # fmt: skip
     extra = sorted(set(by_layer) - expected, key=str)
     if extra:
         path, layer = extra[0]
         raise PeftFormatError(f"{weights_path}: holds {layer_name(path, layer)}, which its config "
                               f"(target_modules={config.target_modules!r}) does not adapt")  # fmt: skip
+    table = (model.config.vocab_size, model.config.hidden_size)
+    for key in others:  # no table is larger than the (resized) embedding; peft_tokens checks exact shapes once read
+        shape = shapes[key]
+        if math.prod(shape) > math.prod(table):
+            hint = ""
+            if len(shape) == 2 and shape[1] == table[1]:
+                hint = f" (an adapter for a resized model? resize the model's embedding to {shape[0]} rows first)"
+            raise PeftFormatError(f"{weights_path}: tensor {key} claims shape {shape}: not a LoRA weight, and larger "
+                                  f"than the embedding's {table}{hint}; not read")  # fmt: skip
+    tensors = _read_tensors(weights_path)
+    rows = read_token_tensors(model, config, tensors, lora_targets=targets, weights_path=weights_path,
+                              config_path=directory / ADAPTER_CONFIG, error=PeftFormatError)  # fmt: skip
+    if unexpected := [key for key in others if key in tensors]:
+        raise PeftFormatError(f"{weights_path}: unexpected tensor {unexpected[0]} (not a LoRA weight)")
     values: dict[str, dict[str, np.ndarray]] = {}
     for path, target in targets.items():
         module, r_max = linears[path], target.max_rank
@@ -391,7 +426,7 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
         for i, r in enumerate(target.ranks):
             if r == 0:
                 continue
-            fields = by_layer[(path, i if target.stacked else None)]
+            fields = {field: tensors[key] for field, key in by_layer[(path, i if target.stacked else None)].items()}
             index = (i,) if target.stacked else ()
             values[path]["lora_A"][index][:r] = fields["lora_A"]
             values[path]["lora_B"][index][:, :r] = fields["lora_B"]

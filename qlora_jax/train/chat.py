@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from qlora_jax.errors import InputError
+from qlora_jax.tokenizer import ChatTemplateTimeout, apply_chat_template
 
 __all__ = ["ChatTemplateError", "assistant_mask", "has_generation_blocks"]
 
@@ -173,19 +174,17 @@ def assistant_mask(
 
     def render(conversation: Sequence[dict], generation_prompt: bool) -> str:
         try:
-            return tokenizer.apply_chat_template(
-                list(conversation), tools=tools, tokenize=False, add_generation_prompt=generation_prompt
-            )
-        except Exception as e:  # jinja errors (raise_exception in templates), no template at all, ...
+            return apply_chat_template(tokenizer, conversation, tools=tools, tokenize=False,
+                                       add_generation_prompt=generation_prompt)  # fmt: skip
+        except (Exception, ChatTemplateTimeout) as e:  # jinja errors (raise_exception), no template, a runaway one
             raise ChatTemplateError(f"the chat template fails on this conversation ({type(e).__name__}: {e})") from e
 
     template = _template(tokenizer)
     if has_generation_blocks(template):
         try:
-            out = tokenizer.apply_chat_template(
-                list(messages), tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-            )
-        except Exception as e:
+            out = apply_chat_template(tokenizer, messages, tools=tools, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)  # fmt: skip
+        except (Exception, ChatTemplateTimeout) as e:
             raise ChatTemplateError(f"the chat template fails on this conversation ({type(e).__name__}: {e})") from e
         return list(out["input_ids"]), [bool(x) for x in out["assistant_masks"]]
 

@@ -124,6 +124,10 @@ class MeshSection:
 
     data: int = 1  # data-parallel replicas: weights replicated, batch rows split; -1: the devices left over
     fsdp: int = 1  # devices the weights (and adapters, optimizer state) are sharded over; -1: the rest
+    # Multi-process runs: jax.distributed.initialize's timeouts, in seconds (its parameters' names and defaults)
+    initialization_timeout: int = 300  # how long the processes wait for each other to start (and to agree)
+    heartbeat_timeout_seconds: int = 100  # a process silent this long counts as dead, and the job stops
+    shutdown_timeout_seconds: int = 300  # how long a finishing process waits for the others at the end
 
     @property
     def is_single_device(self) -> bool:
@@ -263,6 +267,8 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
         n = getattr(mesh, name)
         need(n >= 1 or n == -1, f"mesh.{name}", f"must be a positive number of devices or -1 (the rest), got {n}")
     need(not (mesh.data == -1 and mesh.fsdp == -1), "mesh.fsdp", "data and fsdp cannot both be -1")
+    for name in ("initialization_timeout", "heartbeat_timeout_seconds", "shutdown_timeout_seconds"):
+        need(getattr(mesh, name) >= 1, f"mesh.{name}", f"must be >= 1 (seconds), got {getattr(mesh, name)}")
     if mesh.data > 0 and mesh.fsdp > 0:
         check_batch_divides(config, mesh.data * mesh.fsdp, where)
 

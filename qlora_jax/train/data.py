@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -110,8 +111,24 @@ class Batch:
 # --------------------------------------------------------------------------------------------------- reading
 
 
+def check_data_file(path: str | os.PathLike, field: str = "data") -> None:
+    """DataError unless `path` is a regular file (or does not exist: opening it says so). A named pipe (FIFO), a
+    shell's `<(...)` or /dev/stdin would hang the run or be empty the second time: the data is read twice (for its
+    checksum, then for its records)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO) or a pipe" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "a device or socket")  # fmt: skip
+        raise DataError(f"{path}: {field} is {kind}, not a regular file; the data is read more than once (its "
+                        "checksum, then its records): save it to a file first")  # fmt: skip
+
+
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """(1-based line number, record) of every non-blank line; anything but a JSON object is a DataError."""
+    check_data_file(path)
     records = []
     with open(path, "rb") as f:  # bytes, so that a decoding error can name its line too
         for number, raw in enumerate(f, 1):

@@ -183,6 +183,13 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
     tokenizer = load_run_tokenizer(config)
     data = load_data(config, tokenizer)  # bad data fails here, before any slow work
     check_vocabulary(config, data, tokenizer)
+    if data.rows.num_rows < config.train.batch_size:
+        how = "packed into" if config.data.packing else "one example a row, in"
+        raise data_lib.DataError(
+            f"train.batch_size: {config.train.batch_size} rows a step, but {config.data.train} gives only "
+            f"{data.rows.num_rows} rows ({how} rows of data.max_length={config.data.max_length} tokens): every batch "
+            "would hold some rows twice; lower train.batch_size, or give more data"
+        )
     if config.train.remat == "auto" and remat is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, remat=remat))
         if verbose:
@@ -193,6 +200,10 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
     t = config.train
     options = compute_options(config)
     model = load_model_for_training(config)
+    if config.data.max_length > model.config.max_position_embeddings:
+        print(f"warning: data.max_length={config.data.max_length} is beyond the model's "
+              f"{model.config.max_position_embeddings} positions (max_position_embeddings): longer examples train "
+              "at positions it was not trained for")  # fmt: skip
     if verbose:
         trainable_parameters(model)
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
