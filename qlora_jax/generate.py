@@ -1,7 +1,9 @@
 """Batched generation with a KV cache: greedy, temperature, top-k, top-p, stop tokens, seeded; prompts left-padded.
 
-Two jitted functions do the work: a prefill over the padded prompts, and a `lax.while_loop` that decodes one
-token a step for the whole batch until every sequence has stopped or reached max_new_tokens.
+Two compiled programs do the work: `prefill` over the padded prompts (it builds the KV cache), and `decode`, the
+whole generation loop in one program: a `lax.while_loop` that samples on the device and decodes one token a step
+for the whole batch, writing the donated KV cache in place, until every sequence has stopped or reached
+max_new_tokens. Decoding reads the stacked 4-bit weights where they lie (`models.decoder`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from flax import nnx
 
 from qlora_jax.models import ComputeOptions, DecoderLM, KVCache
 
-__all__ = ["SamplingConfig", "generate", "generate_text", "sample_logits", "chat_token_ids"]
+__all__ = ["SamplingConfig", "generate", "generate_text", "sample_logits", "chat_token_ids", "prefill", "decode"]
 
 
 def chat_token_ids(
@@ -70,20 +72,32 @@ def sample_logits(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "options"))
-def _generate(graphdef, state, tokens, valid, *, config: SamplingConfig, cache_length: int, stop_ids,
-              options: ComputeOptions):  # fmt: skip
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "options"))
+def prefill(graphdef, state, tokens, valid, *, cache_length: int, options: ComputeOptions):
+    """The prompts' pass: (float32 logits [B, V] of each prompt's last token, the KV cache holding the prompts
+    (cache_length slots), each sequence's next position [B]). tokens, valid: [B, T], left-padded."""
     model: DecoderLM = nnx.merge(graphdef, state)
-    batch, prompt_length = tokens.shape
+    batch, _ = tokens.shape
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
     cache = KVCache.empty(model.config, batch, cache_length, model.dtype)
     h, cache = model.hidden_states(tokens, positions=positions, cache=cache, valid=valid, options=options)
-    logits = model.logits(h[:, -1], options=options)
+    return model.logits(h[:, -1], options=options), cache, positions[:, -1] + 1
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "options"), donate_argnames=("cache",))
+def decode(
+    graphdef, state, logits, cache: KVCache, next_position, stop_ids, *, config: SamplingConfig, options: ComputeOptions
+):
+    """The generation loop, one compiled program: a `lax.while_loop` that samples a token (on the device) from
+    the last logits, runs it through the model writing the donated KV cache in place, until every sequence has
+    stopped or config.max_new_tokens are out. Returns (tokens [B, max_new_tokens] (0 after a stop), lengths [B],
+    the final cache)."""
+    model: DecoderLM = nnx.merge(graphdef, state)
+    batch = logits.shape[0]
     key = jax.random.key(config.seed)
     out = jnp.zeros((batch, config.max_new_tokens), jnp.int32)
     lengths = jnp.zeros((batch,), jnp.int32)
     done = jnp.zeros((batch,), bool)
-    next_position = positions[:, -1] + 1
 
     def cond(carry):
         step, _, _, _, done, _, _ = carry
@@ -100,8 +114,8 @@ def _generate(graphdef, state, tokens, valid, *, config: SamplingConfig, cache_l
         return step + 1, model.logits(h[:, -1], options=options), cache, out, done, lengths, position + 1
 
     carry = (jnp.int32(0), logits, cache, out, done, lengths, next_position)
-    _, _, _, out, _, lengths, _ = jax.lax.while_loop(cond, body, carry)
-    return out, lengths
+    _, _, cache, out, _, lengths, _ = jax.lax.while_loop(cond, body, carry)
+    return out, lengths, cache
 
 
 def generate(
@@ -127,16 +141,12 @@ def generate(
         valid[row, longest - len(prompt) :] = True
     stop = config.stop_token_ids if config.stop_token_ids is not None else model.config.eos_token_ids
     graphdef, state = nnx.split(model)
-    out, lengths = _generate(
-        graphdef,
-        state,
-        jnp.asarray(tokens),
-        jnp.asarray(valid),
-        config=config,
-        cache_length=longest + config.max_new_tokens,
-        stop_ids=jnp.asarray(list(stop) or [-1], jnp.int32),
-        options=options,
+    cache_length = longest + config.max_new_tokens
+    logits, cache, position = prefill(
+        graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), cache_length=cache_length, options=options
     )
+    stop_ids = jnp.asarray(list(stop) or [-1], jnp.int32)
+    out, lengths, _ = decode(graphdef, state, logits, cache, position, stop_ids, config=config, options=options)
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[row, : lengths[row]].tolist() for row in range(len(prompts))]
 
