@@ -121,7 +121,7 @@ def test_the_decode_kernel_generates_the_tokens_of_xla(family):
     from qlora_jax.quant import QuantConfig
     from tests.families import family_config
 
-    config = ModelConfig.from_hf_config(family_config(family), source=family)
+    config = ModelConfig.from_hf_config(family_config(family, intermediate_size=128), source=family)  # K % 64 == 0
     model = DecoderLM(config, quant=QuantConfig(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     apply_lora(model, LoraConfig(r=4, target_modules="all-linear"), rngs=nnx.Rngs(1))
     adapters = nnx.state(model, nnx.LoRAParam)
