@@ -141,3 +141,26 @@ def test_training_step_through_nf4_matmul_lowers():
 
     exported = export_for_cuda(jax.value_and_grad(loss), _spec(4, 128, K), stacked)
     assert exported.mlir_module().count("nf4_matmul") >= 2  # the forward and the transposed kernels
+
+
+@pytest.mark.skipif(
+    registry.by_name("decode_mosaic").unavailable() is not None,
+    reason=str(registry.by_name("decode_mosaic").unavailable()),
+)
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_the_mosaic_decode_kernel_lowers(m, stacked):
+    """Mosaic GPU's decode kernel (jax >= 0.11; selectable by name only): its default and other split/pipeline
+    depths, on one weight and in place on a layer of a stack, emit one Mosaic GPU custom call."""
+    from qlora_jax.kernels.decode_mosaic import MosaicDecodeConfig, decode_mosaic
+
+    qt = _abstract_weight(blocksize=64)
+    if stacked:  # two layers, as the decoder stacks them (every buffer with a leading layer axis)
+        qt = jax.eval_shape(lambda: jax.vmap(lambda w: quantize(w, blocksize=64))(jnp.zeros((2, N, K), jnp.bfloat16)))
+    layer = (jax.ShapeDtypeStruct((), jnp.int32),) if stacked else ()
+    kernel = registry.by_name("decode_mosaic")
+    for config in (kernel.default(m, N, K, 64, 132), MosaicDecodeConfig(split_k=1, max_concurrent_steps=2)):
+        exported = export_for_cuda(
+            lambda x, q, *i, c=config: decode_mosaic(x, q, *i, config=c), _spec(m, K), qt, *layer
+        )
+        assert exported.mlir_module().count("custom_call @mosaic_gpu") == 1
