@@ -16,7 +16,8 @@ Sections (--sections picks some, in this order):
             fraction of the roofline; writes "choice" records for `python -m qlora_jax.kernels.tables`
   large     M >= 2048 (training) rows, forward and forward + backward
   ladder    the decode kernel built up one step at a time (docs/kernels.md), GB/s of each rung
-  decode    tokens/s of greedy generation, batch 1 and 8, 8B shape, NF4 (XLA vs the decode kernel) and bf16 base
+  decode    greedy generation, 8B shape, batch 1 and 8: prefill and the decode loop timed apart; tokens/s for NF4 by
+            XLA and by the decode kernel, and the bf16 model, beside the roofline and beside bf16
   ckpt      a random Llama-3.1-8B-shape bf16 checkpoint written as safetensors (in --scratch) for the train rows
   train     one process per --train-row: `load_pretrained` (timed), LoRA r16 on all linears, AdamW, step time,
             tokens/s, XLA's memory analysis and the process's real peak (loading included)
@@ -86,6 +87,12 @@ def _env(emit, args):
     emit("env", jax=jax.__version__, backend=jax.default_backend(), device=device.device_kind,
          cores=getattr(device, "core_count", None), smoke=args.smoke)  # fmt: skip
     return device
+
+
+def _cores() -> int:
+    from qlora_jax.kernels import device
+
+    return device.core_count()
 
 
 def _peaks(device_kind: str):
@@ -200,7 +207,7 @@ def section_kernels(args, emit):
     import jax
     import jax.numpy as jnp
 
-    from qlora_jax.kernels import DecodeConfig, KernelOptions, MatmulConfig, autotune, dispatch, nf4_matmul
+    from qlora_jax.kernels import KernelOptions, autotune, dispatch, nf4_matmul, registry
     from qlora_jax.kernels.timing import copies_for
 
     device = _env(emit, args)
@@ -215,15 +222,10 @@ def section_kernels(args, emit):
         for m in ms:
             rows = (jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16),)
             configs = {}
-            default = autotune.default_fused_config("forward", m, n, k, 64, getattr(device, "core_count", 132))
-            candidates = [default, DecodeConfig(block_n=128, block_k=256, split_k=2, dot="mma"),
-                          DecodeConfig(block_n=64, block_k=512, split_k=2, dot=default.dot),
-                          DecodeConfig(block_n=256, block_k=128, split_k=4, dot="mma"),
-                          MatmulConfig(block_m=16, block_n=128, block_k=64, split_k=4)]  # fmt: skip
-            if m <= 4:
-                candidates.append(DecodeConfig(block_n=128, block_k=128, split_k=4, dot="fma"))
-            if args.smoke:
-                candidates = [default, candidates[-2]]
+            default = autotune.default_fused_config("forward", m, n, k, 64, _cores())
+            candidates = [default, *autotune.tuning_space("forward", m, n, k, 64)]  # what `qlora-jax tune` times
+            if args.smoke:  # the interpreter is slow: the default decode config and one tiled split-K config
+                candidates = [default, next(c for c in candidates if registry.config_name(c) == "matmul")]
             for config in dict.fromkeys(candidates):
                 try:
                     config.check(m=m, n=n, k=k, blocksize=64)
@@ -233,7 +235,7 @@ def section_kernels(args, emit):
             impls = [("bf16 dot", dense_dot, True),
                      ("dequant+dot", functools.partial(nf4_matmul, options=KernelOptions(impl="xla",
                                                                                          interpret=interpret)), False),
-                     ("dequant(xla)+dot", functools.partial(dispatch._xla_forward, dequant="xla"), False)]  # fmt: skip
+                     ("dequant(xla)+dot", functools.partial(dispatch.xla_forward, dequant="xla"), False)]  # fmt: skip
             impls += [(name, dispatch.fused_fn("forward", c, interpret), False) for name, c in configs.items()]
             impls.append(("auto", functools.partial(nf4_matmul, options=KernelOptions(interpret=interpret)), False))
             times = _time_impls(args, emit, m, n, k, impls, phase="fwd", peaks=peaks, dense_bytes=dense_bytes,
@@ -303,9 +305,9 @@ def section_ladder(args, emit):
 
     import jax
     import jax.numpy as jnp
+    from decode_ladder import LADDER, ladder  # benchmarks/decode_ladder.py, beside this script
 
     from qlora_jax.kernels import autotune
-    from qlora_jax.kernels.decode import LADDER, decode_ladder
     from qlora_jax.kernels.timing import copies_for
 
     device = _env(emit, args)
@@ -314,13 +316,13 @@ def section_ladder(args, emit):
     count = 2 if args.smoke else copies_for(n * k // 2)
     weights, quant_bytes, dense_bytes = _weights(n, k, count)
     x = jax.random.normal(jax.random.key(0), (1, k), jnp.float32).astype(jnp.bfloat16)
-    base = autotune.default_fused_config("forward", 1, n, k, 64, getattr(device, "core_count", 132))
+    base = autotune.default_fused_config("forward", 1, n, k, 64, _cores())
     impls = []
     for stage, what in enumerate(LADDER):
-        for lookup in ("gather", "select") if stage in (2, 4) and not args.smoke else ("gather",):
+        for lookup in ("gather", "select") if stage in (2, 4) and not args.smoke else (base.lookup,):
             for dot in ("fma", "mma") if stage == 4 and not args.smoke else (base.dot,):
                 config = dataclasses.replace(base, lookup=lookup, dot=dot)
-                fn = functools.partial(decode_ladder, config=config, stage=stage, interpret=args.smoke)
+                fn = functools.partial(ladder, config=config, stage=stage, interpret=args.smoke)
                 impls.append((f"{stage}: {what} ({lookup}, {dot})", fn, False))
     _time_impls(args, emit, 1, n, k, impls, phase="fwd", peaks=peaks, dense_bytes=dense_bytes,
                 quant_bytes=quant_bytes, count=count, weights=weights, rows=(x,), extra={"ladder": True})  # fmt: skip
@@ -332,24 +334,53 @@ def _model_config(args):
     return ModelConfig.from_hf_config(TINY if args.smoke else LLAMA_8B, source="gpu.py")
 
 
+def _generation_seconds(graphdef, state, inputs, cache_length, options, sampling):
+    """(prefill seconds, decode-loop seconds, tokens generated by the shortest row) of one greedy generation."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qlora_jax.generate import decode, prefill
+
+    start = time.perf_counter()
+    logits, cache, position = prefill(graphdef, state, *inputs, cache_length=cache_length, options=options)
+    jax.block_until_ready(logits)
+    middle = time.perf_counter()
+    stop_ids = jnp.asarray(sampling.stop_token_ids, jnp.int32)
+    seen = jnp.zeros((logits.shape[0], 0), bool)  # greedy: no repetition penalty
+    out, lengths, _ = decode(graphdef, state, logits, cache, position, stop_ids, seen, config=sampling, options=options)
+    jax.block_until_ready(out)
+    return middle - start, time.perf_counter() - middle, int(np.min(np.asarray(lengths)))
+
+
 def section_decode(args, emit):
+    """Greedy generation, 8B shape, batch 1 and 8: the prompt's prefill and the decode loop (`generate.prefill`,
+    `generate.decode`, each one compiled program) timed apart, for NF4 by XLA (what "auto" runs untuned), NF4 by
+    the decode kernel (impl="pallas"; Mosaic GPU's too where jax has it), and the bf16 model, in one run; tokens/s
+    beside the roofline (bytes a token must read / the chip's bandwidth) and beside bf16."""
+    import functools
+
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from qlora_jax.generate import SamplingConfig, generate
-    from qlora_jax.kernels import KernelOptions
-    from qlora_jax.models import ComputeOptions, DecoderLM
+    from qlora_jax.decode_budget import roofline_bytes
+    from qlora_jax.generate import SamplingConfig
+    from qlora_jax.kernels import KernelOptions, registry
+    from qlora_jax.models import ComputeOptions, DecoderLM, KVCache
     from qlora_jax.quant import QuantConfig
 
-    _env(emit, args)
+    device = _env(emit, args)
+    peaks = _peaks(device.device_kind)
     config = _model_config(args)
-    prompt_len, new = (8, 4) if args.smoke else (128, 64)
-    rows = [("nf4", "xla"), ("nf4", "pallas"), ("bf16", "xla")]
+    prompt_len, new = (8, 4) if args.smoke else (128, 128)
+    rows = [("nf4", "xla", "decode"), ("nf4", "pallas", "decode"), ("bf16", "xla", "decode")]
+    if registry.by_name("decode_mosaic").unavailable() is None and not args.smoke:  # jax >= 0.11
+        rows.insert(2, ("nf4", "pallas", "decode_mosaic"))
     batches = (1,) if args.smoke else (1, 8)
     built = None
-    for base, impl in rows:
+    for base, impl, kernel in rows:
         try:
             if built is None or built[0] != base:
                 built = None  # free the previous model first
@@ -361,20 +392,29 @@ def section_decode(args, emit):
                 built = (base, model)
                 emit("model", base=base, init_s=time.perf_counter() - start)
             model = built[1]
-            options = ComputeOptions(kernels=KernelOptions(impl=impl, interpret=args.smoke))
+            graphdef, state = nnx.split(model)
+            options = ComputeOptions(kernels=KernelOptions(impl=impl, decode_kernel=kernel, interpret=args.smoke))
             sampling = SamplingConfig(max_new_tokens=new, stop_token_ids=(-1,))
             for batch in batches:
-                prompts = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, prompt_len)).tolist()
-                start = time.perf_counter()
-                generate(model, prompts, sampling, options=options)
-                first = time.perf_counter() - start
-                start = time.perf_counter()
-                out = generate(model, prompts, sampling, options=options)
-                seconds = time.perf_counter() - start
-                emit("decode", base=base, impl=impl, batch=batch, prompt=prompt_len, new_tokens=len(out[0]),
-                     first_call_s=first, seconds=seconds, tokens_per_s=batch * new / seconds)  # fmt: skip
+                prompts = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, prompt_len))
+                inputs = (jnp.asarray(prompts, jnp.int32), jnp.ones((batch, prompt_len), bool))
+                run = functools.partial(
+                    _generation_seconds, graphdef, state, inputs, prompt_len + new, options, sampling
+                )
+                first = run()  # compiles both programs
+                prefill_s, decode_s, generated = min((run() for _ in range(1 if args.smoke else 3)), key=lambda t: t[1])
+                cache = jax.eval_shape(lambda b=batch: KVCache.empty(config, b, prompt_len + new, jnp.bfloat16))
+                roofline = roofline_bytes(model, cache, batch)  # bytes a token must read (the whole cache)
+                record = dict(base=base, impl=impl, kernel=kernel, batch=batch, prompt=prompt_len)
+                record.update(new_tokens=generated, compile_s=first[0] + first[1], prefill_s=prefill_s)
+                record.update(decode_s=decode_s, tokens_per_s=batch * generated / decode_s)
+                record.update(roofline_GB_per_token=roofline / 1e9)
+                if peaks:
+                    record["roofline_tokens_per_s"] = batch * peaks[1] / roofline
+                    record["roofline_fraction"] = record["tokens_per_s"] / record["roofline_tokens_per_s"]
+                emit("decode", **record)
         except Exception as e:  # noqa: BLE001
-            emit("decode", base=base, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}")
+            emit("decode", base=base, impl=impl, kernel=kernel, error=f"{type(e).__name__}: {str(e)[:300]}")
 
 
 def section_ckpt(args, emit):
@@ -670,8 +710,21 @@ def _fmt(value, digits=1):
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _with_bf16_ratio(records: list[dict]) -> list[dict]:
+    """Decode records with `vs_bf16`: tokens/s over the bf16 model's at the same batch, in the same run."""
+    bf16 = {r["batch"]: r["tokens_per_s"] for r in records
+            if r["kind"] == "decode" and r.get("base") == "bf16" and "tokens_per_s" in r}  # fmt: skip
+    out = []
+    for r in records:
+        if r["kind"] == "decode" and r.get("tokens_per_s") and bf16.get(r.get("batch")):
+            r = dict(r, vs_bf16=r["tokens_per_s"] / bf16[r["batch"]])
+        out.append(r)
+    return out
+
+
 def report(records: list[dict]) -> str:
     """The markdown tables of a run's records."""
+    records = _with_bf16_ratio(records)
     lines = ["# benchmarks/gpu.py", ""]
     env = next((r for r in records if r["kind"] == "env"), {})
     head = next((r for r in records if r["kind"] == "run"), {})
@@ -704,8 +757,10 @@ def report(records: list[dict]) -> str:
                          f"{_fmt(r.get('weight_GBps'), 0)} | {_fmt(r.get('roofline_fraction'), 2)} | "
                          f"{ratios[0]} | {ratios[1]} |")  # fmt: skip
     for kind, title, cols in (
-        ("decode", "Decode (greedy)", ("base", "impl", "batch", "prompt", "new_tokens", "first_call_s",
-                                       "tokens_per_s")),
+        ("decode", "Decode (greedy; prefill timed apart)", ("base", "impl", "kernel", "batch", "prompt",
+                                                            "new_tokens", "prefill_s", "tokens_per_s",
+                                                            "roofline_tokens_per_s", "roofline_fraction",
+                                                            "vs_bf16")),
         ("train", "QLoRA step, Llama-3.1-8B shape", ("spec", "load_s", "compile_s", "median_s", "tokens_per_s",
                                                      "first_loss", "base_GiB", "xla_argument_GiB", "xla_temp_GiB",
                                                      "peak_GiB")),

@@ -1,8 +1,10 @@
 """Batched generation with a KV cache: greedy or sampled (temperature, top-k, top-p, min-p), a repetition penalty,
 stop tokens, seeded; prompts left-padded.
 
-Two jitted functions do the work: a prefill over the padded prompts, and a `lax.while_loop` that decodes one
-token a step for the whole batch until every sequence has stopped or reached max_new_tokens.
+Two compiled programs do the work: `prefill` over the padded prompts (it builds the KV cache), and `decode`, the
+whole generation loop in one program: a `lax.while_loop` that samples on the device and decodes one token a step
+for the whole batch, writing the donated KV cache in place, until every sequence has stopped or reached
+max_new_tokens. Decoding reads the stacked 4-bit weights where they lie (`models.decoder`).
 
 What the caller leaves unset in `SamplingConfig` comes from the checkpoint's generation defaults
 (`model.config.generation`: its generation_config.json, or a GGUF's end ids), then from transformers'
@@ -35,6 +37,8 @@ __all__ = [
     "apply_repetition_penalty",
     "min_p_filter",
     "chat_token_ids",
+    "prefill",
+    "decode",
     "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_TOP_K",
     "UnsupportedGenerationError",
@@ -209,23 +213,35 @@ def _seen_tokens(tokens: jax.Array, valid: jax.Array, vocab_size: int) -> jax.Ar
     return counts > 0
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "options"))
-def _generate(graphdef, state, tokens, valid, *, config: SamplingConfig, cache_length: int, stop_ids,
-              options: ComputeOptions):  # fmt: skip
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "options"))
+def prefill(graphdef, state, tokens, valid, *, cache_length: int, options: ComputeOptions):
+    """The prompts' pass: (float32 logits [B, V] of each prompt's last token, the KV cache holding the prompts
+    (cache_length slots), each sequence's next position [B]). tokens, valid: [B, T], left-padded."""
     model: DecoderLM = nnx.merge(graphdef, state)
-    batch, prompt_length = tokens.shape
+    batch, _ = tokens.shape
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
     cache = KVCache.empty(model.config, batch, cache_length, model.dtype)
     h, cache = model.hidden_states(tokens, positions=positions, cache=cache, valid=valid, options=options)
-    logits = model.logits(h[:, -1], options=options)
+    return model.logits(h[:, -1], options=options), cache, positions[:, -1] + 1
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "options"), donate_argnames=("cache",))
+def decode(
+    graphdef, state, logits, cache: KVCache, next_position, stop_ids, seen, *, config: SamplingConfig,
+    options: ComputeOptions,
+):  # fmt: skip
+    """The generation loop, one compiled program: a `lax.while_loop` that samples a token (on the device) from
+    the last logits, runs it through the model writing the donated KV cache in place, until every sequence has
+    stopped or config.max_new_tokens are out. `seen` (bool [B, V]; [B, 0] without a repetition penalty): the tokens
+    the penalty applies to, the prompts' (`_seen_tokens`), then each generated one. Returns (tokens [B,
+    max_new_tokens] (0 after a stop), lengths [B], the final cache)."""
+    model: DecoderLM = nnx.merge(graphdef, state)
+    batch = logits.shape[0]
     key = jax.random.key(config.seed)
     out = jnp.zeros((batch, config.max_new_tokens), jnp.int32)
     lengths = jnp.zeros((batch,), jnp.int32)
     done = jnp.zeros((batch,), bool)
-    next_position = positions[:, -1] + 1
-    # The tokens a repetition penalty applies to (the prompt's, then each generated one); none without a penalty.
     penalty = config.repetition_penalty is not None
-    seen = _seen_tokens(tokens, valid, logits.shape[-1]) if penalty else jnp.zeros((batch, 0), bool)
 
     def cond(carry):
         step, _, _, _, done, _, _, _ = carry
@@ -244,8 +260,8 @@ def _generate(graphdef, state, tokens, valid, *, config: SamplingConfig, cache_l
         return step + 1, model.logits(h[:, -1], options=options), cache, out, done, lengths, position + 1, seen
 
     carry = (jnp.int32(0), logits, cache, out, done, lengths, next_position, seen)
-    _, _, _, out, _, lengths, _, _ = jax.lax.while_loop(cond, body, carry)
-    return out, lengths
+    _, _, cache, out, _, lengths, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out, lengths, cache
 
 
 def generate(
@@ -289,16 +305,14 @@ def generate(
         tokens[row, longest - len(prompt) :] = prompt  # left padding: every sequence ends at the same slot
         valid[row, longest - len(prompt) :] = True
     graphdef, state = nnx.split(model)
-    out, lengths = _generate(
-        graphdef,
-        state,
-        jnp.asarray(tokens),
-        jnp.asarray(valid),
-        config=config,
-        cache_length=longest + config.max_new_tokens,
-        stop_ids=jnp.asarray(list(config.stop_token_ids) or [-1], jnp.int32),
-        options=options,
+    tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
+    logits, cache, position = prefill(
+        graphdef, state, tokens, valid, cache_length=longest + config.max_new_tokens, options=options
     )
+    stop_ids = jnp.asarray(list(config.stop_token_ids) or [-1], jnp.int32)
+    penalty = config.repetition_penalty is not None
+    seen = _seen_tokens(tokens, valid, logits.shape[-1]) if penalty else jnp.zeros((len(prompts), 0), bool)
+    out, lengths, _ = decode(graphdef, state, logits, cache, position, stop_ids, seen, config=config, options=options)
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[row, : lengths[row]].tolist() for row in range(len(prompts))]
 

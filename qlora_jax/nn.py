@@ -5,6 +5,8 @@ The variable type decides what can train. Base weights are `Frozen`, the buffers
 adapters (`qlora_jax.lora`) attach to a QLinear as its `lora` submodule and hold `nnx.LoRAParam`s.
 
 How a layer computes (the kernel choice, LoRA dropout's key) is passed to each call, never read from state.
+A QLinear whose 4-bit buffers are a whole stack of layers (the decoder's decode step reads them in place, never
+slicing them) is given its layer's index with `read_in_place` by whoever merged it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qlora_jax.kernels import KernelOptions, nf4_matmul
+from qlora_jax.kernels import KernelOptions, nf4_matmul, nf4_matmul_group
+from qlora_jax.kernels.decode import layer_of
 from qlora_jax.kernels.tune_model import LinearShape
-from qlora_jax.mesh import gathered, gathered_matmul
+from qlora_jax.mesh import current_mesh, gathered, gathered_matmul
 from qlora_jax.quant import QUANT_BUFFERS, QuantConfig, QuantizedTensor, dequantize, quantize
 
-__all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm", "linear_shapes"]
+__all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm", "linear_shapes", "linears", "read_in_place"]
 
 
 class Frozen(nnx.Variable):
@@ -79,14 +82,17 @@ class QLinear(nnx.Module):
         self.lora: nnx.Module | None = nnx.data(None)  # set by qlora_jax.lora.apply_lora
         # trained rows of an output head (PEFT's trainable tokens / modules_to_save), set by qlora_jax.tokens
         self.trainable_rows: nnx.Module | None = nnx.data(None)
+        # The layer of a stacked 4-bit weight this module multiplies by (`read_in_place`); None: unstacked.
+        self.layer_index: jax.Array | None = nnx.data(None)
 
     @property
     def is_quantized(self) -> bool:
         return self.quant is not None
 
     def quantized_tensor(self, *, gather: bool = True) -> QuantizedTensor:
-        """The 4-bit weight as a QuantizedTensor (its buffers may carry a leading layer axis); traced under
-        `qlora_jax.mesh.compute_mesh`, whole on every device (gathered just in time) unless not `gather`."""
+        """The 4-bit weight as a QuantizedTensor (its buffers may carry a leading layer axis: the whole stack when
+        read in place); traced under `qlora_jax.mesh.compute_mesh`, whole on every device (gathered just in time)
+        unless not `gather`."""
         assert self.quant is not None, "this QLinear holds a dense weight"
         buffers = {name: (None if getattr(self, name) is None else getattr(self, name)[...]) for name in QUANT_BUFFERS}
         if gather:
@@ -104,7 +110,7 @@ class QLinear(nnx.Module):
         """W [out_features, in_features] in `dtype` (dequantized if 4-bit)."""
         dtype = self.param_dtype if dtype is None else dtype
         if self.is_quantized:
-            return dequantize(self.quantized_tensor(), dtype)
+            return dequantize(layer_of(self.quantized_tensor(), self.layer_index), dtype)
         return self.weight[...].astype(dtype)
 
     def base(self, x: jax.Array, *, kernels: KernelOptions = KernelOptions()) -> jax.Array:
@@ -112,13 +118,24 @@ class QLinear(nnx.Module):
         multiplied by `nf4_matmul` with the kernel choice `kernels`."""
         x = x.astype(self.dtype)
         if self.is_quantized:
-            matmul = functools.partial(nf4_matmul, options=kernels)
+            matmul = functools.partial(nf4_matmul, options=kernels, layer=self.layer_index)
             y = gathered_matmul(matmul, x, self.quantized_tensor(gather=False))
         else:
             w = jax.lax.stop_gradient(gathered(self.weight[...])).astype(self.dtype)
             y = jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(self.dtype)
+        return self._biased(y)
+
+    def _biased(self, y: jax.Array) -> jax.Array:
         if self.bias is not None:
             y = y + jax.lax.stop_gradient(gathered(self.bias[...])).astype(self.dtype)
+        return y
+
+    def adapted(self, x: jax.Array, y: jax.Array, *, kernels: KernelOptions, dropout_key: jax.Array | None):
+        """The base output y with the adapter's contribution added (y itself without an adapter)."""
+        if self.lora is not None:
+            y = y + self.lora(x, self, y, kernels=kernels, dropout_key=dropout_key).astype(y.dtype)
+        if self.trainable_rows is not None:  # an output head with trained rows: their outputs replaced
+            y = self.trainable_rows.project(x.astype(self.dtype), y, self.param_dtype)
         return y
 
     def __call__(
@@ -128,12 +145,42 @@ class QLinear(nnx.Module):
 
         kernels: how a 4-bit W is multiplied; dropout_key: turns the adapter's dropout on (training), None off.
         """
-        y = self.base(x, kernels=kernels)
-        if self.lora is not None:
-            y = y + self.lora(x, self, y, kernels=kernels, dropout_key=dropout_key).astype(y.dtype)
-        if self.trainable_rows is not None:  # an output head with trained rows: their outputs replaced
-            y = self.trainable_rows.project(x.astype(self.dtype), y, self.param_dtype)
-        return y
+        return self.adapted(x, self.base(x, kernels=kernels), kernels=kernels, dropout_key=dropout_key)
+
+
+def linears(
+    layers: tuple[QLinear, ...], x: jax.Array, *, kernels: KernelOptions = KernelOptions(),
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:  # fmt: skip
+    """Each layer applied to the same x (q/k/v, gate/up), adapters included: what `layer(x)` gives for each, with
+    the 4-bit bases multiplied by one `nf4_matmul_group` call (one decode-kernel launch where it is the choice).
+
+    The group needs 4-bit layers of one compute dtype, all stacked alike, and no mesh (under `compute_mesh` each
+    layer runs on its own, per device)."""
+    grouped = (
+        len(layers) > 1 and all(layer.is_quantized for layer in layers) and current_mesh() is None
+        and len({layer.dtype for layer in layers}) == 1
+        and len({layer.layer_index is None for layer in layers}) == 1
+    )  # fmt: skip
+    if not grouped:
+        return tuple(layer(x, kernels=kernels, dropout_key=dropout_key) for layer in layers)
+    first = layers[0]
+    xc = x.astype(first.dtype)
+    qts = [layer.quantized_tensor(gather=False) for layer in layers]
+    bases = nf4_matmul_group(xc, qts, layer=first.layer_index, options=kernels)
+    return tuple(
+        layer.adapted(x, layer._biased(y), kernels=kernels, dropout_key=dropout_key)
+        for layer, y in zip(layers, bases, strict=True)
+    )
+
+
+def read_in_place(module: nnx.Module, index: jax.Array) -> None:
+    """Tells every QLinear in `module` whose 4-bit buffers are a stack of layers to multiply by layer `index`
+    (an int32 scalar, traced), reading the stack where it lies. For a module merged inside a step (the decoder's
+    layer scan); the stacked buffers are never sliced before the matmul."""
+    for _, sub in nnx.iter_graph(module):
+        if isinstance(sub, QLinear) and sub.is_quantized and jnp.ndim(sub.packed[...]) > 1:
+            sub.layer_index = index
 
 
 class Embed(nnx.Module):

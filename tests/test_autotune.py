@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from qlora_jax.cli import main as cli_main
-from qlora_jax.kernels import DecodeConfig, MatmulConfig, autotune, dispatch, tables, timing
+from qlora_jax.kernels import DecodeConfig, MatmulConfig, autotune, device, dispatch, registry, tables, timing
 from qlora_jax.kernels.autotune import (
     MAX_CANDIDATES,
     Choice,
@@ -57,6 +57,7 @@ def test_tuning_space_is_small_and_valid(op, m, k, blocksize):
     decode = [c for c in configs if isinstance(c, DecodeConfig)]
     assert bool(decode) == (op == "forward" and m <= 16)
     assert any(c.dot == "fma" for c in decode) == (op == "forward" and m <= 4)
+    assert any(c.dot == "mma" for c in decode) == (op == "forward" and m <= 16)  # tensor cores at every M
 
 
 @pytest.mark.parametrize(("op", "m"), [("forward", 1), ("forward", 9), ("forward", 300), ("backward", 1)])
@@ -65,7 +66,25 @@ def test_default_fused_config_is_valid(op, m):
     config.check(m=m, n=4096, k=4096, blocksize=64)
     assert isinstance(config, DecodeConfig) == (op == "forward" and m <= 16)
     if isinstance(config, DecodeConfig):
-        assert config.split_k > 1  # 64 column tiles alone would leave most of 132 SMs idle
+        assert -(-4096 // config.block_n) * config.split_k >= 132  # a program for every SM
+        assert config.dot == "mma" and config.lookup == "select"  # what the sm_90 figures favour (docs/kernels.md)
+
+
+def test_the_registry_names_each_kernel_once_and_finds_it_by_config():
+    names = [kernel.name for kernel in registry.KERNELS]
+    assert len(names) == len(set(names))
+    assert registry.kernel_for("forward", DecodeConfig()).name == "decode"
+    assert registry.kernel_for("forward", MatmulConfig()).name == "matmul"
+    assert registry.kernel_for("backward", MatmulConfig()).name == "matmul_transposed"
+    with pytest.raises(ValueError, match="no backward kernel takes a DecodeConfig"):
+        registry.kernel_for("backward", DecodeConfig())
+    with pytest.raises(ValueError, match="unknown kernel 'nope'"):
+        registry.by_name("nope")
+    for config in (DecodeConfig(block_n=16, lookup="gather"), MatmulConfig(block_m=16, split_k=4)):
+        assert autotune.config_from_json(autotune.config_to_json(config)) == config
+    for kernel in registry.KERNELS:
+        if kernel.op != "dequantize":
+            assert kernel.reference is not None and kernel.space(1, 256, 512, 64) is not None
 
 
 def test_tune_keeps_the_fastest_skips_failures_and_caches(tmp_path):
@@ -139,7 +158,7 @@ def test_cache_merges_entries_written_by_another_process(tmp_path):
 def test_per_call_seconds_both_modes():
     weights = timing.distinct_weights(32, 128, jnp.bfloat16, 3)
     x = jnp.ones((2, 128), jnp.bfloat16)
-    fn = functools.partial(dispatch._xla_forward, dequant="xla")
+    fn = functools.partial(dispatch.xla_forward, dequant="xla")
     for mode in ("unrolled", "scan"):
         seconds = timing.per_call_seconds(fn, (x,), weights, 3, mode=mode, repeats=2)
         assert math.isfinite(seconds) and seconds > 0
@@ -152,8 +171,9 @@ def test_per_call_seconds_both_modes():
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
     """Pretend the default backend is an H100 so that `impl="auto"` consults the cache and the tables."""
-    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
-    monkeypatch.setattr(dispatch, "_device", lambda: (H100, 132))
+    monkeypatch.setattr(device, "on_gpu", lambda: True)
+    monkeypatch.setattr(device, "device_kind", lambda: H100)
+    monkeypatch.setattr(device, "core_count", lambda: 132)
     return TuningCache(tmp_path / "tune.json")
 
 
@@ -169,8 +189,8 @@ def test_untuned_auto_is_xla_everywhere(fake_gpu, m):
     assert not options.autotune  # no silent minutes of tuning at the first trace
     plan = _plan(m, qt, options)
     assert (plan.forward, plan.backward, plan.dequant) == ("xla", "xla", "pallas")
-    fused = _plan(m, qt, options, impl="pallas")
-    assert fused.forward == ("decode" if m <= 16 else "matmul") and fused.backward == "matmul"
+    fused = _plan(m, qt, options, impl="pallas")  # prefill-sized M: XLA unless a measurement says otherwise
+    assert fused.forward == ("decode" if m <= 16 else "xla") and fused.backward == "matmul_transposed"
 
 
 def test_auto_uses_the_cached_measurement(fake_gpu):

@@ -163,3 +163,31 @@ def test_min_p_and_penalty_in_sampling():
     seen[np.arange(4), np.asarray(jnp.argmax(logits, -1))] = True
     greedy = SamplingConfig(temperature=0.0, repetition_penalty=1e6)
     assert not (sample_logits(logits, jax.random.key(0), greedy, jnp.asarray(seen)) == jnp.argmax(logits, -1)).any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
+def test_the_decode_kernel_generates_the_tokens_of_xla(family):
+    """Greedy generation by the fused decode kernel (impl="pallas": q/k/v and gate/up grouped, weights read in
+    place, in Pallas' interpreter) is token for token XLA's, on NF4 models with LoRA adapters on every linear,
+    at batch 2 (left padding) and 8."""
+    import jax
+    from flax import nnx
+
+    from qlora_jax.kernels import KernelOptions
+    from qlora_jax.lora import LoraConfig, apply_lora
+    from qlora_jax.models import DecoderLM, ModelConfig
+    from qlora_jax.quant import QuantConfig
+    from tests.families import family_config
+
+    config = ModelConfig.from_hf_config(family_config(family, intermediate_size=128), source=family)  # K % 64 == 0
+    model = DecoderLM(config, quant=QuantConfig(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    apply_lora(model, LoraConfig(r=4, target_modules="all-linear"), rngs=nnx.Rngs(1))
+    adapters = nnx.state(model, nnx.LoRAParam)
+    keys = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(adapters))))
+    nnx.update(model, jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(keys), a.shape, a.dtype), adapters))
+    sampling = SamplingConfig(max_new_tokens=6, stop_token_ids=())
+    for prompts in (PROMPTS, [PROMPTS[i % 2][: 3 + i % 3] for i in range(8)]):
+        xla = generate(model, prompts, sampling, options=ComputeOptions(kernels=KernelOptions(impl="xla")))
+        fused = ComputeOptions(kernels=KernelOptions(impl="pallas", interpret=True))
+        assert generate(model, prompts, sampling, options=fused) == xla

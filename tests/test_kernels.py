@@ -22,9 +22,10 @@ from qlora_jax.kernels import (
     matmul_transposed_pallas,
     matmul_transposed_reference,
     nf4_matmul,
+    nf4_matmul_group,
     plan_for,
 )
-from qlora_jax.kernels.decode import decode_ladder, decode_pallas, decode_reference
+from qlora_jax.kernels.decode import decode_group_pallas, decode_pallas, decode_reference
 from qlora_jax.quant import dequantize, quantize
 
 # Relative to the output's largest magnitude: 16-bit inputs differ from the float32 reference by their rounding.
@@ -140,30 +141,93 @@ class KernelTests:
         want = np.asarray(dequantize(qt).astype(jnp.float32)).T[[0, 1, 130, 255]]
         np.testing.assert_array_equal(np.asarray(y), want)
 
-    def test_decode_ladder_rungs(self):
-        """Each rung of the benchmark ladder computes what it says (row sums of bytes, nibbles, codes, weights)."""
-        qt = _weight(64, 256, jnp.float32, double_quant=False)
-        x = _activations(1, 256)
-        config = DecodeConfig(block_n=32, block_k=128, split_k=2, dot="fma")
-        packed = np.asarray(qt.packed).reshape(64, 128).astype(np.float32)
-        hi, lo = np.floor(packed / 16), packed % 16
-        rungs = [decode_ladder(x, qt, config=config, stage=s, interpret=self.INTERPRET) for s in range(5)]
-        np.testing.assert_allclose(np.asarray(rungs[0])[0], packed.sum(1), rtol=1e-6)
-        np.testing.assert_allclose(np.asarray(rungs[1])[0], (hi + lo).sum(1), rtol=1e-6)
-        np.testing.assert_allclose(np.asarray(rungs[3])[0], np.asarray(dequantize(qt)).sum(1), rtol=1e-5, atol=1e-5)
-        _assert_close(rungs[4], decode_reference(x, qt), jnp.bfloat16)
+    @pytest.mark.parametrize("dot", ["fma", "mma"])
+    def test_decode_reads_one_layer_of_a_stack_in_place(self, dot):
+        """A stacked weight and a (traced) layer index: each layer's product, without slicing the stack."""
+        layers = [_weight(80, 512, seed=seed) for seed in range(3)]
+        stack = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+        x = _activations(2, 512)
+        config = DecodeConfig(block_n=32, block_k=128, split_k=2, dot=dot, lookup="select")
+        run = jax.jit(lambda x, stack, layer: decode_pallas(x, stack, layer, config=config, interpret=self.INTERPRET))
+        for index, qt in enumerate(layers):
+            got = run(x, stack, jnp.int32(index))
+            np.testing.assert_array_equal(
+                np.asarray(got), np.asarray(decode_pallas(x, qt, config=config, interpret=self.INTERPRET))
+            )
+            _assert_close(got, decode_reference(x, qt), jnp.bfloat16)
+
+    @pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", True), ("fp4", False)])
+    @pytest.mark.parametrize(
+        "config",
+        [
+            DecodeConfig(block_n=32, block_k=128, split_k=2, dot="fma"),
+            DecodeConfig(block_n=16, block_k=256, split_k=1, dot="mma"),
+        ],
+    )
+    def test_decode_group_equals_one_call_per_weight(self, quant_type, double_quant, config):
+        """q/k/v-like weights (different out_features, ragged tiles) in one launch: each output is exactly the
+        single-weight kernel's, stacked or not."""
+        qts = [_weight(n, 256, quant_type=quant_type, double_quant=double_quant, seed=n) for n in (64, 32, 48)]
+        x = _activations(3, 256)
+        got = decode_group_pallas(x, tuple(qts), config=config, interpret=self.INTERPRET)
+        stacks = tuple(jax.tree.map(lambda *a: jnp.stack(a), qt, qt) for qt in qts)
+        got_stacked = decode_group_pallas(x, stacks, jnp.int32(1), config=config, interpret=self.INTERPRET)
+        for y, y_stacked, qt in zip(got, got_stacked, qts, strict=True):
+            want = decode_pallas(x, qt, config=config, interpret=self.INTERPRET)
+            assert y.shape == want.shape == (3, qt.shape[0])
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+            np.testing.assert_array_equal(np.asarray(y_stacked), np.asarray(want))
 
     def test_nf4_matmul_pallas_runs_the_decode_kernel_for_small_m(self):
         qt = _weight(96, 256)
         x = _activations(2, 3, 256)  # M = 6 after flattening
         plan = plan_for(6, qt, jnp.bfloat16, impl="pallas", options=self.options)
-        assert plan.forward == "decode" and plan.backward == "matmul"
+        assert plan.forward == "decode" and plan.backward == "matmul_transposed"
         _assert_close(nf4_matmul(x, qt, options=self.options, impl="pallas"), matmul_reference(x, qt), jnp.bfloat16)
         # vmap folds rows into M while they fit (<= 16), and maps beyond
         for batch in (2, 5):
             xs = _activations(batch, 4, 256)
             got = jax.vmap(lambda a: nf4_matmul(a, qt, options=self.options, impl="pallas"))(xs)
             _assert_close(got, matmul_reference(xs, qt), jnp.bfloat16)
+
+    @pytest.mark.parametrize("impl", ["pallas", "xla", "reference"])
+    def test_nf4_matmul_of_one_layer_of_a_stack(self, impl):
+        """`layer=`: the product with that layer of a stacked weight, and its gradient, on every path."""
+        layers = [_weight(96, 256, seed=seed) for seed in range(3)]
+        stack = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+        x = _activations(2, 256)
+
+        def loss(x, layer):
+            y = nf4_matmul(x, stack, layer=layer, options=self.options, impl=impl)
+            return jnp.sum(y.astype(jnp.float32) ** 2), y
+
+        for index in (0, 2):
+            (_, y), dx = jax.jit(jax.value_and_grad(loss, has_aux=True))(x, jnp.int32(index))
+            _assert_close(y, matmul_reference(x, layers[index]), jnp.bfloat16)
+            (_, _), want = jax.value_and_grad(
+                lambda a, q=layers[index]: (jnp.sum(nf4_matmul(a, q, impl="reference").astype(jnp.float32) ** 2), 0),
+                has_aux=True,
+            )(x)
+            _assert_close(dx, want, jnp.bfloat16)
+
+    @pytest.mark.parametrize("impl", ["pallas", "xla"])
+    def test_nf4_matmul_group_equals_separate_calls(self, impl):
+        """q/k/v through one call: the same outputs as one nf4_matmul each (bit for bit) and the summed dx."""
+        qts = [_weight(n, 256, seed=n) for n in (64, 32, 32)]
+        x = _activations(1, 2, 256)
+        got = nf4_matmul_group(x, qts, options=self.options, impl=impl)
+        for y, qt in zip(got, qts, strict=True):
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(nf4_matmul(x, qt, options=self.options, impl=impl)))
+        if impl == "pallas":
+            plans = [plan_for(2, qt, jnp.bfloat16, impl=impl, options=self.options) for qt in qts]
+            assert {p.forward for p in plans} == {"decode"}
+
+        def total(x, fn):
+            return sum(jnp.sum(y.astype(jnp.float32) * (i + 1)) for i, y in enumerate(fn(x)))
+
+        grouped = jax.grad(total)(x, lambda a: nf4_matmul_group(a, qts, options=self.options, impl=impl))
+        separate = jax.grad(total)(x, lambda a: [nf4_matmul(a, q, options=self.options, impl=impl) for q in qts])
+        _assert_close(grouped, separate, jnp.bfloat16)
 
     # --- backward (dx = dy @ W) --------------------------------------------------------------------------------
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qlora_jax.kernels.decode import FMA_MAX_M, MAX_M, DecodeConfig
-from qlora_jax.kernels.dequant import DequantConfig
+from qlora_jax.kernels import device, registry
+from qlora_jax.kernels.decode import MAX_M, DecodeConfig
 from qlora_jax.kernels.matmul import MatmulConfig
 
 __all__ = [
@@ -84,18 +84,15 @@ class TuningKey:
 def config_to_json(config: KernelConfig | None) -> dict[str, Any] | None:
     if config is None:
         return None
-    kernel = "decode" if isinstance(config, DecodeConfig) else "matmul"
-    return {"kernel": kernel, **dataclasses.asdict(config)}
+    return {"kernel": registry.config_name(config), **dataclasses.asdict(config)}
 
 
 def config_from_json(data: dict[str, Any] | None) -> KernelConfig | None:
+    """The config a tuning entry names ("kernel": a registry name; "matmul" when absent, as older entries)."""
     if not data:
         return None
     data = dict(data)
-    kernel = data.pop("kernel", "matmul")
-    if kernel not in ("decode", "matmul"):
-        raise ValueError(f"unknown kernel {kernel!r} in a tuning entry")
-    return DecodeConfig(**data) if kernel == "decode" else MatmulConfig(**data)
+    return registry.config_from_name(data.pop("kernel", "matmul"), data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,74 +127,29 @@ class Choice:
         return choice
 
 
-def _decode_space(m: int, k: int, blocksize: int) -> list[DecodeConfig]:
-    """At most 12 decode configs: wide loads, split K; multiply-adds on CUDA cores for M <= 4."""
-    dots = ("fma", "mma") if m <= FMA_MAX_M else ("mma",)
-    shapes = [(64, 128, 4), (128, 128, 4), (64, 256, 2), (128, 256, 2), (256, 128, 2), (32, 256, 8)]
-    configs = []
-    for dot in dots:
-        for bn, bk, split in shapes[: 12 // len(dots)]:
-            while split > 1 and k % (bk * split):
-                split //= 2
-            if k % bk == 0:
-                configs.append(DecodeConfig(block_n=bn, block_k=bk, split_k=split, dot=dot, num_warps=4))
-    return list(dict.fromkeys(configs))
-
-
 def tuning_space(op: str, m: int, n: int, k: int, blocksize: int) -> list[KernelConfig]:
-    """The fused configurations worth timing for this shape (all valid for it; at most MAX_CANDIDATES).
+    """The fused configurations worth timing for this shape (all valid for it; at most MAX_CANDIDATES): the
+    candidate spaces of the registry's kernels for `op` (`registry.candidates`).
 
-    forward, M <= 16: the decode kernel (12) and 4 split-K configs of the tiled kernel; forward, larger M: the
-    tiled kernel's tensor-core tiles; backward: the transposed kernel's tiles.
+    forward, M <= 16: the decode kernel's candidates and 4 split-K configs of the tiled kernel; forward, larger M:
+    the tiled kernel's tensor-core tiles; backward: the transposed kernel's tiles.
     """
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    del n
-    block_ks = [bk for bk in (64, 32, 128) if blocksize % bk == 0 and k % bk == 0]
-    bk = block_ks[0]
-    configs: list[KernelConfig]
-    if op == "forward" and m <= MAX_M:
-        configs = [*_decode_space(m, k, blocksize)]
-        for bn, split in ((128, 4), (64, 8), (128, 2), (64, 4)):
-            if k % (bk * split) == 0:
-                configs.append(MatmulConfig(block_m=16, block_n=bn, block_k=bk, split_k=split, num_warps=4))
-    elif op == "forward":
-        configs = [
-            MatmulConfig(block_m=bm, block_n=bn, block_k=kk, num_warps=w, num_stages=st)
-            for bm, bn, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4))
-            for kk in block_ks[:2]
-            for st in (3, 4)
-        ]
-    else:
-        bms = (16, 64) if m <= MAX_M else (64, 128)
-        configs = [
-            MatmulConfig(block_m=bm, block_n=bn, block_k=kk, num_warps=w, num_stages=3)
-            for bm in bms
-            for bn in (32, 64)
-            for kk in block_ks[:2]
-            for w in (4, 8)
-        ]
-    return list(dict.fromkeys(configs))[:MAX_CANDIDATES]
+    return registry.candidates(op, m, n, k, blocksize)[:MAX_CANDIDATES]
 
 
-def default_fused_config(op: str, m: int, n: int, k: int, blocksize: int, num_cores: int = 132) -> KernelConfig:
+def default_fused_config(op: str, m: int, n: int, k: int, blocksize: int, num_cores: int | None = None) -> KernelConfig:
     """The fused configuration impl="pallas" uses when nothing was measured: the decode kernel for forward at
-    M <= 16 (K split so that about two programs run per SM), the tiled kernels otherwise."""
-    block_k = 64 if blocksize % 64 == 0 and k % 64 == 0 else 32
-    if op == "backward" or m > MAX_M:
-        return MatmulConfig(block_m=64, block_n=64, block_k=block_k)
-    bn, bk = 64, 128 if k % 128 == 0 else 64
-    split = 1
-    while split < 16 and -(-n // bn) * split < 2 * num_cores and k % (bk * split * 2) == 0:
-        split *= 2
-    return DecodeConfig(block_n=bn, block_k=bk, split_k=split, dot="fma" if m <= FMA_MAX_M else "mma")
-
-
-DEQUANT_SPACE = (
-    DequantConfig(block_rows=32, block_cols=64),
-    DequantConfig(block_rows=64, block_cols=64, num_warps=8),
-    DequantConfig(block_rows=16, block_cols=128),
-)
+    M <= 16 (`registry.decode_default`), the tiled kernels otherwise. `num_cores`: the GPU's SMs (default: the
+    traced-for device's, `kernels.device.core_count()`)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if num_cores is None:
+        num_cores = device.core_count()
+    if op == "forward" and m <= MAX_M:
+        return registry.by_name("decode").default(m, n, k, blocksize, num_cores)
+    return registry.by_name("matmul" if op == "forward" else "matmul_transposed").default(m, n, k, blocksize, num_cores)
 
 
 def cache_path() -> Path:

@@ -20,7 +20,14 @@ from jax.experimental.pallas import triton as plgpu
 from qlora_jax import codebooks
 from qlora_jax.quant import QuantizedTensor, round_before_add
 
-__all__ = ["WeightOperands", "weight_operands", "fused_unsupported_reason", "compiler_params", "load_block_scales"]
+__all__ = [
+    "WeightOperands",
+    "weight_operands",
+    "operand_arrays",
+    "fused_unsupported_reason",
+    "compiler_params",
+    "load_block_scales",
+]
 
 TILE_SIZES = (16, 32, 64, 128, 256)
 
@@ -36,11 +43,11 @@ class WeightOperands:
     dq_blocksize: int | None
 
 
-def fused_unsupported_reason(qt: QuantizedTensor) -> str | None:
-    """Why the fused kernels cannot take this weight, or None if they can."""
+def fused_unsupported_reason(qt: QuantizedTensor, *, stacked: bool = False) -> str | None:
+    """Why the fused kernels cannot take this weight (one layer of it, when `stacked`), or None if they can."""
     if len(qt.shape) != 2:
         return f"the weight must be 2D (out_features, in_features), got shape {qt.shape}"
-    if len(qt.packed.shape) != 1:
+    if not stacked and len(qt.packed.shape) != 1:
         return f"the weight is stacked (packed shape {qt.packed.shape}); map over its leading axis"
     _, k = qt.shape
     if k % qt.blocksize:
@@ -48,11 +55,11 @@ def fused_unsupported_reason(qt: QuantizedTensor) -> str | None:
     return None
 
 
-def weight_operands(qt: QuantizedTensor) -> WeightOperands:
-    if reason := fused_unsupported_reason(qt):
-        raise ValueError(reason)
-    n, k = qt.shape
-    arrays = [jnp.asarray(qt.packed).reshape(n, k // 2), jnp.asarray(qt.absmax).reshape(n, k // qt.blocksize)]
+def operand_arrays(qt: QuantizedTensor, rows: int) -> list[jax.Array]:
+    """The arrays a kernel reads for one weight, its packed codes and absmax viewed as `rows` rows: packed
+    uint8[rows, -1], absmax [rows, -1], with double quantization the nested absmax, the offset [1] and the dynamic
+    map, then the code table. (Rows never split a quantization block when each holds whole blocks.)"""
+    arrays = [jnp.asarray(qt.packed).reshape(rows, -1), jnp.asarray(qt.absmax).reshape(rows, -1)]
     if qt.double_quant:
         arrays += [
             jnp.asarray(qt.nested_absmax, jnp.float32),
@@ -60,7 +67,15 @@ def weight_operands(qt: QuantizedTensor) -> WeightOperands:
             jnp.asarray(codebooks.DYNAMIC_CODE),
         ]
     arrays.append(jnp.asarray(codebooks.code_table(qt.quant_type)))
-    return WeightOperands(tuple(arrays), n, k, qt.blocksize, qt.dq_blocksize)
+    return arrays
+
+
+def weight_operands(qt: QuantizedTensor) -> WeightOperands:
+    """The operands of an unstacked 2D weight, rows = out_features. Raises ValueError for another layout."""
+    if reason := fused_unsupported_reason(qt):
+        raise ValueError(reason)
+    n, k = qt.shape
+    return WeightOperands(tuple(operand_arrays(qt, n)), n, k, qt.blocksize, qt.dq_blocksize)
 
 
 def compiler_params(num_warps: int, num_stages: int) -> Any:

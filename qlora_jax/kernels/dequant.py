@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from qlora_jax import codebooks
 from qlora_jax.kernels import common
 from qlora_jax.quant import QuantizedTensor, dequantize
 
@@ -71,14 +70,7 @@ def dequantize_pallas(
     if bs % block_cols or block_cols < 2:
         raise ValueError(f"block_cols={config.block_cols} must divide blocksize={bs}")
     config = dataclasses.replace(config, block_cols=block_cols)
-    arrays = [jnp.asarray(qt.packed).reshape(num_blocks, bs // 2), jnp.asarray(qt.absmax).reshape(num_blocks, 1)]
-    if qt.double_quant:
-        arrays += [
-            jnp.asarray(qt.nested_absmax, jnp.float32),
-            jnp.asarray(qt.offset, jnp.float32).reshape(1),
-            jnp.asarray(codebooks.DYNAMIC_CODE),
-        ]
-    arrays.append(jnp.asarray(codebooks.code_table(qt.quant_type)))
+    arrays = common.operand_arrays(qt, num_blocks)  # packed [blocks, bs / 2], absmax [blocks, 1]
     kernel = functools.partial(
         _dequant_kernel, num_blocks=num_blocks, blocksize=bs, dq_blocksize=qt.dq_blocksize, config=config
     )

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 from jax import export
 
+from qlora_jax.kernels import device as kernel_device
+
 __all__ = ["export_for_cuda"]
 
 # The Triton custom call's target is named differently across jax versions; only its safety check is disabled.
@@ -27,7 +29,8 @@ def export_for_cuda(fn: Callable[..., Any], *args: Any, device_kind: str = "NVID
     context: contextlib.AbstractContextManager = contextlib.nullcontext()
     if jax.default_backend() != "gpu":
         # Newer jax asks the device for its compute capability while lowering; name an abstract one.
-        device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=132, platform="gpu")
+        cores = kernel_device.cores_of_kind(device_kind) or kernel_device.core_count()
+        device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=cores, platform="gpu")
         context = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device))
     with context:
         return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)

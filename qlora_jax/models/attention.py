@@ -163,18 +163,30 @@ def _attend(
 ) -> jax.Array:
     """All queries at once. Without logit soft-capping this is `jax.nn.dot_product_attention`; Gemma 2's
     soft-capping, tanh(logits / cap) * cap before the mask, is written out (the same maths). So is float16 on CPU:
-    jax.nn.dot_product_attention asks for the F16_F16_F32 dot algorithm, which XLA:CPU refuses under jit."""
-    if softcap is None and not (q.dtype == jnp.float16 and jax.default_backend() == "cpu"):
+    jax.nn.dot_product_attention asks for the F16_F16_F32 dot algorithm, which XLA:CPU refuses under jit. So is
+    one query a sequence (decoding a token): each key and value is broadcast over its query heads, so that every
+    score and output is a vector product (batched over sequences and heads) that XLA:GPU computes as a reduction
+    reading the KV cache where it lies; a matrix product over the grouped heads would copy the layer's cache first.
+    """
+    one_query = q.shape[1] == 1
+    if softcap is None and not one_query and not (q.dtype == jnp.float16 and jax.default_backend() == "cpu"):
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
     b, t, h, d = q.shape
     groups = h // k.shape[2]
     qg = q.reshape(b, t, k.shape[2], groups, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if one_query:  # k, v [B, S, Hkv, D] -> [B, S, Hkv, G, D], fused into the reductions (never materialized)
+        kg, vg = (jnp.broadcast_to(a[:, :, :, None, :], (*a.shape[:3], groups, d)) for a in (k, v))
+        logits = jnp.einsum("btkgd,bskgd->bkgts", qg, kg, preferred_element_type=jnp.float32) * scale
+    else:
+        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         logits = jnp.tanh(logits / softcap) * softcap
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    if one_query:
+        out = jnp.einsum("bkgts,bskgd->btkgd", probs, vg, preferred_element_type=jnp.float32)
+    else:
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 

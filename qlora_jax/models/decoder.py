@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qlora_jax.kernels import KernelOptions
-from qlora_jax.mesh import gathered
+from qlora_jax.mesh import current_mesh, gathered
 from qlora_jax.models.attention import (
     ATTENTION_IMPLS,
     AttentionMasks,
@@ -27,7 +27,7 @@ from qlora_jax.models.attention import (
 )
 from qlora_jax.models.config import ModelConfig
 from qlora_jax.models.names import LAYERS, hf_module_name, layer_name
-from qlora_jax.nn import Embed, QLinear, RMSNorm
+from qlora_jax.nn import Embed, QLinear, QuantizedWeight, RMSNorm, linears, read_in_place
 from qlora_jax.quant import QuantConfig
 
 __all__ = ["ATTENTION_IMPLS", "ComputeOptions", "DecoderLM", "KVCache", "REMAT_POLICIES"]
@@ -105,6 +105,27 @@ class KVCache:
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool), jnp.int32(0))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """Every layer's keys and values [L, B, S, Hkv, D] and the index of the layer being run: a step writes its
+    keys and values into the whole cache in place (one slot range of one layer), then reads its layer's slice."""
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array, LayerCache]:
+        """(keys, values) of this layer [B, S, Hkv, D] after writing k, v [B, T, Hkv, D] at slot `index`, and the
+        updated cache."""
+        start = (self.layer, 0, index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype)[None], start)
+        v_all = jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype)[None], start)
+        layer_k = jax.lax.dynamic_index_in_dim(k_all, self.layer, 0, keepdims=False)
+        layer_v = jax.lax.dynamic_index_in_dim(v_all, self.layer, 0, keepdims=False)
+        return layer_k, layer_v, LayerCache(k_all, v_all, self.layer)
+
+
 @dataclasses.dataclass(frozen=True)
 class _StackedQuant:
     """The QuantConfig as the stacked layers see it: their modules are named per layer, as transformers names them
@@ -158,7 +179,7 @@ class Attention(nnx.Module):
             qkv = self.qkv_proj(x, **linear)
             q, k, v = qkv[..., : c.q_size], qkv[..., c.q_size : c.q_size + c.kv_size], qkv[..., c.q_size + c.kv_size :]
         else:
-            q, k, v = self.q_proj(x, **linear), self.k_proj(x, **linear), self.v_proj(x, **linear)
+            q, k, v = linears((self.q_proj, self.k_proj, self.v_proj), x, **linear)
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -166,11 +187,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = None
-        if cache_kv is not None:  # write this step's keys and values, attend over the whole cache
-            k_cache, v_cache = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-            new_kv = (k, v)
+        if cache_kv is not None:  # write this step's keys and values (in place), attend over the whole cache
+            k, v, new_kv = cache_kv.write(k, v, cache_index)
         out = multi_head_attention(q, k.astype(q.dtype), v.astype(q.dtype), masks, impl=attention,
                                    window=c.sliding_window if c.sliding_layers.any() else None, scale=c.attn_scale,
                                    softcap=c.attn_logit_softcap, block_size=options.attention_block,
@@ -201,7 +219,7 @@ class MLP(nnx.Module):
             gate_up = self.gate_up_proj(x, **linear)
             gate, up = gate_up[..., : c.intermediate_size], gate_up[..., c.intermediate_size :]
         else:
-            gate, up = self.gate_proj(x, **linear), self.up_proj(x, **linear)
+            gate, up = linears((self.gate_proj, self.up_proj), x, **linear)
         act = jax.nn.silu(gate) if c.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
         return self.down_proj(act * up, **linear)
 
@@ -346,12 +364,21 @@ class DecoderLM(nnx.Module):
         local_rope = None if c.rope_local is None else rope_tables(c.rope_local, c.rotary_dim, positions, self.dtype)
 
         graphdef, layer_state = nnx.split(self.model.layers)
+        # Decoding (a cache, no gradient) reads the stacked 4-bit weights in place: the layers get them whole and
+        # each layer's matmuls take its index, so no layer's weights are sliced out (copied) before a kernel.
+        in_place = cache is not None and current_mesh() is None
+        stacked = ()
+        if in_place:
+            weights, layer_state = nnx.split_state(layer_state, QuantizedWeight, ...)
+            stacked = (weights,)
 
         def layer_step(h, xs):
             state, is_sliding, index, kv = xs
             # Under a mesh, this layer's adapters are gathered here, inside the scan (its base weights where used).
             adapters, rest = nnx.split_state(state, nnx.LoRAParam, ...)
-            layer = nnx.merge(graphdef, jax.tree.map(gathered, adapters), rest)
+            layer = nnx.merge(graphdef, jax.tree.map(gathered, adapters), rest, *stacked)
+            if in_place:
+                read_in_place(layer, index)
             mask, (cos_l, sin_l) = full_mask, (cos, sin)
             if sliding_mask is not None:
                 mask = jnp.where(is_sliding, sliding_mask, full_mask)
@@ -363,13 +390,31 @@ class DecoderLM(nnx.Module):
                          dropout_key=key, cache_kv=kv, cache_index=start)  # fmt: skip
 
         step = _remat(layer_step, options.remat)
-        kv_in = None if cache is None else (cache.k, cache.v)
         layer_index = jnp.arange(c.num_layers, dtype=jnp.int32)
-        h, kv_out = jax.lax.scan(step, h, (layer_state, jnp.asarray(sliding), layer_index, kv_in))
-        h = self.model.norm(h)
         if cache is None:
-            return h, None
-        return h, KVCache(kv_out[0], kv_out[1], new_valid, cache.index + t)
+            h, _ = jax.lax.scan(step, h, (layer_state, jnp.asarray(sliding), layer_index, None))
+            return self.model.norm(h), None
+        if in_place and t == 1:
+            # Decoding a token: the layers written out one after another, each reading its weights and its slice
+            # of the cache at a constant offset (XLA fuses a constant slice into the attention's reductions, where
+            # a scan's dynamic one would be copied out first); no loop overhead between layers.
+            k_all, v_all = cache.k, cache.v
+            for i in range(c.num_layers):
+                index = jnp.int32(i)
+                state = jax.tree.map(lambda a, i=i: a[i], layer_state)
+                h, kv = step(h, (state, sliding[i], index, LayerCache(k_all, v_all, index)))
+                k_all, v_all = kv.k, kv.v
+            return self.model.norm(h), KVCache(k_all, v_all, new_valid, cache.index + t)
+
+        def cached_step(carry, xs):  # the whole cache is carried and written in place, one layer at a time
+            h, k_all, v_all = carry
+            state, is_sliding, index = xs
+            h, kv = step(h, (state, is_sliding, index, LayerCache(k_all, v_all, index)))
+            return (h, kv.k, kv.v), None
+
+        xs = (layer_state, jnp.asarray(sliding), layer_index)
+        (h, k, v), _ = jax.lax.scan(cached_step, (h, cache.k, cache.v), xs)
+        return self.model.norm(h), KVCache(k, v, new_valid, cache.index + t)
 
     def logits(self, h: jax.Array, *, options: ComputeOptions = ComputeOptions()) -> jax.Array:
         """float32 logits [..., vocab] from final hidden states (Gemma's final soft-capping applied)."""

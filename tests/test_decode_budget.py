@@ -1,0 +1,76 @@
+"""The per-token budget of decoding, from the program XLA:GPU compiles for an H200 (deviceless; no GPU).
+
+The structural targets of decoding at the memory-bandwidth limit (docs/benchmarks.md has the 8B figures): no
+launch copies a slice of a weight (or of the KV cache) out of its stack; a fixed, small number of launches a
+layer, 4 of them the decode kernel (q/k/v, o, gate/up, down); bytes moved per token within 1.15x of what a token
+must read (4-bit linears as stored, the 16-bit lm_head, the KV cache).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_jax import gpu_target
+from qlora_jax.models import ModelConfig
+
+# Llama-shaped, GQA 4:1, small enough to compile in seconds and large enough that the weights, not the
+# per-token bookkeeping (sampling, float32 logits), dominate the bytes.
+SMALL = dict(
+    model_type="llama",
+    vocab_size=2048,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+)
+# What one layer launches at most: 4 decode-kernel calls and the XLA fusions around them (the two norms, rope and
+# the cache writes, attention's score and output reductions and its softmax, the residual adds).
+MAX_LAUNCHES_PER_LAYER = 13
+DECODE_KERNEL_CALLS_PER_LAYER = 4
+
+
+@pytest.fixture(scope="module")
+def h200():
+    if reason := gpu_target.deviceless_unavailable_reason():
+        pytest.skip(f"deviceless GPU compile unavailable: {reason}")
+    return "h200"
+
+
+@pytest.mark.deviceless
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decoding_a_token_reads_the_weights_once(h200, batch):
+    from qlora_jax.decode_budget import decode_budget
+
+    config = ModelConfig.from_hf_config(SMALL, source="test")
+    budget = decode_budget(config, batch=batch, cache_length=128, target=h200, per_layer=batch == 1)
+    assert budget.slice_copies == ()
+    kernels = budget.report.by_kind().get("__gpu$xla.gpu.triton", 0)
+    assert kernels == DECODE_KERNEL_CALLS_PER_LAYER * config.num_layers
+    if budget.launches_per_layer is not None:
+        assert budget.launches_per_layer <= MAX_LAUNCHES_PER_LAYER, budget.report.table()
+    assert budget.bytes_ratio <= 1.15, (budget.bytes, budget.roofline_bytes, budget.report.table())
+    assert budget.bytes_read >= budget.roofline_bytes * 0.99  # the weights are read, not skipped
+
+
+@pytest.mark.deviceless
+@pytest.mark.slow
+def test_the_xla_path_copies_each_layers_weights_before_dequantizing(h200):
+    """What "auto" runs untuned (XLA): each 4-bit weight sliced out, dequantized to 16 bits and read again; the
+    budget shows it (and that the fused path above does not)."""
+    from qlora_jax.decode_budget import decode_budget
+    from qlora_jax.kernels import KernelOptions
+    from qlora_jax.models import ComputeOptions
+
+    config = ModelConfig.from_hf_config(SMALL, source="test")
+    budget = decode_budget(
+        config,
+        cache_length=128,
+        target=h200,
+        per_layer=False,
+        options=ComputeOptions(kernels=KernelOptions(impl="xla")),
+    )
+    packed = [name for name, _ in budget.slice_copies if "packed" in name]
+    assert len(packed) == 7 * config.num_layers  # every linear of every layer
+    assert budget.bytes_ratio > 3
