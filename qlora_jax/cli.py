@@ -195,7 +195,8 @@ def _int_list(text: str) -> list[int]:
 
 def _tune(args: argparse.Namespace) -> int:
     """Measures the kernel choices of a training config's 4-bit linear shapes on this GPU; writes the cache."""
-    from qlora_jax.kernels import autotune, dispatch
+    from qlora_jax import gpu_target
+    from qlora_jax.kernels import autotune
     from qlora_jax.kernels.tune_model import tune_shapes
     from qlora_jax.nn import linear_shapes
     from qlora_jax.train.build import abstract_model
@@ -219,16 +220,15 @@ def _tune(args: argparse.Namespace) -> int:
     shapes = linear_shapes(model)
     if not shapes:
         raise _fail("tune", f"{args.config}: the model has no 4-bit linear layers (model.quant is none)")
-    if not dispatch._on_gpu():
-        import jax
-
-        seen = f"{jax.default_backend()} devices ({jax.devices()[0].device_kind})"
+    device = gpu_target.device_facts()
+    if device.platform != "gpu":
+        seen = f"{device.platform} devices ({device.device_kind})"
         raise _fail("tune", f"no GPU: JAX sees only {seen}. Tuning times the kernels on the GPU that will run "
                     "them; without one every shape runs XLA.")  # fmt: skip
     t = config.train
     train_m = None if no_train else (t.batch_size // t.grad_accum) * config.data.max_length
     cache = autotune.TuningCache(Path(args.cache)) if args.cache else autotune.TuningCache()
-    print(f"tuning {len(shapes)} weight shapes of {config.model.path} on {dispatch._device()[0]}; cache {cache.path}")
+    print(f"tuning {len(shapes)} weight shapes of {config.model.path} on {device.device_kind}; cache {cache.path}")
     tune_shapes(shapes, decode_ms=args.decode_m, train_m=train_m, cache=cache, force=force)
     print(f"wrote {cache.path}")
     return 0

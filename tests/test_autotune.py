@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qlora_jax import gpu_target
 from qlora_jax.cli import main as cli_main
 from qlora_jax.kernels import DecodeConfig, MatmulConfig, autotune, dispatch, tables, timing
 from qlora_jax.kernels.autotune import (
@@ -61,11 +62,12 @@ def test_tuning_space_is_small_and_valid(op, m, k, blocksize):
 
 @pytest.mark.parametrize(("op", "m"), [("forward", 1), ("forward", 9), ("forward", 300), ("backward", 1)])
 def test_default_fused_config_is_valid(op, m):
-    config = default_fused_config(op, m, 4096, 4096, 64, num_cores=132)
+    sms = gpu_target.load_target("h100").sm_count
+    config = default_fused_config(op, m, 4096, 4096, 64, num_cores=sms)
     config.check(m=m, n=4096, k=4096, blocksize=64)
     assert isinstance(config, DecodeConfig) == (op == "forward" and m <= 16)
     if isinstance(config, DecodeConfig):
-        assert config.split_k > 1  # 64 column tiles alone would leave most of 132 SMs idle
+        assert config.split_k > 1  # 64 column tiles alone would leave most of an H100's 132 SMs idle
 
 
 def test_tune_keeps_the_fastest_skips_failures_and_caches(tmp_path):
@@ -151,9 +153,10 @@ def test_per_call_seconds_both_modes():
 
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
-    """Pretend the default backend is an H100 so that `impl="auto"` consults the cache and the tables."""
-    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
-    monkeypatch.setattr(dispatch, "_device", lambda: (H100, 132))
+    """Pretend the default device is an H100 so that `impl="auto"` consults the cache and the tables."""
+    h100 = gpu_target.device_facts("h100")
+    real = gpu_target.device_facts
+    monkeypatch.setattr(gpu_target, "device_facts", lambda target=None: h100 if target is None else real(target))
     return TuningCache(tmp_path / "tune.json")
 
 

@@ -180,9 +180,10 @@ def tuning_space(op: str, m: int, n: int, k: int, blocksize: int) -> list[Kernel
     return list(dict.fromkeys(configs))[:MAX_CANDIDATES]
 
 
-def default_fused_config(op: str, m: int, n: int, k: int, blocksize: int, num_cores: int = 132) -> KernelConfig:
+def default_fused_config(op: str, m: int, n: int, k: int, blocksize: int, num_cores: int) -> KernelConfig:
     """The fused configuration impl="pallas" uses when nothing was measured: the decode kernel for forward at
-    M <= 16 (K split so that about two programs run per SM), the tiled kernels otherwise."""
+    M <= 16 (K split so that about two programs run per SM of the GPU's `num_cores`:
+    `qlora_jax.gpu_target.device_facts().sm_count`), the tiled kernels otherwise."""
     block_k = 64 if blocksize % 64 == 0 and k % 64 == 0 else 32
     if op == "backward" or m > MAX_M:
         return MatmulConfig(block_m=64, block_n=64, block_k=block_k)

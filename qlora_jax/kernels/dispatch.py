@@ -16,7 +16,9 @@ The backward pass computes only dx = dy @ dequantize(W), recomputing the dequant
 weight in the fused kernel) instead of keeping a 16-bit copy of W alive between the passes; the weight itself gets
 zero cotangents. The choice is a `KernelOptions` value passed to each call (models take it in `ComputeOptions`):
 a frozen, hashable value that is part of what jit compiles, so changing it recompiles; nothing is read from global
-or thread-local state while tracing (the tuning cache and tables are read once per traced shape).
+or thread-local state while tracing (the tuning cache and tables are read once per traced shape). The device the
+choice is made for is jax's default device, or the GPU target `KernelOptions.target` names (a deviceless compile
+for an H100/H200: `qlora_jax.gpu_target`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from qlora_jax import gpu_target
 from qlora_jax.kernels import autotune, common, tables, timing
 from qlora_jax.kernels.decode import FMA_MAX_M, MAX_M, DecodeConfig, decode_pallas
 from qlora_jax.kernels.dequant import dequant_unsupported_reason, dequantize_pallas
@@ -58,18 +61,29 @@ class KernelOptions:
         while tracing (up to ~20 s a shape and op). Off by default: a first trace that silently tunes for minutes
         is a bad surprise; run `qlora-jax tune CONFIG.yaml` once instead.
       cache: the tuning cache to read (and write) (default: `autotune.TuningCache()` at its default path).
+      target: choose as on this GPU target (`qlora_jax.gpu_target.TARGETS`: "h100", "h200") instead of jax's
+        default device: its shipped table, its SM count, Pallas dequantization. For compiling a step for that GPU
+        without one (`gpu_target.compile_for_target`); nothing is measured for a target.
 
-    Raises ValueError for an unknown impl.
+    Raises ValueError for an unknown impl or target.
     """
 
     impl: str = "auto"
     interpret: bool = False
     autotune: bool = False
     cache: autotune.TuningCache | None = None
+    target: str | None = None
 
     def __post_init__(self):
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.target is not None and self.target not in gpu_target.TARGETS:
+            raise ValueError(f"target must be one of {sorted(gpu_target.TARGETS)} or None, got {self.target!r}")
+
+    @property
+    def device(self) -> gpu_target.DeviceFacts:
+        """The device the choices are made for: the target's, else jax's default device's."""
+        return gpu_target.device_facts(self.target)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,22 +98,12 @@ class Plan:
     interpret: bool
 
 
-def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
-
-
-def _device() -> tuple[str, int]:
-    """The default device's kind and its number of cores (SMs on a GPU)."""
-    device = jax.devices()[0]
-    return device.device_kind, getattr(device, "core_count", 132)
-
-
 def tuning_key(op: str, m: int, qt: QuantizedTensor, dtype: Any, device_kind: str | None = None) -> autotune.TuningKey:
     """The key of one (op, M, weight, activation dtype) on this (or the named) GPU kind."""
     n, k = qt.shape
     return autotune.TuningKey(
-        op, device_kind or _device()[0], autotune.m_bucket(m), n, k, jnp.dtype(dtype).name, qt.quant_type,
-        qt.blocksize, qt.double_quant,
+        op, device_kind or gpu_target.device_facts().device_kind, autotune.m_bucket(m), n, k, jnp.dtype(dtype).name,
+        qt.quant_type, qt.blocksize, qt.double_quant,
     )  # fmt: skip
 
 
@@ -158,24 +162,24 @@ def _measure(op: str, m: int, qt: QuantizedTensor, dtype: Any, options: KernelOp
 
 
 def _choose(op: str, m: int, qt: QuantizedTensor, dtype: Any, options: KernelOptions) -> autotune.Choice | None:
-    """The measured choice for this key: the tuning cache, the shipped table, a measurement now (autotune on),
-    or None (nothing measured: XLA). Only on a GPU, whose kind keys the measurements."""
-    if not _on_gpu():
+    """The measured choice for this key: the tuning cache, the shipped table, a measurement now (autotune on, on
+    the GPU itself), or None (nothing measured: XLA). Only for a GPU, whose kind keys the measurements."""
+    device = options.device
+    if device.platform != "gpu":
         return None
-    key = tuning_key(op, m, qt, dtype)
+    key = tuning_key(op, m, qt, dtype, device.device_kind)
     cache = options.cache or autotune.TuningCache()
     if (choice := cache.get(key)) is not None or (choice := tables.lookup(key)) is not None:
         return choice
-    return _measure(op, m, qt, dtype, options) if options.autotune else None
+    return _measure(op, m, qt, dtype, options) if options.autotune and options.target is None else None
 
 
-def _config_for(op: str, m: int, qt: QuantizedTensor, choice: autotune.Choice | None) -> Any:
+def _config_for(op: str, m: int, qt: QuantizedTensor, choice: autotune.Choice | None, sm_count: int) -> Any:
     """impl="pallas": the best measured fused config if any, else the default one."""
     if choice is not None and choice.fused_config is not None:
         return choice.fused_config
     n, k = qt.shape
-    cores = _device()[1] if _on_gpu() else 132
-    return autotune.default_fused_config(op, m, n, k, qt.blocksize, cores)
+    return autotune.default_fused_config(op, m, n, k, qt.blocksize, sm_count)
 
 
 def plan_for(m: int, qt: QuantizedTensor, dtype: Any, *, impl: str, config: Any = None, options: KernelOptions) -> Plan:
@@ -187,7 +191,8 @@ def plan_for(m: int, qt: QuantizedTensor, dtype: Any, *, impl: str, config: Any 
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     interpret = options.interpret
-    dequant = "pallas" if (_on_gpu() or interpret) and not dequant_unsupported_reason(qt) else "xla"
+    device = options.device
+    dequant = "pallas" if (device.platform == "gpu" or interpret) and not dequant_unsupported_reason(qt) else "xla"
     if impl in ("reference", "xla"):
         return Plan(impl, None, impl, None, dequant, interpret)
     if reason := common.fused_unsupported_reason(qt):
@@ -196,10 +201,10 @@ def plan_for(m: int, qt: QuantizedTensor, dtype: Any, *, impl: str, config: Any 
         return Plan("xla", None, "xla", None, dequant, interpret)
     forward, backward = _choose("forward", m, qt, dtype, options), _choose("backward", m, qt, dtype, options)
     if impl == "pallas":  # fused both ways, with the best measured (or default) configs
-        forward_config = config or _config_for("forward", m, qt, forward)
+        forward_config = config or _config_for("forward", m, qt, forward, device.sm_count)
         if isinstance(forward_config, DecodeConfig) and m > MAX_M:
-            forward_config = autotune.default_fused_config("forward", m, *qt.shape, qt.blocksize)
-        backward_config = _config_for("backward", m, qt, backward)
+            forward_config = autotune.default_fused_config("forward", m, *qt.shape, qt.blocksize, device.sm_count)
+        backward_config = _config_for("backward", m, qt, backward, device.sm_count)
         return Plan(_kernel_name(forward_config), forward_config, "matmul", backward_config, dequant, interpret)
     fwd, bwd = ("xla", None), ("xla", None)
     if forward is not None and forward.impl == "pallas":
@@ -266,10 +271,12 @@ def _pallas_dequantizer(dtype: Any, interpret: bool):
     return fn
 
 
-def dequantize_auto(qt: QuantizedTensor, dtype: Any = None, *, interpret: bool = False) -> jax.Array:
-    """`dequantize`, by the Pallas kernel on GPU (or in the interpreter) when the layout allows, else by XLA."""
+def dequantize_auto(qt: QuantizedTensor, dtype: Any = None, *, interpret: bool = False, target: str | None = None
+                    ) -> jax.Array:  # fmt: skip
+    """`dequantize`, by the Pallas kernel on GPU (jax's default device, or the GPU `target` names; or in the
+    interpreter) when the layout allows, else by XLA."""
     dtype = jnp.dtype(qt.dtype if dtype is None else dtype)
-    if (_on_gpu() or interpret) and not dequant_unsupported_reason(qt):
+    if (gpu_target.device_facts(target).platform == "gpu" or interpret) and not dequant_unsupported_reason(qt):
         return _pallas_dequantizer(dtype, interpret)(qt)
     return dequantize(qt, dtype)
 

@@ -315,7 +315,8 @@ class DecoderLM(nnx.Module):
         sliding = c.sliding_layers
         attention = resolve_attention(options.attention, queries=t, dtype=self.dtype, head_dim=c.head_dim,
                                       softcap=c.attn_logit_softcap, packed=segment_ids is not None,
-                                      key_mask=k_valid is not None)  # fmt: skip
+                                      key_mask=k_valid is not None,
+                                      backend=options.kernels.device.platform)  # fmt: skip
         full_mask = sliding_mask = None
         if attention == "xla":  # the dense masks, built once for every layer
             masks = dict(q_segments=segment_ids, k_segments=segment_ids, k_valid=k_valid)
