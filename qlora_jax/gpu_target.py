@@ -29,6 +29,7 @@ Device facts have one owner here: a GPU's SM count and kind come from the device
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
@@ -38,6 +39,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ __all__ = [
     "compiled_kernels",
     "device_facts",
     "deviceless_unavailable_reason",
+    "AS_TUNED_ON_GPU",
     "find_ptxas",
     "kernel_resources_unavailable_reason",
     "load_target",
@@ -98,6 +101,7 @@ class GpuTarget:
       shared_memory_per_sm: bytes of shared memory per SM (what resident blocks share).
       threads_per_sm: resident threads per SM.
       compute_capability: (major, minor).
+      cudnn_version: (major, minor, patch) of the cuDNN the target is compiled against.
       clock_ghz: the boost clock.
       config_text: the whole `GpuTargetConfigProto` in text format, as XLA reads it.
     """
@@ -113,6 +117,7 @@ class GpuTarget:
     shared_memory_per_sm: int
     threads_per_sm: int
     compute_capability: tuple[int, int]
+    cudnn_version: tuple[int, int, int]
     clock_ghz: float
     config_text: str = dataclasses.field(repr=False, compare=False)
 
@@ -135,6 +140,9 @@ def load_target(name: str) -> GpuTarget:
     capability = re.search(r"cuda_compute_capability\s*{\s*major:\s*(\d+)(?:\s*minor:\s*(\d+))?", text)
     if capability is None:
         raise InputError(f"{source}: field 'cuda_compute_capability' missing from the GPU target")
+    cudnn = re.search(r"dnn_version_info\s*{\s*major:\s*(\d+)\s*minor:\s*(\d+)(?:\s*patch:\s*(\d+))?", text)
+    if cudnn is None:
+        raise InputError(f"{source}: field 'dnn_version_info' missing from the GPU target")
     return GpuTarget(
         name=name,
         device_kind=_field(text, "name", source),
@@ -147,6 +155,7 @@ def load_target(name: str) -> GpuTarget:
         shared_memory_per_sm=int(_field(text, "shared_memory_per_core", source)),
         threads_per_sm=int(_field(text, "threads_per_core_limit", source)),
         compute_capability=(int(capability[1]), int(capability[2] or 0)),
+        cudnn_version=(int(cudnn[1]), int(cudnn[2]), int(cudnn[3] or 0)),
         clock_ghz=float(_field(text, "clock_rate_ghz", source)),
         config_text=text,
     )
@@ -210,34 +219,86 @@ def target_device(target: GpuTarget | str) -> Any:
 
 
 def on_target(tree: Any, target: GpuTarget | str) -> Any:
-    """`tree` with every array (or ShapeDtypeStruct) leaf as a ShapeDtypeStruct placed on the target's device."""
+    """`tree` with every array (or ShapeDtypeStruct) leaf as a ShapeDtypeStruct placed on the target's device (in
+    its pinned host memory where the leaf was placed in pinned host memory: an offloaded optimizer state)."""
     import jax
 
-    sharding = jax.sharding.SingleDeviceSharding(target_device(target))
+    device = target_device(target)
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 
     def place(leaf):
         if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+            kind = getattr(getattr(leaf, "sharding", None), "memory_kind", None)
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=host if kind == "pinned_host" else sharding)
         return leaf
 
     return jax.tree.map(place, tree)
 
 
-def compile_for_target(fn: Callable[..., Any], *args: Any, target: GpuTarget | str, **kwargs: Any) -> Any:
+# XLA's options for a compile whose memory should match what the GPU itself compiles. Without a GPU, XLA cannot
+# autotune, and its untuned default makes every dot a Triton gemm fusion that reads the 4-bit weight's dequantized
+# values in its prologue. On the one H200 measured (2026-11-30) the autotuner had chosen cuBLAS, whose operands are
+# whole dequantized weights: with cuBLAS for every dot, the deviceless compile reproduces that run's temporaries
+# within 1.4% (docs/benchmarks.md); XLA's untuned default plans 18% less.
+AS_TUNED_ON_GPU = {"xla_gpu_enable_triton_gemm": False}
+
+
+@contextlib.contextmanager
+def _cudnn_as_on(target: GpuTarget):
+    """While tracing for a target: jax's cuDNN attention asks the local cuDNN library for its version and the local
+    GPU for its compute capability (neither exists here); answer with the target's. Restored on exit."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    except ImportError:  # a jax without it has no cuDNN attention to trace
+        yield
+        return
+    version = target.cudnn_version[0] * 10000 + target.cudnn_version[1] * 100 + target.cudnn_version[2]
+    capability = target.compute_capability
+
+    def parse(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in text.split("."))
+
+    answers = {
+        "check_cudnn_version": lambda: version,
+        "check_compute_capability": lambda c: capability >= parse(c),
+        "is_cuda_compute_capability_equal": lambda c: capability == parse(c),
+    }
+    saved = {name: getattr(cudnn, name) for name in answers if hasattr(cudnn, name)}
+    with _CUDNN_LOCK:
+        try:
+            for name in saved:
+                setattr(cudnn, name, answers[name])
+            yield
+        finally:
+            for name, original in saved.items():
+                setattr(cudnn, name, original)
+
+
+_CUDNN_LOCK = threading.Lock()
+
+
+def compile_for_target(
+    fn: Callable[..., Any], *args: Any, target: GpuTarget | str, compiler_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:  # fmt: skip
     """XLA:GPU's compiled program (`jax.stages.Compiled`) of `jax.jit(fn)(*args, **kwargs)` for a GPU target.
 
     `args`/`kwargs` leaves may be arrays or ShapeDtypeStructs (only shapes and dtypes are used; they are placed on
-    the target's device). `fn` may already be jitted (its static arguments then apply). Raises
+    the target's device). `fn` may already be jitted (its static arguments then apply). `compiler_options`: XLA
+    debug options for this compile (`AS_TUNED_ON_GPU` for memory as the GPU compiles it). Raises
     DevicelessUnavailable when this process cannot compile for a GPU (see `deviceless_unavailable_reason`).
     """
     import jax
 
+    target = load_target(target) if isinstance(target, str) else target
     device = target_device(target)
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
     args, kwargs = on_target((args, kwargs), target)
     # Pallas' Triton lowering reads the compute capability of the default device.
-    with jax.default_device(device):
-        return jitted.lower(*args, **kwargs).compile()
+    with jax.default_device(device), _cudnn_as_on(target):
+        lowered = jitted.lower(*args, **kwargs)
+    return lowered.compile(compiler_options or {})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -314,6 +375,9 @@ class KernelResources:
       threads: threads a block.
       grid: blocks launched (x, y, z).
       programs_per_sm: blocks resident at once on one SM (`programs_per_sm`), and `limited_by` what bounds it.
+      pallas: a kernel jax's Pallas emitted (a Triton custom call), not one XLA generated.
+      tensor_cores: how its dots run, from its PTX: "wgmma" (Hopper's warpgroup MMA), "mma" (the warp-level MMA of
+        earlier GPUs, which Hopper runs at a fraction of wgmma's rate), or "" (no tensor-core instruction).
     """
 
     name: str
@@ -326,6 +390,8 @@ class KernelResources:
     grid: tuple[int, int, int]
     programs_per_sm: int
     limited_by: str
+    pallas: bool = False
+    tensor_cores: str = ""
 
     @property
     def spills(self) -> bool:
@@ -335,9 +401,10 @@ class KernelResources:
         spills = "no spills"
         if self.spills:
             spills = f"spills {self.spill_store_bytes} B stored / {self.spill_load_bytes} B loaded"
+        mma = f", {self.tensor_cores}" if self.tensor_cores else ""
         return (f"{self.name}: {self.registers} registers, {spills}, {self.shared_memory_bytes / 1024:.1f} KiB shared, "
                 f"{self.threads} threads, grid {'x'.join(map(str, self.grid))}, {self.programs_per_sm} programs/SM "
-                f"(bound: {self.limited_by})")  # fmt: skip
+                f"(bound: {self.limited_by}){mma}")  # fmt: skip
 
 
 def programs_per_sm(*, registers: int, threads: int, shared_memory: int, target: GpuTarget | str) -> tuple[int, str]:
@@ -390,6 +457,7 @@ def kernel_resources_unavailable_reason() -> str | None:
 _PTXAS_WRAPPER = """#!/bin/sh
 case "$1" in --version) exec "{ptxas}" "$@";; esac
 log="{logs}/ptxas.$$.log"
+cp "$1" "{logs}/kernel.$$.ptx" 2>/dev/null
 "{ptxas}" "$@" -v 2>"$log"
 status=$?
 cat "$log" >&2
@@ -401,6 +469,8 @@ _PTXAS_FUNCTION = re.compile(
     r"Used (?P<registers>\d+) registers",
     re.DOTALL,
 )
+# A Pallas kernel in XLA:GPU's program: a Triton custom call whose backend config names the kernel.
+_TRITON_CALL_NAME = re.compile(r'custom_call_target="__gpu\$xla\.gpu\.triton".*?\bname = "([^"]+)"')
 _THUNK = re.compile(
     r"\] (?P<name>\S+) grid: \[(?P<grid>[\d, ]+)\] threads: \[(?P<threads>[\d, ]+)\]\s+"
     r"shared_memory: (?P<smem>\d+) bytes"
@@ -414,6 +484,15 @@ def parse_ptxas_report(text: str) -> dict[str, tuple[int, int, int, int]]:
         if match := _PTXAS_FUNCTION.search(chunk):
             out[match["name"]] = (int(match["registers"]), int(match["stores"]), int(match["loads"]),
                                   int(match["stack"]))  # fmt: skip
+    return out
+
+
+def ptx_tensor_cores(ptx: str) -> dict[str, str]:
+    """{entry function: "wgmma" | "mma" | ""}: the tensor-core instructions each kernel of a PTX file uses."""
+    out = {}
+    for chunk in re.split(r"(?=\.visible \.entry |\.entry )", ptx):
+        if match := re.match(r"(?:\.visible )?\.entry (\w+)", chunk):
+            out[match[1]] = "wgmma" if "wgmma.mma_async" in chunk else "mma" if "mma.sync" in chunk else ""
     return out
 
 
@@ -458,9 +537,13 @@ def compiled_kernels(fn: Callable[..., Any], *args: Any, target: GpuTarget | str
         if (real_bin.parent / "nvvm").is_dir():
             (root / "nvvm").symlink_to(real_bin.parent / "nvvm")
         options = {"xla_gpu_cuda_data_dir": str(root), "xla_dump_to": str(root / "dump")}
-        with jax.default_device(device):  # Pallas' Triton lowering reads the compute capability of the default device
-            jitted.lower(*args, **kwargs).compile(options)
+        with jax.default_device(device), _cudnn_as_on(target):  # see compile_for_target
+            lowered = jitted.lower(*args, **kwargs)
+        pallas = set(_TRITON_CALL_NAME.findall(lowered.compile(options).as_text()))
         report = "\n".join(log.read_text() for log in sorted((root / "logs").glob("*.log")))
+        tensor_cores = {}
+        for ptx in (root / "logs").glob("*.ptx"):
+            tensor_cores.update(ptx_tensor_cores(ptx.read_text(errors="replace")))
         launches = {}
         for dump in sorted((root / "dump").glob("*thunk_sequence*.txt")):
             launches.update(parse_thunk_sequence(dump.read_text()))
@@ -472,5 +555,6 @@ def compiled_kernels(fn: Callable[..., Any], *args: Any, target: GpuTarget | str
         blocks, bound = programs_per_sm(registers=registers, threads=threads or 1, shared_memory=shared, target=target)
         out.append(KernelResources(name=name, registers=registers, spill_store_bytes=stores, spill_load_bytes=loads,
                                    stack_frame_bytes=stack, shared_memory_bytes=shared, threads=threads, grid=grid,
-                                   programs_per_sm=blocks, limited_by=bound))  # fmt: skip
+                                   programs_per_sm=blocks, limited_by=bound, pallas=name in pallas,
+                                   tensor_cores=tensor_cores.get(name, "")))  # fmt: skip
     return tuple(out)

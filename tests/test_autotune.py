@@ -146,6 +146,8 @@ def test_per_call_seconds_both_modes():
         seconds = timing.per_call_seconds(fn, (x,), weights, 3, mode=mode, repeats=2)
         assert math.isfinite(seconds) and seconds > 0
     assert timing.copies_for(8 * 2**20) == 32 and timing.copies_for(2**30) == 2
+    with pytest.raises(ValueError, match="count=4 calls need as many distinct weights; the stack holds 3"):
+        timing.per_call_seconds(fn, (x,), weights, 4)  # a fourth call would re-read a weight from L2
 
 
 # --- `impl="auto"` on a simulated GPU --------------------------------------------------------------------------

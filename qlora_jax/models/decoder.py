@@ -41,9 +41,10 @@ class ComputeOptions:
     for one value recompiles for another.
 
     Attributes:
-      remat: gradient checkpointing of each layer, one of REMAT_POLICIES: "none", "full" (recompute the layer in
-        the backward pass), "save_dots" (keep matmul outputs, recompute the rest), "offload" (matmul outputs kept
-        in pinned host memory). Only a backward pass sees a difference.
+      remat: gradient checkpointing of each layer, one of REMAT_POLICIES: "full" (the default: recompute the layer
+        in the backward pass), "none", "save_dots" (keep matmul outputs, recompute the rest), "offload" (matmul
+        outputs kept in pinned host memory). Only a backward pass sees a difference. (A training config's
+        `remat: auto` picks one of these by memory: `qlora_jax.train.plan`.)
       attention: the attention implementation, one of ATTENTION_IMPLS (`qlora_jax.models.attention`): "auto"
         (cuDNN's flash attention on a GPU where its masks suffice, else our Pallas flash kernel; XLA on CPU and for
         one-token decoding), "xla", "cudnn" or "pallas" (the Pallas kernel runs in Pallas' interpreter when
@@ -55,7 +56,7 @@ class ComputeOptions:
     Raises ValueError for an unknown remat policy or attention implementation, or a negative attention_block.
     """
 
-    remat: str = "none"
+    remat: str = "full"
     attention: str = "auto"
     attention_block: int = 512
     kernels: KernelOptions = KernelOptions()
