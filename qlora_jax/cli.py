@@ -189,7 +189,7 @@ def _plan(args: argparse.Namespace) -> int:
         if longest:
             budget, source = memory_budget(config, target=target)
             on_gpu = target is not None or jax.default_backend() != "cpu"
-            policies = ["full"] + (["offload"] if on_gpu else [])
+            policies = ["full"] + (["full_offload"] if on_gpu else [])
             rows = {p: longest_row(config, budget=budget, policy=p, target=target)[0] for p in policies}
     except ValueError as e:  # from a library below ours; errors raised on purpose are handled in main()
         raise _fail("plan", str(e)) from e
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--compare", action="store_true", help="also compile the full-depth step and show XLA's total")
     plan.add_argument("--longest-row", action="store_true",
                       help="also search the longest one-row step that fits train.memory_budget (remat full; and "
-                           "offload on a GPU)")  # fmt: skip
+                           "full_offload on a GPU)")  # fmt: skip
     plan.add_argument("--target", default=None, metavar="|".join(sorted(TARGETS)),
                       help="plan for this GPU: XLA:GPU's compile for it, on this machine without one (needs jax's "
                            "CUDA plugin, no GPU); the default plans for this machine's backend")  # fmt: skip

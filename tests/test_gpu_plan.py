@@ -106,3 +106,13 @@ def test_offloaded_optimizer_state_stays_in_the_targets_host_memory(model_dir, h
     on_device = plan_memory(_config(model_dir), compare=True, target=h200)
     assert plan.optimizer_offloaded and plan.stored == on_device.stored - on_device.optimizer_state
     assert plan.compiled.arguments < on_device.compiled.arguments  # the moments are not device arguments
+
+
+@pytest.mark.deviceless
+def test_full_offload_keeps_the_layer_inputs_in_host_memory(model_dir, h200):
+    """remat full_offload: what full saves (each layer's input) goes to the GPU's pinned host memory."""
+    full = plan_memory(_config(model_dir, remat="full", length=1024), target=h200)
+    offloaded = plan_memory(_config(model_dir, remat="full_offload", length=1024), target=h200)
+    layer_input = 2 * 1024 * 128 * 2  # [2 rows, 1024 tokens, hidden 128] bfloat16
+    assert offloaded.host_activations == full.num_layers * layer_input
+    assert offloaded.saved_activations_per_layer <= full.saved_activations_per_layer - layer_input

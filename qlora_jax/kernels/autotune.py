@@ -130,13 +130,24 @@ class Choice:
         return choice
 
 
+# Tiles (block_n, block_k) of the decode kernel that ptxas fits in registers on sm_90 without spilling
+# (`python -m qlora_jax.kernels.resources --op forward`, docs/kernels.md): the multiply-add path keeps a
+# [block_n, 32] float32 accumulator per row of x, so it loses its wider tiles as M grows (at M = 2-4, 128 x 128,
+# 64 x 256, 128 x 256 and 256 x 128 spill up to 1.3 KB a thread); the tensor-core path spills at 256 x 128.
+_MMA_TILES = ((64, 128), (128, 128), (64, 256), (128, 256), (32, 256))
+_FMA_TILES = {1: ((64, 128), (128, 128), (64, 256), (32, 256)), 2: ((64, 128), (32, 256)),
+              4: ((64, 128), (32, 256))}  # fmt: skip
+
+
 def _decode_space(m: int, k: int, blocksize: int) -> list[DecodeConfig]:
-    """At most 12 decode configs: wide loads, split K; multiply-adds on CUDA cores for M <= 4."""
+    """At most 12 decode configs: wide loads, split K; multiply-adds on CUDA cores for M <= 4; only tiles that do
+    not spill registers at this M bucket (its largest M)."""
     dots = ("fma", "mma") if m <= FMA_MAX_M else ("mma",)
     shapes = [(64, 128, 4), (128, 128, 4), (64, 256, 2), (128, 256, 2), (256, 128, 2), (32, 256, 8)]
     configs = []
     for dot in dots:
-        for bn, bk, split in shapes[: 12 // len(dots)]:
+        tiles = _FMA_TILES[m_bucket(m)] if dot == "fma" else _MMA_TILES
+        for bn, bk, split in [shape for shape in shapes if shape[:2] in tiles][: 12 // len(dots)]:
             while split > 1 and k % (bk * split):
                 split //= 2
             if k % bk == 0:

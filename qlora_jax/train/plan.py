@@ -13,13 +13,13 @@ The figures are for the backend the plan runs on (XLA:CPU buffer assignment diff
 run makes on that GPU. Nothing is allocated either way.
 
 `train.remat: auto` is resolved here too (`choose_remat`): the policies are planned from the cheapest in compute
-to the most frugal in memory (none, save_dots, offload, full) and the first whose device total fits
+to the most frugal in memory (none, save_dots, offload, full, full_offload) and the first whose device total fits
 `train.memory_budget` is taken. The default budget is 90% of the device's free memory (`memory_stats()`); on CPU,
 where there is no device memory, 90% of the host's available memory (/proc/meminfo's MemAvailable); for a GPU
-target, 90% of what jax takes of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION, default 75%). "offload" is only a
-candidate on an accelerator (on CPU the host *is* the device memory) and when its host side fits the host's
-available memory (not checked for a target: its host is not this one). Policies whose stored parts alone (weights,
-adapters, optimizer state, batch) exceed the budget are not compiled.
+target, 90% of what jax takes of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION, default 75%). "offload" and
+"full_offload" are only candidates on an accelerator (on CPU the host *is* the device memory) and when their host
+side fits the host's available memory (not checked for a target: its host is not this one). Policies whose stored
+parts alone (weights, adapters, optimizer state, batch) exceed the budget are not compiled.
 
 With a `mesh` section every figure is per device: the stored parts as the sharding rule places them
 (`qlora_jax.sharding`), the batch split over data x fsdp, and XLA's analysis of the step compiled for the mesh
@@ -64,8 +64,11 @@ __all__ = [
     "resolve_remat",
 ]
 
-# remat: auto tries the policies in this order (least recomputation first) and takes the first that fits.
-REMAT_ORDER = ("none", "save_dots", "offload", "full")
+# remat: auto tries the policies in this order (least recomputation first; "full_offload" recomputes as "full" does,
+# and copies each layer's input to the host and back) and takes the first that fits.
+REMAT_ORDER = ("none", "save_dots", "offload", "full", "full_offload")
+# Policies that keep activations in pinned host memory: candidates only on an accelerator.
+HOST_POLICIES = ("offload", "full_offload")
 # The default budget is this fraction of the free memory: room for the planner's error and XLA's fragmentation.
 DEFAULT_BUDGET_FRACTION = 0.9
 
@@ -257,7 +260,7 @@ def _with_remat(config: TrainConfig, policy: str) -> TrainConfig:
 def choose_remat(config: TrainConfig, *, budget: int | None = None, target: str | None = None
                  ) -> tuple[RematChoice, MemoryPlan]:  # fmt: skip
     """The cheapest checkpointing policy (REMAT_ORDER) whose planned step fits the budget (default:
-    `memory_budget(config)`), and its plan. If none fits, "full" (the least memory), flagged in the choice.
+    `memory_budget(config)`), and its plan. If none fits, the least memory-hungry planned, flagged in the choice.
     `target`: plan for that GPU (see the module docstring). Raises InputError for a target on a mesh."""
     source = "given"
     if budget is None:
@@ -273,11 +276,11 @@ def choose_remat(config: TrainConfig, *, budget: int | None = None, target: str 
     for policy in REMAT_ORDER:
         if policy in skipped:
             continue
-        if policy == "offload" and not on_accelerator:
+        if policy in HOST_POLICIES and not on_accelerator:
             skipped[policy] = "on CPU the host is the device memory"
             continue
         plan = plan_memory(_with_remat(config, policy), target=target)
-        if policy == "offload" and host is not None and plan.host_activations > host:
+        if policy in HOST_POLICIES and host is not None and plan.host_activations > host:
             skipped[policy] = f"its {_size(plan.host_activations)} of host activations exceed the host's free memory"
             continue
         plans[policy], totals[policy] = plan, plan.device_total
