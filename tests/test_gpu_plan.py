@@ -96,7 +96,7 @@ def test_memory_goal_mechanism_on_a_small_model(model_dir, h200):
         over = plan_memory(_config(model_dir, length=length + 256, batch=1), target=h200)
         assert over.device_total > budget
         verdict = over.verdict(budget)
-        assert verdict.startswith(f"does not fit {budget / 2**20:.2f} MiB") and "the largest part is" in verdict
+        assert verdict.startswith(f"does not fit {budget / 2**20:.2f} MiB") and "the largest parts: " in verdict
     assert plan.verdict(budget).startswith("fits")
 
 

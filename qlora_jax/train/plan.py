@@ -154,12 +154,13 @@ class MemoryPlan:
         }
 
     def verdict(self, budget: int) -> str:
-        """Whether the step fits `budget` bytes per device, and if not, the part that takes the most memory."""
+        """Whether the step fits `budget` bytes per device, and if not, the parts that take the most memory."""
         if self.device_total <= budget:
             return f"fits {_size(budget)}: {_size(self.device_total)} ({_size(budget - self.device_total)} to spare)"
-        name, largest = max(self.device_parts().items(), key=lambda item: item[1])
+        largest = sorted(self.device_parts().items(), key=lambda item: -item[1])[:3]
+        parts = ", ".join(f"{name} {_size(n)} ({n / self.device_total:.0%})" for name, n in largest)
         return (f"does not fit {_size(budget)}: {_size(self.device_total)}, {_size(self.device_total - budget)} "
-                f"over; the largest part is {name} ({_size(largest)}, {largest / self.device_total:.0%})")  # fmt: skip
+                f"over; the largest parts: {parts}")  # fmt: skip
 
     def table(self) -> str:
         where = "pinned host" if self.optimizer_offloaded else "device"
@@ -178,7 +179,7 @@ class MemoryPlan:
             ("  of which one float32 logits chunk", self.logits_chunk, "device"),
         ]
         if self.host_activations:
-            rows.append(("activations offloaded by remat=offload", self.host_activations, "pinned host"))
+            rows.append((f"activations offloaded by remat={self.remat}", self.host_activations, "pinned host"))
         width = max(len(name) for name, _, _ in rows)
         lines = []
         if self.mesh is not None:
