@@ -116,3 +116,29 @@ def test_full_offload_keeps_the_layer_inputs_in_host_memory(model_dir, h200):
     layer_input = 2 * 1024 * 128 * 2  # [2 rows, 1024 tokens, hidden 128] bfloat16
     assert offloaded.host_activations == full.num_layers * layer_input
     assert offloaded.saved_activations_per_layer <= full.saved_activations_per_layer - layer_input
+
+
+@pytest.mark.deviceless
+def test_the_frozen_lm_heads_backward_keeps_no_float32_copy_of_it(h200):
+    """XLA:GPU's program (cuBLAS dots, as the measured H200 compiled them): autodiff's backward of a bf16 frozen
+    matmul converts the weight to float32 (2 GiB for Llama-3's lm_head); `nn.frozen_matmul` multiplies in bf16
+    (the same products: tests/test_models.py)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax.nn import frozen_matmul
+
+    x = jax.ShapeDtypeStruct((512, 1024), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((8192, 1024), jnp.bfloat16)
+
+    def plain(x, w):
+        return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+    def loss(matmul):
+        return jax.grad(lambda x, w: jnp.sum(matmul(x, jax.lax.stop_gradient(w)).astype(jnp.float32) ** 2))
+
+    programs = {name: gpu_target.compile_for_target(loss(fn), x, w, target=h200,
+                                                    compiler_options=gpu_target.AS_TUNED_ON_GPU).as_text()
+                for name, fn in (("plain", plain), ("ours", frozen_matmul))}  # fmt: skip
+    assert "f32[8192,1024]" in programs["plain"] or "f32[1024,8192]" in programs["plain"]
+    assert "f32[8192,1024]" not in programs["ours"] and "f32[1024,8192]" not in programs["ours"]
