@@ -17,7 +17,8 @@ Sections (--sections picks some, in this order):
             kernel, "auto"; each timed as many calls inside one jit on weights distinct per call (unrolled; one
             row also as a lax.scan over the stacked weights, as a model's layer scan runs it), with GB/s and the
             fraction of the roofline; writes "choice" records for `python -m qlora_jax.kernels.tables`
-  decode    tokens/s of greedy generation, batch 1 and 8, 8B shape, NF4 (XLA vs the decode kernel) and bf16 base
+  decode    tokens/s of greedy decoding (the prefill timed apart), batch 1 and 8, 8B shape, NF4 (the decode
+            kernel, then XLA) and bf16 base
   ckpt      a random Llama-3.1-8B-shape bf16 checkpoint written as safetensors (in --scratch: /dev/shm when it
             has room, not the GPU machine's small disk) for the train rows
   train     one process per --train-row: `load_pretrained` (timed), LoRA r16 on all linears, AdamW, step time,
@@ -243,7 +244,9 @@ def section_kernels(args, emit):
                           DecodeConfig(block_n=64, block_k=512, split_k=2, dot=default.dot),
                           DecodeConfig(block_n=256, block_k=128, split_k=4, dot="mma"),
                           MatmulConfig(block_m=16, block_n=128, block_k=64, split_k=4)]  # fmt: skip
-            if m <= 4:
+            if m <= 4:  # the default's tiles on the tensor cores too (the default multiplies on CUDA cores here)
+                if isinstance(default, DecodeConfig):
+                    candidates.insert(1, dataclasses.replace(default, dot="mma"))
                 candidates.append(DecodeConfig(block_n=128, block_k=128, split_k=4, dot="fma"))
             if args.smoke:
                 candidates = [default, candidates[-2]]
@@ -356,7 +359,16 @@ def _model_config(args):
     return ModelConfig.from_hf_config(TINY if args.smoke else LLAMA_8B, source="gpu.py")
 
 
+def decode_tokens_per_s(batch: int, new_tokens: int, seconds: float, prefill_seconds: float) -> float:
+    """Generated tokens a second after the prompt: `seconds` is a whole `generate` of `new_tokens`, and
+    `prefill_seconds` one of a single token (the prompt's forward pass, which at M = batch x prompt runs the tiled
+    kernel or XLA, plus the first token); their difference is the decode steps alone."""
+    return batch * (new_tokens - 1) / max(seconds - prefill_seconds, 1e-9)
+
+
 def section_decode(args, emit):
+    """Greedy decoding tokens/s of the decode steps (the prefill timed apart), batch 1 then 8: the decode kernel's
+    row (impl="pallas") first, then XLA's on the same NF4 model, then the bf16 base."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -370,10 +382,11 @@ def section_decode(args, emit):
     _env(emit, args)
     config = _model_config(args)
     prompt_len, new = (8, 4) if args.smoke else (128, 64)
-    rows = [("nf4", "xla"), ("nf4", "pallas"), ("bf16", "xla")]
     batches = (1,) if args.smoke else (1, 8)
+    rows = [("nf4", "pallas", b) for b in batches] + [("nf4", "xla", b) for b in batches]
+    rows = sorted(rows, key=lambda row: row[2]) + [("bf16", "xla", b) for b in batches]  # batch 1 first
     built = None
-    for base, impl in rows:
+    for base, impl, batch in rows:
         try:
             if built is None or built[0] != base:
                 built = None  # free the previous model first
@@ -386,19 +399,22 @@ def section_decode(args, emit):
                 emit("model", base=base, init_s=time.perf_counter() - start)
             model = built[1]
             options = ComputeOptions(kernels=KernelOptions(impl=impl, interpret=args.smoke))
-            sampling = SamplingConfig(max_new_tokens=new, stop_token_ids=(-1,))
-            for batch in batches:
-                prompts = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, prompt_len)).tolist()
+            prompts = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, prompt_len)).tolist()
+            timed = {}
+            for tokens in (1, new):  # the prefill alone (one token), then the whole generation
+                sampling = SamplingConfig(max_new_tokens=tokens, stop_token_ids=(-1,))
                 start = time.perf_counter()
                 generate(model, prompts, sampling, options=options)
                 first = time.perf_counter() - start
                 start = time.perf_counter()
                 out = generate(model, prompts, sampling, options=options)
-                seconds = time.perf_counter() - start
-                emit("decode", base=base, impl=impl, batch=batch, prompt=prompt_len, new_tokens=len(out[0]),
-                     first_call_s=first, seconds=seconds, tokens_per_s=batch * new / seconds)  # fmt: skip
+                timed[tokens] = (first, time.perf_counter() - start, len(out[0]))
+            first, seconds, generated = timed[new]
+            emit("decode", base=base, impl=impl, batch=batch, prompt=prompt_len, new_tokens=generated,
+                 first_call_s=first, seconds=seconds, prefill_s=timed[1][1],
+                 tokens_per_s=decode_tokens_per_s(batch, generated, seconds, timed[1][1]))  # fmt: skip
         except Exception as e:  # noqa: BLE001
-            emit("decode", base=base, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}")
+            emit("decode", base=base, impl=impl, batch=batch, error=f"{type(e).__name__}: {str(e)[:300]}")
 
 
 def section_ckpt(args, emit):
@@ -729,7 +745,7 @@ def report(records: list[dict]) -> str:
                          f"{ratios[0]} | {ratios[1]} |")  # fmt: skip
     for kind, title, cols in (
         ("decode", "Decode (greedy)", ("base", "impl", "batch", "prompt", "new_tokens", "first_call_s",
-                                       "tokens_per_s")),
+                                       "prefill_s", "tokens_per_s")),
         ("train", "QLoRA step, Llama-3.1-8B shape", ("spec", "load_s", "compile_s", "median_s", "tokens_per_s",
                                                      "first_loss", "base_GiB", "xla_argument_GiB", "xla_temp_GiB",
                                                      "peak_GiB")),

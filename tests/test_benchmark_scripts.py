@@ -40,7 +40,9 @@ def test_gpu_benchmark_smoke(tmp_path):
     choices = [r for r in records if r["kind"] == "choice"]
     assert choices and all(r["choice"]["source"].startswith("measured") for r in choices)
     (decode,) = [r for r in records if r["kind"] == "decode" and r["impl"] == "pallas"]
-    assert decode["tokens_per_s"] > 0
+    assert decode["tokens_per_s"] > 0 and 0 < decode["prefill_s"] < decode["seconds"]  # the prefill timed apart
+    decodes = [(r["base"], r["impl"]) for r in records if r["kind"] == "decode"]
+    assert decodes[0] == ("nf4", "pallas")  # the decode kernel's row first: a cut takes the baselines' repeats
     (train,) = [r for r in records if r["kind"] == "train"]
     assert train["tokens_per_s"] > 0 and math.isfinite(train["first_loss"]) and train["load_s"] > 0
     report = (out / "report.md").read_text()
@@ -74,6 +76,13 @@ def test_gpu_benchmark_checks_each_kernel_before_the_variations():
     assert order[:3] == [("forward", 1, ("nf4", True), "bfloat16"), ("forward", 7, ("nf4", True), "bfloat16"),
                          ("backward", 300, ("nf4", True), "bfloat16")]  # fmt: skip
     assert len(order) == len(set(order)) == 3 * 2 * 2
+
+
+def test_gpu_benchmark_decode_rate_leaves_the_prefill_out():
+    gpu = _gpu_module()
+    # 64 tokens in 1.0 s of which 0.37 s were the prompt's pass and the first token: 63 steps in 0.63 s
+    assert gpu.decode_tokens_per_s(1, 64, 1.0, 0.37) == pytest.approx(100.0)
+    assert gpu.decode_tokens_per_s(8, 64, 1.0, 0.37) == pytest.approx(800.0)
 
 
 def test_gpu_benchmark_writes_its_checkpoint_to_host_memory(tmp_path):
