@@ -238,9 +238,10 @@ def on_target(tree: Any, target: GpuTarget | str) -> Any:
 
 # XLA's options for a compile whose memory should match what the GPU itself compiles. Without a GPU, XLA cannot
 # autotune, and its untuned default makes every dot a Triton gemm fusion that reads the 4-bit weight's dequantized
-# values in its prologue. On the one H200 measured (2026-11-30) the autotuner had chosen cuBLAS, whose operands are
-# whole dequantized weights: with cuBLAS for every dot, the deviceless compile reproduces that run's temporaries
-# within 1.4% (docs/benchmarks.md); XLA's untuned default plans 18% less.
+# values in its prologue. On the one H200 measured (2026-11-30) the autotuner chose per dot, measuring each; the
+# measured commit's step compiles here to 12% more temporaries than that run's with cuBLAS for every dot (whose
+# operands are whole dequantized weights) and 19% less with the untuned default (docs/benchmarks.md): cuBLAS is
+# the upper side of the bracket, which a memory plan wants.
 AS_TUNED_ON_GPU = {"xla_gpu_enable_triton_gemm": False}
 
 
