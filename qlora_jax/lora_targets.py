@@ -1,7 +1,8 @@
 """Which linear layers get a LoRA adapter, with which rank and alpha: PEFT's meaning of LoraConfig's fields.
 
 PEFT matches each module of the transformers model by its name, one per layer (`model.layers.3.self_attn.q_proj`,
-`lm_head`), as peft.tuners.tuners_utils.check_target_module_exists (peft 0.21) does:
+`lm_head`; in Gemma 3's image-text model `model.language_model.layers.3.self_attn.q_proj`:
+`models.names.hf_module_name`), as peft.tuners.tuners_utils.check_target_module_exists (peft 0.21) does:
 
 - `exclude_modules` first: a string is a regex that must match the whole name; a list excludes a name equal to
   an entry or ending in "." + entry.
@@ -28,7 +29,7 @@ from typing import Any
 
 from flax import nnx
 
-from qlora_jax.models.names import LAYERS, is_stacked, layer_name
+from qlora_jax.models.names import LAYERS, hf_module_name, is_stacked, layer_name
 from qlora_jax.nn import QLinear
 
 __all__ = ["ModuleTargets", "select_targets"]
@@ -109,12 +110,12 @@ def select_targets(model: nnx.Module, config: Any) -> dict[str, ModuleTargets]:
     Raises ValueError if nothing is selected, or if the selection names a module that is not a linear layer
     (PEFT adapts embeddings too, and a tied output head: here adapters go on linear layers only).
     """
-    num_layers = model.config.num_layers
+    num_layers, text_model = model.config.num_layers, model.config.text_model_path
     modules = _modules(model)
     keys: dict[str, list[tuple[str, int | None]]] = {}
     for path in modules:
         layers = range(num_layers) if is_stacked(path) else [None]
-        keys[path] = [(layer_name(path, i), i) for i in layers]
+        keys[path] = [(hf_module_name(layer_name(path, i), text_model), i) for i in layers]
     linear_names = frozenset(k for p, m in modules.items() if isinstance(m, QLinear) for k, _ in keys[p]
                              if k != "lm_head")  # fmt: skip
     if getattr(model, "lm_head", True) is None and _selects(config, "lm_head", linear_names):
@@ -141,6 +142,6 @@ def select_targets(model: nnx.Module, config: Any) -> dict[str, ModuleTargets]:
     if not out:
         raise ValueError(
             f"target_modules={config.target_modules!r} matches no linear layer of the model (PEFT's names, one per "
-            f"layer: {LAYERS}.0.self_attn.q_proj, ..., lm_head)"
+            f"layer: {hf_module_name(LAYERS, text_model)}.0.self_attn.q_proj, ..., lm_head)"
         )
     return out
