@@ -302,7 +302,8 @@ def _launch_train(config_path: Path, *overrides: str) -> subprocess.Popen:
 def _stop_after(process: subprocess.Popen, run: Path, step: int, signum: int) -> tuple[int, str]:
     """Sends `signum` once the run has logged `step`; (exit status, stderr)."""
     deadline = time.time() + 900
-    while time.time() < deadline and max(_losses(run) if (run / "metrics.jsonl").exists() else {0: 0}) < step:
+    # metrics.jsonl may exist before its first loss line
+    while time.time() < deadline and max((_losses(run) if (run / "metrics.jsonl").exists() else {}) or {0: 0}) < step:
         assert process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.05)
     process.send_signal(signum)
