@@ -3,25 +3,28 @@
     python benchmarks/gpu.py --out gpu-results        # one H100/H200: at most ~8 minutes, no network
     python benchmarks/gpu.py --smoke --out /tmp/gs    # CPU, Pallas interpreter, tiny shapes: checks the script (CI)
 
-Every section runs in its own process under a time limit (the limits add up to --budget seconds) and appends JSON
-lines to OUT/results.jsonl as it goes, so a section that fails or runs out of time costs only itself and what it
-measured survives. At the end OUT/report.md (tables) and OUT/results.json (every record) are written.
+Every section runs in its own process under a time limit (the limits of the sections that run add up to --budget
+seconds) and appends JSON lines to OUT/results.jsonl as it goes, so a section that fails or runs out of time costs
+only itself and what it measured survives. Sections run most important first, and inside a section the rows that
+decide something come before the variations, so a cut (a section's limit, or the device's time running out) takes
+the least important. At the end OUT/report.md (tables) and OUT/results.json (every record) are written.
 
 Sections (--sections picks some, in this order):
-  correct   every selectable fused kernel on the device against the float32 reference (all quant variants and
-            dtypes for the default configs, then each configuration of the tuning spaces)
+  correct   every selectable fused kernel on the device against the float32 reference: each kernel once (every op
+            and M, NF4 + double quant, bf16), then the quant variants and dtypes, then each configuration of
+            the tuning spaces
   kernels   M <= 16 (decode) rows: bf16 jnp.dot, dequantize + dot, the decode kernel's configs, the tiled split-K
             kernel, "auto"; each timed as many calls inside one jit on weights distinct per call (unrolled; one
             row also as a lax.scan over the stacked weights, as a model's layer scan runs it), with GB/s and the
             fraction of the roofline; writes "choice" records for `python -m qlora_jax.kernels.tables`
-  large     M >= 2048 (training) rows, forward and forward + backward
-  ladder    the decode kernel built up one step at a time (docs/kernels.md), GB/s of each rung
   decode    greedy generation, 8B shape, batch 1 and 8: prefill and the decode loop timed apart; tokens/s for NF4 by
             XLA and by the decode kernel, and the bf16 model, beside the roofline and beside bf16
   ckpt      a random Llama-3.1-8B-shape bf16 checkpoint written as safetensors (in --scratch) for the train rows
   train     one process per --train-row: `load_pretrained` (timed), LoRA r16 on all linears, AdamW, step time,
             tokens/s, XLA's memory analysis and the process's real peak (loading included)
+  large     M >= 2048 (training) rows, forward and forward + backward
   torch     transformers + PEFT (+ bitsandbytes 4-bit when importable) on the same shapes: step, peak, decode
+  ladder    the decode kernel built up one step at a time (docs/kernels.md), GB/s of each rung
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 # (section, share of the time budget)
-SECTIONS = (("correct", 30), ("kernels", 80), ("large", 45), ("ladder", 25), ("decode", 70), ("ckpt", 35),
-            ("train", 145), ("torch", 55))  # fmt: skip
+SECTIONS = (("correct", 30), ("kernels", 80), ("decode", 70), ("ckpt", 35), ("train", 145), ("large", 45),
+            ("torch", 55), ("ladder", 25))  # fmt: skip
 DEFAULT_TRAIN_ROWS = ("base=nf4,batch=2,length=2048,remat=full", "base=bf16,batch=2,length=2048,remat=full")
 SMOKE_TRAIN_ROWS = ("base=nf4,batch=2,length=16,remat=none,steps=1",)
 LLAMA_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -90,9 +93,9 @@ def _env(emit, args):
 
 
 def _cores() -> int:
-    from qlora_jax.kernels import device
+    from qlora_jax import gpu_target
 
-    return device.core_count()
+    return gpu_target.device_facts().sm_count
 
 
 def _peaks(device_kind: str):
@@ -106,12 +109,21 @@ def _rel_error(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
+def correct_order(ops, variants, dtypes) -> list[tuple]:
+    """(op, m, variant, dtype) for `correct`: each (op, m) with the first variant and dtype (every kernel the run
+    can choose is checked once), then the other variants and dtypes of each."""
+    first = [(op, m, variants[0], dtypes[0]) for op, m in ops]
+    rest = [(op, m, v, d) for op, m in ops for v in variants for d in dtypes if (op, m, v, d) not in first]
+    return first + rest
+
+
 def section_correct(args, emit):
     """Each selectable fused kernel against the float32 reference, on the device (relative to the largest output;
     16-bit outputs are within their rounding, ~4e-3 for bf16)."""
     import jax
     import jax.numpy as jnp
 
+    from qlora_jax import gpu_target
     from qlora_jax.kernels import autotune, dispatch
     from qlora_jax.kernels.dequant import dequantize_pallas
     from qlora_jax.kernels.matmul import matmul_reference, matmul_transposed_reference
@@ -138,10 +150,10 @@ def section_correct(args, emit):
     ops = (("forward", 1), ("forward", 7), ("forward", 16), ("forward", 300), ("backward", 300))
     if args.smoke:  # the interpreter is slow: one case of each kernel
         variants, dtypes, ops = [("fp4", False)], [jnp.float32], (("forward", 1), ("forward", 40), ("backward", 40))
-    for op, m in ops:
-        for quant_type, dq in variants:
-            for dtype in dtypes:
-                check(op, m, dtype, quant_type, dq, autotune.default_fused_config(op, m, n, k, 64))
+    sms = gpu_target.device_facts().sm_count
+    for case in correct_order(ops, variants, dtypes):  # every kernel once first: a cut takes only variations
+        op, m, (quant_type, dq), dtype = case
+        check(op, m, dtype, quant_type, dq, autotune.default_fused_config(op, m, n, k, 64, sms))
     qt = jax.tree.map(lambda a: a[0], distinct_weights(n, k, jnp.bfloat16, 1))
     got = jax.jit(lambda q: dequantize_pallas(q, jnp.bfloat16, interpret=args.smoke))(qt)
     emit("correct", op="dequantize", n=n, k=k, mismatches=int(jnp.sum(got != dequantize(qt))),
@@ -152,18 +164,23 @@ def section_correct(args, emit):
             check(op, m, jnp.bfloat16, "nf4", True, config)
 
 
-def _time_impls(args, emit, m, n, k, impls, *, phase, peaks, dense_bytes, quant_bytes, count, weights, rows,
+def _time_impls(args, emit, m, n, k, impls, *, phase, peaks, dense_bytes, quant_bytes, weights, rows,
                 mode="unrolled", extra=None):  # fmt: skip
-    """Times each (name, fn, uses_dense_weight) and emits one record each; returns {name: seconds}."""
+    """Times each (name, fn, uses_dense_weight) and emits one record each; returns {name: seconds}. Each call reads
+    its own weight: `weights` holds (stack, count) per kind, as many distinct weights as calls are timed."""
+    import jax
+
     from qlora_jax.kernels.timing import per_call_seconds
 
     results = {}
     flops = (2 if phase == "fwd" else 4) * m * n * k
     for name, fn, dense in impls:
-        record = dict(m=m, n=n, k=k, impl=name, phase=phase, mode=mode, copies=count, **(extra or {}))
+        stack, count = weights["dense" if dense else "quant"]
+        distinct = jax.tree.leaves(stack)[0].shape[0]
+        record = dict(m=m, n=n, k=k, impl=name, phase=phase, mode=mode, copies=count, distinct_weights=distinct,
+                      **(extra or {}))  # fmt: skip
         try:
-            seconds = per_call_seconds(fn, rows, weights["dense" if dense else "quant"], count, mode=mode,
-                                       repeats=1 if args.smoke else 5)  # fmt: skip
+            seconds = per_call_seconds(fn, rows, stack, count, mode=mode, repeats=1 if args.smoke else 5)
         except Exception as e:  # noqa: BLE001 - a failing variant is a result too
             emit("timing", **record, error=f"{type(e).__name__}: {str(e)[:300]}")
             continue
@@ -176,16 +193,20 @@ def _time_impls(args, emit, m, n, k, impls, *, phase, peaks, dense_bytes, quant_
     return results
 
 
-def _weights(n, k, count, seed=0):
+def _weights(n, k, count, seed=0, *, dense_count=None):
+    """{"quant": (stack, count), "dense": (stack, count)}: distinct 4-bit and bf16 weights, each kind as many as its
+    calls are timed (`count` 4-bit ones; bf16 ones enough to fill timing.TARGET_BYTES by their own size, 4x the
+    4-bit size: never fewer than the calls, so no call re-reads a weight from L2), and the bytes of one of each."""
     import jax
     import jax.numpy as jnp
 
-    from qlora_jax.kernels.timing import distinct_weights
+    from qlora_jax.kernels.timing import copies_for, distinct_weights
 
+    dense_count = dense_count or (count if count <= 2 else copies_for(n * k * 2))
     quant = distinct_weights(n, k, jnp.bfloat16, count, seed=seed)
-    dense = distinct_weights(n, k, jnp.bfloat16, min(count, 8), seed=seed, dense=True)
+    dense = distinct_weights(n, k, jnp.bfloat16, dense_count, seed=seed, dense=True)
     quant_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(quant)) // count
-    return {"quant": quant, "dense": dense}, quant_bytes, n * k * 2
+    return {"quant": (quant, count), "dense": (dense, dense_count)}, quant_bytes, n * k * 2
 
 
 def _emit_choice(emit, device_kind, op, m, n, k, times, configs):
@@ -239,13 +260,13 @@ def section_kernels(args, emit):
             impls += [(name, dispatch.fused_fn("forward", c, interpret), False) for name, c in configs.items()]
             impls.append(("auto", functools.partial(nf4_matmul, options=KernelOptions(interpret=interpret)), False))
             times = _time_impls(args, emit, m, n, k, impls, phase="fwd", peaks=peaks, dense_bytes=dense_bytes,
-                                quant_bytes=quant_bytes, count=count, weights=weights, rows=rows)  # fmt: skip
+                                quant_bytes=quant_bytes, weights=weights, rows=rows)  # fmt: skip
             _emit_choice(emit, device.device_kind, "forward", m, n, k, times, configs)
             if m == 1 and (n, k) == shapes[0]:  # what a model's scan over layers sees: per-layer slices
                 scan = [impl for impl in impls if impl[0] in ("bf16 dot", "dequant+dot")]
                 scan.append((next(iter(configs)), dispatch.fused_fn("forward", default, interpret), False))
                 _time_impls(args, emit, m, n, k, scan, phase="fwd", peaks=peaks, dense_bytes=dense_bytes,
-                            quant_bytes=quant_bytes, count=count, weights=weights, rows=rows, mode="scan")  # fmt: skip
+                            quant_bytes=quant_bytes, weights=weights, rows=rows, mode="scan")  # fmt: skip
         del weights
 
 
@@ -263,8 +284,8 @@ def section_large(args, emit):
     rows_spec = [(64, 256, 512)] if args.smoke else [(2048, 4096, 4096), (8192, 4096, 4096), (2048, 14336, 4096)]
     dense_dot = lambda a, w: jnp.dot(a, w.T, preferred_element_type=jnp.float32).astype(a.dtype)  # noqa: E731
     for m, n, k in rows_spec:
-        count = 2 if args.smoke else 4
-        weights, quant_bytes, dense_bytes = _weights(n, k, count)
+        count = 2 if args.smoke else 4  # compute-bound rows: a few distinct weights, as many of each kind
+        weights, quant_bytes, dense_bytes = _weights(n, k, count, dense_count=count)
         x = jax.random.normal(jax.random.key(0), (m, k), jnp.float32).astype(jnp.bfloat16)
         dy = jax.random.normal(jax.random.key(1), (m, n), jnp.float32).astype(jnp.bfloat16)
         tiles = (MatmulConfig(block_m=64, block_n=64, block_k=64),
@@ -277,7 +298,7 @@ def section_large(args, emit):
         forward += [(name, dispatch.fused_fn("forward", c, interpret), False) for name, c in fused.items()]
         forward.append(("auto", functools.partial(nf4_matmul, options=KernelOptions(interpret=interpret)), False))
         times = _time_impls(args, emit, m, n, k, forward, phase="fwd", peaks=peaks, dense_bytes=dense_bytes,
-                            quant_bytes=quant_bytes, count=count, weights=weights, rows=(x,))  # fmt: skip
+                            quant_bytes=quant_bytes, weights=weights, rows=(x,))  # fmt: skip
         _emit_choice(emit, device.device_kind, "forward", m, n, k, times, fused)
 
         def with_backward(f, dense=False):
@@ -296,7 +317,7 @@ def section_large(args, emit):
                               ("auto", KernelOptions(interpret=interpret))):  # fmt: skip
             both.append((name, with_backward(functools.partial(nf4_matmul, options=options)), False))
         _time_impls(args, emit, m, n, k, both, phase="fwd+bwd", peaks=peaks, dense_bytes=dense_bytes,
-                    quant_bytes=quant_bytes, count=count, weights=weights, rows=(x, dy))  # fmt: skip
+                    quant_bytes=quant_bytes, weights=weights, rows=(x, dy))  # fmt: skip
         del weights
 
 
@@ -325,7 +346,7 @@ def section_ladder(args, emit):
                 fn = functools.partial(ladder, config=config, stage=stage, interpret=args.smoke)
                 impls.append((f"{stage}: {what} ({lookup}, {dot})", fn, False))
     _time_impls(args, emit, 1, n, k, impls, phase="fwd", peaks=peaks, dense_bytes=dense_bytes,
-                quant_bytes=quant_bytes, count=count, weights=weights, rows=(x,), extra={"ladder": True})  # fmt: skip
+                quant_bytes=quant_bytes, weights=weights, rows=(x,), extra={"ladder": True})  # fmt: skip
 
 
 def _model_config(args):
@@ -375,10 +396,13 @@ def section_decode(args, emit):
     peaks = _peaks(device.device_kind)
     config = _model_config(args)
     prompt_len, new = (8, 4) if args.smoke else (128, 128)
-    rows = [("nf4", "xla", "decode"), ("nf4", "pallas", "decode"), ("bf16", "xla", "decode")]
+    # the decode kernel's row first: a cut by the time limit takes the baselines
+    rows = [("nf4", "pallas", "decode"), ("nf4", "xla", "decode"), ("bf16", "xla", "decode")]
     if registry.by_name("decode_mosaic").unavailable() is None and not args.smoke:  # jax >= 0.11
-        rows.insert(2, ("nf4", "pallas", "decode_mosaic"))
+        rows.insert(1, ("nf4", "pallas", "decode_mosaic"))
     batches = (1,) if args.smoke else (1, 8)
+    rows = [("nf4", "pallas", b) for b in batches] + [("nf4", "xla", b) for b in batches]
+    rows = sorted(rows, key=lambda row: row[2]) + [("bf16", "xla", b) for b in batches]  # batch 1 first
     built = None
     for base, impl, kernel in rows:
         try:
@@ -780,6 +804,36 @@ def report(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def section_jobs(wanted: list[str], train_rows: list[str], budget: float) -> list[tuple[str, list[str], int]]:
+    """(section, extra arguments, time limit in seconds) of each process to run, in SECTIONS' order: the budget is
+    shared by the sections that run (by their SECTIONS shares), the train section's share by its rows."""
+    shares = {name: share for name, share in SECTIONS if name in wanted}
+    total = sum(shares.values())
+    jobs = []
+    for name, share in shares.items():
+        limit = budget * share / total
+        if name == "train":
+            jobs += [(name, ["--row", row], max(10, int(limit / len(train_rows)))) for row in train_rows]
+        else:
+            jobs.append((name, [], max(10, int(limit))))
+    return jobs
+
+
+# The checkpoint of the train rows is ~16 GB for the 8B shape: more than a GPU machine's small disk has.
+_SCRATCH_NEED = 20 * 2**30
+
+
+def scratch_root(need: int = _SCRATCH_NEED) -> str | None:
+    """/dev/shm (host memory) when it has `need` bytes free, else the default temporary directory (None)."""
+    shm = Path("/dev/shm")
+    try:
+        if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= need:
+            return str(shm)
+    except OSError:
+        pass
+    return None
+
+
 def run_sections(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -793,23 +847,15 @@ def run_sections(args) -> int:
     unknown = set(wanted) - set(CHILDREN)
     if unknown:
         raise SystemExit(f"gpu.py: unknown sections {sorted(unknown)}; known: {', '.join(CHILDREN)}")
-    shares = dict(SECTIONS)
-    total_share = sum(shares.values())
-    scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="qlora_gpu_"))
+    scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="qlora_gpu_", dir=scratch_root()))
     env = dict(os.environ)
     if args.smoke:
         env["JAX_PLATFORMS"] = "cpu"
         # bitsandbytes' CPU ops go through torch.compile, which compiles every new shape: minutes on a CPU.
         env.setdefault("TORCHDYNAMO_DISABLE", "1")
-    jobs = []
-    for name in (n for n, _ in SECTIONS if n in wanted):
-        if name == "train":
-            jobs += [(name, ["--row", row], shares[name] / len(args.train_rows)) for row in args.train_rows]
-        else:
-            jobs.append((name, [], shares[name]))
     try:
-        for name, extra, share in jobs:
-            limit = max(10, int(args.budget * share / total_share)) if not args.smoke else 300
+        for name, extra, limit in section_jobs(wanted, args.train_rows, args.budget):
+            limit = 300 if args.smoke else limit
             command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--out", str(out),
                        "--scratch", str(scratch), *extra]  # fmt: skip
             command += ["--train-rows", *args.train_rows] + (["--smoke"] if args.smoke else [])
@@ -846,7 +892,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-rows", nargs="+", default=None, metavar="ROW",
                         help="train rows, e.g. base=nf4,batch=2,length=2048,remat=full,attention_block=512,"
                              "kernels.impl=xla (ComputeOptions fields pass through)")  # fmt: skip
-    parser.add_argument("--scratch", default=None, help="where the checkpoint is written (default: a temporary dir)")
+    parser.add_argument(
+        "--scratch",
+        default=None,
+        help="where the checkpoint is written (default: a temporary "
+        "directory in /dev/shm when it has 20 GiB free, else in the system's temporary directory)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import qlora_jax
 from qlora_jax.codebooks import BNB_QUANT_TYPES, QUANT_TYPES
+from qlora_jax.gpu_target import SKIP_CHECK_ENV, TARGETS
 
 # The flags' choices, without importing the modules that own them (jax, flax: seconds for `--help`);
 # tests/test_cli_choices.py keeps each equal to its owner's.
@@ -200,29 +201,54 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _take_option(args: argparse.Namespace, flag: str, choices: Sequence[str]) -> str | None:
+    """The value of `flag` (before the config, or among the overrides after it, where it is removed)."""
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if flag in args.overrides:
+        at = args.overrides.index(flag)
+        given = args.overrides[at + 1 : at + 2]
+        args.overrides = args.overrides[:at] + args.overrides[at + 2 :]
+        value = given[0] if given else ""
+    if value is not None and value not in choices:
+        raise _fail(args.command, f"{flag}: choose one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _plan(args: argparse.Namespace) -> int:
-    """The memory plan of a training config, from abstract shapes and compiled shallow steps (nothing loaded)."""
+    """The memory plan of a training config, from abstract shapes and compiled shallow steps (nothing loaded); for
+    a GPU target, XLA:GPU's compile for it on this machine."""
+    compare = _take_flag(args, "--compare")
+    longest = _take_flag(args, "--longest-row")
+    target = _take_option(args, "--target", sorted(TARGETS))
+    if target is not None:  # before jax starts: the CUDA plugin then registers without CUDA libraries or a GPU
+        os.environ.setdefault(SKIP_CHECK_ENV, "1")
     import jax
 
+    from qlora_jax.gpu_target import deviceless_unavailable_reason, load_target
     from qlora_jax.train.config import load_config
     from qlora_jax.train.plan import longest_row, memory_budget, plan_memory
 
-    compare = _take_flag(args, "--compare")
-    longest = _take_flag(args, "--longest-row")
+    if target is not None and (reason := deviceless_unavailable_reason()):
+        raise _fail("plan", f"--target {target}: cannot compile for a GPU on this machine: {reason}")
     config = load_config(args.config, args.overrides)
     try:
-        plan = plan_memory(config, compare=compare)
+        plan = plan_memory(config, compare=compare, target=target)
         if longest:
-            budget, source = memory_budget(config)
-            policies = ["full"] + (["offload"] if jax.default_backend() != "cpu" else [])
-            rows = {policy: longest_row(config, budget=budget, policy=policy)[0] for policy in policies}
+            budget, source = memory_budget(config, target=target)
+            on_gpu = target is not None or jax.default_backend() != "cpu"
+            policies = ["full"] + (["full_offload"] if on_gpu else [])
+            rows = {p: longest_row(config, budget=budget, policy=p, target=target)[0] for p in policies}
     except ValueError as e:  # from a library below ours; errors raised on purpose are handled in main()
         raise _fail("plan", str(e)) from e
     t = config.train
+    where = f"on {jax.devices()[0].device_kind}" if target is None else (
+        f"for {load_target(target).device_kind} (GPU target {target}, compiled here without it)")  # fmt: skip
     print(f"{config.model.path}: {plan.num_layers} layers, {config.model.quant} base, LoRA r={config.lora.r}; "
           f"batch {t.batch_size} x {config.data.max_length} tokens (grad_accum {t.grad_accum}), remat={plan.remat}, "
-          f"attention={t.attention}, on {jax.devices()[0].device_kind}")  # fmt: skip
+          f"attention={t.attention}, {where}")  # fmt: skip
     print(plan.table())
+    if t.memory_budget is not None:
+        print(f"memory budget (train.memory_budget): {plan.verdict(memory_budget(config)[0])}")
     if longest:
         for policy, length in rows.items():
             print(f"longest row within {budget / 2**30:.2f} GiB ({source}), remat={policy}, batch 1: "
@@ -243,7 +269,8 @@ def _int_list(text: str) -> list[int]:
 
 def _tune(args: argparse.Namespace) -> int:
     """Measures the kernel choices of a training config's 4-bit linear shapes on this GPU; writes the cache."""
-    from qlora_jax.kernels import autotune, device
+    from qlora_jax import gpu_target
+    from qlora_jax.kernels import autotune
     from qlora_jax.kernels.tune_model import tune_shapes
     from qlora_jax.nn import linear_shapes
     from qlora_jax.train.build import abstract_model
@@ -267,16 +294,15 @@ def _tune(args: argparse.Namespace) -> int:
     shapes = linear_shapes(model)
     if not shapes:
         raise _fail("tune", f"{args.config}: the model has no 4-bit linear layers (model.quant is none)")
-    if not device.on_gpu():
-        import jax
-
-        seen = f"{jax.default_backend()} devices ({jax.devices()[0].device_kind})"
+    device = gpu_target.device_facts()
+    if device.platform != "gpu":
+        seen = f"{device.platform} devices ({device.device_kind})"
         raise _fail("tune", f"no GPU: JAX sees only {seen}. Tuning times the kernels on the GPU that will run "
                     "them; without one every shape runs XLA.")  # fmt: skip
     t = config.train
     train_m = None if no_train else (t.batch_size // t.grad_accum) * config.data.max_length
     cache = autotune.TuningCache(Path(args.cache)) if args.cache else autotune.TuningCache()
-    print(f"tuning {len(shapes)} weight shapes of {config.model.path} on {device.device_kind()}; cache {cache.path}")
+    print(f"tuning {len(shapes)} weight shapes of {config.model.path} on {device.device_kind}; cache {cache.path}")
     tune_shapes(shapes, decode_ms=args.decode_m, train_m=train_m, cache=cache, force=force)
     print(f"wrote {cache.path}")
     return 0
@@ -417,7 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--compare", action="store_true", help="also compile the full-depth step and show XLA's total")
     plan.add_argument("--longest-row", action="store_true",
                       help="also search the longest one-row step that fits train.memory_budget (remat full; and "
-                           "offload on a GPU)")  # fmt: skip
+                           "full_offload on a GPU)")  # fmt: skip
+    plan.add_argument("--target", default=None, metavar="|".join(sorted(TARGETS)),
+                      help="plan for this GPU: XLA:GPU's compile for it, on this machine without one (needs jax's "
+                           "CUDA plugin, no GPU); the default plans for this machine's backend")  # fmt: skip
     plan.set_defaults(run=_plan)
 
     tune = commands.add_parser("tune", help="measure the fused kernels against XLA for a config's shapes (GPU)")

@@ -98,6 +98,8 @@ def _token_loop(report: hlo_report.LaunchReport) -> str:
 
 
 def _compile(config: ModelConfig, *, quant, dtype, batch, cache_length, options, target, max_new_tokens):
+    # the kernel choices made as on that GPU (its SM count, its table, Pallas dequantization)
+    options = dataclasses.replace(options, kernels=dataclasses.replace(options.kernels, target=target))
     model = nnx.eval_shape(lambda: DecoderLM(config, quant=quant, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     cache = jax.eval_shape(lambda: KVCache.empty(config, batch, cache_length, jnp.dtype(dtype)))

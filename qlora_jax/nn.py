@@ -24,11 +24,35 @@ from qlora_jax.kernels.tune_model import LinearShape
 from qlora_jax.mesh import current_mesh, gathered, gathered_matmul
 from qlora_jax.quant import QUANT_BUFFERS, QuantConfig, QuantizedTensor, dequantize, quantize
 
-__all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm", "linear_shapes", "linears", "read_in_place"]
+__all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm", "frozen_matmul", "linear_shapes", "linears",
+           "read_in_place"]  # fmt: skip
 
 
 class Frozen(nnx.Variable):
     """A base-model weight: loaded, used, never trained."""
+
+
+@jax.custom_vjp
+def frozen_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w.T for a frozen w [out, in] of x's dtype, accumulated in float32, in x's dtype.
+
+    The backward pass computes dx = dy @ w from the cotangent in x's dtype: the same products as autodiff's (a
+    cotangent of a 16-bit output holds 16-bit values), without the float32 copy of w that autodiff makes to
+    multiply a float32 cotangent (2 GiB for Llama-3's bf16 lm_head, the largest temporary of a QLoRA step).
+    w gets no gradient: it never trains."""
+    return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _frozen_matmul_fwd(x, w):
+    return frozen_matmul(x, w), w
+
+
+def _frozen_matmul_bwd(w, dy):
+    dx = jnp.dot(dy.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(dy.dtype)
+    return dx, jnp.zeros_like(w)
+
+
+frozen_matmul.defvjp(_frozen_matmul_fwd, _frozen_matmul_bwd)
 
 
 class QuantizedWeight(nnx.Variable):
@@ -122,7 +146,7 @@ class QLinear(nnx.Module):
             y = gathered_matmul(matmul, x, self.quantized_tensor(gather=False))
         else:
             w = jax.lax.stop_gradient(gathered(self.weight[...])).astype(self.dtype)
-            y = jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(self.dtype)
+            y = frozen_matmul(x, w)
         return self._biased(y)
 
     def _biased(self, y: jax.Array) -> jax.Array:
@@ -215,7 +239,7 @@ class Embed(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         table = jax.lax.stop_gradient(gathered(self.weight[...]))
         x = x.astype(self.dtype)
-        out = jnp.dot(x, table.astype(self.dtype).T, preferred_element_type=jnp.float32).astype(self.dtype)
+        out = frozen_matmul(x, table.astype(self.dtype))
         if self.trainable_rows is not None:  # the tied head reads the trained rows too
             out = self.trainable_rows.project(x, out, table.dtype)
         return out

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qlora_jax import gpu_target
 from qlora_jax.cli import main as cli_main
-from qlora_jax.kernels import DecodeConfig, MatmulConfig, autotune, device, dispatch, registry, tables, timing
+from qlora_jax.kernels import DecodeConfig, MatmulConfig, autotune, dispatch, registry, tables, timing
 from qlora_jax.kernels.autotune import (
     MAX_CANDIDATES,
     Choice,
@@ -62,7 +63,8 @@ def test_tuning_space_is_small_and_valid(op, m, k, blocksize):
 
 @pytest.mark.parametrize(("op", "m"), [("forward", 1), ("forward", 9), ("forward", 300), ("backward", 1)])
 def test_default_fused_config_is_valid(op, m):
-    config = default_fused_config(op, m, 4096, 4096, 64, num_cores=132)
+    sms = gpu_target.load_target("h100").sm_count
+    config = default_fused_config(op, m, 4096, 4096, 64, num_cores=sms)
     config.check(m=m, n=4096, k=4096, blocksize=64)
     assert isinstance(config, DecodeConfig) == (op == "forward" and m <= 16)
     if isinstance(config, DecodeConfig):
@@ -163,6 +165,8 @@ def test_per_call_seconds_both_modes():
         seconds = timing.per_call_seconds(fn, (x,), weights, 3, mode=mode, repeats=2)
         assert math.isfinite(seconds) and seconds > 0
     assert timing.copies_for(8 * 2**20) == 32 and timing.copies_for(2**30) == 2
+    with pytest.raises(ValueError, match="count=4 calls need as many distinct weights; the stack holds 3"):
+        timing.per_call_seconds(fn, (x,), weights, 4)  # a fourth call would re-read a weight from L2
 
 
 # --- `impl="auto"` on a simulated GPU --------------------------------------------------------------------------
@@ -170,10 +174,10 @@ def test_per_call_seconds_both_modes():
 
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
-    """Pretend the default backend is an H100 so that `impl="auto"` consults the cache and the tables."""
-    monkeypatch.setattr(device, "on_gpu", lambda: True)
-    monkeypatch.setattr(device, "device_kind", lambda: H100)
-    monkeypatch.setattr(device, "core_count", lambda: 132)
+    """Pretend the default device is an H100 so that `impl="auto"` consults the cache and the tables."""
+    h100 = gpu_target.device_facts("h100")
+    real = gpu_target.device_facts
+    monkeypatch.setattr(gpu_target, "device_facts", lambda target=None: h100 if target is None else real(target))
     return TuningCache(tmp_path / "tune.json")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert correct and all(r["ok"] for r in correct), [r for r in correct if not r["ok"]]
     timings = [r for r in records if r["kind"] == "timing"]
     assert all(r.get("time_us", 0) > 0 for r in timings), [r for r in timings if "error" in r]
+    # every timed call reads its own weight, the bf16 baseline's included (none re-read from L2)
+    assert all(r["copies"] == r["distinct_weights"] for r in timings), [r for r in timings if r["copies"] > 2]
     impls = {r["impl"] for r in timings}
     assert {"bf16 dot", "dequant+dot", "auto"} <= impls and any(i.startswith("fused DecodeConfig") for i in impls)
     assert {r["mode"] for r in timings} == {"unrolled", "scan"} and {r["phase"] for r in timings} == {"fwd", "fwd+bwd"}
@@ -37,17 +40,54 @@ def test_gpu_benchmark_smoke(tmp_path):
     choices = [r for r in records if r["kind"] == "choice"]
     assert choices and all(r["choice"]["source"].startswith("measured") for r in choices)
     (decode,) = [r for r in records if r["kind"] == "decode" and r["impl"] == "pallas"]
-    assert decode["tokens_per_s"] > 0
+    assert decode["tokens_per_s"] > 0 and decode["prefill_s"] > 0 and decode["decode_s"] > 0  # timed apart
+    decodes = [(r["base"], r["impl"]) for r in records if r["kind"] == "decode"]
+    assert decodes[0] == ("nf4", "pallas")  # the decode kernel's row first: a cut takes the baselines' repeats
     (train,) = [r for r in records if r["kind"] == "train"]
     assert train["tokens_per_s"] > 0 and math.isfinite(train["first_loss"]) and train["load_s"] > 0
     report = (out / "report.md").read_text()
     assert "## Kernels" in report and "## QLoRA step" in report and "## Decode" in report
 
 
-def test_gpu_benchmark_train_rows_pass_compute_options_through():
+def _gpu_module():
     spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu.py")
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)
+    return gpu
+
+
+def test_gpu_benchmark_budget_is_shared_by_the_sections_that_run():
+    gpu = _gpu_module()
+    jobs = gpu.section_jobs(["kernels", "train"], ["base=nf4", "base=bf16"], 300)
+    assert [(name, extra) for name, extra, _ in jobs] == [
+        ("kernels", []), ("train", ["--row", "base=nf4"]), ("train", ["--row", "base=bf16"])]  # fmt: skip
+    assert sum(limit for _, _, limit in jobs) == pytest.approx(300, abs=3)  # not a slice of all eight sections'
+    shares = dict(gpu.SECTIONS)
+    assert jobs[0][2] == int(300 * shares["kernels"] / (shares["kernels"] + shares["train"]))
+    everything = gpu.section_jobs([name for name, _ in gpu.SECTIONS], ["base=nf4"], 465)
+    order = [name for name, _, _ in everything]
+    assert order == [name for name, _ in gpu.SECTIONS] and order.index("ckpt") < order.index("train")
+    assert order[:2] == ["correct", "kernels"]  # what the run is for comes first; variations last
+
+
+def test_gpu_benchmark_checks_each_kernel_before_the_variations():
+    order = _gpu_module().correct_order([("forward", 1), ("forward", 7), ("backward", 300)],
+                                        [("nf4", True), ("fp4", False)], ["bfloat16", "float32"])  # fmt: skip
+    assert order[:3] == [("forward", 1, ("nf4", True), "bfloat16"), ("forward", 7, ("nf4", True), "bfloat16"),
+                         ("backward", 300, ("nf4", True), "bfloat16")]  # fmt: skip
+    assert len(order) == len(set(order)) == 3 * 2 * 2
+
+
+def test_gpu_benchmark_writes_its_checkpoint_to_host_memory(tmp_path):
+    gpu = _gpu_module()
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        assert gpu.scratch_root(need=1) == str(shm)  # the 16 GB checkpoint goes to RAM, not the GPU box's disk
+    assert gpu.scratch_root(need=2**62) is None  # no room: the system's temporary directory
+
+
+def test_gpu_benchmark_train_rows_pass_compute_options_through():
+    gpu = _gpu_module()
     row = gpu.parse_row("base=bf16,batch=1,length=8192,remat=save_dots,attention_block=1024,kernels.impl=xla")
     assert (row["base"], row["batch"], row["length"]) == ("bf16", 1, 8192)
     assert row["compute"] == {"remat": "save_dots", "attention_block": 1024} and row["kernels"] == {"impl": "xla"}

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from qlora_jax import gpu_target
 from qlora_jax.kernels import (
     DecodeConfig,
     DequantConfig,
@@ -24,6 +25,7 @@ from qlora_jax.kernels.lowering import export_for_cuda
 from qlora_jax.quant import quantize
 
 N, K = 256, 512
+SMS = gpu_target.device_facts().sm_count  # on CPU: the SMs of the GPU kernels are lowered for
 
 
 def _abstract_weight(dtype=jnp.bfloat16, quant_type="nf4", double_quant=True, blocksize=128, shape=(N, K)):
@@ -55,7 +57,7 @@ def test_every_config_in_the_tuning_space_lowers(op, m):
     qt = _abstract_weight()
     configs = tuning_space(op, m, N, K, qt.blocksize)
     assert configs
-    for config in [*configs, default_fused_config(op, m, N, K, qt.blocksize)]:
+    for config in [*configs, default_fused_config(op, m, N, K, qt.blocksize, SMS)]:
         if op == "forward":
             exported = export_for_cuda(_forward(config), _spec(m, K), qt)
         else:
@@ -70,7 +72,7 @@ def test_every_config_in_the_tuning_space_lowers(op, m):
 def test_every_quant_variant_and_dtype_lowers(dtype, quant_type, double_quant):
     qt = _abstract_weight(dtype, quant_type, double_quant, blocksize=64)
     for m in (1, 7, 300):
-        config = default_fused_config("forward", m, N, K, 64)
+        config = default_fused_config("forward", m, N, K, 64, SMS)
         _assert_triton_call(export_for_cuda(_forward(config), _spec(m, K, dtype=dtype), qt))
     for config in (DecodeConfig(dot="fma", lookup="select"), DecodeConfig(dot="mma", block_k=512, split_k=1)):
         _assert_triton_call(export_for_cuda(_forward(config), _spec(3, K, dtype=dtype), qt))

@@ -3,6 +3,7 @@ packed segments, and NF4 against transformers + bitsandbytes."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -140,3 +141,32 @@ def test_gemma3_image_text_checkpoint_loads_its_text_decoder(tmp_path):
     assert ours.model_type == "gemma3_text" and ours.num_layers == 2
     tokens = _tokens()
     _assert_close(model(jnp.asarray(tokens)), _hf_logits(hf_model, tokens), F32_TOL)
+
+
+def test_a_frozen_dense_matmul_backward_is_autodiffs_without_a_float32_weight():
+    from qlora_jax.nn import frozen_matmul
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (3, 5, 64), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(keys[1], (96, 64), jnp.float32).astype(jnp.bfloat16)
+    c = jax.random.normal(keys[2], (3, 5, 96), jnp.float32)
+
+    def plain(x):
+        y = jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+        return jnp.sum(y.astype(jnp.float32) * c)
+
+    def ours(x):
+        return jnp.sum(frozen_matmul(x, w).astype(jnp.float32) * c)
+
+    assert ours(x) == plain(x)
+    assert jnp.array_equal(jax.grad(ours)(x), jax.grad(plain)(x))  # the same products, summed in float32
+    assert jnp.array_equal(jax.grad(ours)(x), jax.jit(jax.grad(ours))(x))
+
+    # autodiff multiplies the float32 cotangent by the bf16 weight, a dot XLA compiles with a float32 copy of the
+    # weight (tests/test_gpu_plan.py sees it in XLA:GPU's program); ours multiplies two bf16 operands
+    def operand_dtypes(fn):
+        eqns = jax.make_jaxpr(jax.grad(fn))(x).jaxpr.eqns
+        return {tuple(v.aval.dtype.name for v in e.invars) for e in eqns if e.primitive.name == "dot_general"}
+
+    assert ("float32", "bfloat16") in operand_dtypes(plain)
+    assert operand_dtypes(ours) == {("bfloat16", "bfloat16")}

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from qlora_jax.cli import main as cli_main
-from qlora_jax.train import setup as train_setup
+from qlora_jax.train import build as train_build
 from qlora_jax.train.config import load_config
 from qlora_jax.train.loop import TrainingDiverged, train
 from tests.tiny_smol import save_tiny_smol
@@ -178,7 +178,7 @@ def test_a_blow_up_is_not_saved_and_the_hint_resumes_from_the_last_good_checkpoi
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    real = train_setup.make_train_step
+    real = train_build.make_train_step  # what make_steps, the one step builder, calls
 
     def poisoned(*args, **kwargs):
         step = real(*args, **kwargs)
@@ -191,7 +191,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_mode
 
         return wrapped
 
-    monkeypatch.setattr(train_setup, "make_train_step", poisoned)
+    monkeypatch.setattr(train_build, "make_train_step", poisoned)
     config = load_config(_config(tmp_path, tiny_model_dir, save_every=2))
     with pytest.raises(
         TrainingDiverged,
@@ -302,7 +302,8 @@ def _launch_train(config_path: Path, *overrides: str) -> subprocess.Popen:
 def _stop_after(process: subprocess.Popen, run: Path, step: int, signum: int) -> tuple[int, str]:
     """Sends `signum` once the run has logged `step`; (exit status, stderr)."""
     deadline = time.time() + 900
-    while time.time() < deadline and max(_losses(run) if (run / "metrics.jsonl").exists() else {0: 0}) < step:
+    # metrics.jsonl may exist before its first loss line
+    while time.time() < deadline and max((_losses(run) if (run / "metrics.jsonl").exists() else {}) or {0: 0}) < step:
         assert process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.05)
     process.send_signal(signum)

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qlora_jax.kernels import device, registry
+from qlora_jax import gpu_target
+from qlora_jax.kernels import registry
 from qlora_jax.kernels.decode import MAX_M, DecodeConfig
 from qlora_jax.kernels.matmul import MatmulConfig
 
@@ -142,11 +143,11 @@ def tuning_space(op: str, m: int, n: int, k: int, blocksize: int) -> list[Kernel
 def default_fused_config(op: str, m: int, n: int, k: int, blocksize: int, num_cores: int | None = None) -> KernelConfig:
     """The fused configuration impl="pallas" uses when nothing was measured: the decode kernel for forward at
     M <= 16 (`registry.decode_default`), the tiled kernels otherwise. `num_cores`: the GPU's SMs (default: the
-    traced-for device's, `kernels.device.core_count()`)."""
+    default device's, `gpu_target.device_facts().sm_count`)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if num_cores is None:
-        num_cores = device.core_count()
+        num_cores = gpu_target.device_facts().sm_count
     if op == "forward" and m <= MAX_M:
         return registry.by_name("decode").default(m, n, k, blocksize, num_cores)
     return registry.by_name("matmul" if op == "forward" else "matmul_transposed").default(m, n, k, blocksize, num_cores)

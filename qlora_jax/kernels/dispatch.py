@@ -20,8 +20,10 @@ launch for all of them where the decode kernel is the choice for each.
 The backward pass computes only dx = dy @ dequantize(W), recomputing the dequantization (or reading the packed
 weight in the fused kernel) instead of keeping a 16-bit copy of W alive between the passes; the weight itself gets
 zero cotangents. The choice is a `KernelOptions` value passed to each call (models take it in `ComputeOptions`):
-a frozen, hashable value that is part of what jit compiles, so changing it recompiles. The GPU kind, from the
-default device (a deviceless compile's target included: `kernels.device`), keys the measurements.
+a frozen, hashable value that is part of what jit compiles, so changing it recompiles; nothing is read from global
+or thread-local state while tracing (the tuning cache and tables are read once per traced shape). The device the
+choice is made for is jax's default device, or the GPU target `KernelOptions.target` names (a deviceless compile
+for an H100/H200: `qlora_jax.gpu_target`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.kernels import autotune, common, device, registry, tables, timing
+from qlora_jax import gpu_target
+from qlora_jax.kernels import autotune, common, registry, tables, timing
 from qlora_jax.kernels.decode import MAX_M, decode_group_pallas, in_place_unsupported_reason, layer_of
 from qlora_jax.kernels.dequant import dequant_unsupported_reason, dequantize_pallas
 from qlora_jax.kernels.matmul import matmul_reference
@@ -63,8 +66,11 @@ class KernelOptions:
         while tracing (up to ~20 s a shape and op). Off by default: a first trace that silently tunes for minutes
         is a bad surprise; run `qlora-jax tune CONFIG.yaml` once instead.
       cache: the tuning cache to read (and write) (default: `autotune.TuningCache()` at its default path).
+      target: choose as on this GPU target (`qlora_jax.gpu_target.TARGETS`: "h100", "h200") instead of jax's
+        default device: its shipped table, its SM count, Pallas dequantization. For compiling a step for that GPU
+        without one (`gpu_target.compile_for_target`); nothing is measured for a target.
 
-    Raises ValueError for an unknown impl or decode kernel.
+    Raises ValueError for an unknown impl, decode kernel or target.
     """
 
     impl: str = "auto"
@@ -72,12 +78,20 @@ class KernelOptions:
     interpret: bool = False
     autotune: bool = False
     cache: autotune.TuningCache | None = None
+    target: str | None = None
 
     def __post_init__(self):
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.decode_kernel not in DECODE_KERNELS:
             raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {self.decode_kernel!r}")
+        if self.target is not None and self.target not in gpu_target.TARGETS:
+            raise ValueError(f"target must be one of {sorted(gpu_target.TARGETS)} or None, got {self.target!r}")
+
+    @property
+    def device(self) -> gpu_target.DeviceFacts:
+        """The device the choices are made for: the target's, else jax's default device's."""
+        return gpu_target.device_facts(self.target)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +110,8 @@ def tuning_key(op: str, m: int, qt: QuantizedTensor, dtype: Any, device_kind: st
     """The key of one (op, M, weight, activation dtype) on this (or the named) GPU kind."""
     n, k = qt.shape
     return autotune.TuningKey(
-        op, device_kind or device.device_kind(), autotune.m_bucket(m), n, k, jnp.dtype(dtype).name, qt.quant_type,
-        qt.blocksize, qt.double_quant,
+        op, device_kind or gpu_target.device_facts().device_kind, autotune.m_bucket(m), n, k, jnp.dtype(dtype).name,
+        qt.quant_type, qt.blocksize, qt.double_quant,
     )  # fmt: skip
 
 
@@ -145,15 +159,16 @@ def _measure(op: str, m: int, qt: QuantizedTensor, dtype: Any, options: KernelOp
 
 
 def _choose(op: str, m: int, qt: QuantizedTensor, dtype: Any, options: KernelOptions) -> autotune.Choice | None:
-    """The measured choice for this key: the tuning cache, the shipped table, a measurement now (autotune on),
-    or None (nothing measured: XLA). Only on a GPU, whose kind keys the measurements."""
-    if not device.on_gpu():
+    """The measured choice for this key: the tuning cache, the shipped table, a measurement now (autotune on, on
+    the GPU itself), or None (nothing measured: XLA). Only for a GPU, whose kind keys the measurements."""
+    device = options.device
+    if device.platform != "gpu":
         return None
-    key = tuning_key(op, m, qt, dtype)
+    key = tuning_key(op, m, qt, dtype, device.device_kind)
     cache = options.cache or autotune.TuningCache()
     if (choice := cache.get(key)) is not None or (choice := tables.lookup(key)) is not None:
         return choice
-    return _measure(op, m, qt, dtype, options) if options.autotune else None
+    return _measure(op, m, qt, dtype, options) if options.autotune and options.target is None else None
 
 
 def _unsupported_reason(qt: QuantizedTensor, stacked: bool) -> str | None:
@@ -177,7 +192,8 @@ def plan_for(m: int, qt: QuantizedTensor, dtype: Any, *, impl: str, config: Any 
     # The XLA path dequantizes one weight (one layer of a stack, sliced first) by the Pallas kernel on a GPU: XLA's
     # own dequantize fused into a matrix-vector product writes float32 products to HBM (8 bytes a weight).
     one = layer_of(qt, 0) if stacked else qt
-    dequant = "pallas" if (device.on_gpu() or interpret) and not dequant_unsupported_reason(one) else "xla"
+    device = options.device
+    dequant = "pallas" if (device.platform == "gpu" or interpret) and not dequant_unsupported_reason(one) else "xla"
     if impl in ("reference", "xla"):
         return Plan(impl, None, impl, None, dequant, interpret)
     if reason := _unsupported_reason(qt, stacked):
@@ -186,7 +202,7 @@ def plan_for(m: int, qt: QuantizedTensor, dtype: Any, *, impl: str, config: Any 
         return Plan("xla", None, "xla", None, dequant, interpret)
     forward, backward = _choose("forward", m, qt, dtype, options), _choose("backward", m, qt, dtype, options)
     n, k = qt.shape
-    cores = device.core_count()
+    cores = device.sm_count
     if impl == "pallas":
         if config is not None:
             fwd = (registry.kernel_for("forward", config).name, config)
@@ -274,10 +290,12 @@ def _pallas_dequantizer(dtype: Any, interpret: bool):
     return fn
 
 
-def dequantize_auto(qt: QuantizedTensor, dtype: Any = None, *, interpret: bool = False) -> jax.Array:
-    """`dequantize`, by the Pallas kernel on GPU (or in the interpreter) when the layout allows, else by XLA."""
+def dequantize_auto(qt: QuantizedTensor, dtype: Any = None, *, interpret: bool = False, target: str | None = None
+                    ) -> jax.Array:  # fmt: skip
+    """`dequantize`, by the Pallas kernel on GPU (jax's default device, or the GPU `target` names; or in the
+    interpreter) when the layout allows, else by XLA."""
     dtype = jnp.dtype(qt.dtype if dtype is None else dtype)
-    if (device.on_gpu() or interpret) and not dequant_unsupported_reason(qt):
+    if (gpu_target.device_facts(target).platform == "gpu" or interpret) and not dequant_unsupported_reason(qt):
         return _pallas_dequantizer(dtype, interpret)(qt)
     return dequantize(qt, dtype)
 

@@ -46,10 +46,12 @@ _MASKED = -1e30  # a finite "minus infinity" for masked logits: exp(_MASKED - m)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FlashConfig:
-    """Tile sizes (powers of two, >= 16) of the forward and the two backward kernels, and Triton launch settings.
+    """Tile sizes (powers of two, >= 16) of the forward and the two backward kernels, and Triton launch settings
+    (`num_warps_bwd` / `num_stages_bwd`: the backward kernels', default the forward's).
 
-    Untuned defaults; `for_head_dim` picks smaller backward tiles for wide heads (the dk/dv accumulators live in
-    registers)."""
+    `for_head_dim` picks them per head width, from XLA:GPU's compile of each kernel for sm_90 (ptxas' registers and
+    spills; `python -m qlora_jax.kernels.resources --op attention`): no spills, Hopper's warpgroup MMA (wgmma)
+    where the tiles allow it. Speed is not measured (docs/kernels.md)."""
 
     block_q: int = 64
     block_k: int = 64
@@ -57,6 +59,8 @@ class FlashConfig:
     block_k_bwd: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    num_warps_bwd: int | None = None
+    num_stages_bwd: int | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
@@ -66,19 +70,38 @@ class FlashConfig:
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> FlashConfig:
+        """The tiles for heads of `head_dim` (padded to a power of two). On an H100 (ptxas, sm_90a): up to 64, 64 x 64
+        tiles and 4 warps everywhere (118-200 registers, 2-4 programs per SM, wgmma); up to 128, the forward takes
+        128 x 64 tiles with 8 warps and 3 stages (159 registers, wgmma) and the backward 64 x 64 with 8 warps and
+        2 stages: the dk/dv kernel's two [64, 128] float32 accumulators then fit in 248 registers a thread without
+        spilling (4 warps spilled at 255); wider heads take 32-row backward tiles (no spill; warp-level MMA)."""
         if head_dim > 128:
             return cls(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32, num_warps=8)
+        if head_dim > 64:
+            return cls(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8, num_stages=3,
+                       num_stages_bwd=2)  # fmt: skip
         return cls()
 
+    @property
+    def backward_launch(self) -> tuple[int, int]:
+        """(num_warps, num_stages) of the backward kernels."""
+        warps = self.num_warps if self.num_warps_bwd is None else self.num_warps_bwd
+        return warps, self.num_stages if self.num_stages_bwd is None else self.num_stages_bwd
 
-def _mask(q_pos, k_pos, q_seg, k_seg, window):
-    """bool [bq, bk] from query/key positions and segments (invalid keys carry _INVALID_SEGMENT)."""
+
+def _mask(q_pos, k_pos, q_seg, k_seg, window, *, transposed=False):
+    """bool [bq, bk] from query/key positions and segments (invalid keys carry _INVALID_SEGMENT); with
+    `transposed`, its transpose [bk, bq], built as such."""
+    if transposed:
+        diff = q_pos[None, :] - k_pos[:, None]
+        return (diff >= 0) & (diff < window) & (q_seg[None, :] == k_seg[:, None])
     diff = q_pos[:, None] - k_pos[None, :]
     return (diff >= 0) & (diff < window) & (q_seg[:, None] == k_seg[None, :])
 
 
 def _logits(q, k, *, scale, softcap):
-    """float32 [bq, bk] scaled (and soft-capped) logits of a query tile [bq, D] against a key tile [bk, D]."""
+    """float32 [bq, bk] scaled (and soft-capped) logits of a query tile [bq, D] against a key tile [bk, D] (with the
+    tiles swapped, the transposed logits [bk, bq])."""
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                             precision=common.dot_precision(q.dtype)) * scale  # fmt: skip
     if softcap is not None:
@@ -166,6 +189,20 @@ def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_re
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
+def _transposed_probs_and_dlogits(k, q, v, do, lse, delta, mask_t, *, scale, softcap):
+    """`_probs_and_dlogits` transposed, (p.T [bk, bq], ds.T [bk, bq]) float32, computed as such: the key block's
+    kernel then multiplies p.T @ do and ds.T @ q as they come, with no transpose of a register tile (which on a
+    GPU goes through shared memory and holds both layouts in registers at once)."""
+    s_t = _logits(k, q, scale=scale, softcap=softcap)  # [bk, bq]: k @ q.T
+    p_t = jnp.where(mask_t, jnp.exp(s_t - lse[None, :]), 0.0)
+    dp_t = jax.lax.dot_general(v, do, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                               precision=common.dot_precision(v.dtype))  # fmt: skip
+    ds_t = p_t * (dp_t - delta[None, :])
+    if softcap is not None:
+        ds_t = ds_t * (1.0 - (s_t / softcap) ** 2)
+    return p_t, ds_t * scale
+
+
 def _dkv_kernel(meta_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
                 scale, softcap, bq, bk, groups, num_q_blocks):  # fmt: skip
     j = pl.program_id(0)
@@ -175,21 +212,19 @@ def _dkv_kernel(meta_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_r
     lo, hi = _query_block_range(j * bk, q_offset, window, bq=bq, bk=bk, num_q_blocks=num_q_blocks)
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
+    precision = common.dot_precision(k.dtype)
     for g in range(groups):  # the query heads that share this key/value head
 
         def body(i, carry, g=g):
             dk, dv = carry
             rows = pl.ds(i * bq, bq)
-            q, do = q_ref[rows, g, :], do_ref[rows, g, :]
-            mask = _mask(q_offset + i * bq + jnp.arange(bq, dtype=jnp.int32), k_pos, qseg_ref[rows], k_seg, window)
-            p, ds = _probs_and_dlogits(q, k, v, do, lse_ref[g, rows], delta_ref[g, rows], mask, scale=scale,
-                                       softcap=softcap)  # fmt: skip
-            precision = common.dot_precision(q.dtype)
-            tn = (((0,), (0,)), ((), ()))  # contract the query axis: p.T @ do, ds.T @ q
-            dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=jnp.float32,
-                                          precision=precision)  # fmt: skip
-            dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=jnp.float32,
-                                          precision=precision)  # fmt: skip
+            q, do = q_ref[rows, g, :], do_ref[rows, g, :]  # [bq, D]
+            q_pos = q_offset + i * bq + jnp.arange(bq, dtype=jnp.int32)
+            mask_t = _mask(q_pos, k_pos, qseg_ref[rows], k_seg, window, transposed=True)  # [bk, bq]
+            p_t, ds_t = _transposed_probs_and_dlogits(k, q, v, do, lse_ref[g, rows], delta_ref[g, rows], mask_t,
+                                                      scale=scale, softcap=softcap)  # fmt: skip
+            dv = dv + jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32, precision=precision)
+            dk = dk + jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32, precision=precision)
             return dk, dv
 
         dk, dv = jax.lax.fori_loop(lo, hi, body, (dk, dv))
@@ -235,7 +270,7 @@ def _backward(q, k, v, q_seg, k_seg, meta, out, lse, do, *, scale, softcap, conf
     groups = h // hkv
     bq, bk = config.block_q_bwd, config.block_k_bwd
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))  # rowsum(o * do)
-    params = common.compiler_params(config.num_warps, config.num_stages)
+    params = common.compiler_params(*config.backward_launch)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, softcap=softcap, bq=bq, bk=bk, num_k_blocks=s // bk),
         grid=(t // bq, b, h),

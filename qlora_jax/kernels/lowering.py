@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from jax import export
 
-from qlora_jax.kernels import device as kernel_device
+from qlora_jax import gpu_target
 
 __all__ = ["export_for_cuda"]
 
@@ -23,14 +23,15 @@ _TRITON_TARGETS = ("triton_kernel_call", "__gpu$xla.gpu.triton")
 _CUDNN_TARGETS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
 
 
-def export_for_cuda(fn: Callable[..., Any], *args: Any, device_kind: str = "NVIDIA H100 80GB HBM3") -> export.Exported:
-    """Exports `jax.jit(fn)(*args)` (args may be ShapeDtypeStructs) for CUDA, as if on a `device_kind` GPU."""
+def export_for_cuda(fn: Callable[..., Any], *args: Any, target: str = gpu_target.DEFAULT_TARGET) -> export.Exported:
+    """Exports `jax.jit(fn)(*args)` (args may be ShapeDtypeStructs) for CUDA, as if on the GPU of `target` (one of
+    `qlora_jax.gpu_target.TARGETS`)."""
     checks = [export.DisabledSafetyCheck.custom_call(target) for target in _TRITON_TARGETS + _CUDNN_TARGETS]
     context: contextlib.AbstractContextManager = contextlib.nullcontext()
     if jax.default_backend() != "gpu":
         # Newer jax asks the device for its compute capability while lowering; name an abstract one.
-        cores = kernel_device.cores_of_kind(device_kind) or kernel_device.core_count()
-        device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=cores, platform="gpu")
+        facts = gpu_target.device_facts(target)
+        device = jax.sharding.AbstractDevice(device_kind=facts.device_kind, num_cores=facts.sm_count, platform="gpu")
         context = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device))
     with context:
         return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)

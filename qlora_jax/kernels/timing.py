@@ -67,8 +67,12 @@ def per_call_seconds(
     (the kernel alone); "scan": one `lax.scan` over the stacked weights (what a model's scan over layers runs: XLA
     slices each layer's weight out of the stack). Every output is summed so that nothing is optimized away (a
     cost common to all candidates). Returns the best of `repeats` timed runs (after a compile-and-warm-up run)
-    divided by `count`.
+    divided by `count`. Raises ValueError when the stack holds fewer than `count` weights (a call would read a
+    weight another call left in L2).
     """
+    available = jax.tree.leaves(weights)[0].shape[0]
+    if count > available:
+        raise ValueError(f"count={count} calls need as many distinct weights; the stack holds {available}")
 
     def total(out):
         return sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(out))

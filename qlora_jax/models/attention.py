@@ -8,8 +8,8 @@ Attention has three implementations (`ATTENTION_IMPLS`), chosen by `resolve_atte
             no key-validity mask (left padding, KV caches), no logit soft-capping.
   "pallas"  `qlora_jax.kernels.flash_attention`: our Pallas (Triton) flash attention, for every mask the decoder
             uses (packed segments, key validity, query offsets into a KV cache, sliding windows, soft-capping).
-  "auto"    on a GPU, cuDNN where its masks suffice, else the Pallas kernel, and XLA for single-token decoding;
-            XLA elsewhere.
+  "auto"    on a GPU, cuDNN where its masks suffice, else the Pallas kernel (16-bit inputs: its tiles spill
+            registers with float32 ones, so float32 takes XLA), and XLA for single-token decoding; XLA elsewhere.
 Neither GPU path ever holds the [heads, T, S] scores in memory.
 """
 
@@ -232,7 +232,11 @@ def resolve_attention(
         return impl
     if (backend or jax.default_backend()) != "gpu" or queries < _MIN_FLASH_QUERIES:
         return "xla"
-    return "cudnn" if why_not is None else "pallas"
+    if why_not is None:
+        return "cudnn"
+    # The Pallas kernel's tiles are sized for 16-bit inputs: with float32 ones they spill registers on sm_90
+    # (tens of KB a thread: `python -m qlora_jax.kernels.resources --dtype float32 --op attention`).
+    return "xla" if jnp.dtype(dtype) == jnp.float32 else "pallas"
 
 
 @jax.tree_util.register_dataclass

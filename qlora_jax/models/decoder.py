@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax.kernels import KernelOptions
 from qlora_jax.mesh import current_mesh, gathered
@@ -33,7 +34,9 @@ from qlora_jax.quant import QuantConfig
 __all__ = ["ATTENTION_IMPLS", "ComputeOptions", "DecoderLM", "KVCache", "REMAT_POLICIES"]
 
 # Gradient checkpointing of each layer: what the backward pass may keep from the forward pass.
-REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+REMAT_POLICIES = ("none", "full", "save_dots", "offload", "full_offload")
+# The name of a layer's input inside the layer scan: what "full" saves, and "full_offload" keeps in host memory.
+_LAYER_INPUT = "layer_input"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,9 +45,12 @@ class ComputeOptions:
     for one value recompiles for another.
 
     Attributes:
-      remat: gradient checkpointing of each layer, one of REMAT_POLICIES: "none", "full" (recompute the layer in
-        the backward pass), "save_dots" (keep matmul outputs, recompute the rest), "offload" (matmul outputs kept
-        in pinned host memory). Only a backward pass sees a difference.
+      remat: gradient checkpointing of each layer, one of REMAT_POLICIES: "full" (the default: recompute the layer
+        in the backward pass), "none", "save_dots" (keep matmul outputs, recompute the rest), "offload" (matmul
+        outputs kept in pinned host memory), "full_offload" (as "full", with each layer's input, the one
+        activation "full" keeps, in pinned host memory: the least device memory, for one copy out and one back
+        per layer). Only a backward pass sees a difference. (A training config's `remat: auto` picks one of these
+        by memory: `qlora_jax.train.plan`.)
       attention: the attention implementation, one of ATTENTION_IMPLS (`qlora_jax.models.attention`): "auto"
         (cuDNN's flash attention on a GPU where its masks suffice, else our Pallas flash kernel; XLA on CPU and for
         one-token decoding), "xla", "cudnn" or "pallas" (the Pallas kernel runs in Pallas' interpreter when
@@ -56,7 +62,7 @@ class ComputeOptions:
     Raises ValueError for an unknown remat policy or attention implementation, or a negative attention_block.
     """
 
-    remat: str = "none"
+    remat: str = "full"
     attention: str = "auto"
     attention_block: int = 512
     kernels: KernelOptions = KernelOptions()
@@ -82,6 +88,12 @@ def _remat(fn, policy: str):
             offload_src="device", offload_dst="pinned_host"
         )
         return jax.checkpoint(fn, policy=offload)
+    if policy == "full_offload":  # save nothing but the layer's input (named in the scan body), in host memory
+        inputs = jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=(_LAYER_INPUT,), offload_src="device",
+            offload_dst="pinned_host",
+        )  # fmt: skip
+        return jax.checkpoint(fn, policy=inputs)
     raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")
 
 
@@ -352,7 +364,8 @@ class DecoderLM(nnx.Module):
         sliding = c.sliding_layers
         attention = resolve_attention(options.attention, queries=t, dtype=self.dtype, head_dim=c.head_dim,
                                       softcap=c.attn_logit_softcap, packed=segment_ids is not None,
-                                      key_mask=k_valid is not None)  # fmt: skip
+                                      key_mask=k_valid is not None,
+                                      backend=options.kernels.device.platform)  # fmt: skip
         full_mask = sliding_mask = None
         if attention == "xla":  # the dense masks, built once for every layer
             masks = dict(q_segments=segment_ids, k_segments=segment_ids, k_valid=k_valid)
@@ -373,6 +386,7 @@ class DecoderLM(nnx.Module):
             stacked = (weights,)
 
         def layer_step(h, xs):
+            h = checkpoint_name(h, _LAYER_INPUT)  # a no-op but for the "full_offload" checkpointing policy
             state, is_sliding, index, kv = xs
             # Under a mesh, this layer's adapters are gathered here, inside the scan (its base weights where used).
             adapters, rest = nnx.split_state(state, nnx.LoRAParam, ...)

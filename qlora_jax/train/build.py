@@ -1,25 +1,34 @@
-"""The model a training config describes: its quantization, how it computes, and an abstract (weightless) copy
-with adapters."""
+"""The model a training config describes (its quantization, how it computes, an abstract weightless copy with
+adapters) and the one builder of its jitted steps, `make_steps`: the run (`setup`) and the memory planner (`plan`)
+both compile what it returns, so the planner never plans a step that does not run."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from qlora_jax.convert.hf import stored_quantization
+from qlora_jax.kernels import KernelOptions
 from qlora_jax.lora import apply_lora, target_layers
 from qlora_jax.lora_targets import ModuleTargets
 from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig, read_model_config
 from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig
 from qlora_jax.train.config import TrainConfig, resolve_package_path
+from qlora_jax.train.loss import auto_chunk_size
+from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
+from qlora_jax.train.step import make_eval_step, make_train_step
 
-__all__ = ["quant_config", "compute_options", "abstract_model", "base_model_name", "run_vocab_size", "resized"]
+__all__ = ["Steps", "quant_config", "compute_options", "abstract_model", "base_model_name", "make_steps",
+           "run_optimizer", "run_vocab_size", "resized"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +45,53 @@ def quant_config(config: TrainConfig) -> QuantConfig | None:
     return QuantConfig(quant_type=m.quant, double_quant=m.double_quant, blocksize=m.blocksize)
 
 
-def compute_options(config: TrainConfig) -> ComputeOptions:
+def compute_options(config: TrainConfig, *, target: str | None = None) -> ComputeOptions:
     """How the run's model computes (train.remat, train.attention, train.attention_block): what its jitted steps
-    compile in. `train.remat: auto` must be resolved first (`qlora_jax.train.plan.resolve_remat`)."""
+    compile in; `target` names the GPU the choices are made for when it is not this machine's
+    (`KernelOptions.target`). `train.remat: auto` must be resolved first (`qlora_jax.train.plan.resolve_remat`)."""
     t = config.train
     if t.remat == "auto":
         raise ValueError("train.remat: auto is resolved by qlora_jax.train.plan.resolve_remat before compiling")
-    return ComputeOptions(remat=t.remat, attention=t.attention, attention_block=t.attention_block)
+    return ComputeOptions(remat=t.remat, attention=t.attention, attention_block=t.attention_block,
+                          kernels=KernelOptions(target=target))  # fmt: skip
+
+
+def run_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """The run's AdamW with its schedule over `train.steps` (the optimizer state's shapes and placement follow)."""
+    return make_optimizer(config.optim, config.train.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """A run's jitted steps and what they compile in.
+
+    train_step: `(state, base, batch, key) -> (state, metrics)` (`make_train_step`); eval_step:
+    `(lora, base, batch) -> (loss_sum, tokens)` (`make_eval_step`).
+    """
+
+    options: ComputeOptions
+    chunk_size: int
+    train_step: Callable
+    eval_step: Callable
+
+
+def make_steps(config: TrainConfig, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
+               vocab_size: int, shardings: Any = None, target: str | None = None) -> Steps:  # fmt: skip
+    """The train and eval steps of `config` (remat resolved) for the model `graphdef`, with `optimizer`
+    (`run_optimizer`); `shardings`: the mesh placement (`train.parallel.step_shardings`) or None; `target`: the GPU
+    the kernel and attention choices are made for, when it is not this machine's (a deviceless plan)."""
+    t = config.train
+    options = compute_options(config, target=target)
+    chunk_size = t.loss_chunk_size or auto_chunk_size(vocab_size)
+    train_step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, options=options,
+                                 offload_optimizer=config.optim.offload,
+                                 learning_rate=learning_rate_schedule(config.optim, t.steps), shardings=shardings,
+                                 packed_rows=config.data.packing)  # fmt: skip
+    # Not only eval rows (one example each): the divergence check scores training batches with this step too, and
+    # packed rows read as one sequence would attend across their examples.
+    eval_step = make_eval_step(graphdef, chunk_size=chunk_size, options=options, shardings=shardings,
+                               packed_rows=config.data.packing)  # fmt: skip
+    return Steps(options, chunk_size, train_step, eval_step)
 
 
 def run_vocab_size(config: TrainConfig, model_vocab: int) -> int:

@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import optax
-from jax.sharding import SingleDeviceSharding
 
 __all__ = [
     "OPTIMIZERS",
@@ -118,13 +117,18 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
     return optax.chain(*chain)
 
 
+_MEMORY_SPACES = {"device": jax.memory.Space.Device, "pinned_host": jax.memory.Space.Host}
+
+
 def memory_placement(tree: Any, memory_kind: str, shardings: Any = None) -> Any:
-    """Shardings in `memory_kind` ("device" or "pinned_host") matching `tree`'s arrays: `shardings` (a mesh
-    placement of the same tree) in that memory, or without them, the first device."""
+    """Where `tree`'s arrays go in `memory_kind` ("device" or "pinned_host"): `shardings` (a mesh placement of the
+    same tree) in that memory, or without them, that memory of the device each array is on (inside jit: the
+    device the step is compiled for, whichever it is)."""
+    if memory_kind not in _MEMORY_SPACES:
+        raise ValueError(f"memory_kind must be one of {sorted(_MEMORY_SPACES)}, got {memory_kind!r}")
     if shardings is not None:
         return jax.tree.map(lambda s: s.with_memory_kind(memory_kind), shardings)
-    device = jax.devices()[0]
-    return jax.tree.map(lambda _: SingleDeviceSharding(device, memory_kind=memory_kind), tree)
+    return _MEMORY_SPACES[memory_kind]
 
 
 def to_memory(tree: Any, memory_kind: str, shardings: Any = None) -> Any:

@@ -22,13 +22,12 @@ from qlora_jax.models import ComputeOptions, DecoderLM, read_model_config
 from qlora_jax.tokenizer import check_token_ids, load_tokenizer
 from qlora_jax.tokens import resize_token_embeddings
 from qlora_jax.train import data as data_lib
-from qlora_jax.train.build import compute_options, quant_config, run_vocab_size
+from qlora_jax.train.build import make_steps, quant_config, run_optimizer, run_vocab_size
 from qlora_jax.train.config import TrainConfig, resolve_package_path
-from qlora_jax.train.loss import IGNORE_INDEX, auto_chunk_size
-from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
+from qlora_jax.train.loss import IGNORE_INDEX
 from qlora_jax.train.parallel import StepShardings, configured_mesh, global_batch, place, step_shardings
 from qlora_jax.train.plan import resolve_remat
-from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_eval_step, make_train_step
+from qlora_jax.train.step import BATCH_FIELDS, TrainState
 
 __all__ = ["RunData", "TrainingSetup", "load_model_for_training", "load_run_tokenizer", "load_data", "check_vocabulary",
            "set_up"]  # fmt: skip
@@ -197,8 +196,6 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
     config, remat_choice = resolve_remat(config)
     if remat_choice is not None and verbose:
         print(remat_choice.explain())
-    t = config.train
-    options = compute_options(config)
     model = load_model_for_training(config)
     if config.data.max_length > model.config.max_position_embeddings:
         print(f"warning: data.max_length={config.data.max_length} is beyond the model's "
@@ -207,8 +204,7 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
     if verbose:
         trainable_parameters(model)
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
-    optimizer = make_optimizer(config.optim, t.steps)
-    schedule = learning_rate_schedule(config.optim, t.steps)
+    optimizer = run_optimizer(config)
     shardings: StepShardings | None = None
     if mesh is not None:
         quant = quant_config(config)
@@ -222,13 +218,6 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
                   f"{jax.process_count()} process(es)")  # fmt: skip
     state = TrainState.create(lora, optimizer, offload=config.optim.offload,
                               shardings=None if shardings is None else shardings.state)  # fmt: skip
-    chunk_size = t.loss_chunk_size or auto_chunk_size(model.config.vocab_size)
-    train_step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, options=options,
-                                 offload_optimizer=config.optim.offload, learning_rate=schedule,
-                                 shardings=shardings, packed_rows=config.data.packing)  # fmt: skip
-    # Not only eval rows (one example each): the divergence check scores training batches with this step too, and
-    # packed rows read as one sequence would attend across their examples.
-    eval_step = make_eval_step(graphdef, chunk_size=chunk_size, options=options, shardings=shardings,
-                               packed_rows=config.data.packing)  # fmt: skip
-    return TrainingSetup(config, model, tokenizer, data, graphdef, base, optimizer, state, train_step, eval_step,
-                         options, shardings)  # fmt: skip
+    steps = make_steps(config, graphdef, optimizer, vocab_size=model.config.vocab_size, shardings=shardings)
+    return TrainingSetup(config, model, tokenizer, data, graphdef, base, optimizer, state, steps.train_step,
+                         steps.eval_step, steps.options, shardings)  # fmt: skip

@@ -80,7 +80,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     chunk_size: int = 1024,
-    options: ComputeOptions = ComputeOptions(remat="full"),
+    options: ComputeOptions = ComputeOptions(),
     offload_optimizer: bool = False,
     learning_rate: optax.Schedule | None = None,
     shardings: Any = None,
