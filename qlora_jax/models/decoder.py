@@ -26,6 +26,7 @@ from qlora_jax.models.attention import (
     rope_tables,
 )
 from qlora_jax.models.config import ModelConfig
+from qlora_jax.models.moe import RouterStats, SparseMoeBlock
 from qlora_jax.nn import Embed, QLinear, RMSNorm
 from qlora_jax.quant import QuantConfig
 
@@ -199,22 +200,33 @@ class DecoderLayer(nnx.Module):
         if c.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
             self.post_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
-        self.mlp = MLP(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # A mixture of experts (qwen3_moe, mixtral) in place of the MLP: `qlora_jax.models.moe`.
+        mlp_class = MLP if c.moe is None else SparseMoeBlock
+        self.mlp = mlp_class(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
 
+    def _mlp(self, x, *, router_mask=None, **kwargs) -> tuple[jax.Array, RouterStats | None]:
+        """The MLP's output, and a mixture of experts' router statistics (None for a dense MLP)."""
+        if self.config.moe is None:
+            return self.mlp(x, **kwargs), None
+        return self.mlp(x, router_mask=router_mask, **kwargs)
+
     def __call__(self, h, *, cos, sin, masks: AttentionMasks, attention: str, options: ComputeOptions,
-                 dropout_key=None, cache_kv=None, cache_index=None):  # fmt: skip
+                 dropout_key=None, cache_kv=None, cache_index=None, router_mask=None):  # fmt: skip
+        """(h, (the new keys and values or None, router statistics or None))."""
         attn, new_kv = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, masks=masks, attention=attention,
                                       options=options, dropout_key=dropout_key, cache_kv=cache_kv,
                                       cache_index=cache_index)  # fmt: skip
-        mlp = dict(options=options, dropout_key=dropout_key)
+        mlp = dict(options=options, dropout_key=dropout_key, router_mask=router_mask)
         if self.config.sandwich_norms:
             h = h + self.post_attention_layernorm(attn)
-            h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), **mlp))
+            out, router = self._mlp(self.pre_feedforward_layernorm(h), **mlp)
+            h = h + self.post_feedforward_layernorm(out)
         else:
             h = h + attn
-            h = h + self.mlp(self.post_attention_layernorm(h), **mlp)
-        return h, new_kv
+            out, router = self._mlp(self.post_attention_layernorm(h), **mlp)
+            h = h + out
+        return h, (new_kv, router)
 
 
 def _stacked_layers(config: ModelConfig, *, quant, dtype, param_dtype, rngs: nnx.Rngs) -> DecoderLayer:
@@ -287,7 +299,9 @@ class DecoderLM(nnx.Module):
         valid: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
         options: ComputeOptions = ComputeOptions(),
-    ) -> tuple[jax.Array, KVCache | None]:
+        router_mask: jax.Array | None = None,
+        return_router_stats: bool = False,
+    ) -> tuple[jax.Array, KVCache | None] | tuple[jax.Array, KVCache | None, RouterStats | None]:
         """The final-normed hidden states [B, T, D] for tokens [B, T], and the updated cache.
 
         Args:
@@ -297,6 +311,9 @@ class DecoderLM(nnx.Module):
           valid: [B, T] False for padding tokens: they are never attended to (left padding).
           dropout_key: turns LoRA dropout on (training), folded with each layer's index.
           options: how to compute (checkpointing, attention blocks, kernels).
+          router_mask, return_router_stats: a mixture of experts' router statistics of every layer
+            (`qlora_jax.models.moe.RouterStats`, [num_layers, ...]; None for a dense model) come back third when
+            asked, over the tokens where router_mask [B, T] is True (default: all).
         """
         c = self.config
         b, t = tokens.shape
@@ -343,16 +360,15 @@ class DecoderLM(nnx.Module):
                 cos_l, sin_l = jnp.where(is_sliding, local_rope[0], cos), jnp.where(is_sliding, local_rope[1], sin)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
             return layer(h, cos=cos_l, sin=sin_l, masks=masks, attention=attention, options=options,
-                         dropout_key=key, cache_kv=kv, cache_index=start)  # fmt: skip
+                         dropout_key=key, cache_kv=kv, cache_index=start, router_mask=router_mask)  # fmt: skip
 
         step = _remat(layer_step, options.remat)
         kv_in = None if cache is None else (cache.k, cache.v)
         layer_index = jnp.arange(c.num_layers, dtype=jnp.int32)
-        h, kv_out = jax.lax.scan(step, h, (layer_state, jnp.asarray(sliding), layer_index, kv_in))
+        h, (kv_out, router_stats) = jax.lax.scan(step, h, (layer_state, jnp.asarray(sliding), layer_index, kv_in))
         h = self.model.norm(h)
-        if cache is None:
-            return h, None
-        return h, KVCache(kv_out[0], kv_out[1], new_valid, cache.index + t)
+        new_cache = None if cache is None else KVCache(kv_out[0], kv_out[1], new_valid, cache.index + t)
+        return (h, new_cache, router_stats) if return_router_stats else (h, new_cache)
 
     def logits(self, h: jax.Array, *, options: ComputeOptions = ComputeOptions()) -> jax.Array:
         """float32 logits [..., vocab] from final hidden states (Gemma's final soft-capping applied)."""
