@@ -341,7 +341,9 @@ def _checkpoint_tensors(model: DecoderLM, *, dequantize_weights: bool) -> Iterat
     expert weights in 16 bits, the one way transformers loads them: `convert.moe_io`)."""
     slots = model_slots(model)
     dtype = model.model.embed_tokens.weight.get_value().dtype
-    yield from moe_io.expert_tensors(model, lambda module, layer: module.dense_weight(jnp.float32), dtype)
+    yield from moe_io.expert_tensors(
+        model, lambda module, layer: moe_io.layer_module(module, layer).dense_weight(jnp.float32), dtype
+    )
     for key, slot, layer in all_keys(slots, model.config.num_layers):
         key = moe_io.checkpoint_name(model.config, key)
         index = () if layer is None else (layer,)

@@ -36,10 +36,12 @@ from qlora_jax.models.names import LAYERS
 from qlora_jax.quant import QUANT_BUFFERS, QuantConfig, QuantizedTensor, dequantize, quantize
 
 __all__ = ["ExpertSlot", "ExpertKey", "expert_slots", "our_name", "checkpoint_name", "expert_key", "fill_expert",
-           "missing_pieces", "expert_tensors", "PROJECTIONS"]  # fmt: skip
+           "missing_pieces", "expert_tensors", "expert_modules", "layer_module", "PROJECTIONS"]  # fmt: skip
 
 PROJECTIONS = ("gate_up_proj", "down_proj")  # transformers 5's parameters of `mlp.experts`
 _OURS = "mlp"  # transformers 5's (and our) name of the block
+# One part of every expert stacked [E, out, in] (how GGUF stores them): (projection, part)
+_ONE_PART = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
 _LAYER = re.compile(rf"^{re.escape(LAYERS)}\.(0|[1-9][0-9]*)\.(.+)$")
 
 
@@ -58,11 +60,12 @@ class ExpertSlot:
 
 @dataclasses.dataclass(frozen=True)
 class ExpertKey:
-    """A checkpoint key of expert weights: one (expert, part) piece, or a whole fused [E, P * out, in] stack."""
+    """A checkpoint key of expert weights: one (expert, part) piece [out, in], one part of every expert
+    [E, out, in] (expert None), or the fused stack [E, P * out, in] (expert and part None)."""
 
     projection: str
     layer: int
-    expert: int | None  # None: the fused stack of every expert
+    expert: int | None
     part: int | None
 
 
@@ -78,6 +81,11 @@ def expert_slots(model: nnx.Module) -> dict[str, ExpertSlot]:
                                      module.num_experts, module.parts,
                                      (module.out_features, module.in_features))  # fmt: skip
     return slots
+
+
+def expert_modules(model: nnx.Module) -> dict[str, QExperts]:
+    """{our path (`model.layers.mlp.experts.gate_up_proj`): module} of the QExperts of a model."""
+    return {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, QExperts)}
 
 
 def _block(config: ModelConfig) -> str:
@@ -113,6 +121,9 @@ def expert_key(config: ModelConfig, name: str) -> ExpertKey | None:
     for projection in PROJECTIONS:
         if rest == f"{_OURS}.experts.{projection}":
             return ExpertKey(projection, layer, None, None)
+    if (m := re.fullmatch(rf"{_OURS}\.experts\.(gate_proj|up_proj|down_proj)\.weight", rest)) is not None:
+        projection, part = _ONE_PART[m[1]]
+        return ExpertKey(projection, layer, None, part)  # (GGUF's) every expert's gate, up or down: [E, out, in]
     if (m := re.fullmatch(rf"{_OURS}\.experts\.(0|[1-9][0-9]*)\.({gate}|{up}|{down})\.weight", rest)) is None:
         return None
     part = {gate: ("gate_up_proj", 0), up: ("gate_up_proj", 1), down: ("down_proj", 0)}[m[2]]
@@ -136,12 +147,13 @@ def _pieces(slot: ExpertSlot, key: ExpertKey, value: Any, where: str) -> Iterato
             raise ValueError(f"{where}: expert {key.expert} of a model with {slot.num_experts} experts")
         yield (key.expert, key.part), value
         return
-    expected = (slot.num_experts, slot.parts * out, inp)
+    parts = [key.part] if key.part is not None else list(range(slot.parts))
+    expected = (slot.num_experts, len(parts) * out, inp)
     if isinstance(value, QuantizedTensor) or tuple(value.shape) != expected:
         raise ValueError(f"{where} has shape {tuple(value.shape)}, expected {expected}")
     for e in range(slot.num_experts):
-        for p in range(slot.parts):
-            yield (e, p), value[e, p * out : (p + 1) * out]
+        for i, p in enumerate(parts):
+            yield (e, p), value[e, i * out : (i + 1) * out]
 
 
 def fill_expert(buffers: dict, slot: ExpertSlot, key: ExpertKey, value: Any, *, quantization: QuantConfig | None,
@@ -188,7 +200,8 @@ def missing_pieces(config: ModelConfig, slots: dict[str, ExpertSlot], filled: se
     return missing
 
 
-def _layer_module(module: QExperts, layer: int) -> QExperts:
+def layer_module(module: QExperts, layer: int) -> QExperts:
+    """A copy of a stacked QExperts (and its adapter) holding only layer `layer`."""
     graphdef, state = nnx.split(module)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))
 
@@ -196,14 +209,14 @@ def _layer_module(module: QExperts, layer: int) -> QExperts:
 def expert_tensors(model: nnx.Module, weight: Any, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
     """(per-expert checkpoint name, [out, in] array in `dtype`) of every expert piece, layer by layer.
 
-    `weight(module, layer)` gives one layer's [E, parts * out, in] float32 weight of a QExperts module (its base
-    dequantized, or merged with its adapter)."""
+    `weight(module, layer)` gives one layer's [E, parts * out, in] float32 weight of a stacked QExperts module (its
+    base dequantized, or merged with its adapter)."""
     config = model.config
     slots = expert_slots(model)
     modules = dict(nnx.iter_graph(model))
     for layer in range(config.num_layers):
         for slot in slots.values():
-            w = weight(_layer_module(modules[slot.module_path], layer), layer)  # [E, P out, in]
+            w = weight(modules[slot.module_path], layer)  # [E, P out, in]
             out = slot.shape[0]
             for e in range(slot.num_experts):
                 for p in range(slot.parts):

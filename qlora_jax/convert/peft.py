@@ -23,11 +23,14 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from qlora_jax.convert import moe_peft
 from qlora_jax.convert.finite import non_finite
 from qlora_jax.errors import InputError
 from qlora_jax.files import staged_directory
-from qlora_jax.lora import LoRA, LoraConfig, apply_lora, target_layers
+from qlora_jax.lora import ExpertLoRA, LoRA, LoraConfig, apply_lora, target_layers
+from qlora_jax.lora_targets import converted_config_fields
 from qlora_jax.models import DecoderLM
+from qlora_jax.models.moe import QExperts, TopKRouter
 from qlora_jax.models.names import layer_name, split_layer_name
 from qlora_jax.nn import QLinear
 
@@ -50,7 +53,7 @@ _FIELDS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude
 # PEFT fields that would change the model in ways we do not implement, with their no-op values.
 _UNSUPPORTED = {"modules_to_save": (None, []), "fan_in_fan_out": (False, None), "lora_bias": (False, None),
                 "layer_replication": (None, []), "trainable_token_indices": (None, [], {}),
-                "target_parameters": (None, []), "use_qalora": (False, None), "alora_invocation_tokens": (None, []),
+                "use_qalora": (False, None), "alora_invocation_tokens": (None, []),
                 "megatron_config": (None, {}), "use_bdlora": (False, None)}  # fmt: skip
 
 
@@ -59,10 +62,11 @@ class PeftFormatError(InputError):
 
 
 def _adapted(model: nnx.Module) -> dict[str, QLinear]:
+    """Every module with an adapter: linear layers, and a mixture of experts' experts and router (docs/moe.md)."""
     return {
         ".".join(str(p) for p in path): module
         for path, module in nnx.iter_graph(model)
-        if isinstance(module, QLinear) and module.lora is not None
+        if isinstance(module, QLinear | QExperts | TopKRouter) and module.lora is not None
     }
 
 
@@ -76,9 +80,12 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _config_json(config: LoraConfig, adapted: dict[str, QLinear], base_model_name_or_path: str | None) -> dict:
+def _config_json(model: DecoderLM, config: LoraConfig, adapted: dict[str, QLinear],
+                 base_model_name_or_path: str | None) -> dict:  # fmt: skip
     target = config.target_modules
-    if isinstance(target, str) and target.lower() == "all-linear":
+    if converted := converted_config_fields(model, config):  # a mixture of experts: what PEFT saves (docs/moe.md)
+        target = converted["target_modules"]
+    elif isinstance(target, str) and target.lower() == "all-linear":
         # what PEFT writes for it: the linear layers' names (our modules' names are unique per kind of layer)
         target = sorted({name.split(".")[-1] for name in adapted})
     return {
@@ -102,7 +109,8 @@ def _config_json(config: LoraConfig, adapted: dict[str, QLinear], base_model_nam
         "inference_mode": True,
         "modules_to_save": None,
         "revision": None,
-    }
+        "target_parameters": _jsonable(config.target_parameters),
+    } | {k: v for k, v in converted.items() if k != "target_modules"}
 
 
 def _check_selection(model: DecoderLM, config: LoraConfig, adapted: dict[str, QLinear], where: str) -> None:
@@ -136,7 +144,7 @@ def save_peft_adapter(
     adapted = _adapted(model)
     if not adapted:
         raise ValueError("the model has no LoRA adapters to save")
-    fields = _config_json(config, adapted, base_model_name_or_path)
+    fields = _config_json(model, config, adapted, base_model_name_or_path)
     if template is not None:
         fields = dict(template) | {k: v for k, v in fields.items() if k not in template or k in _OURS}
         if base_model_name_or_path is None:
@@ -145,8 +153,11 @@ def save_peft_adapter(
             fields["target_modules"] = template["target_modules"]
     _check_selection(model, _lora_config(fields, ADAPTER_CONFIG), adapted, str(directory))
     tensors: dict[str, np.ndarray] = {}
+    tensors.update(moe_peft.save_tensors(model))  # a mixture of experts' expert adapters, PEFT's layout
     for path, module in adapted.items():
         lora: LoRA = module.lora
+        if isinstance(lora, ExpertLoRA):
+            continue
         for layer in _layers(module):
             r = lora.ranks[layer or 0]
             if r == 0:
@@ -171,7 +182,7 @@ def save_peft_adapter(
 
 # Fields whose values come from the adapter itself even when a template is given.
 _OURS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "peft_type", "exclude_modules",
-         "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern")  # fmt: skip
+         "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "target_parameters")  # fmt: skip
 
 
 def read_adapter_config_dict(directory: str | os.PathLike) -> dict[str, Any]:
@@ -210,6 +221,7 @@ def _lora_config(raw: dict[str, Any], path: Any) -> LoraConfig:
             use_rslora=bool(get("use_rslora", False)),
             use_dora=bool(get("use_dora", False)),
             bias=get("bias", "none"),
+            target_parameters=get("target_parameters") or None,
         )
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise PeftFormatError(f"{path}: {f'missing field {e}' if isinstance(e, KeyError) else e}") from e
@@ -253,8 +265,15 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
     config = read_adapter_config(directory)
     weights_path = directory / ADAPTER_WEIGHTS
     tensors = _read_tensors(weights_path)
-    linears = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, QLinear)}
+    linears = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model)
+               if isinstance(m, QLinear | TopKRouter)}  # fmt: skip
     num_layers = model.config.num_layers
+    try:
+        targets = target_layers(model, config)
+    except ValueError as e:
+        raise PeftFormatError(f"{directory / ADAPTER_CONFIG}: {e}") from e
+    # a mixture of experts' expert adapters (either PEFT layout) apart, checked against the selection: docs/moe.md
+    tensors, expert_values = moe_peft.split_tensors(model, targets, tensors, str(weights_path), PeftFormatError)
     by_layer: dict[tuple[str, int | None], dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
@@ -268,12 +287,10 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
                 f"({num_layers} layers) -- an adapter for another architecture?"
             )
         by_layer.setdefault((path, layer), {})[_FIELDS[match.group(2)]] = value
-    try:
-        targets = target_layers(model, config)
-    except ValueError as e:
-        raise PeftFormatError(f"{directory / ADAPTER_CONFIG}: {e}") from e
     expected = set()
     for path, target in targets.items():  # every tensor checked before anything is allocated
+        if path in expert_values:
+            continue
         module = linears[path]
         needs = {"lora_A": (None, module.in_features), "lora_B": (module.out_features, None)}
         if config.use_dora:
@@ -303,8 +320,10 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
         path, layer = extra[0]
         raise PeftFormatError(f"{weights_path}: holds {layer_name(path, layer)}, which its config "
                               f"(target_modules={config.target_modules!r}) does not adapt")  # fmt: skip
-    values: dict[str, dict[str, np.ndarray]] = {}
+    values: dict[str, dict[str, np.ndarray]] = dict(expert_values)
     for path, target in targets.items():
+        if path in expert_values:
+            continue
         module, r_max = linears[path], target.max_rank
         lead = (len(target.ranks),) if target.stacked else ()
         values[path] = {"lora_A": np.zeros(lead + (r_max, module.in_features), np.float32),

@@ -22,15 +22,17 @@ module's `lora` slot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from qlora_jax.kernels import KernelOptions
 from qlora_jax.kernels.grouped import DEFAULT_TILE, grouped_frozen_matmul
-from qlora_jax.mesh import gathered, gathers_weights
+from qlora_jax.mesh import BATCH_AXES, FSDP, compute_mesh, current_mesh, experts_sharded, gathered, gathers_weights
 from qlora_jax.models.config import ModelConfig
 from qlora_jax.models.moe_config import MoeConfig
 from qlora_jax.nn import Frozen, QuantizedWeight
@@ -226,14 +228,11 @@ class SparseMoeBlock(nnx.Module):
         x2 = x.reshape(b * t, h)
         logits = self.gate(x2, kernels=options.kernels, dropout_key=dropout_key)  # [N, E]
         probs, top_e, top_w = route(logits, moe)
-        flat = top_e.reshape(-1)  # [N k]: token n's j-th expert at n * k + j
-        order = jnp.argsort(flat, stable=True)  # the pairs sorted by expert (the token order kept within one)
-        token = order // moe.top_k
-        group_sizes = jnp.zeros(moe.num_experts, jnp.int32).at[flat].add(1)
-        ys = self.experts(x2[token], group_sizes, tile=DEFAULT_TILE)  # [N k, H]
-        weights = top_w.reshape(-1)[order]
-        contributions = (ys * weights[:, None]).astype(x.dtype)  # Mixtral: the product in float32, then cast
-        out = jnp.zeros_like(x2).at[token].add(contributions)
+        if experts_sharded():
+            out = _expert_parallel(self.experts, x2, top_e, top_w)
+        else:
+            out = _dispatch(self.experts, x2, top_e, top_w, moe.num_experts)
+        flat = top_e.reshape(-1)
         keep = jnp.ones((b * t,), jnp.float32) if router_mask is None else router_mask.reshape(-1).astype(jnp.float32)
         stats = RouterStats(
             counts=jnp.zeros(moe.num_experts, jnp.float32).at[flat].add(jnp.repeat(keep, moe.top_k)),
@@ -241,3 +240,45 @@ class SparseMoeBlock(nnx.Module):
             rows=jnp.sum(keep),
         )
         return out.reshape(b, t, h), stats
+
+
+def _dispatch(experts: Experts, x: jax.Array, top_e: jax.Array, top_w: jax.Array, num_experts: int,
+              first: jax.Array | int = 0) -> jax.Array:  # fmt: skip
+    """sum over j of top_w[n, j] * expert top_e[n, j](x[n]) for rows x [N, H], the experts numbered from `first`
+    (`num_experts` of them; pairs routed to others add nothing): the pairs sorted by expert, each expert's rows
+    multiplied by its weights alone, scattered back to their tokens."""
+    k = top_e.shape[-1]
+    local = top_e.reshape(-1) - first  # [N k]: token n's j-th expert at n * k + j
+    local = jnp.where((local >= 0) & (local < num_experts), local, num_experts)  # others: after every group
+    order = jnp.argsort(local, stable=True)  # sorted by expert, the token order kept within one
+    token = order // k
+    group_sizes = jnp.zeros(num_experts + 1, jnp.int32).at[local].add(1)[:num_experts]
+    ys = experts(x[token], group_sizes, tile=DEFAULT_TILE)  # [N k, H]; zero past the groups
+    weights = top_w.reshape(-1)[order]
+    contributions = (ys * weights[:, None]).astype(x.dtype)  # Mixtral: the product in float32, then cast
+    return jnp.zeros_like(x).at[token].add(contributions)
+
+
+def _expert_parallel(experts: Experts, x: jax.Array, top_e: jax.Array, top_w: jax.Array) -> jax.Array:
+    """`_dispatch` with the experts split over the mesh's fsdp axis (expert axis 0 of every expert array, their
+    adapters' too): each device gathers its fsdp group's rows, computes its own experts' share for all of them,
+    and a reduce-scatter sums the shares back onto each device's rows. No expert weight moves."""
+    mesh = current_mesh()
+    devices = mesh.shape[FSDP]
+    graphdef, state = nnx.split(experts)
+    num_experts = experts.down_proj.num_experts
+    if num_experts % devices:
+        raise ValueError(f"expert parallelism: {num_experts} experts do not split over fsdp={devices} devices")
+    local_experts = num_experts // devices
+    specs = jax.tree.map(lambda a: P(FSDP) if a.ndim and a.shape[0] == num_experts else P(), state)
+    rows = P(BATCH_AXES)
+
+    def body(x, top_e, top_w, state):
+        with compute_mesh(None):  # inside: this device's arrays as they are, no gather
+            gather = functools.partial(jax.lax.all_gather, axis_name=FSDP, axis=0, tiled=True)
+            first = jax.lax.axis_index(FSDP) * local_experts
+            out = _dispatch(nnx.merge(graphdef, state), gather(x), gather(top_e), gather(top_w), local_experts, first)
+            return jax.lax.psum_scatter(out, FSDP, scatter_dimension=0, tiled=True)
+
+    call = jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, specs), out_specs=rows, check_vma=False)
+    return call(x, top_e, top_w, state)

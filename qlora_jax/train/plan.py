@@ -306,6 +306,7 @@ def _abstract_step(config: TrainConfig, num_layers: int | None):
     shardings = None
     if mesh is not None:
         shardings = step_shardings(mesh, lora, base, optimizer, dq_blocksize=_dq_blocksize(config),
+                                   expert_parallel=config.mesh.expert_parallel,
                                    offload=config.optim.offload)  # fmt: skip
     elif config.optim.offload:
         host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
@@ -315,7 +316,8 @@ def _abstract_step(config: TrainConfig, num_layers: int | None):
     step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, options=compute_options(config),
                            offload_optimizer=config.optim.offload,
                            learning_rate=learning_rate_schedule(config.optim, t.steps),
-                           shardings=shardings, packed_rows=config.data.packing)  # fmt: skip
+                           shardings=shardings, packed_rows=config.data.packing,
+                           router_aux_loss_coef=t.router_aux_loss_coef)  # fmt: skip
     shape = (t.grad_accum, t.batch_size // t.grad_accum, config.data.max_length)
     batch = {field: jax.ShapeDtypeStruct(shape, jnp.int32) for field in BATCH_FIELDS}
     key = jax.eval_shape(lambda: jax.random.key(0, impl=t.dropout_rng))

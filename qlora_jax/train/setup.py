@@ -182,6 +182,7 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
     if mesh is not None:
         quant = quant_config(config)
         shardings = step_shardings(mesh, lora, base, optimizer, offload=config.optim.offload,
+                                   expert_parallel=config.mesh.expert_parallel,
                                    dq_blocksize=quant.dq_blocksize if quant else 256)  # fmt: skip
         del model  # its single-device copy of the weights goes with it
         lora, base = place(lora, shardings.state.lora), place(base, shardings.base)
@@ -194,7 +195,8 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
     chunk_size = t.loss_chunk_size or auto_chunk_size(model.config.vocab_size)
     train_step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, options=options,
                                  offload_optimizer=config.optim.offload, learning_rate=schedule,
-                                 shardings=shardings, packed_rows=config.data.packing)  # fmt: skip
+                                 shardings=shardings, packed_rows=config.data.packing,
+                                 router_aux_loss_coef=t.router_aux_loss_coef)  # fmt: skip
     # Not only eval rows (one example each): the divergence check scores training batches with this step too, and
     # packed rows read as one sequence would attend across their examples.
     eval_step = make_eval_step(graphdef, chunk_size=chunk_size, options=options, shardings=shardings,
