@@ -142,7 +142,7 @@ class LoraConfig:
         if self.loftq_iter < 1:
             raise ValueError(f"loftq_iter must be >= 1, got {self.loftq_iter}")
         if not self.target_modules and not self.target_parameters:
-            raise ValueError("target_modules (or target_parameters) must name at least one module")
+            raise ValueError("target_modules must name at least one module (or target_parameters a parameter)")
         # PEFT's own checks (peft.LoraConfig.__post_init__)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a str (a regex, or "

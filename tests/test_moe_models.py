@@ -297,3 +297,51 @@ def test_expert_checkpoint_errors_name_the_tensor(tmp_path):
     save_file(state, str(directory / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"experts\.2\.w3\.weight has shape \(3, 64\), expected \(48, 64\)"):
         load_pretrained(directory)
+
+
+@pytest.mark.oracle
+def test_greedy_generation_matches_transformers(tiny):
+    """KV-cached generation with left padding (the padding tokens routed too, and never attended to)."""
+    torch, _ = _hf()
+    from qlora_jax.generate import SamplingConfig, generate
+
+    _, hf_model, directory = tiny
+    model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
+    prompts = [[5, 17, 33, 2, 9, 41], [7, 3, 60]]
+    ours = generate(model, prompts, SamplingConfig(max_new_tokens=6, stop_token_ids=()))
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        theirs = hf_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                   eos_token_id=None)[:, longest:]  # fmt: skip
+    assert ours == theirs.tolist()
+
+
+@pytest.mark.oracle
+def test_each_expert_is_quantized_as_bitsandbytes_quantizes_its_linear(tiny):
+    """Quantizing on load (16-bit experts in, NF4 out): every (layer, expert, part) piece is bitsandbytes'
+    quantize_4bit of that piece: its codes byte for byte, and given the same offset (a float32 mean, which torch
+    sums in a CPU-dependent order: tests/test_quant_bnb.py) its absmax codes and nested absmax."""
+    torch, _ = _hf()
+    functional = pytest.importorskip("bitsandbytes.functional")
+    _, hf_model, directory = tiny
+    model, _ = load_pretrained(directory, dtype=jnp.float32)
+    experts = model.model.layers.mlp.experts
+    size = model.config.moe.expert_size
+    for layer, expert in [(0, 1), (1, 3)]:
+        hf_experts = hf_model.model.layers[layer].mlp.experts
+        pieces = [(experts.gate_up_proj, 0, hf_experts.gate_up_proj[expert, :size]),
+                  (experts.gate_up_proj, 1, hf_experts.gate_up_proj[expert, size:]),
+                  (experts.down_proj, 0, hf_experts.down_proj[expert])]  # fmt: skip
+        for module, part, weight in pieces:
+            weight = weight.detach().float().contiguous()
+            packed, state = functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+            _, plain = functional.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
+            index = (layer, expert, part)
+            np.testing.assert_array_equal(module.packed[...][index], packed.numpy().reshape(-1))
+            offset = np.float32(module.offset[...][index])  # ours: the correctly rounded mean; torch's within ulps
+            np.testing.assert_allclose(offset, state.offset.item(), rtol=3e-7)
+            codes, nested = functional.quantize_blockwise(plain.absmax - torch.tensor(offset), blocksize=256)
+            np.testing.assert_array_equal(module.absmax[...][index], codes.numpy())
+            np.testing.assert_array_equal(module.nested_absmax[...][index], nested.absmax.numpy())
