@@ -219,8 +219,11 @@ class DecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
             self.post_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
         # A mixture of experts (qwen3_moe, mixtral) in place of the MLP: `qlora_jax.models.moe`.
-        mlp_class = MLP if c.moe is None else SparseMoeBlock
-        self.mlp = mlp_class(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if c.moe is None:
+            self.mlp = MLP(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.mlp = SparseMoeBlock(c, quant_for=lambda path: _quant_for(quant, path), dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)  # fmt: skip
         self.config = config
 
     def _mlp(self, x, *, router_mask=None, **kwargs) -> tuple[jax.Array, RouterStats | None]:
