@@ -195,11 +195,12 @@ def _fail_if_not_finite(all_finite: np.ndarray) -> None:
 
 def quantize(
     w: jax.Array | np.ndarray,
+    config: QuantConfig | None = None,
     *,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
-    dq_blocksize: int = 256,
+    quant_type: str | None = None,
+    blocksize: int | None = None,
+    double_quant: bool | None = None,
+    dq_blocksize: int | None = None,
 ) -> QuantizedTensor:
     """Quantizes `w` to 4 bits as `bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics,
     quant_type)` does.
@@ -207,6 +208,9 @@ def quantize(
     Args:
       w: float32, bfloat16 or float16 array of any non-empty shape. NaN or Inf raise a ValueError (also under
         jit, where the check runs as a host callback).
+      config: the storage as a `QuantConfig` (its `skip_modules` concern models, not one array); or the fields
+        one by one below, each defaulting to QuantConfig's (NF4, blocks of 64, double quantization, 256).
+        Giving both raises a TypeError.
       quant_type: "nf4" (NormalFloat, for normally distributed weights), "fp4", or "int4" (plain symmetric
         absmax rounding, a baseline that bitsandbytes cannot read).
       blocksize: values sharing one absmax, one of SUPPORTED_BLOCKSIZES.
@@ -216,7 +220,15 @@ def quantize(
     >>> qt = quantize(jnp.ones((1024, 1024)))
     >>> round(qt.bits_per_param, 3)  # 4 + 8/64 + 32/(64 * 256), plus the offset's 32 bits
     4.127
+    >>> quantize(jnp.ones((1024, 1024)), QuantConfig(blocksize=128, double_quant=False)).absmax.dtype
+    dtype('float32')
     """
+    fields = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, dq_blocksize=dq_blocksize)
+    given = {name: value for name, value in fields.items() if value is not None}
+    if config is not None and given:
+        raise TypeError(f"quantize: give a QuantConfig or its fields ({', '.join(given)}), not both")
+    c = config if config is not None else QuantConfig(**given)
+    quant_type, blocksize, double_quant, dq_blocksize = c.quant_type, c.blocksize, c.double_quant, c.dq_blocksize
     if not hasattr(w, "dtype"):
         w = np.asarray(w)
     _check_arguments(w, quant_type, blocksize, dq_blocksize if double_quant else None)
