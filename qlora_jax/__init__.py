@@ -6,7 +6,8 @@ itself loads neither JAX nor any checkpoint library):
 - models: `load_pretrained`, `save_pretrained`, `read_model_config`, `ModelConfig`, `DecoderLM`, `ComputeOptions`,
   `KernelOptions`;
 - 4-bit weights: `QuantConfig`, `QuantizedTensor`, `quantize`, `dequantize`, `decode_absmax`;
-- adapters: `LoraConfig`, `LoRA`, `apply_lora`, `trainable_parameters`, `loftq_initialize`;
+- adapters: `LoraConfig`, `LoRA`, `apply_lora`, `trainable_parameters`, `loftq_initialize`,
+  `resize_token_embeddings` (added tokens);
 - training: `OptimConfig`, `make_optimizer`, `TrainState`, `make_train_step`, `make_eval_step`, `TrainConfig`,
   `load_config` (the driver of `qlora-jax train` is `qlora_jax.train.train`);
 - generation: `SamplingConfig`, `generate_text`, `load_tokenizer`;
@@ -37,41 +38,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["save_peft_adapter", "load_peft_adapter"], "qlora_jax.convert.peft"),
     "merge_and_save": "qlora_jax.convert.merge",
     "save_gguf": "qlora_jax.convert.gguf_export",
+    "resize_token_embeddings": "qlora_jax.tokens",
 }
-__all__ = [
-    "__version__",
-    "load_pretrained",
-    "save_pretrained",
-    "read_model_config",
-    "ModelConfig",
-    "DecoderLM",
-    "ComputeOptions",
-    "KernelOptions",
-    "QuantConfig",
-    "QuantizedTensor",
-    "quantize",
-    "dequantize",
-    "decode_absmax",
-    "LoraConfig",
-    "LoRA",
-    "apply_lora",
-    "trainable_parameters",
-    "loftq_initialize",
-    "OptimConfig",
-    "make_optimizer",
-    "TrainState",
-    "make_train_step",
-    "make_eval_step",
-    "TrainConfig",
-    "load_config",
-    "SamplingConfig",
-    "generate_text",
-    "load_tokenizer",
-    "save_peft_adapter",
-    "load_peft_adapter",
-    "merge_and_save",
-    "save_gguf",
-]
+__all__ = ["__version__", *_EXPORTS]  # tests/test_public_api.py ties _EXPORTS to the imports below and the docstring
 
 
 def __getattr__(name: str) -> Any:
@@ -87,17 +56,39 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
 
 
-if TYPE_CHECKING:  # what static checkers and IDEs see
+if TYPE_CHECKING:  # what static checkers and IDEs see (`X`: an explicit re-export)
     from qlora_jax.convert.gguf_export import save_gguf
     from qlora_jax.convert.hf import load_pretrained, save_pretrained
     from qlora_jax.convert.merge import merge_and_save
     from qlora_jax.convert.peft import load_peft_adapter, save_peft_adapter
     from qlora_jax.generate import SamplingConfig, generate_text
     from qlora_jax.kernels import KernelOptions
-    from qlora_jax.lora import LoRA, LoraConfig, apply_lora, loftq_initialize, trainable_parameters
-    from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig, read_model_config
-    from qlora_jax.quant import QuantConfig, QuantizedTensor, decode_absmax, dequantize, quantize
+    from qlora_jax.lora import (
+        LoRA,
+        LoraConfig,
+        apply_lora,
+        loftq_initialize,
+        trainable_parameters,
+    )
+    from qlora_jax.models import (
+        ComputeOptions,
+        DecoderLM,
+        ModelConfig,
+        read_model_config,
+    )
+    from qlora_jax.quant import (
+        QuantConfig,
+        QuantizedTensor,
+        decode_absmax,
+        dequantize,
+        quantize,
+    )
     from qlora_jax.tokenizer import load_tokenizer
+    from qlora_jax.tokens import resize_token_embeddings
     from qlora_jax.train.config import TrainConfig, load_config
     from qlora_jax.train.optim import OptimConfig, make_optimizer
-    from qlora_jax.train.step import TrainState, make_eval_step, make_train_step
+    from qlora_jax.train.step import (
+        TrainState,
+        make_eval_step,
+        make_train_step,
+    )

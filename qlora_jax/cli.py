@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import qlora_jax
@@ -18,8 +19,21 @@ DTYPES = ("bfloat16", "float16", "float32")  # train.config.COMPUTE_DTYPES
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # convert.gguf_export.TENSOR_TYPES
 
 
-def _fail(command: str, message: str) -> SystemExit:
-    return SystemExit(f"qlora-jax {command}: {message}")
+class CommandFailed(SystemExit):
+    """A command's end with one message and an exit status (`status`): `main` prints the message on stderr (for
+    status 1, Python's own handling of SystemExit does)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message if status == 1 else status)
+        self.message, self.status = message, status
+        self.agreed = False  # every process of a multi-process run ends this way at the same point
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _fail(command: str, message: str, *, status: int = 1) -> CommandFailed:
+    return CommandFailed(f"qlora-jax {command}: {message}", status)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -71,13 +85,20 @@ def _load(command: str, args: argparse.Namespace):
     from qlora_jax.convert.hf import load_pretrained
 
     try:
-        return load_pretrained(args.model, quantization=_quant_config(args), dtype=jnp.dtype(args.dtype))
+        model, config = load_pretrained(args.model, quantization=_quant_config(args), dtype=jnp.dtype(args.dtype))
+        if args.resize_token_embeddings is not None:  # added tokens (before an adapter that trains their rows)
+            from qlora_jax.tokens import resize_token_embeddings
+
+            resize_token_embeddings(model, args.resize_token_embeddings)
+            config = model.config
+        return model, config
     except (ValueError, OSError) as e:
         raise _fail(command, str(e)) from e
 
 
 def _generate(args: argparse.Namespace) -> int:
     from qlora_jax.generate import SamplingConfig, generate_text
+    from qlora_jax.models.generation_config import read_generation_config
     from qlora_jax.tokenizer import load_tokenizer
 
     try:
@@ -86,10 +107,18 @@ def _generate(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
             seed=args.seed,
         )
+    except ValueError as e:  # "temperature must be a finite number, got nan" -> "--temperature ..."
+        raise _fail("generate", f"--{str(e).replace('_', '-')}") from e
+    try:  # the checkpoint's generation defaults, refused before loading if qlora-jax cannot honour them
+        sampling.resolved(read_generation_config(args.model))
     except ValueError as e:
         raise _fail("generate", str(e)) from e
+    if empty := [i for i, prompt in enumerate(args.prompt) if not prompt.strip()]:
+        raise _fail("generate", f"--prompt: prompt {empty[0] + 1} is empty; give the text to answer or complete")
     model, _ = _load_with_adapter("generate", args)
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -107,13 +136,13 @@ def _generate(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     """A transformers directory or GGUF file -> a transformers checkpoint, 4-bit (bitsandbytes) or dense."""
     from qlora_jax.convert.hf import save_pretrained
-    from qlora_jax.convert.safetensors_io import LAYOUT_FILES
-    from qlora_jax.files import check_output_directory, staged_directory
+    from qlora_jax.files import check_output_directory, check_writable
 
     out = check_output_directory(args.output, "the output directory")  # before any work
+    check_writable(out, "the output directory")
     model, _ = _load("convert", args)
     source = Path(args.model)
-    with staged_directory(out, replaces=LAYOUT_FILES) as staging:  # everything appears at once, or nothing
+    with _published(out) as staging:  # everything appears at once, or nothing
         save_pretrained(model, staging, dequantize_weights=args.quant == "none", max_shard_size=args.max_shard_size)
         try:
             from qlora_jax.tokenizer import load_tokenizer
@@ -121,10 +150,25 @@ def _convert(args: argparse.Namespace) -> int:
             load_tokenizer(source).save_pretrained(str(staging))
         except (ValueError, ImportError) as e:
             print(f"qlora-jax convert: no tokenizer written ({e})", file=sys.stderr)
-        if source.is_dir() and (source / "generation_config.json").is_file():
-            shutil.copy(source / "generation_config.json", staging / "generation_config.json")
     print(f"wrote {out}")
     return 0
+
+
+@contextlib.contextmanager
+def _published(output: str | Path) -> Iterator[Path]:
+    """A staging directory for the checkpoint `output` (`files.staged_directory`); a write that fails in it (a full
+    disk) is reported for `output`, which is as it was."""
+    from qlora_jax.convert.safetensors_io import LAYOUT_FILES
+    from qlora_jax.errors import OutputError
+    from qlora_jax.files import output_error, staged_directory
+
+    try:
+        with staged_directory(output, replaces=LAYOUT_FILES) as staging:
+            yield staging
+    except OutputError as e:
+        raise output_error(e.__cause__ or e, output) from e
+    except OSError as e:  # the tokenizer's files, the publish itself
+        raise output_error(e, output) from e
 
 
 def _take_flag(args: argparse.Namespace, flag: str) -> bool:
@@ -137,14 +181,18 @@ def _take_flag(args: argparse.Namespace, flag: str) -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from qlora_jax.errors import QloraJaxError
     from qlora_jax.train.config import load_config
     from qlora_jax.train.loop import train
 
     no_progress = _take_flag(args, "--no-progress")
+    overwrite, break_lock = _take_flag(args, "--overwrite"), _take_flag(args, "--break-lock")
     config = load_config(args.config, args.overrides)
     try:
-        result = train(config, progress=not no_progress)
+        result = train(config, progress=not no_progress, overwrite=overwrite, break_lock=break_lock)
     except ValueError as e:  # from a library below ours (tokenizer files, ...): its message names what
+        if isinstance(e, QloraJaxError):
+            raise
         raise _fail("train", str(e)) from e
     print(f"trained {result.steps} steps; outputs in {result.output_dir}")
     if result.exact_match_before is not None:
@@ -251,8 +299,7 @@ def _merge(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from qlora_jax.convert.merge import merge_and_save
-    from qlora_jax.convert.safetensors_io import LAYOUT_FILES
-    from qlora_jax.files import check_output_directory, check_output_file, staged_directory
+    from qlora_jax.files import check_output_directory, check_output_file, check_writable
     from qlora_jax.quant import QuantConfig
     from qlora_jax.tokenizer import load_tokenizer
 
@@ -264,6 +311,7 @@ def _merge(args: argparse.Namespace) -> int:
         check_output_file(args.output, "the GGUF output")
     else:
         check_output_directory(args.output, "the output directory")
+    check_writable(args.output, "the output")  # a read-only or full place is found before the model is loaded
     model, _ = _load_with_adapter("merge", args)
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -278,9 +326,10 @@ def _merge(args: argparse.Namespace) -> int:
         out = save_gguf(model, args.output, tensor_type=args.gguf, tokenizer=tokenizer, tokenizer_gguf=tokenizer_gguf)
         print(f"wrote {out}")
         return 0
-    with staged_directory(args.output, replaces=LAYOUT_FILES) as staging:  # everything appears at once, or nothing
+    with _published(args.output) as staging:  # everything appears at once, or nothing
         merge_and_save(model, staging, dtype=jnp.dtype(args.out_dtype), quant=quant, tokenizer=tokenizer,
-                       max_shard_size=args.max_shard_size)  # fmt: skip
+                       max_shard_size=args.max_shard_size,  # an image-text model keeps its vision tower
+                       source=args.model if Path(args.model).is_dir() else None)  # fmt: skip
     print(f"wrote {args.output}")
     return 0
 
@@ -303,6 +352,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, default_quant: str 
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-double-quant", action="store_true")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--resize-token-embeddings", type=int, default=None, metavar="N",
+                        help="resize the embedding (and an untied lm_head) to N rows, for a tokenizer with added "
+                        "tokens; new rows start at the mean of the old ones, as in transformers")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,10 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     gen.add_argument("--tokenizer", default=None, help="where the tokenizer is (default: the model)")
     gen.add_argument("--adapter", default=None, help="a PEFT adapter directory to apply")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
+    # None: the checkpoint's generation_config.json, else transformers' defaults (64 new tokens, greedy)
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's, else 64")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 is greedy, > 0 samples (default: the checkpoint's do_sample and temperature)")  # fmt: skip
+    gen.add_argument("--top-k", type=int, default=None, help="0: off (default: the checkpoint's, else 50)")
+    gen.add_argument("--top-p", type=float, default=None, help="1.0: off (default: the checkpoint's)")
+    gen.add_argument("--min-p", type=float, default=None, help="keep tokens at least this fraction as likely as "
+                     "the most likely one (default: the checkpoint's)")  # fmt: skip
+    gen.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="> 1 discourages tokens of the prompt and the output; 1.0: off (default: the checkpoint's)",
+    )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", action="store_true", help="complete the raw prompt, without the chat template")
     gen.set_defaults(run=_generate)
@@ -337,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="the YAML config")
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: --lora.r 32 --train.steps 10")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run in train.output_dir (its own files) instead of resuming it")  # fmt: skip
+    train.add_argument("--break-lock", action="store_true",
+                       help="take over a lock held from another host whose training is known to be gone")  # fmt: skip
     train.set_defaults(run=_train)
 
     export = commands.add_parser("export", help="write a training run's adapters in PEFT format")
@@ -382,18 +448,68 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command. What the user can fix (`qlora_jax.errors.QloraJaxError`: bad files, fields, lines; a
-    locked, unresumable or diverged run) and what the system refuses (OSError: a missing file, no permission, a
-    full disk) end the command with status 1 and one message, never a traceback."""
+    locked, unresumable, diverged or stopped run) and what the system refuses (OSError: a missing file, no
+    permission, a full disk) end the command with one message, never a traceback: status 1, or 128 + the signal's
+    number for a run stopped by a signal (143: SIGTERM, 130: SIGINT / Ctrl-C)."""
     from qlora_jax.errors import QloraJaxError
 
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except QloraJaxError as e:
-        raise _fail(args.command, str(e)) from e
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        raise _fail(args.command, f"{where}{e.strerror or e}") from e
+        try:
+            return args.run(args)
+        except QloraJaxError as e:
+            failure = _fail(args.command, str(e), status=getattr(e, "exit_code", 1))
+            failure.agreed = hasattr(e, "exit_code")  # a stop on a signal: every process of a job stops together
+            raise failure from e
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise _fail(args.command, f"{where}{e.strerror or e}") from e
+        except KeyboardInterrupt:
+            message = ("interrupted (Ctrl-C twice): the steps since the last checkpoint are lost; run the same command "
+                       "again to resume from it" if args.command == "train" else
+                       "interrupted (Ctrl-C); outputs are as they were before")  # fmt: skip
+            raise _fail(args.command, message, status=130) from None
+        except Exception as e:  # a multi-process run's runtime errors (collectives, the coordination service)
+            failure = _distributed_failure(args.command, e)
+            if failure is None:
+                raise
+            raise failure from e
+    except CommandFailed as failure:
+        if failure.status != 1:
+            print(failure.message, file=sys.stderr, flush=True)
+        if _multi_process() and not failure.agreed and not _all_failed():
+            # Only this process failed: the others may be gone, or stuck in a collective, and JAX's exit handler
+            # would wait for them, then print its own errors. One line, then out (the lock was released already).
+            if failure.status == 1:
+                print(failure.message, file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(failure.status)
+        raise  # every process stops together (a stop on a signal, or the same error everywhere): a normal exit
+
+
+FAILED_TOGETHER_S = 30  # how long a failed process of several waits for the others to fail too
+
+
+def _all_failed() -> bool:
+    """Whether every process of the job fails (most errors are the same everywhere: bad data, a refused start,
+    divergence); then they exit normally, together, and the job's coordination service ends cleanly."""
+    from qlora_jax.distributed import together
+
+    return together("qlora_jax/failed", FAILED_TOGETHER_S)
+
+
+def _multi_process() -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
+
+
+def _distributed_failure(command: str, error: Exception) -> CommandFailed | None:
+    if not _multi_process():
+        return None
+    from qlora_jax.distributed import describe_failure
+
+    message = describe_failure(error)
+    return None if message is None else _fail(command, message)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,49 @@ One process runs per host (or per GPU); every process runs the same program, see
 - Any launcher: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 
 Single-process runs (none of these set, or one process) do nothing. See docs/scaling.md for launch recipes.
+
+A start that fails (a process that never comes, a wrong address) is one `DistributedError` line naming the
+process, the coordinator and the timeout, not the coordination service's log. `publish` / `wait_for` pass short
+texts between processes through the coordination service's key-value store (no collective, so a process that
+fails before a collective can still tell the others why, and they stop with its message instead of waiting).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 
-__all__ = ["distributed_settings", "initialize_from_environment", "is_primary", "local_rows"]
+from qlora_jax.errors import QloraJaxError
+
+__all__ = ["DistributedError", "distributed_settings", "initialize_from_environment", "is_primary", "local_rows",
+           "publish", "wait_for", "together", "describe_failure"]  # fmt: skip
+
+
+class DistributedError(QloraJaxError, RuntimeError):
+    """A multi-process run that cannot start, or whose processes lost each other."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def describe_failure(error: BaseException) -> str | None:
+    """One line for a runtime error of a multi-process run (the coordination service's or a collective's), by
+    kind; None if it is not one of those."""
+    text = str(error)
+    where = f"process {jax.process_index()} of {jax.process_count()}"
+    if "Gloo" in text or "gloo" in text or "Connection closed by peer" in text or "NCCL" in text:
+        return (f"{where}: lost another process during a collective ({_first_line(error)}): a process of the job "
+                "died or was stopped; its own log says why")  # fmt: skip
+    if "heartbeat" in text or "unhealthy" in text or "CoordinationService" in text or "coordination" in text:
+        return (f"{where}: the coordination service reports a failed process ({_first_line(error)}); its own log "
+                "says why")  # fmt: skip
+    return None
 
 
 def distributed_settings(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
@@ -44,15 +76,91 @@ def distributed_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]
     return None
 
 
-def initialize_from_environment(env: Mapping[str, str] | None = None) -> bool:
+def initialize_from_environment(
+    env: Mapping[str, str] | None = None,
+    *,
+    initialization_timeout: int = 300,
+    heartbeat_timeout_seconds: int = 100,
+    shutdown_timeout_seconds: int = 300,
+) -> bool:
     """Calls `jax.distributed.initialize` if the environment describes a multi-process job (once; before any other
-    JAX call). Returns whether this is a multi-process run."""
+    JAX call), with JAX's timeouts (seconds): how long processes wait for each other to start, after how long
+    without a heartbeat a process counts as dead, how long the end waits for the others. Returns whether this is
+    a multi-process run. Raises DistributedError (one line) if the processes do not come together in time."""
     settings = distributed_settings(env)
     if settings is None:
         return False
-    if not jax.distributed.is_initialized():
-        jax.distributed.initialize(**settings)
+    if jax.distributed.is_initialized():
+        return True
+    coordinator = settings.get("coordinator_address", "from SLURM")
+    rank = settings.get("process_id", os.environ.get("SLURM_PROCID", "?"))
+    count = settings.get("num_processes", os.environ.get("SLURM_NTASKS", "?"))
+    # If a process never comes, JAX ends the others with its own fatal log (an abort) once the timeout has passed:
+    # this line says beforehand what they wait for, and for how long.
+    print(f"process {rank} of {count}: waiting up to {initialization_timeout} s for all {count} processes at the "
+          f"coordinator {coordinator} (mesh.initialization_timeout)", file=sys.stderr, flush=True)  # fmt: skip
+    try:
+        jax.distributed.initialize(**settings, initialization_timeout=initialization_timeout,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+                                   shutdown_timeout_seconds=shutdown_timeout_seconds)  # fmt: skip
+    except Exception as e:  # the coordination service's errors (XlaRuntimeError, RuntimeError): their log is long
+        _forget_failed_start()
+        raise DistributedError(
+            f"process {rank} of {count}: the processes did not come together at the coordinator {coordinator} "
+            f"within {initialization_timeout} s ({_first_line(e)}): start every process with the same "
+            "coordinator address and process count, each with its own process id, and process 0 reachable at "
+            "that address; mesh.initialization_timeout is how long they wait for each other"
+        ) from None
     return True
+
+
+def _forget_failed_start() -> None:
+    """Drops the client and service of a failed `jax.distributed.initialize`, so that JAX's exit handler does not
+    shut them down again (and print their error once more)."""
+    from jax._src import distributed
+
+    state = distributed.global_state
+    for name in ("preemption_sync_manager", "client", "service"):
+        part = getattr(state, name, None)
+        if part is not None:
+            try:
+                part.shutdown()
+            except Exception:  # noqa: BLE001 -- already in an error state: it only complains
+                pass
+            setattr(state, name, None)
+
+
+def _client() -> Any:
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise DistributedError("not a multi-process run: jax.distributed is not initialized")
+    return client
+
+
+def publish(key: str, value: str) -> None:
+    """Sets `key` to `value` in the job's key-value store (every process may read it; each key is set once)."""
+    _client().key_value_set(key, value)
+
+
+def together(name: str, timeout_s: float) -> bool:
+    """Whether every process reaches the barrier `name` within `timeout_s` (False also if the job is broken)."""
+    try:
+        _client().wait_at_barrier(name, int(timeout_s * 1000))
+    except Exception:  # noqa: BLE001 -- DEADLINE_EXCEEDED, or a coordination service that is gone
+        return False
+    return True
+
+
+def wait_for(key: str, timeout_s: float, *, what: str) -> str:
+    """The value of `key` once some process has published it; DistributedError naming `what` after `timeout_s`."""
+    try:
+        return _client().blocking_key_value_get(key, int(timeout_s * 1000))
+    except Exception as e:  # DEADLINE_EXCEEDED from the coordination service
+        raise DistributedError(f"process {jax.process_index()} of {jax.process_count()}: no word of {what} within "
+                               f"{timeout_s:.0f} s ({_first_line(e)}); that process's log says why"
+                               ) from None  # fmt: skip
 
 
 def is_primary() -> bool:

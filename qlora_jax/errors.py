@@ -9,7 +9,7 @@ tensor) they are about.
 
 from __future__ import annotations
 
-__all__ = ["QloraJaxError", "InputError"]
+__all__ = ["QloraJaxError", "InputError", "OutputError"]
 
 
 class QloraJaxError(Exception):
@@ -19,3 +19,8 @@ class QloraJaxError(Exception):
 
 class InputError(QloraJaxError, ValueError):
     """An input that cannot be read or used: a file, a tensor in it, a config field, a data line."""
+
+
+class OutputError(QloraJaxError):
+    """An output that cannot be written (a full disk, no permission, a read-only file system); what was there
+    before is as it was."""

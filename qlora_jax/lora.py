@@ -31,6 +31,14 @@ from qlora_jax.models.moe import QExperts, TopKRouter
 from qlora_jax.models.names import layer_name
 from qlora_jax.nn import Frozen, QLinear
 from qlora_jax.quant import QUANT_BUFFERS, dequantize, quantize
+from qlora_jax.tokens import (
+    TrainableTokens,
+    TrainedCopy,
+    apply_trainable_rows,
+    check_trainable_rows,
+    normalize_modules_to_save,
+    normalize_trainable_token_indices,
+)
 
 __all__ = [
     "LoraConfig",
@@ -86,6 +94,10 @@ class LoraConfig:
       loftq_iter: alternating quantize / SVD iterations for init_lora_weights="loftq".
       target_parameters: a mixture of experts' parameters to adapt, PEFT's names matched as suffixes
         (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, `mlp.gate.weight`; docs/moe.md).
+      trainable_token_indices: rows of the embedding trained as PEFT's trainable tokens (added tokens): a list of
+        ids (the embedding's; a tied output head follows), or {"embed_tokens": ids, "lm_head": ids}
+        (`qlora_jax.tokens`; docs/lora.md#added-tokens).
+      modules_to_save: ["embed_tokens"] and / or ["lm_head"]: the whole table trained (untied models).
     """
 
     r: int = 8
@@ -103,8 +115,13 @@ class LoraConfig:
     bias: str = "none"
     loftq_iter: int = 1
     target_parameters: tuple[str, ...] | None = None
+    trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
+    modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "trainable_token_indices",
+                           normalize_trainable_token_indices(self.trainable_token_indices))  # fmt: skip
+        object.__setattr__(self, "modules_to_save", normalize_modules_to_save(self.modules_to_save))
         for name in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
                      "target_parameters"):  # fmt: skip
             object.__setattr__(self, name, _tuple(getattr(self, name)))
@@ -357,12 +374,18 @@ def apply_lora(
     """Adds an adapter to every targeted QLinear (4-bit or dense) of `model`, in place, on the layers PEFT's rules
     select (`target_layers`), each layer with its own rank and alpha; `targets` replaces that selection.
 
+    The embedding's (and an untied head's) rows named by `trainable_token_indices` / `modules_to_save` become
+    trainable as PEFT makes them (`qlora_jax.tokens.apply_trainable_rows`).
+
     Returns the adapted module paths. Raises ValueError if nothing matches, if the selection names a module that
     is not a linear layer (or a tied lm_head), or if the model already has adapters.
     """
     if config.init_lora_weights == "loftq":
         raise ValueError("init_lora_weights='loftq' needs the 16-bit weights: use lora.loftq_initialize(...)")
     targets = target_layers(model, config) if targets is None else dict(targets)
+    rows = config.trainable_token_indices is not None or config.modules_to_save is not None
+    if rows:  # checked before the model changes
+        check_trainable_rows(model, config.trainable_token_indices, config.modules_to_save, lora_targets=targets)
     modules = dict(nnx.iter_graph(model))
     for name, target in targets.items():
         module = modules[tuple(name.split("."))]
@@ -390,6 +413,8 @@ def apply_lora(
             scaling = scalings
         module.lora = LoRA(a, b, m, scaling=scaling, ranks=target.ranks, dropout=config.lora_dropout,
                            key_id=_key_id(name))  # fmt: skip
+    if rows:
+        apply_trainable_rows(model, config.trainable_token_indices, config.modules_to_save)
     return list(targets)
 
 
@@ -408,6 +433,8 @@ def trainable_parameters(model: nnx.Module, *, verbose: bool = True) -> tuple[in
         elif isinstance(module, ExpertLoRA):
             (experts, _, fan_in), fan_out = module.lora_A[...].shape[-3:], module.lora_B[...].shape[-2]
             trainable += sum(experts * r * (fan_in + fan_out) for r in module.ranks if r)
+        elif isinstance(module, TrainableTokens | TrainedCopy):
+            trainable += sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.LoRAParam)))
     frozen = sum(x.size for x in jax.tree.leaves(nnx.state(model, Frozen)))
     quantized = sum(
         m.in_features * m.out_features * (_stacked(m) or 1)

@@ -1,7 +1,8 @@
 """Which linear layers get a LoRA adapter, with which rank and alpha: PEFT's meaning of LoraConfig's fields.
 
 PEFT matches each module of the transformers model by its name, one per layer (`model.layers.3.self_attn.q_proj`,
-`lm_head`), as peft.tuners.tuners_utils.check_target_module_exists (peft 0.21) does:
+`lm_head`; in Gemma 3's image-text model `model.language_model.layers.3.self_attn.q_proj`:
+`models.names.hf_module_name`), as peft.tuners.tuners_utils.check_target_module_exists (peft 0.21) does:
 
 - `exclude_modules` first: a string is a regex that must match the whole name; a list excludes a name equal to
   an entry or ending in "." + entry.
@@ -36,7 +37,7 @@ from flax import nnx
 
 from qlora_jax.models.moe import QExperts, TopKRouter
 from qlora_jax.models.moe_config import EXPERT_NAMES
-from qlora_jax.models.names import LAYERS, is_stacked, layer_name
+from qlora_jax.models.names import LAYERS, hf_module_name, is_stacked, layer_name
 from qlora_jax.nn import Embed, QLinear
 
 __all__ = ["ModuleTargets", "select_targets"]
@@ -208,7 +209,8 @@ def converted_config_fields(model: nnx.Module, config: Any) -> dict[str, Any]:
     after PEFT's transformers-5 conversion (target_modules, target_parameters, rank_pattern, alpha_pattern)."""
     if model.config.moe is None:
         return {}
-    view = _converted(model, config, _linear_names(model, _modules(model)))
+    modules = _modules(model)
+    view = _converted(model, config, _linear_names(_module_keys(model, modules), modules))
     return {"target_modules": list(view.target_modules) if not isinstance(view.target_modules, str)
             else view.target_modules, "target_parameters": list(view.target_parameters),
             "rank_pattern": view.rank_pattern, "alpha_pattern": view.alpha_pattern}  # fmt: skip
@@ -237,11 +239,16 @@ def _parameter_targets(model: nnx.Module, view: _Converted) -> dict[str, ModuleT
     return out
 
 
-def _linear_names(model: nnx.Module, modules: dict[str, nnx.Module]) -> frozenset[str]:
-    num_layers = model.config.num_layers
-    return frozenset(key for path, module in modules.items() if isinstance(module, QLinear)
-                     for key in ([layer_name(path, i) for i in range(num_layers)] if is_stacked(path) else [path])
-                     if key != "lm_head")  # fmt: skip
+def _module_keys(model: nnx.Module, modules: dict[str, nnx.Module]) -> dict[str, list[tuple[str, int | None]]]:
+    """{our module path: [(its per-layer name in the transformers model, layer or None)]}."""
+    num_layers, text_model = model.config.num_layers, model.config.text_model_path
+    return {path: [(hf_module_name(layer_name(path, i), text_model), i)
+                   for i in (range(num_layers) if is_stacked(path) else [None])] for path in modules}  # fmt: skip
+
+
+def _linear_names(keys: dict[str, list[tuple[str, int | None]]], modules: dict[str, nnx.Module]) -> frozenset[str]:
+    return frozenset(k for p, m in modules.items() if isinstance(m, QLinear) for k, _ in keys[p]
+                     if k != "lm_head")  # fmt: skip
 
 
 def select_targets(model: nnx.Module, config: Any) -> dict[str, ModuleTargets]:
@@ -250,13 +257,10 @@ def select_targets(model: nnx.Module, config: Any) -> dict[str, ModuleTargets]:
     Raises ValueError if nothing is selected, or if the selection names a module that is not a linear layer
     (PEFT adapts embeddings too, and a tied output head: here adapters go on linear layers only).
     """
-    num_layers = model.config.num_layers
+    text_model = model.config.text_model_path
     modules = _modules(model)
-    keys: dict[str, list[tuple[str, int | None]]] = {}
-    for path in modules:
-        layers = range(num_layers) if is_stacked(path) else [None]
-        keys[path] = [(layer_name(path, i), i) for i in layers]
-    linear_names = _linear_names(model, modules)
+    keys = _module_keys(model, modules)
+    linear_names = _linear_names(keys, modules)
     parameters = {}
     if model.config.moe is not None:  # PEFT's transformers-5 reading of a mixture of experts (above)
         config = _converted(model, config, linear_names)
@@ -289,6 +293,6 @@ def select_targets(model: nnx.Module, config: Any) -> dict[str, ModuleTargets]:
     if not out:
         raise ValueError(
             f"target_modules={config.target_modules!r} matches no linear layer of the model (PEFT's names, one per "
-            f"layer: {LAYERS}.0.self_attn.q_proj, ..., lm_head)"
+            f"layer: {hf_module_name(LAYERS, text_model)}.0.self_attn.q_proj, ..., lm_head)"
         )
     return out

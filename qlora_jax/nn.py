@@ -77,6 +77,8 @@ class QLinear(nnx.Module):
                 setattr(self, name, None if value is None else QuantizedWeight(value))
         self.bias = Frozen(jnp.zeros((out_features,), param_dtype)) if use_bias else None
         self.lora: nnx.Module | None = nnx.data(None)  # set by qlora_jax.lora.apply_lora
+        # trained rows of an output head (PEFT's trainable tokens / modules_to_save), set by qlora_jax.tokens
+        self.trainable_rows: nnx.Module | None = nnx.data(None)
 
     @property
     def is_quantized(self) -> bool:
@@ -129,11 +131,14 @@ class QLinear(nnx.Module):
         y = self.base(x, kernels=kernels)
         if self.lora is not None:
             y = y + self.lora(x, self, y, kernels=kernels, dropout_key=dropout_key).astype(y.dtype)
+        if self.trainable_rows is not None:  # an output head with trained rows: their outputs replaced
+            y = self.trainable_rows.project(x.astype(self.dtype), y, self.param_dtype)
         return y
 
 
 class Embed(nnx.Module):
-    """Token embeddings [vocab, hidden], frozen; `attend` is the tied output projection."""
+    """Token embeddings [vocab, hidden], frozen; `attend` is the tied output projection. `trainable_rows` (set by
+    `qlora_jax.tokens`: PEFT's trainable tokens or a trained copy) replaces rows wherever the table is read."""
 
     def __init__(
         self,
@@ -149,17 +154,24 @@ class Embed(nnx.Module):
             (jax.random.normal(rngs.params(), (num_embeddings, features), jnp.float32) * 0.02).astype(param_dtype)
         )
         self.scale, self.dtype = scale, jnp.dtype(dtype)
+        self.trainable_rows: nnx.Module | None = nnx.data(None)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         table = jax.lax.stop_gradient(gathered(self.weight[...]))
         x = jnp.take(table, tokens, axis=0)  # [B, T, D]
+        if self.trainable_rows is not None:
+            x = self.trainable_rows.embed(tokens, x)
         if self.scale is not None:  # Gemma: times sqrt(hidden), rounded to the weight's dtype first
             x = x * jnp.asarray(self.scale, table.dtype)
         return x.astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        w = jax.lax.stop_gradient(gathered(self.weight[...])).astype(self.dtype)
-        return jnp.dot(x.astype(self.dtype), w.T, preferred_element_type=jnp.float32).astype(self.dtype)
+        table = jax.lax.stop_gradient(gathered(self.weight[...]))
+        x = x.astype(self.dtype)
+        out = jnp.dot(x, table.astype(self.dtype).T, preferred_element_type=jnp.float32).astype(self.dtype)
+        if self.trainable_rows is not None:  # the tied head reads the trained rows too
+            out = self.trainable_rows.project(x, out, table.dtype)
+        return out
 
 
 class RMSNorm(nnx.Module):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any
 
 import jax
@@ -41,6 +42,8 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(j
 # The arrays of a 4-bit weight (QuantizedTensor's data fields), by the names bitsandbytes stores them under.
 QUANT_BUFFERS = ("packed", "absmax", "nested_absmax", "offset")
 
+# Where a skip_modules pattern may end: after a dot, or before one, or at the end of the name (transformers').
+_MODULE_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
 # bitsandbytes clamps an all-zero final partial block's absmax to this (a float32 subnormal) and stores it.
 _TINY_ABSMAX = np.float32(1e-38)
 
@@ -53,8 +56,9 @@ class QuantConfig:
       quant_type: "nf4", "fp4" or "int4" (`bnb_4bit_quant_type`).
       double_quant: quantize the absmax too (`bnb_4bit_use_double_quant`).
       blocksize, dq_blocksize: values a block, absmax values a block of the 8-bit step.
-      skip_modules: linear layers kept in 16 bits, matched by name (`llm_int8_skip_modules`; bitsandbytes keeps
-        lm_head unquantized by default, and so do we).
+      skip_modules: linear layers kept in 16 bits (`llm_int8_skip_modules`; transformers keeps lm_head unquantized
+        by default, and so do we), matched against each module's full per-layer name as transformers matches them
+        (`skips`): "lm_head", "o_proj" or "model.layers.0.mlp" (layer 0's MLP only), or a regular expression.
 
     How the model computes is not storage: its compute dtype is the `dtype` of `DecoderLM` / `load_pretrained`,
     which exports write as `bnb_4bit_compute_dtype`.
@@ -73,12 +77,24 @@ class QuantConfig:
             raise ValueError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {self.blocksize!r}")
         if self.dq_blocksize not in SUPPORTED_BLOCKSIZES:
             raise ValueError(f"dq_blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {self.dq_blocksize!r}")
+        if isinstance(self.skip_modules, str):
+            raise ValueError(f"skip_modules must be a list of module names, got the string {self.skip_modules!r}")
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        for pattern in self.skip_modules:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"skip_modules: {pattern!r} is not a module name or regular expression ({e})") from e
 
-    def skips(self, module_path: str) -> bool:
-        """Whether the linear layer at this dotted path stays in 16 bits (a name or a dotted suffix matches)."""
-        return any(module_path == s or module_path.endswith("." + s) or module_path.split(".")[-1] == s
-                   for s in self.skip_modules)  # fmt: skip
+    def skips(self, module_name: str) -> bool:
+        """Whether the linear layer named `module_name` (one layer's: "model.layers.3.mlp.down_proj") stays in 16
+        bits. transformers' rule (`quantizers_utils.should_convert_module`, 5.x): a pattern matches the name as a
+        regular expression from its start up to a module boundary ("model.layers.1" matches
+        "model.layers.1.mlp.up_proj", not "model.layers.11..."), or is a suffix of it ("o_proj")."""
+        return any(
+            re.match(rf"(?:{pattern}){_MODULE_BOUNDARY}", module_name) or module_name.endswith(pattern)
+            for pattern in self.skip_modules
+        )
 
 
 @functools.partial(
@@ -179,11 +195,12 @@ def _fail_if_not_finite(all_finite: np.ndarray) -> None:
 
 def quantize(
     w: jax.Array | np.ndarray,
+    config: QuantConfig | None = None,
     *,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
-    dq_blocksize: int = 256,
+    quant_type: str | None = None,
+    blocksize: int | None = None,
+    double_quant: bool | None = None,
+    dq_blocksize: int | None = None,
 ) -> QuantizedTensor:
     """Quantizes `w` to 4 bits as `bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics,
     quant_type)` does.
@@ -191,6 +208,9 @@ def quantize(
     Args:
       w: float32, bfloat16 or float16 array of any non-empty shape. NaN or Inf raise a ValueError (also under
         jit, where the check runs as a host callback).
+      config: the storage as a `QuantConfig` (its `skip_modules` concern models, not one array); or the fields
+        one by one below, each defaulting to QuantConfig's (NF4, blocks of 64, double quantization, 256).
+        Giving both raises a TypeError.
       quant_type: "nf4" (NormalFloat, for normally distributed weights), "fp4", or "int4" (plain symmetric
         absmax rounding, a baseline that bitsandbytes cannot read).
       blocksize: values sharing one absmax, one of SUPPORTED_BLOCKSIZES.
@@ -200,7 +220,15 @@ def quantize(
     >>> qt = quantize(jnp.ones((1024, 1024)))
     >>> round(qt.bits_per_param, 3)  # 4 + 8/64 + 32/(64 * 256), plus the offset's 32 bits
     4.127
+    >>> quantize(jnp.ones((1024, 1024)), QuantConfig(blocksize=128, double_quant=False)).absmax.dtype
+    dtype('float32')
     """
+    fields = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, dq_blocksize=dq_blocksize)
+    given = {name: value for name, value in fields.items() if value is not None}
+    if config is not None and given:
+        raise TypeError(f"quantize: give a QuantConfig or its fields ({', '.join(given)}), not both")
+    c = config if config is not None else QuantConfig(**given)
+    quant_type, blocksize, double_quant, dq_blocksize = c.quant_type, c.blocksize, c.double_quant, c.dq_blocksize
     if not hasattr(w, "dtype"):
         w = np.asarray(w)
     _check_arguments(w, quant_type, blocksize, dq_blocksize if double_quant else None)

@@ -32,7 +32,19 @@ FAMILIES = {
     "llama3": ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>"]),
     "gemma": ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"]),
     "phi3": ("<s>", "<|endoftext|>", ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]),
-    "mistral": ("<s>", "</s>", ["[INST]", "[/INST]"]),
+    "mistral": (
+        "<s>",
+        "</s>",
+        [
+            "[INST]",
+            "[/INST]",
+            "[TOOL_CALLS]",
+            "[AVAILABLE_TOOLS]",
+            "[/AVAILABLE_TOOLS]",
+            "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]",
+        ],
+    ),
 }
 FAMILY = {"qwen3": "qwen", "qwen2_5": "qwen", "llama3": "llama3", "llama3_2": "llama3", "gemma": "gemma",
           "gemma3": "gemma", "phi3": "phi3", "mistral_v1": "mistral", "mistral_v0_3": "mistral"}  # fmt: skip
@@ -65,8 +77,9 @@ def smol_tokenizer(smol_dir):
         bos, eos, rest = FAMILIES[family]
         tok = transformers.AutoTokenizer.from_pretrained(smol_dir)
         tok.add_special_tokens({"additional_special_tokens": [t for t in (bos, eos, *rest) if t]})
-        if family == "qwen":
-            tok.add_tokens(["<think>", "</think>"])
+        if family == "qwen":  # added, not special (as in Qwen's vocabulary)
+            tok.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
+                            "</tool_response>"])  # fmt: skip
         tok.bos_token, tok.eos_token = bos or None, eos
         tok.chat_template = template
         return tok
@@ -288,3 +301,115 @@ def test_a_token_straddling_the_boundary_is_trained(smol_dir):
     assert ex.tokens.tolist() == tok("Hello world, hi")["input_ids"] + [tok.eos_token_id]
     # " world" holds "ld", which the model has to produce: it is a target (so the whole token is)
     assert tok.decode(ex.tokens[ex.loss_mask]) == " world, hi" + tok.eos_token
+
+
+# ------------------------------------------------------------------------------------------------- tool calling
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city."}},
+                   "required": ["city"]}}}]  # fmt: skip
+CALL = {"type": "function", "id": "call00001", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+def tool_chat(content, calls=(CALL,)):
+    """TRL's tool-calling conversation: a call (with `content`), its result, the answer."""
+    return [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": content, "tool_calls": list(calls)},
+        {"role": "tool", "name": "get_weather", "tool_call_id": "call00001", "content": "22C, sunny"},
+        {"role": "assistant", "content": "It is 22C and sunny."},
+    ]
+
+
+ARGS = '{"city": "Paris"}'
+QWEN_CALL = f'<tool_call>\n{{"name": "get_weather", "arguments": {ARGS}}}\n</tool_call>'
+TOOL_EXPECTED = {  # what each template trains on tool_chat(None): the call and the answer, each with its end
+    "qwen2_5": [f"{QWEN_CALL}<|im_end|>", "It is 22C and sunny.<|im_end|>"],
+    "qwen3": [f"{QWEN_CALL}<|im_end|>", "<think>\n\n</think>\n\nIt is 22C and sunny.<|im_end|>"],
+    "llama3_2": [f'{{"name": "get_weather", "parameters": {ARGS}}}<|eot_id|>', "It is 22C and sunny.<|eot_id|>"],
+    "mistral_v0_3": [f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {ARGS}, "id": "call00001"}}]</s>',
+                     " It is 22C and sunny.</s>"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(TOOL_EXPECTED))
+@pytest.mark.parametrize("content", [None, ""])
+def test_tool_calls_and_tools_go_through_the_template(smol_tokenizer, name, content):
+    """The tools reach the prompt, the call turn is rendered by the template and trained whole (with its end of
+    turn), the tool result is not trained: tokens are transformers' apply_chat_template(tools=...)'s."""
+    tok = smol_tokenizer(TEMPLATES[name], FAMILY[name])
+    chat = tool_chat(content)
+    for tools in (TOOLS, json.dumps(TOOLS)):  # a list, or the JSON string datasets store
+        ex = tokenize_record({"messages": chat, "tools": tools}, tok, source="t.jsonl:1")
+        oracle = tok.apply_chat_template(chat, tools=TOOLS, tokenize=True, return_dict=True)["input_ids"]
+        assert ex.tokens.tolist() == list(oracle)
+        assert "The weather in a city." in tok.decode(ex.tokens)  # the schemas are in the prompt
+        assert runs(ex, tok) == TOOL_EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", ["qwen2_5", "qwen3"])
+def test_tool_call_turn_with_content_and_two_calls(smol_tokenizer, name):
+    tok = smol_tokenizer(TEMPLATES[name], FAMILY[name])
+    second = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}
+    chat = tool_chat("Let me check.", calls=(CALL, second))
+    ex = tokenize_record({"messages": chat, "tools": TOOLS}, tok, source="t:1")
+    assert ex.tokens.tolist() == list(tok.apply_chat_template(chat, tools=TOOLS, tokenize=True, return_dict=True)
+                                      ["input_ids"])  # fmt: skip
+    rome = QWEN_CALL.replace("Paris", "Rome")
+    assert runs(ex, tok)[0] == f"Let me check.\n{QWEN_CALL}\n{rome}<|im_end|>"
+
+
+@pytest.mark.parametrize("content", [None, "", "Let me check."])
+def test_tool_calls_against_transformers_assistant_masks_of_trls_training_template(smol_tokenizer, content):
+    """TRL's Qwen2.5 training template marks the tool-calling turns with `{% generation %}`: transformers' mask is
+    the oracle; ours differs only by the layout newlines TRL trains too."""
+    ours_tok = smol_tokenizer(TEMPLATES["qwen2_5"], "qwen")
+    oracle_tok = smol_tokenizer(TEMPLATES["qwen2_5_training"], "qwen")
+    chat = tool_chat(content)
+    ours = tokenize_record({"messages": chat, "tools": TOOLS}, ours_tok, source="x:1")
+    out = oracle_tok.apply_chat_template(chat, tools=TOOLS, tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)  # fmt: skip
+    oracle = np.array(out["assistant_masks"], bool)
+    assert ours.tokens.tolist() == list(out["input_ids"])
+    assert not (ours.loss_mask & ~oracle).any()
+    assert all(not ours_tok.decode([t]).strip() for t in ours.tokens[oracle & ~ours.loss_mask])
+    again = tokenize_record({"messages": chat, "tools": TOOLS}, oracle_tok, source="x:1")
+    assert again.loss_mask.tolist() == oracle.tolist()
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda c: c[1].update(tool_calls=[]), r"messages\[1\].tool_calls must be a non-empty array"),
+        (
+            lambda c: c[1].update(tool_calls=[{"function": {"arguments": {}}}]),
+            r"messages\[1\].tool_calls\[0\] must be an object",
+        ),
+        (
+            lambda c: c[1]["tool_calls"][0]["function"].update(arguments=3),
+            r"messages\[1\].tool_calls\[0\].function.arguments must be an object",
+        ),
+        (lambda c: c[0].update(tool_calls=[CALL]), r"messages\[0\] has tool_calls but role 'user'"),
+        (lambda c: c[3].update(content=None), r"messages\[3\] must be an object with string 'role' and 'content'"),
+        (lambda c: c[1].update(content=5), r"messages\[1\] 'content' must be a string or null"),
+    ],
+)
+def test_bad_tool_records_are_named(smol_tokenizer, change, match):
+    import copy
+
+    tok = smol_tokenizer(TEMPLATES["qwen2_5"], "qwen")
+    chat = copy.deepcopy(tool_chat(None))
+    change(chat)
+    with pytest.raises(DataError, match=r"^t:3: " + match):
+        tokenize_record({"messages": chat, "tools": TOOLS}, tok, source="t:3")
+
+
+def test_bad_tools_column_is_named(smol_tokenizer):
+    tok = smol_tokenizer(TEMPLATES["qwen2_5"], "qwen")
+    with pytest.raises(DataError, match=r"^t:1: 'tools' is a string but not JSON"):
+        tokenize_record({"messages": ISSUE, "tools": "[{"}, tok, source="t:1")
+    with pytest.raises(DataError, match=r"^t:1: 'tools' must be an array of JSON schemas"):
+        tokenize_record({"messages": ISSUE, "tools": {"name": "x"}}, tok, source="t:1")
+    with pytest.raises(DataError, match=r"^t:1: 'tools' goes with 'messages'"):
+        tokenize_record({"prompt": "a", "completion": "b", "tools": TOOLS}, tok, source="t:1")

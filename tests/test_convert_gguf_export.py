@@ -23,6 +23,7 @@ from qlora_jax.convert.hf import load_pretrained
 from qlora_jax.convert.merge import merged_tensors
 from qlora_jax.generate import chat_token_ids
 from qlora_jax.lora import LoraConfig, apply_lora
+from qlora_jax.models import RopeConfig
 from qlora_jax.quant import QuantConfig
 from tests.models_util import FAMILIES, SPECIAL_TOKENS, family_config, random_hf_model, torch, transformers
 
@@ -52,7 +53,17 @@ CASES: dict[str, dict[str, Any]] = {
     "phi3": family_config(
         "phi3", **GGUF_FIELDS, partial_rotary_factor=0.5, sliding_window=3, original_max_position_embeddings=64
     ),
-}
+    # rope scalings llama.cpp has keys or tables for: yarn's keys (Qwen2.5 / Qwen3 long-context configs), Phi-3's
+    # longrope factors (8 rotary dimensions: 4 factors each) and attention factor
+    "qwen2-yarn": family_config(
+        "qwen2", **GGUF_FIELDS, rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=16)
+    ),
+    "llama-yarn-betas": family_config("llama", **GGUF_FIELDS, rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=16.0, beta_slow=2.0)),
+    "phi3-longrope": family_config("phi3", **GGUF_FIELDS, partial_rotary_factor=0.5, max_position_embeddings=64,
+                                   original_max_position_embeddings=16, rope_scaling=dict(
+        rope_type="longrope", short_factor=[1.0, 1.2, 1.5, 2.0], long_factor=[1.0, 2.0, 4.0, 8.0])),
+}  # fmt: skip
 # What transformers' GGUF loader can read back: it drops llama's attention biases and reads neither head_dim
 # (Qwen3, Gemma), query_pre_attn_scalar, Gemma's soft-capping values and rope settings, nor Phi-3's partial rotary
 # factor and sliding window, so these keep its defaults for them.
@@ -155,6 +166,23 @@ def test_f32_export_loads_as_the_merged_model(exported, case):
         assert getattr(config, field) == getattr(model.config, field), field
     assert config.eos_token_ids == model.config.eos_token_ids and config.pad_token_id == model.config.pad_token_id
     np.testing.assert_allclose(logits(loaded), ours, atol=2e-5 * np.abs(ours).max())
+    if config.rope.rope_type != "default":  # and past the lengths where yarn, longrope and llama3 scale
+        long = jnp.asarray(np.random.default_rng(1).integers(1, 96, (1, 40)))
+        expected = np.asarray(model(long))
+        np.testing.assert_allclose(loaded(long), expected, atol=2e-5 * np.abs(expected).max())
+
+
+def test_longrope_metadata_is_llamacpps(exported):
+    """Phi3MiniModel's converter writes the long and short factors as F32 tables, the original context, and
+    transformers' attention scaling sqrt(1 + ln(64 / 16) / ln(16))."""
+    _, _, path = exported("phi3-longrope")
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    np.testing.assert_array_equal(tensors["rope_factors_long.weight"].data, [1.0, 2.0, 4.0, 8.0])
+    np.testing.assert_array_equal(tensors["rope_factors_short.weight"].data, np.float32([1.0, 1.2, 1.5, 2.0]))
+    assert reader.fields["phi3.rope.scaling.original_context_length"].contents() == 16
+    expected = np.sqrt(1 + np.log(4.0) / np.log(16.0))
+    assert reader.fields["phi3.rope.scaling.attn_factor"].contents() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize(("tensor_type", "tolerance"), [("f16", 2e-3), ("bf16", 1e-2), ("q8_0", 2e-2)])
@@ -307,6 +335,13 @@ def with_config(model, **changes):
         (dict(partial_rotary_factor=0.5), "partial rotary"),
         (dict(model_type="qwen3", qkv_bias=True), "no qkv biases"),
         (dict(model_type="gemma2", hidden_act="gelu_tanh", attn_scale=0.1), r"attention by 1/sqrt\(16\)"),
+        (dict(rope=RopeConfig(theta=1e4, rope_type="dynamic", factor=2.0)), "no dynamic \\(NTK\\) rope scaling"),
+        (dict(rope=RopeConfig(theta=1e4, rope_type="longrope")), "rope_type 'longrope' \\(llama.cpp's llama has no"),
+        (
+            dict(rope=RopeConfig(theta=1e4, rope_type="yarn", factor=4.0, attention_factor=1.5)),
+            "yarn's attention_factor=1.5",
+        ),
+        (dict(rope=RopeConfig(theta=1e4, rope_type="yarn", factor=4.0, truncate=False)), "yarn's truncate=False"),
     ],
 )
 def test_unsupported_models_are_refused_before_writing(tiny_llama, tmp_path, changes, message):

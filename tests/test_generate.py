@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from qlora_jax.convert.hf import load_pretrained
-from qlora_jax.generate import SamplingConfig, generate, sample_logits
+from qlora_jax.generate import (
+    SamplingConfig,
+    apply_repetition_penalty,
+    generate,
+    min_p_filter,
+    sample_logits,
+)
 from qlora_jax.models import ComputeOptions
 from tests.models_util import make_tiny_model, torch
 
@@ -91,8 +97,12 @@ def test_sampling_is_seeded_and_filters():
     [
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": -1.0}, "temperature"),
-        ({"top_k": 0}, "top_k"),
+        ({"top_k": -1}, "top_k"),
         ({"top_p": 1.5}, "top_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"temperature": float("nan")}, "temperature"),
     ],
 )
 def test_bad_sampling_config(kwargs, match):
@@ -104,3 +114,52 @@ def test_empty_prompt_is_rejected(tiny):
     _, model = tiny
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1, 2], []])
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 0.2, 0.7, 1.0])
+def test_min_p_keeps_transformers_set(min_p):
+    """The tokens MinPLogitsWarper keeps, on random logits (with some already filtered to -inf)."""
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    rng = np.random.default_rng(int(min_p * 100))
+    logits = rng.standard_normal((6, 200)).astype(np.float32) * 3
+    logits[0, :150] = -np.inf  # what a top-k before it leaves
+    theirs = MinPLogitsWarper(min_p)(None, torch.tensor(logits)).numpy()
+    ours = np.asarray(min_p_filter(jnp.asarray(logits), min_p))
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
+    np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("penalty", [0.5, 1.3, 2.0])
+def test_repetition_penalty_is_transformers(penalty):
+    """RepetitionPenaltyLogitsProcessor on random logits, for the tokens of (unpadded) prompts with repeats."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((3, 50)).astype(np.float32)
+    ids = rng.integers(0, 50, (3, 12))
+    theirs = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor(ids), torch.tensor(logits)).numpy()
+    seen = np.zeros((3, 50), bool)
+    np.put_along_axis(seen, ids, True, axis=1)
+    ours = np.asarray(apply_repetition_penalty(jnp.asarray(logits), seen, penalty))
+    np.testing.assert_array_equal(ours != logits, theirs != logits)  # the same entries penalized
+    np.testing.assert_allclose(ours, theirs, rtol=2e-7, atol=0)  # XLA may divide via the reciprocal: 1 ulp
+
+
+def test_min_p_and_penalty_in_sampling():
+    import jax
+
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)
+    hot = SamplingConfig(temperature=1.0)
+    # min_p = 1 keeps the most likely token only: a draw is the argmax
+    assert (
+        sample_logits(logits, jax.random.key(0), dataclasses.replace(hot, min_p=1.0)) == jnp.argmax(logits, -1)
+    ).all()
+    # a penalty on the argmax tokens turns greedy elsewhere
+    seen = np.zeros((4, 50), bool)
+    seen[np.arange(4), np.asarray(jnp.argmax(logits, -1))] = True
+    greedy = SamplingConfig(temperature=0.0, repetition_penalty=1e6)
+    assert not (sample_logits(logits, jax.random.key(0), greedy, jnp.asarray(seen)) == jnp.argmax(logits, -1)).any()

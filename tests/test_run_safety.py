@@ -74,10 +74,29 @@ def test_a_second_process_is_refused_and_a_killed_holders_lock_is_taken_over(tmp
         assert lock.taken_over is None
 
 
-def test_a_lock_of_another_host_is_not_taken_over(tmp_path):
-    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
-    with pytest.raises(RunDirectoryLocked, match=rf"pid 1 on host elsewhere.*delete {tmp_path / LOCK_FILE}"):
+def test_a_lock_of_another_host_is_taken_over_only_when_its_heartbeat_stopped_or_when_asked(tmp_path, capsys):
+    """A lock from another host (whose process cannot be checked from here): refused while its heartbeat (the
+    file's modification time) is recent, taken over once it is stale, or at once with break_lock (--break-lock);
+    while held, the lock's heartbeat goes on."""
+    lock_file = tmp_path / LOCK_FILE
+    lock_file.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
+    with pytest.raises(
+        RunDirectoryLocked,
+        match=r"pid 1 on host elsewhere since then \(last heartbeat \d+ s ago\), "
+        r"which cannot be checked from host .*run again with --break-lock",
+    ):
         RunLock(tmp_path).acquire()
+    assert json.loads(lock_file.read_text())["pid"] == 1  # left as it was
+    with RunLock(tmp_path, break_lock=True) as lock:
+        assert lock.taken_over.startswith("pid 1 on host elsewhere")
+    assert "broken as asked (--break-lock" in capsys.readouterr().out
+    lock_file.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
+    an_hour_ago = time.time() - 3600
+    os.utime(lock_file, (an_hour_ago, an_hour_ago))
+    with RunLock(tmp_path, heartbeat_s=0.05) as lock:
+        assert "whose heartbeat stopped 60 minutes ago" in capsys.readouterr().out
+        time.sleep(0.3)
+        assert time.time() - lock_file.stat().st_mtime < 5  # its own heartbeat
 
 
 # ---- checkpoints killed at random points of saving and deleting -----------------------------------------------
@@ -98,12 +117,11 @@ def hook(event, args):  # counts every file-system change in `directory`; SIGKIL
     if os.path.isabs(path) and not path.startswith(directory):
         return
     count += 1
-    # "delete": moving a step into .deleting/ and removing it there (relative paths: inside shutil.rmtree)
     name = path[len(directory):].strip("/")
-    if event == "os.rename" and name.endswith(".orbax-checkpoint-tmp") and "/" not in name:
-        kinds.append("commit" + name.split(".")[0])  # orbax's commit of a step: its directory gets its name
-    elif ".deleting" in path or not os.path.isabs(path) or (event == "os.rename" and name.isdigit()):
-        kinds.append("delete")  # moving a step into .deleting/ and removing it there (relative: in shutil.rmtree)
+    if event == "os.rename" and str(args[1]).endswith("/qlora_jax.json"):
+        kinds.append("commit" + name.split("/")[0])  # the step's manifest: what makes it complete, and ours
+    elif "/trash" in path or not os.path.isabs(path) or (event == "os.rename" and name.isdigit()):
+        kinds.append("delete")  # moving a step into the trash and removing it there (relative: in shutil.rmtree)
     else:
         kinds.append("save")
     if count == kill_at:
@@ -136,13 +154,17 @@ def _check_restorable(directory: Path, capsys) -> list[int]:
     from qlora_jax.train.checkpoint import RunCheckpoints, complete_steps
     from qlora_jax.train.step import TrainState
 
-    leftovers = {p.name for p in directory.iterdir()} - {str(s) for s in complete_steps(directory)}
+    trash = directory / ".qlora_jax" / "trash"
+    leftovers = {p.name for p in directory.iterdir()} - {str(s) for s in complete_steps(directory)} - {".qlora_jax"}
+    leftovers |= set(os.listdir(trash)) if trash.is_dir() else set()
     capsys.readouterr()
     checkpoints = RunCheckpoints(directory, keep=2)
     try:
         said = capsys.readouterr().out
         assert said.count("removed what an interrupted run left") == (1 if leftovers else 0), (leftovers, said)
-        assert sorted(p.name for p in directory.iterdir()) == [str(s) for s in checkpoints.all_steps()]
+        assert "did not write" not in said  # everything there was ours
+        assert sorted(p.name for p in directory.iterdir()) == [".qlora_jax", *map(str, checkpoints.all_steps())]
+        assert [p.name for p in (directory / ".qlora_jax").iterdir()] == ["journal.json"]
         lora = {"a": jnp.zeros((4, 8))}
         like = TrainState(jnp.int32(0), lora, optax.adam(1e-3).init(lora))
         for step in checkpoints.all_steps():
@@ -186,35 +208,81 @@ def test_checkpoints_killed_at_random_points_of_saving_and_deleting_stay_restora
     assert _check_restorable(run, capsys)[-1] >= 2
 
 
-def test_an_incomplete_checkpoint_is_skipped_by_readers_and_named_when_asked_for(tmp_path, capsys):
-    """What an interrupted `rm -r` of orbax (or of earlier versions) left: `22/` with only an empty `state/`."""
+def _state(step: int, value: float = 1.0):
     import jax.numpy as jnp
     import optax
 
-    from qlora_jax.train.checkpoint import CheckpointNotUsable, RunCheckpoints, complete_steps
     from qlora_jax.train.step import TrainState
 
-    lora = {"a": jnp.ones((4, 8))}
-    state = TrainState(jnp.int32(20), lora, optax.adam(1e-3).init(lora))
-    checkpoints = RunCheckpoints(tmp_path, keep=None)
-    checkpoints.save(state, {"step": 20})
-    checkpoints.close()
+    lora = {"a": jnp.full((4, 8), value)}
+    return TrainState(jnp.int32(step), lora, optax.adam(1e-3).init(lora))
+
+
+def test_checkpoints_remove_only_what_they_wrote_and_leave_everything_else(tmp_path, capsys):
+    """Another trainer's orbax step (`1000/`), a user's folder (`2024/notes.txt`), an incomplete step of unknown
+    origin (`22/state/`) and orbax temporaries of another program survive a run's start, its saves and its pruning,
+    are named in one line, and are never read as this run's checkpoints; the unfinished save the journal names is
+    removed."""
+    import orbax.checkpoint as ocp
+
+    from qlora_jax.train.checkpoint import CheckpointNotUsable, RunCheckpoints, complete_steps, foreign_entries
+
+    other = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+    other.save(1000, args=ocp.args.StandardSave({"w": np.ones(3)}))  # another program's orbax checkpoint
+    other.close()
+    (tmp_path / "2024").mkdir()
+    (tmp_path / "2024" / "notes.txt").write_text("mine")
     (tmp_path / "22" / "state").mkdir(parents=True)
-    assert complete_steps(tmp_path) == [20]
-    reader = RunCheckpoints(tmp_path, read_only=True)
-    try:
-        assert reader.all_steps() == [20] and reader.latest_step() == 20
-        with pytest.raises(CheckpointNotUsable, match=r"22: not a complete checkpoint \(missing _CHECKPOINT_METADATA"):
-            reader.restore(state, step=22)
-        with pytest.raises(CheckpointNotUsable, match=r"no checkpoint of step 23 \(there are \[20\]\)"):
-            reader.restore(state, step=23)
-    finally:
-        reader.close()
-    assert (tmp_path / "22").is_dir()  # a reader changes nothing
+    (tmp_path / "7.orbax-checkpoint-tmp-1234").mkdir()
+    foreign = ["1000/", "2024/", "22/", "7.orbax-checkpoint-tmp-1234/"]
+    before = {str(p.relative_to(tmp_path)): p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    checkpoints = RunCheckpoints(tmp_path, keep=2)
+    assert "leaving alone 4 entries this program did not write (1000/, 2024/, 22/, 7.orbax" in capsys.readouterr().out
+    for step in (20, 21, 23, 24):  # saving and pruning (keep=2) among them
+        checkpoints.save(_state(step), {"step": step})
+    assert checkpoints.all_steps() == [23, 24] and checkpoints.latest_step() == 24
+    with pytest.raises(CheckpointNotUsable, match=r"22: not a complete checkpoint of this run \(missing "
+                                                  r"_CHECKPOINT_METADATA"):  # fmt: skip
+        checkpoints.restore(_state(0), step=22)
+    with pytest.raises(CheckpointNotUsable, match=r"1000: not a complete checkpoint of this run \(missing "
+                                                  r"state/_METADATA"):  # fmt: skip
+        checkpoints.restore(_state(0), step=1000)
+    checkpoints.close()
+    after = {str(p.relative_to(tmp_path)): p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    assert {k: v for k, v in after.items() if k in before} == before  # every foreign file, untouched
+    assert complete_steps(tmp_path) == [23, 24] and foreign_entries(tmp_path) == foreign
+    with pytest.raises(CheckpointNotUsable, match=r"2024: exists and was not written by this run"):
+        RunCheckpoints(tmp_path).save(_state(2024), {})  # never saved over a foreign directory
+    assert (tmp_path / "2024" / "notes.txt").read_text() == "mine"
+    # an interrupted save of ours (the journal names it) is removed; the foreign entries stay
+    (tmp_path / "25.orbax-checkpoint-tmp-99").mkdir()
+    (tmp_path / "25").mkdir()
+    (tmp_path / ".qlora_jax" / "journal.json").write_text(json.dumps({"saving": 25}))
     capsys.readouterr()
-    RunCheckpoints(tmp_path).close()  # a training run cleans up, with one line
-    assert "removed what an interrupted run left: incomplete step(s) 22" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["20"]
+    reader = RunCheckpoints(tmp_path, read_only=True)  # a reader changes nothing
+    reader.close()
+    assert (tmp_path / "25").is_dir() and capsys.readouterr().out == ""
+    RunCheckpoints(tmp_path).close()
+    said = capsys.readouterr().out
+    assert "removed what an interrupted run left: the unfinished save of step 25" in said, said
+    assert not (tmp_path / "25").exists() and not (tmp_path / "25.orbax-checkpoint-tmp-99").exists()
+    assert foreign_entries(tmp_path) == foreign
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_named_not_restored(tmp_path):
+    from qlora_jax.train.checkpoint import CheckpointNotUsable, RunCheckpoints
+
+    checkpoints = RunCheckpoints(tmp_path, keep=None)
+    checkpoints.save(_state(5, 3.0), {"step": 5})
+    state, _ = checkpoints.restore(_state(0))
+    np.testing.assert_array_equal(np.asarray(state.lora["a"]), 3.0)
+    data = max((p for p in (tmp_path / "5" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointNotUsable, match=rf"{data}: does not match the checksum recorded when it was saved"):
+        checkpoints.restore(_state(0))
+    checkpoints.close()
 
 
 # ---- atomic files ------------------------------------------------------------------------------------------------

@@ -103,6 +103,12 @@ def test_schedules_warm_up_then_decay(schedule):
         ("warmup_steps", -1, "warmup_steps must be >= 0"),
         ("end_lr_fraction", 2.0, r"end_lr_fraction must be in \[0, 1\]"),
         ("max_grad_norm", 0.0, "max_grad_norm must be > 0 or None"),
+        ("eps", 0.0, r"eps must be > 0, got 0.0"),
+        ("eps", float("nan"), r"eps must be > 0, got nan"),
+        ("beta1", 1.0, r"beta1 must be in \[0, 1\), got 1.0"),
+        ("beta2", 1.0, r"beta2 must be in \[0, 1\), got 1.0"),
+        ("beta2", -0.5, r"beta2 must be in \[0, 1\), got -0.5"),
+        ("weight_decay", -0.01, r"weight_decay must be >= 0, got -0.01"),
     ],
 )
 def test_optimizer_config_checks_itself(field, value, match):
@@ -250,6 +256,10 @@ def test_yaml_config_with_overrides(tmp_path):
         ({"train": {"grad_accum": 3}}, [], "train.grad_accum: must divide batch_size=8"),
         ({"optim": {"schedule": "exp"}}, [], "optim: schedule must be one of"),
         ({"optim": {"learning_rate": 0}}, [], "optim: learning_rate must be > 0, got 0"),
+        ({"optim": {"eps": 0}}, [], "optim: eps must be > 0, got 0"),
+        ({}, ["--optim.beta1", "1.0"], r"optim: beta1 must be in \[0, 1\), got 1.0"),
+        ({"optim": {"weight_decay": -0.1}}, [], "optim: weight_decay must be >= 0, got -0.1"),
+        ({}, ["--mesh.heartbeat_timeout_seconds", "0"], r"mesh.heartbeat_timeout_seconds: must be >= 1 \(seconds\)"),
         ({"model": {"quant": "nf3"}}, [], "model.quant: must be one of"),
         ({"trian": {}}, [], r"unknown section 'trian' \(did you mean 'train'\?\)"),
         ({}, ["--lora.r"], "has no value"),

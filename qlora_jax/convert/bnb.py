@@ -20,7 +20,7 @@ import numpy as np
 from qlora_jax import codebooks
 from qlora_jax.convert.finite import non_finite
 from qlora_jax.errors import InputError
-from qlora_jax.quant import SUPPORTED_BLOCKSIZES, SUPPORTED_DTYPES, QuantizedTensor
+from qlora_jax.quant import SUPPORTED_BLOCKSIZES, SUPPORTED_DTYPES, QuantConfig, QuantizedTensor
 
 __all__ = [
     "BnbFormatError",
@@ -30,6 +30,8 @@ __all__ = [
     "split_state_dict",
     "merge_state_dict",
     "quantization_config",
+    "stored_quant_config",
+    "DEFAULT_SKIP_MODULES",
 ]
 
 _QUANT_STATE = ".quant_state.bitsandbytes__"
@@ -86,6 +88,24 @@ def _require(tensors: Mapping[str, Any], key: str, dtype: Any, shape: tuple[int,
     return array.reshape(shape) if shape is not None else array
 
 
+def _packed_bytes(tensors: Mapping[str, Any], key: str, nbytes: int) -> np.ndarray:
+    """The packed codes as uint8[nbytes]. bitsandbytes stores them in `bnb_4bit_quant_storage`'s dtype (uint8 by
+    default; bfloat16, float16, float32, float64, int8, ... for FSDP-QLoRA) by reinterpreting the bytes
+    (`packed.view(quant_storage)`), so they are read back by the same reinterpretation, never converted: their
+    "values" in a float storage are arbitrary bit patterns (NaN among them), not numbers."""
+    if key not in tensors:
+        raise BnbFormatError(f"{key}: missing from the checkpoint")
+    array = np.ascontiguousarray(tensors[key])
+    if array.dtype.kind not in "iufV" and array.dtype.name != "bfloat16":
+        raise BnbFormatError(f"{key}: packed 4-bit codes stored as {array.dtype.name}, not a numeric storage dtype")
+    raw = array.reshape(-1).view(np.uint8)
+    if raw.size != nbytes:
+        raise BnbFormatError(
+            f"{key}: expected {nbytes} bytes of packed codes, found {raw.size} ({array.dtype.name}{list(array.shape)})"
+        )
+    return raw
+
+
 def _finite(array: np.ndarray, key: str) -> np.ndarray:
     if problem := non_finite(array):
         raise BnbFormatError(f"{key}: {problem}")
@@ -109,7 +129,7 @@ def from_state_dict(tensors: Mapping[str, Any], key: str = "weight") -> Quantize
         raise BnbFormatError(f"{state_key}: unsupported dtype {dtype.name}")
     size = math.prod(shape)
     num_blocks = -(-size // blocksize)
-    packed = _require(tensors, key, np.uint8, ((size + 1) // 2,))
+    packed = _packed_bytes(tensors, key, (size + 1) // 2)
     quant_map = _require(tensors, f"{key}.quant_map", np.float32, (16,))
     if not np.array_equal(quant_map, codebooks.code_table(quant_type)):
         raise BnbFormatError(
@@ -163,6 +183,37 @@ def merge_state_dict(quantized: Mapping[str, QuantizedTensor], rest: Mapping[str
                 raise ValueError(f"{k}: written twice (a 4-bit weight and a plain tensor share the name)")
             out[k] = v
     return out
+
+
+# transformers' default skip list when llm_int8_skip_modules is null (`get_keys_to_not_convert`): the output
+# embedding, which is the only linear it finds among the supported families (tied models have none).
+DEFAULT_SKIP_MODULES = ("lm_head",)
+
+
+def stored_quant_config(quantization_config: Mapping[str, Any], *, source: str = "config.json") -> QuantConfig:
+    """The QuantConfig of a bitsandbytes 4-bit checkpoint from its config.json `quantization_config` alone (the
+    blocksizes transformers always writes: 64 and 256; `qlora_jax.convert.hf` checks them against the tensors).
+    Raises BnbFormatError for a quantization_config that is not bitsandbytes 4-bit, or fields of the wrong kind."""
+    qc = quantization_config
+    if qc.get("quant_method", "bitsandbytes") != "bitsandbytes" or not (qc.get("load_in_4bit") or
+                                                                        qc.get("_load_in_4bit")):  # fmt: skip
+        raise BnbFormatError(f"{source}: only bitsandbytes 4-bit checkpoints are supported, got {dict(qc)}")
+    skip = qc.get("llm_int8_skip_modules")
+    if skip is not None and (not isinstance(skip, list | tuple) or not all(isinstance(m, str) for m in skip)):
+        raise BnbFormatError(
+            f"{source}: quantization_config.llm_int8_skip_modules must list module names, got {skip!r}"
+        )
+    quant_type = qc.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default
+    if quant_type not in codebooks.BNB_QUANT_TYPES:
+        raise BnbFormatError(f"{source}: quantization_config.bnb_4bit_quant_type {quant_type!r} is not nf4 or fp4")
+    try:
+        return QuantConfig(
+            quant_type=quant_type,
+            double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
+            skip_modules=DEFAULT_SKIP_MODULES if skip is None else tuple(skip),
+        )
+    except ValueError as e:
+        raise BnbFormatError(f"{source}: quantization_config.llm_int8_skip_modules: {e}") from e
 
 
 def quantization_config(

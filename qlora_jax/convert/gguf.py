@@ -30,6 +30,7 @@ import numpy as np
 from gguf import MODEL_TENSOR as T
 
 from qlora_jax.convert.finite import non_finite
+from qlora_jax.integrity import GGUF_CHECKSUM_KEY, check_gguf
 from qlora_jax.models.config_files import (
     BLOCK_NAME,
     SUPPORTED_ARCHITECTURES,
@@ -173,6 +174,13 @@ class GGUFCheckpoint:
             raise GGUFError(f"{self.path}: no tensor {hf_name!r} in this {self.architecture} checkpoint")
         return _load(source, self.path)
 
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        """The HF-layout shape the file's header gives `hf_name` (nothing is read or decoded)."""
+        source = self._sources.get(hf_name)
+        if source is None:
+            raise GGUFError(f"{self.path}: no tensor {hf_name!r} in this {self.architecture} checkpoint")
+        return tuple(int(d) for d in reversed(source.tensor.shape))
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """All tensors as (HF name, array), decoded one at a time."""
         for name in self.tensor_names:
@@ -180,9 +188,12 @@ class GGUFCheckpoint:
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
-    """Open a GGUF file and check that every tensor maps to a Hugging Face name and a supported type."""
+    """Open a GGUF file and check that every tensor maps to a Hugging Face name and a supported type (and, for a
+    file we exported, that its tensor data still has the SHA-256 it was written with: IntegrityError otherwise)."""
     path = pathlib.Path(path)
     reader = open_gguf(path)
+    field = reader.fields.get(GGUF_CHECKSUM_KEY)  # written by our exports: verified before any tensor is used
+    check_gguf(path, None if field is None else str(field.contents()), reader.data_offset)
     arch, config = gguf_config(reader, path)
     sources = _sources(arch, {t.name: t for t in reader.tensors}, config, path)
     return GGUFCheckpoint(path, arch, config, tuple(sources), sources)

@@ -38,6 +38,8 @@ from qlora_jax.convert.gguf_tokenizer import add_tokenizer
 from qlora_jax.convert.merge import merged_tensors, merged_weight
 from qlora_jax.convert.moe_io import checkpoint_name, expert_modules
 from qlora_jax.convert.state_map import all_keys, model_slots
+from qlora_jax.files import output_error
+from qlora_jax.integrity import GGUF_CHECKSUM_KEY, GGUF_PENDING, seal_gguf
 from qlora_jax.models import DecoderLM, ModelConfig
 from qlora_jax.models.config import SLIDING
 from qlora_jax.models.config_files import GEMMA_27B_LAYERS, MODEL_TYPES, GGUFError
@@ -117,6 +119,7 @@ def save_gguf(
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, config, tokenizer, tokenizer_gguf)
+        writer.add_string(GGUF_CHECKSUM_KEY, GGUF_PENDING)  # sealed below, once the tensor data is written
         for gguf_name, shape, qtype in plan.values():
             nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
@@ -131,10 +134,16 @@ def save_gguf(
                 raise GGUFError(f"{path}: tensor {hf_name} {problem}; nothing was written")
             writer.write_tensor_data(_encode(array, gguf_name, shape, qtype, config, arch))
         writer.close()
+        seal_gguf(partial, gguf.GGUFReader(partial).data_offset)
         os.replace(partial, path)
-    except BaseException:
-        writer.close()
+    except BaseException as e:
+        try:
+            writer.close()
+        except OSError:
+            pass  # flushing the rest onto the full disk fails too
         partial.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk ("N requested and M written" from numpy), no permission
+            raise output_error(e, path, "the GGUF file") from e
         raise
     return path
 
@@ -161,9 +170,7 @@ def _check_llamacpp_support(config: ModelConfig, arch: MODEL_ARCH) -> None:
         )
     if config.partial_rotary_factor != 1.0 and arch != MODEL_ARCH.PHI3:
         refuse(f"partial rotary embeddings (partial_rotary_factor {config.partial_rotary_factor})")
-    rope_types = {MODEL_ARCH.LLAMA: ("default", "linear", "llama3"), MODEL_ARCH.PHI3: ("default",)}
-    if config.rope.rope_type not in rope_types.get(arch, ("default", "linear")):
-        refuse(f"rope_type {config.rope.rope_type!r} (llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} has no such scaling)")
+    _check_rope(config.rope, arch, refuse)
     # llama's graph takes every bias, Qwen2's those of q, k and v, the others none.
     biases = {"qkv": config.qkv_bias, "o_proj": config.o_bias, "mlp": config.mlp_bias}
     allowed = {MODEL_ARCH.LLAMA: set(biases), MODEL_ARCH.QWEN2: {"qkv"}}.get(arch, set())
@@ -182,6 +189,33 @@ def _check_llamacpp_support(config: ModelConfig, arch: MODEL_ARCH) -> None:
             gguf.MODEL_ARCH_NAMES[arch],
             config.sliding_window,
         )
+
+
+# The rope scalings llama.cpp implements for each architecture, as convert_hf_to_gguf.py writes them: linear and yarn
+# as `rope.scaling.*` keys, llama3 as a `rope_freqs` table (LlamaModel), longrope as `rope_factors_long` / `_short`
+# tables (Phi3MiniModel). llama.cpp has no dynamic (NTK) scaling.
+_ROPE_TYPES = {
+    MODEL_ARCH.LLAMA: ("default", "linear", "yarn", "llama3"),
+    MODEL_ARCH.QWEN2: ("default", "linear", "yarn"),
+    MODEL_ARCH.QWEN3: ("default", "linear", "yarn"),
+    MODEL_ARCH.PHI3: ("default", "longrope"),
+}
+# yarn fields llama.cpp has no key for: its yarn derives the attention scaling from the factor alone and always
+# truncates the ramp's ends to whole dimensions.
+_YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "truncate": True}
+
+
+def _check_rope(rope: Any, arch: MODEL_ARCH, refuse: Any) -> None:
+    name = gguf.MODEL_ARCH_NAMES[arch]
+    if rope.rope_type not in _ROPE_TYPES.get(arch, ("default", "linear")):
+        why = "llama.cpp has no dynamic (NTK) rope scaling" if rope.rope_type == "dynamic" else (
+            f"llama.cpp's {name} has no such scaling")  # fmt: skip
+        refuse(f"rope_type {rope.rope_type!r} ({why})")
+    if rope.rope_type == "yarn":
+        for field, default in _YARN_DEFAULTS.items():
+            if getattr(rope, field) != default:
+                refuse(f"yarn's {field}={getattr(rope, field)!r} (llama.cpp's yarn has no such setting; it computes "
+                       f"the attention scaling from the factor alone and truncates the ramp)")  # fmt: skip
 
 
 def _check_gemma(config: ModelConfig, arch: MODEL_ARCH, refuse: Any) -> None:
@@ -211,12 +245,8 @@ def _plan(model: DecoderLM, arch: MODEL_ARCH, matrix_type: Q) -> dict[str, tuple
     config = model.config
     names = gguf.get_tensor_name_map(arch, config.num_layers)
     plan: dict[str, tuple[str, tuple[int, ...], Q]] = {}
-    if config.rope.rope_type == "llama3":
-        plan["rope_freqs"] = (
-            gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-            (config.rotary_dim // 2,),
-            Q.F32,
-        )
+    for hf_name, _ in _rope_tables(config):
+        plan[hf_name] = (gguf.TENSOR_NAMES[_ROPE_TENSORS[hf_name]] + ".weight", (config.rotary_dim // 2,), Q.F32)
     for hf_name, slot, _ in all_keys(model_slots(model), config.num_layers):
         hf_name = checkpoint_name(config, hf_name)  # as `merged_tensors` names it (Mixtral's block_sparse_moe)
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -260,11 +290,28 @@ def _expert_tensors(model: DecoderLM) -> Iterator[tuple[str, np.ndarray]]:
 
 def _tensors(model: DecoderLM) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, float32 array) of every tensor of the merged model, one at a time, plus llama.cpp's rope table."""
-    config = model.config
-    if config.rope.rope_type == "llama3":
-        yield "rope_freqs", config.rope.frequency_divisors(config.rotary_dim).astype(np.float32)
+    yield from _rope_tables(model.config)
     yield from merged_tensors(model, jnp.float32, experts=False)
     yield from _expert_tensors(model)
+
+
+_ROPE_TENSORS = {
+    "rope_freqs": gguf.MODEL_TENSOR.ROPE_FREQS,
+    "rope_factors_long": gguf.MODEL_TENSOR.ROPE_FACTORS_LONG,
+    "rope_factors_short": gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT,
+}
+
+
+def _rope_tables(config: ModelConfig) -> list[tuple[str, np.ndarray]]:
+    """llama.cpp's rotary tables: Llama 3's per-frequency divisors (`rope_freqs`), longrope's long and short
+    factors (Phi3MiniModel.generate_extra_tensors)."""
+    rope = config.rope
+    if rope.rope_type == "llama3":
+        return [("rope_freqs", rope.frequency_divisors(config.rotary_dim).astype(np.float32))]
+    if rope.rope_type == "longrope":
+        return [("rope_factors_long", np.asarray(rope.long_factor, np.float32)),
+                ("rope_factors_short", np.asarray(rope.short_factor, np.float32))]  # fmt: skip
+    return []
 
 
 def _encode(
@@ -301,9 +348,7 @@ def _add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, arch: MODEL_ARCH
                                                                             *_GEMMA):  # fmt: skip
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
-    if config.rope.rope_type == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(config.rope.factor)
+    _add_rope_scaling(writer, config, arch)
     if arch in (*_GEMMA, MODEL_ARCH.PHI3):
         # 0: no window (llama.cpp's marker for Phi-4; Gemma 3 then attends globally in every layer)
         writer.add_sliding_window(config.sliding_window or 0)
@@ -314,10 +359,33 @@ def _add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, arch: MODEL_ARCH
     if arch == MODEL_ARCH.GEMMA3 and config.rope_local is not None:
         # add_rope_freq_base_swa is newer than the gguf versions this package accepts
         writer.add_float32(f"{writer.arch}.rope.freq_base_swa", config.rope_local.theta)
-    if arch == MODEL_ARCH.PHI3 and (original := config.hf_config.get("original_max_position_embeddings")):
-        writer.add_rope_scaling_orig_ctx_len(int(original))
+    if arch == MODEL_ARCH.PHI3 and config.rope.rope_type != "longrope":
+        if original := config.hf_config.get("original_max_position_embeddings"):
+            writer.add_rope_scaling_orig_ctx_len(int(original))
     if config.moe is not None:  # Mixtral's feed_forward_length is its experts' size already
         writer.add_expert_count(config.moe.num_experts)
         writer.add_expert_used_count(config.moe.top_k)
         if arch == MODEL_ARCH.QWEN3MOE:
             writer.add_expert_feed_forward_length(config.moe.expert_size)
+
+
+def _add_rope_scaling(writer: gguf.GGUFWriter, config: ModelConfig, arch: MODEL_ARCH) -> None:
+    """The `rope.scaling.*` keys convert_hf_to_gguf.py writes (llama3's and longrope's tables are tensors)."""
+    rope = config.rope
+    if rope.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope.factor)
+    elif rope.rope_type == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope.factor)
+        writer.add_rope_scaling_orig_ctx_len(rope.original_max_position_embeddings)
+        # llama.cpp's defaults are transformers' (32, 1)
+        if rope.beta_fast != 32.0:
+            writer.add_float32(f"{writer.arch}.rope.scaling.yarn_beta_fast", rope.beta_fast)
+        if rope.beta_slow != 1.0:
+            writer.add_float32(f"{writer.arch}.rope.scaling.yarn_beta_slow", rope.beta_slow)
+    elif rope.rope_type == "longrope":
+        # llama.cpp multiplies cos and sin by this, as transformers does by its attention_scaling; it picks the long
+        # factors by the context size it runs with (n_ctx > original), transformers by each call's length.
+        writer.add_rope_scaling_attn_factors(rope.attention_scaling)
+        writer.add_rope_scaling_orig_ctx_len(rope.original_max_position_embeddings)

@@ -21,8 +21,9 @@ from gguf import TokenType
 
 from qlora_jax.models import ModelConfig
 from qlora_jax.models.config_files import GGUFError
+from qlora_jax.models.generation_config import GGUF_END_KEYS
 
-__all__ = ["add_tokenizer", "tokenizer_kind"]
+__all__ = ["add_tokenizer", "add_end_ids", "end_ids", "tokenizer_kind"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,38 @@ def add_tokenizer(writer: gguf.GGUFWriter, config: ModelConfig, tokenizer: Any, 
     else:
         log.warning("GGUF export without a tokenizer: llama.cpp will refuse the file (pass tokenizer=...)")
         _add_special_ids(writer, config)
+    add_end_ids(writer, config, tokenizer)
+
+
+def end_ids(config: ModelConfig) -> tuple[int, ...]:
+    """The ids that end generation: the checkpoint's generation defaults' (generation_config.json), else
+    config.json's eos_token_id."""
+    if config.generation is not None and config.generation.eos_token_id:
+        return config.generation.eos_token_id
+    return config.eos_token_ids
+
+
+def add_end_ids(writer: gguf.GGUFWriter, config: ModelConfig, tokenizer: Any = None) -> None:
+    """llama.cpp's end-of-generation keys for every end id (`end_ids`) the tokenizer fields written so far lack:
+    `tokenizer.ggml.eos_token_id` first, then `eot_token_id` (end of turn) and `eom_token_id` (end of message;
+    the id whose token is `<|eom_id|>` goes there). llama.cpp stops at each of them, as transformers stops at every
+    id of generation_config.json's eos_token_id. An id left over (more than three) gets a warning: llama.cpp then
+    stops at it only if it recognises the token's text as an end token."""
+    written = {key: value.value for key, value in writer.kv_data[0].items() if key in GGUF_END_KEYS.values()}
+    missing = [i for i in end_ids(config) if i not in written.values() and 0 <= i < config.vocab_size]
+    free = [kind for kind in GGUF_END_KEYS if GGUF_END_KEYS[kind] not in written]
+
+    def text(token_id: int) -> str | None:
+        return None if tokenizer is None else tokenizer.convert_ids_to_tokens(token_id)
+
+    for token_id in sorted(missing, key=lambda i: text(i) == "<|eom_id|>"):  # eom last, into the last free key
+        kind = "eom" if text(token_id) == "<|eom_id|>" and "eom" in free else (free[0] if free else None)
+        if kind is None:
+            log.warning("end id %d (%r) has no GGUF key left (eos, eot and eom are taken): llama.cpp stops at it only "
+                        "if it recognises its text as an end token", token_id, text(token_id))  # fmt: skip
+            continue
+        free.remove(kind)
+        writer.add_uint32(GGUF_END_KEYS[kind], token_id)
 
 
 def _add_special_ids(writer: gguf.GGUFWriter, config: ModelConfig) -> None:

@@ -21,7 +21,7 @@ block-diagonal ([2 I, 2 r]), down's as they are; so do we.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flax import nnx
@@ -34,7 +34,7 @@ from qlora_jax.models.moe import QExperts
 from qlora_jax.models.moe_config import EXPERT_NAMES
 from qlora_jax.models.names import LAYERS
 
-__all__ = ["save_tensors", "split_tensors", "router_key"]
+__all__ = ["save_tensors", "split_tensors", "router_key", "expert_keys"]
 
 _PREFIX = "base_model.model."
 _FUSED = re.compile(rf"^{re.escape(_PREFIX + LAYERS)}\.(\d+)\.mlp\.experts\.(base_layer\.)?(lora_A|lora_B)\.weight$")
@@ -42,6 +42,11 @@ _PER_EXPERT = re.compile(
     rf"^{re.escape(_PREFIX + LAYERS)}\.(\d+)\.(mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.(lora_A|lora_B)\.weight$"
 )
 _PROJECTIONS = ("gate_up_proj", "down_proj")  # the order of the parameters in `mlp.experts`
+
+
+def expert_keys(keys: Iterable[str]) -> set[str]:
+    """The keys of an adapter file that hold expert adapters (either PEFT layout: `split_tensors`)."""
+    return {key for key in keys if _FUSED.match(key) or _PER_EXPERT.match(key)}
 
 
 def router_key(key: str) -> str:

@@ -3,7 +3,8 @@
 Reading never holds more than one tensor in memory (files are memory-mapped); writing fills one shard at a time
 and moves the finished files into place only at the end (`qlora_jax.files.staged_directory`), so an interrupted
 write leaves an existing checkpoint in the directory untouched. A tensor with NaN or Inf is refused both ways,
-naming the file (or the output) and the tensor.
+naming the file (or the output) and the tensor. Every file written records its tensors' SHA-256 in its header
+(`qlora_jax.integrity`), checked as each tensor is read back: a changed byte is an error naming file and tensor.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from safetensors.numpy import save_file
 
 from qlora_jax.convert.finite import non_finite
 from qlora_jax.errors import InputError
-from qlora_jax.files import staged_directory
+from qlora_jax.files import output_error, staged_directory
+from qlora_jax.integrity import check_tensor, checksummed_metadata, stored_checksums
 
 __all__ = ["CheckpointError", "SafetensorsReader", "write_sharded", "parse_size", "LAYOUT_FILES"]
 
@@ -60,8 +62,10 @@ class SafetensorsReader:
             if not (self.directory / name).is_file():
                 raise CheckpointError(f"{self.directory / name}: shard listed in {INDEX_FILE} is missing")
         self._locations: dict[str, str] = {}
+        self._checksums: dict[str, dict[str, str] | None] = {}
         for name in self.files:
             with self._open(name) as f:
+                self._checksums[name] = stored_checksums(f.metadata(), self.directory / name)
                 for key in f.keys():
                     if key in self._locations:
                         raise CheckpointError(f"{self.directory / name}: tensor {key} also in {self._locations[key]}")
@@ -89,19 +93,27 @@ class SafetensorsReader:
             view = f.get_slice(key)
             return tuple(view.get_shape()), view.get_dtype()
 
-    def tensor(self, key: str) -> np.ndarray:
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape the file's header claims for `key` (nothing is read)."""
+        return self.shape_and_dtype(key)[0]
+
+    def tensor(self, key: str, *, check_finite: bool = True) -> np.ndarray:
+        """One tensor, checked against its recorded checksum; a NaN or Inf in a floating-point one is an error unless
+        not `check_finite` (bytes that only borrow a float dtype: bitsandbytes' packed 4-bit codes in a float
+        `bnb_4bit_quant_storage`)."""
         if key not in self._locations:
             raise CheckpointError(f"{self.directory}: no tensor {key}")
         with self._open(self._locations[key]) as f:
-            return self._read(f, key, self.file_of(key))
+            return self._read(f, key, self._locations[key], check_finite=check_finite)
 
-    @staticmethod
-    def _read(f, key: str, path: Path) -> np.ndarray:
+    def _read(self, f, key: str, name: str, *, check_finite: bool = True) -> np.ndarray:
+        path = self.directory / name
         try:
             array = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError, TypeError, AttributeError) as e:  # AttributeError: a dtype
             raise CheckpointError(f"{path}: cannot read tensor {key} ({e})") from e  # numpy lacks (F8_E4M3, ...)
-        if problem := non_finite(array):
+        check_tensor(path, key, array, self._checksums[name])
+        if check_finite and (problem := non_finite(array)):
             raise CheckpointError(f"{path}: tensor {key} {problem}")
         return array
 
@@ -110,7 +122,7 @@ class SafetensorsReader:
         for name in self.files:
             with self._open(name) as f:
                 for key in f.keys():
-                    yield key, self._read(f, key, self.directory / name)
+                    yield key, self._read(f, key, name)
 
 
 def parse_size(size: int | str) -> int:
@@ -141,6 +153,14 @@ def write_sharded(
     """
     directory = Path(directory)
     limit = parse_size(max_shard_size)
+    try:
+        return _write_sharded(directory, tensors, limit, extra_files)
+    except (SafetensorError, OSError) as e:  # a full disk, no permission: one line, the old checkpoint unchanged
+        raise output_error(e, directory, "the checkpoint") from e
+
+
+def _write_sharded(directory: Path, tensors: Iterable[tuple[str, np.ndarray]], limit: int,
+                   extra_files: dict[str, str] | None) -> list[Path]:  # fmt: skip
     with staged_directory(directory, replaces=LAYOUT_FILES) as staging:
         shards: list[tuple[str, list[str]]] = []
         current: dict[str, np.ndarray] = {}
@@ -150,7 +170,7 @@ def write_sharded(
             nonlocal current, current_size
             if current:
                 name = f"part-{len(shards):05d}.safetensors"
-                save_file(current, str(staging / name), metadata={"format": "pt"})
+                save_file(current, str(staging / name), metadata=checksummed_metadata(current, {"format": "pt"}))
                 shards.append((name, list(current)))
                 current, current_size = {}, 0
 

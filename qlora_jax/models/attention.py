@@ -20,15 +20,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from qlora_jax.kernels.flash_attention import NO_WINDOW, flash_attention
 from qlora_jax.mesh import BATCH_AXES, current_mesh, mesh_size
+from qlora_jax.models.config import RopeConfig
 
 __all__ = [
     "ATTENTION_IMPLS",
     "AttentionMasks",
+    "rope_inverse_frequencies",
     "rope_tables",
     "apply_rope",
     "attention_mask",
@@ -42,11 +43,42 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 _MIN_FLASH_QUERIES = 16
 
 
-def rope_tables(inv_freq: np.ndarray, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, rotary_dim] for integer positions [B, T], in float32 and then rounded to `dtype`."""
-    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, rot/2]
+def rope_inverse_frequencies(rope: RopeConfig, rotary_dim: int, positions: jax.Array) -> jax.Array:
+    """float32 [rotary_dim / 2] inverse frequencies for one call over integer positions [B, T].
+
+    Length-dependent types follow transformers' `dynamic_rope_update`, which decides per forward call from the
+    call's longest sequence, L = max(position_ids) + 1: longrope takes its long factors when L >
+    original_max_position_embeddings; dynamic (NTK) raises the base to theta (factor L / M - factor + 1)^(d / (d -
+    2)) when L > M = max_position_embeddings, in float32 as transformers computes it. (transformers' module also
+    keeps the largest L it has seen across calls; each call here starts afresh, as a newly loaded model does.)
+    """
+    short = jnp.asarray(rope.inverse_frequencies(rotary_dim))
+    if not rope.length_dependent:
+        return short
+    length = jnp.max(positions).astype(jnp.int32) + 1
+    if rope.rope_type == "longrope":
+        scaled = jnp.asarray(rope.inverse_frequencies(rotary_dim, long=True))
+    else:
+        m = rope.max_position_embeddings
+        stretch = jnp.float32(rope.factor) * jnp.maximum(length, m).astype(jnp.float32) / jnp.float32(m)
+        base = jnp.float32(rope.theta) * (stretch - jnp.float32(rope.factor - 1)) ** jnp.float32(
+            rotary_dim / (rotary_dim - 2)
+        )
+        exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / jnp.float32(rotary_dim)
+        scaled = jnp.float32(1.0) / base**exponents
+    return jnp.where(length > rope.scaled_from, scaled, short)
+
+
+def rope_tables(rope: RopeConfig, rotary_dim: int, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, rotary_dim] for integer positions [B, T]: computed in float32, multiplied by the rope's
+    attention scaling (yarn, longrope), then rounded to `dtype` (transformers' `RotaryEmbedding.forward`)."""
+    inv_freq = rope_inverse_frequencies(rope, rotary_dim, positions)
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, rot/2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if (scaling := rope.attention_scaling) != 1.0:
+        cos, sin = cos * jnp.float32(scaling), sin * jnp.float32(scaling)
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -14,17 +14,21 @@ import math
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qlora_jax.errors import InputError
 from qlora_jax.models.moe_config import MOE_MODEL_TYPES, UNSUPPORTED_MOE_TYPES, MoeConfig, parse_moe
 
+if TYPE_CHECKING:
+    from qlora_jax.models.generation_config import GenerationDefaults
+
 __all__ = ["ModelConfig", "RopeConfig", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "ConfigError"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", *MOE_MODEL_TYPES)
-ROPE_TYPES = ("default", "linear", "llama3")
+# transformers' ROPE_INIT_FUNCTIONS (5.x) that the supported families use, and "default"
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 
@@ -38,7 +42,21 @@ class ConfigError(InputError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeConfig:
-    """Rotary embedding frequencies: theta, and the HF rope_type's scaling parameters."""
+    """Rotary embedding frequencies: theta, and the scaling of transformers' `rope_type` (its
+    `ROPE_INIT_FUNCTIONS`, `modeling_rope_utils.py`), with transformers' parameter names and defaults.
+
+    Attributes:
+      theta: the base (`rope_theta`); rope_type: one of ROPE_TYPES.
+      factor: the scaling factor (linear, dynamic, yarn, llama3; longrope's default attention factor).
+      low_freq_factor, high_freq_factor: llama3's band edges.
+      original_max_position_embeddings: the pretraining length (llama3, yarn, longrope).
+      max_position_embeddings: the model's; dynamic scales frequencies past it.
+      attention_factor: yarn / longrope: cos and sin are multiplied by it; None derives it from factor (and
+        yarn's mscale, mscale_all_dim) as transformers does (`attention_scaling`).
+      beta_fast, beta_slow, truncate: yarn's ramp between extrapolated and interpolated frequencies.
+      short_factor, long_factor: longrope's per-frequency divisors, for sequences up to and past
+        original_max_position_embeddings.
+    """
 
     theta: float
     rope_type: str = "default"
@@ -46,11 +64,59 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    max_position_embeddings: int = 4096
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
-    def inverse_frequencies(self, rotary_dim: int) -> np.ndarray:
-        """float32[rotary_dim / 2], computed in float32 exactly as transformers does."""
+    @property
+    def length_dependent(self) -> bool:
+        """Whether the frequencies depend on the sequence length (dynamic, longrope): `scaled_from` tokens and
+        longer take the scaled ones."""
+        return self.rope_type in ("dynamic", "longrope")
+
+    @property
+    def scaled_from(self) -> int:
+        """For length-dependent types, the sequence length beyond which the scaled frequencies apply:
+        transformers compares max(position_ids) + 1 with original_max_position_embeddings (longrope) or
+        max_position_embeddings (dynamic)."""
+        return self.original_max_position_embeddings if self.rope_type == "longrope" else self.max_position_embeddings
+
+    @property
+    def attention_scaling(self) -> float:
+        """What cos and sin are multiplied by (transformers' `attention_scaling`): yarn's
+        0.1 mscale ln(factor) + 1 (a ratio of two with mscale_all_dim), longrope's
+        sqrt(1 + ln(factor) / ln(original_max_position_embeddings)), an explicit attention_factor, else 1."""
+        if self.rope_type not in ("yarn", "longrope"):
+            return 1.0
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        if self.rope_type == "longrope":
+            if self.factor <= 1.0:
+                return 1.0
+            return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position_embeddings))
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return float(mscale(self.factor, self.mscale) / mscale(self.factor, self.mscale_all_dim))
+        return mscale(self.factor)
+
+    def inverse_frequencies(self, rotary_dim: int, *, long: bool = False) -> np.ndarray:
+        """float32[rotary_dim / 2], computed in float32 as transformers computes them.
+
+        Length-dependent types: longrope's short factors (its long ones with `long`); dynamic's unscaled
+        frequencies, what sequences up to max_position_embeddings use (`dynamic_inverse_frequencies` past it).
+        """
         exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
-        inv_freq = (np.float32(1.0) / np.power(np.float32(self.theta), exponents)).astype(np.float32)
+        powers = np.power(np.float32(self.theta), exponents).astype(np.float32)
+        inv_freq = (np.float32(1.0) / powers).astype(np.float32)
         if self.rope_type == "linear":
             return (inv_freq / np.float32(self.factor)).astype(np.float32)
         if self.rope_type == "llama3":
@@ -62,7 +128,34 @@ class RopeConfig:
             smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
             medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
             return np.where(medium, smoothed, scaled).astype(np.float32)
+        if self.rope_type == "longrope":
+            factors = np.asarray(self.long_factor if long else self.short_factor, np.float32)
+            return (np.float32(1.0) / (factors * powers)).astype(np.float32)
+        if self.rope_type == "yarn":
+            return self._yarn(rotary_dim, powers)
         return inv_freq
+
+    def _yarn(self, rotary_dim: int, powers: np.ndarray) -> np.ndarray:
+        """YaRN (transformers' `_compute_yarn_parameters`): interpolated (divided by factor) below the ramp's
+        low dimension, extrapolated (unchanged) above its high one, linear in between."""
+
+        def correction_dim(rotations: float) -> float:
+            return (rotary_dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+                2 * math.log(self.theta)
+            )
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rotary_dim - 1)
+        if low == high:
+            high += 0.001  # transformers' guard against a zero-width ramp
+        ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        extrapolation = (np.float32(1) - ramp.astype(np.float32)).astype(np.float32)
+        inv_extrapolation = (np.float32(1.0) / powers).astype(np.float32)
+        inv_interpolation = (np.float32(1.0) / (np.float32(self.factor) * powers)).astype(np.float32)
+        inv_freq = inv_interpolation * (np.float32(1) - extrapolation) + inv_extrapolation * extrapolation
+        return inv_freq.astype(np.float32)
 
     def wavelengths(self, rotary_dim: int) -> np.ndarray:
         """float64[rotary_dim / 2]: 2 pi theta^(2i / rotary_dim), each rotary frequency's unscaled wavelength."""
@@ -129,6 +222,20 @@ class ModelConfig:
     pad_token_id: int | None = None
     moe: MoeConfig | None = None  # a mixture of experts in every layer's MLP (qwen3_moe, mixtral)
     hf_config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+    # The image-text model whose text decoder this is (Gemma 3's Gemma3ForConditionalGeneration, how gemma-3-it is
+    # published): its whole config.json (hf_config is its text_config); None for a causal LM checkpoint.
+    multimodal_config: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False,
+                                                                    repr=False)  # fmt: skip
+
+    @property
+    def text_model_path(self) -> str:
+        """Where the decoder's `model.*` modules sit in the transformers model the checkpoint loads as:
+        `model.language_model` in Gemma 3's image-text model (`models.names.hf_module_name`), else `model`."""
+        return "model" if self.multimodal_config is None else "model.language_model"
+
+    # What the checkpoint ships for generation (generation_config.json, a GGUF's end ids): set by the loaders
+    # (`qlora_jax.models.generation_config`), used by `qlora_jax.generate`, written back by the exports.
+    generation: GenerationDefaults | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def rotary_dim(self) -> int:
@@ -174,23 +281,75 @@ def _require(hf: dict[str, Any], key: str, source: str) -> Any:
     return hf[key]
 
 
-def _rope(params: Mapping[str, Any] | None, theta: float | None, source: str, max_positions: int) -> RopeConfig:
+def _rope(
+    params: Mapping[str, Any] | None,
+    theta: float | None,
+    source: str,
+    *,
+    where: str,
+    max_positions: int,
+    rotary_dim: int,
+    original: int | None = None,
+) -> RopeConfig:
+    """The RopeConfig of one rope parameter dict, with transformers' defaults and priorities
+    (`RotaryEmbeddingConfigMixin.standardize_rope_params`). `where` names the dict in errors
+    ("rope_scaling"); `original`: a top-level original_max_position_embeddings that takes priority (Phi-3's)."""
     params = dict(params or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise UnsupportedModelError(f"{source}: rope_type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+        raise UnsupportedModelError(
+            f"{source}: {where}.rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
+        )
     theta = params.get("rope_theta", theta)
     if theta is None:
         raise ConfigError(f"{source}: required field 'rope_theta' is missing")
-    fields: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
-    if rope_type in ("linear", "llama3"):
-        fields["factor"] = float(params.get("factor", 1.0))
-    if rope_type == "llama3":
-        fields.update(
-            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(params.get("original_max_position_embeddings", max_positions)),
+    fields: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type, "max_position_embeddings": max_positions}
+
+    def number(key: str, default: Any = None, kind: type = float) -> Any:
+        value = params.get(key)
+        if value is None:
+            if default is None:
+                raise ConfigError(f"{source}: {where}.{key} is required for rope_type {rope_type!r}")
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{source}: {where}.{key} must be a positive number, got {value!r}")
+        return kind(value)
+
+    if rope_type in ("llama3", "yarn", "longrope"):
+        fields["original_max_position_embeddings"] = (
+            original if original is not None else number("original_max_position_embeddings", max_positions, int)
         )
+    if rope_type in ("linear", "dynamic", "llama3"):
+        fields["factor"] = number("factor")
+    if rope_type == "llama3":
+        fields.update(low_freq_factor=number("low_freq_factor", 1.0), high_freq_factor=number("high_freq_factor", 4.0))
+    if rope_type in ("yarn", "longrope"):
+        # transformers: without a factor, max_position_embeddings / original_max_position_embeddings
+        fields["factor"] = number("factor", max_positions / fields["original_max_position_embeddings"])
+        if params.get("attention_factor") is not None:
+            fields["attention_factor"] = number("attention_factor")
+    if rope_type == "yarn":
+        for key in ("mscale", "mscale_all_dim"):
+            if params.get(key) is not None:
+                fields[key] = float(params[key])
+        # transformers: `beta_fast or 32`, `beta_slow or 1`
+        fields.update(beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0))
+        if not isinstance(truncate := params.get("truncate", True), bool):
+            raise ConfigError(f"{source}: {where}.truncate must be true or false, got {truncate!r}")
+        fields["truncate"] = truncate
+    if rope_type == "longrope":
+        for key in ("short_factor", "long_factor"):
+            values = params.get(key)
+            if (
+                not isinstance(values, list | tuple)
+                or len(values) != rotary_dim // 2
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in values)
+            ):
+                raise ConfigError(
+                    f"{source}: {where}.{key} must list {rotary_dim // 2} positive numbers (one per rotary "
+                    f"frequency), got {values!r}"
+                )
+            fields[key] = tuple(float(v) for v in values)
     return RopeConfig(**fields)
 
 
@@ -228,8 +387,11 @@ def _moe(hf: dict[str, Any], model_type: str, num_layers: int, source: str) -> M
 
 
 def _parse(hf: dict[str, Any], source: str) -> ModelConfig:
-    if hf.get("model_type") == "gemma3" and "text_config" in hf:  # the multimodal wrapper: its text decoder
-        hf = {**hf["text_config"], "model_type": "gemma3_text"}
+    multimodal = None
+    if hf.get("model_type") == "gemma3" and "text_config" in hf:  # the image-text model: its text decoder
+        multimodal = types.MappingProxyType(dict(hf))
+        quantization = {"quantization_config": hf["quantization_config"]} if "quantization_config" in hf else {}
+        hf = {**hf["text_config"], "model_type": "gemma3_text", **quantization}
     model_type = hf.get("model_type")
     if model_type in UNSUPPORTED_MOE_TYPES:
         raise UnsupportedModelError(
@@ -246,18 +408,23 @@ def _parse(hf: dict[str, Any], source: str) -> ModelConfig:
     head_dim = int(hf.get("head_dim") or hidden // heads)
     max_positions = int(hf.get("max_position_embeddings") or 4096)
     gemma = model_type in ("gemma2", "gemma3_text")
+    where = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
     rope_params = hf.get("rope_parameters") or hf.get("rope_scaling")
     theta = hf.get("rope_theta")
+    partial = float(hf.get("partial_rotary_factor") or (rope_params or {}).get("partial_rotary_factor") or 1.0)
+    rope_fields = dict(max_positions=max_positions, rotary_dim=int(head_dim * partial))
+    if model_type == "phi3":  # Phi3Config's own field (default 4096) takes priority over rope_scaling's
+        rope_fields["original"] = int(hf.get("original_max_position_embeddings") or 4096)
     if gemma and model_type == "gemma3_text":
         nested = isinstance(rope_params, Mapping) and FULL in rope_params
         full = rope_params.get(FULL) if nested else rope_params
         sliding = rope_params.get(SLIDING) if nested else {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
-        rope = _rope(full, theta if theta is not None else 1_000_000.0, source, max_positions)
-        rope_local = _rope(sliding, 10000.0, source, max_positions)
+        where_full, where_sliding = (f"{where}.{FULL}", f"{where}.{SLIDING}") if nested else (where, where)
+        rope = _rope(full, theta if theta is not None else 1_000_000.0, source, where=where_full, **rope_fields)
+        rope_local = _rope(sliding, 10000.0, source, where=where_sliding, **rope_fields)
     else:
-        rope = _rope(rope_params, theta if theta is not None else 10000.0, source, max_positions)
+        rope = _rope(rope_params, theta if theta is not None else 10000.0, source, where=where, **rope_fields)
         rope_local = None
-    partial = float(hf.get("partial_rotary_factor") or (rope_params or {}).get("partial_rotary_factor") or 1.0)
     activation = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
     if activation in ("gelu_pytorch_tanh", "gelu_tanh"):
         activation = "gelu_tanh"
@@ -304,4 +471,5 @@ def _parse(hf: dict[str, Any], source: str) -> ModelConfig:
         pad_token_id=hf.get("pad_token_id"),
         moe=_moe(hf, model_type, layers, source),
         hf_config=types.MappingProxyType(hf),
+        multimodal_config=multimodal,
     )

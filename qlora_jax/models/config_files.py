@@ -62,6 +62,7 @@ BLOCK_NAME = re.compile(r"blk\.(0|[1-9][0-9]*)\.(.+)")
 # Meta's Llama 3.x (low_freq_factor, high_freq_factor, original_max_position_embeddings); llama.cpp's converter
 # assumes the last one whatever config.json's rope_scaling says.
 _LLAMA3_ROPE_DEFAULTS = (1.0, 4.0, 8192)
+_PHI3_ORIGINAL_CONTEXT = 4096  # Phi3Config's default original_max_position_embeddings
 # Keys newer than gguf 0.17's `Keys` tables.
 _FREQ_BASE_SWA = "{arch}.rope.freq_base_swa"
 _YARN_KEYS = {
@@ -320,7 +321,20 @@ def _rope_scaling(
             if long is not None or short is not None:
                 raise GGUFError(f"{path}: only one of rope_factors_long.weight and rope_factors_short.weight")
             return None
-        return {"rope_type": "longrope", "long_factor": _decimals(long), "short_factor": _decimals(short)}
+        scaling = {"rope_type": "longrope", "long_factor": _decimals(long), "short_factor": _decimals(short)}
+        # The converter writes transformers' attention scaling; config.json needs it only where it is not the one
+        # derived from the two lengths (a `factor` or `attention_factor` of its own).
+        if (attention_factor := meta.get(Keys.Rope.SCALING_ATTN_FACTOR, float)) is not None:
+            original = config.get("original_max_position_embeddings", _PHI3_ORIGINAL_CONTEXT)
+            derived = RopeConfig(
+                theta=config["rope_theta"],
+                rope_type="longrope",
+                original_max_position_embeddings=original,
+                factor=config["max_position_embeddings"] / original,
+            ).attention_scaling
+            if not np.isclose(attention_factor, derived, rtol=1e-6):
+                scaling["attention_factor"] = attention_factor
+        return scaling
     if (divisors := table("rope_freqs.weight")) is not None:
         return _llama3_rope_scaling(divisors, config["rope_theta"], config["head_dim"], path)
     kind = meta.get(Keys.Rope.SCALING_TYPE, str)

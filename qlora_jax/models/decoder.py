@@ -27,6 +27,7 @@ from qlora_jax.models.attention import (
 )
 from qlora_jax.models.config import ModelConfig
 from qlora_jax.models.moe import RouterStats, SparseMoeBlock
+from qlora_jax.models.names import LAYERS, hf_module_name, layer_name
 from qlora_jax.nn import Embed, QLinear, RMSNorm
 from qlora_jax.quant import QuantConfig
 
@@ -105,7 +106,24 @@ class KVCache:
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool), jnp.int32(0))
 
 
-def _quant_for(quant: QuantConfig | None, path: str) -> QuantConfig | None:
+@dataclasses.dataclass(frozen=True)
+class _StackedQuant:
+    """The QuantConfig as the stacked layers see it: their modules are named per layer, as transformers names them
+    (`model.layers.<i>.<path>`; `model.language_model.layers.<i>.<path>` in Gemma 3's image-text model)."""
+
+    quant: QuantConfig
+    num_layers: int
+    text_model: str = "model"  # ModelConfig.text_model_path
+
+
+def _quant_for(quant: QuantConfig | _StackedQuant | None, path: str) -> QuantConfig | None:
+    """How the linear at `path` (relative to the stacked layers, inside them) is stored: None (16 bits) where
+    `skip_modules` keeps it. A stacked module holds one storage for all its layers, so it is 16-bit when any layer's
+    name is skipped (an Unsloth checkpoint's `model.layers.0.mlp`): exact for every layer, at the 16-bit memory cost
+    for the whole stack (counted by the memory planner, logged by the loader)."""
+    if isinstance(quant, _StackedQuant):
+        names = [hf_module_name(layer_name(f"{LAYERS}.{path}", i), quant.text_model) for i in range(quant.num_layers)]
+        return None if any(quant.quant.skips(name) for name in names) else quant.quant
     return None if quant is None or quant.skips(path) else quant
 
 
@@ -201,8 +219,11 @@ class DecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
             self.post_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
         # A mixture of experts (qwen3_moe, mixtral) in place of the MLP: `qlora_jax.models.moe`.
-        mlp_class = MLP if c.moe is None else SparseMoeBlock
-        self.mlp = mlp_class(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if c.moe is None:
+            self.mlp = MLP(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.mlp = SparseMoeBlock(c, quant_for=lambda path: _quant_for(quant, path), dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)  # fmt: skip
         self.config = config
 
     def _mlp(self, x, *, router_mask=None, **kwargs) -> tuple[jax.Array, RouterStats | None]:
@@ -231,6 +252,7 @@ class DecoderLayer(nnx.Module):
 
 def _stacked_layers(config: ModelConfig, *, quant, dtype, param_dtype, rngs: nnx.Rngs) -> DecoderLayer:
     """num_layers DecoderLayers as one module whose variables have a leading layer axis."""
+    quant = None if quant is None else _StackedQuant(quant, config.num_layers, config.text_model_path)
     kwargs = dict(quant=quant, dtype=dtype, param_dtype=param_dtype)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(config, rngs=nnx.Rngs(0), **kwargs)))
     keys = jax.random.split(rngs.params(), config.num_layers)
@@ -340,10 +362,8 @@ class DecoderLM(nnx.Module):
             if sliding.any():
                 sliding_mask = attention_mask(q_index, k_index, window=c.sliding_window, **masks)
         mixed = bool(sliding.any()) and not bool(sliding.all())
-        cos, sin = rope_tables(c.rope.inverse_frequencies(c.rotary_dim), positions, self.dtype)
-        local_rope = None
-        if c.rope_local is not None:
-            local_rope = rope_tables(c.rope_local.inverse_frequencies(c.rotary_dim), positions, self.dtype)
+        cos, sin = rope_tables(c.rope, c.rotary_dim, positions, self.dtype)
+        local_rope = None if c.rope_local is None else rope_tables(c.rope_local, c.rotary_dim, positions, self.dtype)
 
         graphdef, layer_state = nnx.split(self.model.layers)
 

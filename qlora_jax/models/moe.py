@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -201,21 +202,19 @@ class Experts(nnx.Module):
         return self.down_proj(jax.nn.silu(gate) * up, group_sizes, tile=tile)
 
 
-def _quant_for(quant: QuantConfig | None, path: str) -> QuantConfig | None:
-    return None if quant is None or quant.skips(path) else quant
-
-
 class SparseMoeBlock(nnx.Module):
     """transformers' `Qwen3MoeSparseMoeBlock` / `MixtralSparseMoeBlock`: `gate` (TopKRouter) and `experts`."""
 
-    def __init__(self, config: ModelConfig, *, quant: QuantConfig | None, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs):  # fmt: skip
+    def __init__(self, config: ModelConfig, *, quant_for: Callable[[str], QuantConfig | None], dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs):  # fmt: skip
+        """`quant_for(path)`: how the experts at `path` (in a layer: `mlp.experts.gate_up_proj`) are stored, None for
+        16 bits (the decoder's rule, `skip_modules` matched per layer)."""
         if config.moe is None:
             raise ValueError(f"a {config.model_type} config has no mixture of experts")
         self.gate = TopKRouter(config.hidden_size, config.moe.num_experts, dtype=dtype, param_dtype=param_dtype,
                                rngs=rngs)  # fmt: skip
-        self.experts = Experts(config, quant_gate_up=_quant_for(quant, "mlp.experts.gate_up_proj"),
-                               quant_down=_quant_for(quant, "mlp.experts.down_proj"), dtype=dtype,
+        self.experts = Experts(config, quant_gate_up=quant_for("mlp.experts.gate_up_proj"),
+                               quant_down=quant_for("mlp.experts.down_proj"), dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)  # fmt: skip
         self.moe = config.moe
 

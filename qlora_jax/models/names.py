@@ -16,7 +16,15 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["LAYERS", "LAYERS_PATH", "is_stacked", "layer_name", "split_layer_name"]
+__all__ = [
+    "LAYERS",
+    "LAYERS_PATH",
+    "is_stacked",
+    "layer_name",
+    "split_layer_name",
+    "hf_module_name",
+    "module_name_from_hf",
+]
 
 LAYERS = "model.layers"
 LAYERS_PATH: tuple[str, ...] = tuple(LAYERS.split("."))
@@ -50,3 +58,34 @@ def split_layer_name(name: str) -> tuple[str, int | None]:
     if match := _INDEXED.match(name):
         return (LAYERS if match[2] is None else f"{LAYERS}.{match[2]}"), int(match[1])
     return name, None
+
+
+def hf_module_name(name: str, text_model: str = "model") -> str:
+    """A module's name in the transformers model a checkpoint loads as. Ours when the decoder is that model
+    (`*ForCausalLM`); when the decoder sits inside another model at `text_model` (Gemma 3's image-text model:
+    `model.language_model`), `model.` becomes `text_model.`; `lm_head` stays.
+
+    >>> hf_module_name("model.layers.3.mlp.up_proj", "model.language_model")
+    'model.language_model.layers.3.mlp.up_proj'
+    """
+    if text_model == "model" or (name != "model" and not name.startswith("model.")):
+        return name
+    return text_model + name[len("model") :]
+
+
+def module_name_from_hf(name: str, text_model: str = "model") -> str | None:
+    """The inverse of `hf_module_name`: our name of a transformers module, or None for a module outside the text
+    decoder (`model.vision_tower.*`, `model.multi_modal_projector.*`)."""
+    if text_model == "model":
+        return name
+    # transformers 4.x (before its Gemma 3 refactor) named them `language_model.model.*`, `language_model.lm_head`
+    for prefix, ours in (
+        (text_model, "model"),
+        ("language_model.model", "model"),
+        ("language_model.lm_head", "lm_head"),
+    ):
+        if name == prefix or name.startswith(prefix + "."):
+            return ours + name[len(prefix) :]
+    if name == "model" or name.startswith(("model.", "vision_tower.", "multi_modal_projector.")):
+        return None
+    return name

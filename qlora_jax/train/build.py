@@ -11,22 +11,28 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
+from qlora_jax.convert.hf import stored_quantization
 from qlora_jax.lora import apply_lora, target_layers
 from qlora_jax.lora_targets import ModuleTargets
-from qlora_jax.models import ComputeOptions, DecoderLM, read_model_config
+from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig, read_model_config
+from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig
 from qlora_jax.train.config import TrainConfig, resolve_package_path
 
-__all__ = ["quant_config", "compute_options", "abstract_model", "base_model_name"]
+__all__ = ["quant_config", "compute_options", "abstract_model", "base_model_name", "run_vocab_size", "resized"]
 
 log = logging.getLogger(__name__)
 
 
 def quant_config(config: TrainConfig) -> QuantConfig | None:
-    """How the run stores its base weights (None: a dense base)."""
+    """How the run stores its base weights (None: a dense base): a bitsandbytes 4-bit checkpoint as it is stored
+    (`load_pretrained` keeps it so: its format, and the modules its `llm_int8_skip_modules` keeps in 16 bits, which
+    the memory plan then counts as 16-bit weights), any other as `model.quant`, `double_quant`, `blocksize` say."""
     m = config.model
     if m.quant == "none":
         return None
+    if (stored := stored_quantization(resolve_package_path(m.path))) is not None:
+        return stored
     return QuantConfig(quant_type=m.quant, double_quant=m.double_quant, blocksize=m.blocksize)
 
 
@@ -39,6 +45,18 @@ def compute_options(config: TrainConfig) -> ComputeOptions:
     return ComputeOptions(remat=t.remat, attention=t.attention, attention_block=t.attention_block)
 
 
+def run_vocab_size(config: TrainConfig, model_vocab: int) -> int:
+    """The rows of the run's embedding: `model.resize_token_embeddings`, else the model's own."""
+    return config.model.resize_token_embeddings or model_vocab
+
+
+def resized(config: TrainConfig, model_config: ModelConfig) -> ModelConfig:
+    """The model's config with the run's vocabulary size (`model.resize_token_embeddings`), as
+    `qlora_jax.tokens.resize_token_embeddings` leaves it."""
+    vocab = run_vocab_size(config, model_config.vocab_size)
+    return model_config if vocab == model_config.vocab_size else dataclasses.replace(model_config, vocab_size=vocab)
+
+
 def abstract_model(config: TrainConfig, *, num_layers: int | None = None) -> DecoderLM:
     """The run's model with adapters, every array a ShapeDtypeStruct: nothing is read but the model's config.
 
@@ -46,11 +64,12 @@ def abstract_model(config: TrainConfig, *, num_layers: int | None = None) -> Dec
     restore into it and memory plans compile against it. `num_layers` cuts the model to its first layers (or
     repeats its layer pattern, for a model shallower than that).
     """
-    model_config = read_model_config(resolve_package_path(config.model.path))
+    model_config = resized(config, read_model_config(resolve_package_path(config.model.path)))
     dtype = jnp.dtype(config.model.dtype)
+    quant = quant_config(config)
 
     def build(model_config, targets=None) -> DecoderLM:
-        model = DecoderLM(model_config, quant=quant_config(config), dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+        model = DecoderLM(model_config, quant=quant, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
         apply_lora(model, config.lora, rngs=nnx.Rngs(config.train.seed), targets=targets)
         return model
 
@@ -58,8 +77,12 @@ def abstract_model(config: TrainConfig, *, num_layers: int | None = None) -> Dec
         return nnx.eval_shape(lambda: build(model_config))
     # The adapters of the whole model, cut: a stacked module holds every layer's adapter at its largest rank
     # (docs/lora.md), so each of the first layers gets that rank, whichever layers the config selects.
-    full = nnx.eval_shape(lambda: DecoderLM(model_config, quant=quant_config(config), dtype=dtype,
-                                            param_dtype=dtype, rngs=nnx.Rngs(0)))  # fmt: skip
+    full = nnx.eval_shape(lambda: DecoderLM(model_config, quant=quant, dtype=dtype, param_dtype=dtype,
+                                            rngs=nnx.Rngs(0)))  # fmt: skip
+    if quant is not None:  # the cut stores each stacked module as the whole model does (skip_modules name layers)
+        dense = [".".join(map(str, path)) for path, module in nnx.iter_graph(full.model.layers)
+                 if isinstance(module, QLinear) and not module.is_quantized]  # fmt: skip
+        quant = dataclasses.replace(quant, skip_modules=(*quant.skip_modules, *dense))
     alpha = config.lora.lora_alpha
     targets = {path: ModuleTargets((t.max_rank,) * num_layers, (alpha,) * num_layers, True) if t.stacked else t
                for path, t in target_layers(full, config.lora).items()}  # fmt: skip

@@ -27,6 +27,12 @@ Two ways to find the spans, in this order:
 
 A token is the assistant's when its characters overlap the turn's span (transformers' rule for generation blocks
 too), so a token straddling a boundary is trained: it holds characters the model has to produce.
+
+Tool calling follows TRL's conventions: the record's `tools` (JSON schemas) go to the template, which shows them
+to the model; an assistant turn with `tool_calls` (its content a string, empty or null) is rendered by the template
+(`<tool_call>` blocks, Llama 3's JSON, Mistral's `[TOOL_CALLS]`) and trained whole, from the generation prompt
+through its content and its calls to the template's end-of-turn token (learned from a plain reply the template
+renders: `<|im_end|>`, `<|eot_id|>`, `</s>`); `tool` messages (the results) are prompt, never trained.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from qlora_jax.errors import InputError
+from qlora_jax.tokenizer import ChatTemplateTimeout, apply_chat_template
 
 __all__ = ["ChatTemplateError", "assistant_mask", "has_generation_blocks"]
 
@@ -59,6 +66,14 @@ def _marked(content: str, k: int) -> str:
     # The marker goes before trailing whitespace, so that `| trim` and `rstrip` keep it next to the same text.
     kept = content.rstrip()
     return f"{kept}\ue000{k}\ue001{content[len(kept) :]}"
+
+
+def _markable(message: dict) -> bool:
+    """Whether a message's content can carry a marker without changing what the template writes around it: a
+    non-empty string, or any string for a turn without tool calls (a template tests `if message.content` before
+    writing the newline of a tool-calling turn's content)."""
+    content = message.get("content")
+    return isinstance(content, str) and (bool(content) or not message.get("tool_calls"))
 
 
 def _content_ends(messages: Sequence[dict], indices: set[int], text: str, render: Callable[..., str]) -> dict[int, int]:
@@ -122,44 +137,90 @@ def _end_of_turn_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def assistant_mask(messages: Sequence[dict], tokenizer: Any) -> tuple[list[int], list[bool]]:
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+def _template_end_of_turn(tokenizer: Any, render: Callable[..., str]) -> int:
+    """The token the template writes right after a plain reply (`<|im_end|>`, `<|eot_id|>`, `</s>`): where a
+    tool-calling turn, whose calls are followed by other added tokens (`</tool_call>`), ends."""
+    text = render(_PROBE, False)
+    end = _content_ends(_PROBE, {1}, text, render)[1]
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    special = _end_of_turn_ids(tokenizer)
+    for token, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
+        if b <= end:
+            continue
+        if token in special:
+            return token
+        if text[a:b].strip():
+            break
+    raise ChatTemplateError(
+        "the chat template writes no special end-of-turn token after an assistant reply, so the end of a "
+        "tool-calling turn cannot be located"
+    )
+
+
+def assistant_mask(
+    messages: Sequence[dict], tokenizer: Any, *, tools: Sequence[dict] | None = None
+) -> tuple[list[int], list[bool]]:
     """(tokens, loss mask) of a conversation: its chat template's text tokenized once (no special tokens added:
     the template writes BOS and the like itself), the mask True on the assistant turns (see the module docstring).
 
-    messages: validated {"role", "content": str} objects with an assistant turn that is not the first message.
-    Raises ChatTemplateError naming what failed (the template's own exception included).
+    messages: validated {"role", "content"} objects (an assistant turn may carry `tool_calls`, its content then a
+    string, empty or None) with an assistant turn that is not the first message; tools: JSON schemas passed to the
+    template. Raises ChatTemplateError naming what failed (the template's own exception included).
     """
+    tools = list(tools) if tools else None
 
     def render(conversation: Sequence[dict], generation_prompt: bool) -> str:
         try:
-            return tokenizer.apply_chat_template(
-                list(conversation), tokenize=False, add_generation_prompt=generation_prompt
-            )
-        except Exception as e:  # jinja errors (raise_exception in templates), no template at all, ...
+            return apply_chat_template(tokenizer, conversation, tools=tools, tokenize=False,
+                                       add_generation_prompt=generation_prompt)  # fmt: skip
+        except (Exception, ChatTemplateTimeout) as e:  # jinja errors (raise_exception), no template, a runaway one
             raise ChatTemplateError(f"the chat template fails on this conversation ({type(e).__name__}: {e})") from e
 
     template = _template(tokenizer)
     if has_generation_blocks(template):
         try:
-            out = tokenizer.apply_chat_template(
-                list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-            )
-        except Exception as e:
+            out = apply_chat_template(tokenizer, messages, tools=tools, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)  # fmt: skip
+        except (Exception, ChatTemplateTimeout) as e:
             raise ChatTemplateError(f"the chat template fails on this conversation ({type(e).__name__}: {e})") from e
         return list(out["input_ids"]), [bool(x) for x in out["assistant_masks"]]
 
     text = render(messages, False)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    ends = _content_ends(messages, set(turns) | {i - 1 for i in turns}, text, render)
-    spans = []
     for i in turns:
-        spans.append((_turn_start(messages, i, ends[i - 1], ends[i], text, render), ends[i]))
+        if not _markable(messages[i - 1]):
+            raise ChatTemplateError(f"messages[{i}] follows a tool-calling turn without content (messages[{i - 1}]), "
+                                    "so where it starts cannot be located")  # fmt: skip
+    marked = {k for i in turns for k in (i - 1, i) if _markable(messages[k])}
+    ends = _content_ends(messages, marked, text, render)
+    calls = {i for i in turns if messages[i].get("tool_calls")}
+    spans = []  # (message index, start, content end, bound: where the next marked content ends)
+    for i in turns:
+        bound = min((ends[k] for k in ends if k > i), default=len(text))
+        start = _turn_start(messages, i, ends[i - 1], ends.get(i, bound), text, render)
+        spans.append((i, start, ends.get(i, start), bound))
 
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     tokens, offsets = list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
     mask = [False] * len(tokens)
     end_of_turn = _end_of_turn_ids(tokenizer)
-    for start, content_end in spans:
+    call_end = _template_end_of_turn(tokenizer, render) if calls else None
+    for i, start, content_end, bound in spans:
+        if i in calls:  # content, the calls, through the template's end-of-turn token
+            last = next((j for j, (a, b) in enumerate(offsets) if a >= content_end and tokens[j] == call_end
+                         and b <= bound), None)  # fmt: skip
+            if last is None:
+                raise ChatTemplateError(
+                    f"the tool calls of messages[{i}] are not followed by the template's end-of-turn token "
+                    f"{tokenizer.convert_ids_to_tokens(call_end)!r} before the next message"
+                )
+            for j in range(last + 1):
+                if _overlaps(*offsets[j], start, offsets[last][1]) or j == last:
+                    mask[j] = True
+            continue
         after = len(tokens)
         for j, (a, b) in enumerate(offsets):
             if _overlaps(a, b, start, content_end):

@@ -80,6 +80,7 @@ class ModelSection:
     dtype: str = "bfloat16"  # compute dtype: bfloat16 | float16 | float32
     tokenizer: str | None = None  # default: the model's
     base_model_name_or_path: str | None = None  # what adapters record as their base (a Hub id); default: see docs
+    resize_token_embeddings: int | None = None  # rows of the embedding (and untied lm_head): added tokens
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -129,6 +130,10 @@ class MeshSection:
     fsdp: int = 1  # devices the weights (and adapters, optimizer state) are sharded over; -1: the rest
     # a mixture of experts: its experts split by expert over fsdp and computed where they are (docs/moe.md)
     expert_parallel: bool = False
+    # Multi-process runs: jax.distributed.initialize's timeouts, in seconds (its parameters' names and defaults)
+    initialization_timeout: int = 300  # how long the processes wait for each other to start (and to agree)
+    heartbeat_timeout_seconds: int = 100  # a process silent this long counts as dead, and the job stops
+    shutdown_timeout_seconds: int = 300  # how long a finishing process waits for the others at the end
 
     @property
     def is_single_device(self) -> bool:
@@ -234,6 +239,8 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
     need(m.quant in QUANT_CHOICES, "model.quant", f"must be one of {QUANT_CHOICES}, got {m.quant!r}")
     need(m.dtype in COMPUTE_DTYPES, "model.dtype", f"unsupported dtype {m.dtype!r}")
     need(m.blocksize in SUPPORTED_BLOCKSIZES, "model.blocksize", f"unsupported {m.blocksize}")
+    need(m.resize_token_embeddings is None or m.resize_token_embeddings >= 1, "model.resize_token_embeddings",
+         f"must be a positive number of rows, got {m.resize_token_embeddings}")  # fmt: skip
     need(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     need(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
     need(d.loss_on in ("completion", "all"), "data.loss_on", f"must be completion or all, got {d.loss_on!r}")
@@ -269,6 +276,8 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
         n = getattr(mesh, name)
         need(n >= 1 or n == -1, f"mesh.{name}", f"must be a positive number of devices or -1 (the rest), got {n}")
     need(not (mesh.data == -1 and mesh.fsdp == -1), "mesh.fsdp", "data and fsdp cannot both be -1")
+    for name in ("initialization_timeout", "heartbeat_timeout_seconds", "shutdown_timeout_seconds"):
+        need(getattr(mesh, name) >= 1, f"mesh.{name}", f"must be >= 1 (seconds), got {getattr(mesh, name)}")
     if mesh.data > 0 and mesh.fsdp > 0:
         check_batch_divides(config, mesh.data * mesh.fsdp, where)
 

@@ -7,6 +7,11 @@ A record is one JSON object per line, in one of three formats:
     {"messages": [{"role": ..., "content": ...}]}    chat template, rendered once; loss on the assistant turns
                                                      (`qlora_jax.train.chat` locates them)
 
+A chat record may carry tools as TRL has them: `"tools": [JSON schemas]` (or that list as a JSON string), passed to
+the chat template; assistant turns with `"tool_calls": [{"type": "function", "function": {"name": ...,
+"arguments": {...}}}]` (content a string, "" or null) and `"tool"` messages with the results. The loss covers the
+assistant turns, their tool calls included; the tool results are prompt.
+
 Everything here is numpy and the tokenizer (a transformers tokenizer); nothing needs JAX. Every random choice is
 made with a PCG64 bit generator's raw output, whose stream numpy guarantees across versions and platforms, so a
 run resumed elsewhere sees exactly the batches it would have seen.
@@ -18,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -105,8 +111,24 @@ class Batch:
 # --------------------------------------------------------------------------------------------------- reading
 
 
+def check_data_file(path: str | os.PathLike, field: str = "data") -> None:
+    """DataError unless `path` is a regular file (or does not exist: opening it says so). A named pipe (FIFO), a
+    shell's `<(...)` or /dev/stdin would hang the run or be empty the second time: the data is read twice (for its
+    checksum, then for its records)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO) or a pipe" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "a device or socket")  # fmt: skip
+        raise DataError(f"{path}: {field} is {kind}, not a regular file; the data is read more than once (its "
+                        "checksum, then its records): save it to a file first")  # fmt: skip
+
+
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """(1-based line number, record) of every non-blank line; anything but a JSON object is a DataError."""
+    check_data_file(path)
     records = []
     with open(path, "rb") as f:  # bytes, so that a decoding error can name its line too
         for number, raw in enumerate(f, 1):
@@ -181,8 +203,11 @@ def tokenize_record(
                         f"found {sorted(record) or 'none'}")  # fmt: skip
     if len(formats) > 1:
         raise DataError(f"{source}: ambiguous record, has fields of several formats ({', '.join(formats)})")
+    if formats[0] != "messages" and record.get("tools") is not None:
+        raise DataError(f"{source}: 'tools' goes with 'messages' (the chat template shows them), not with "
+                        f"{formats[0]} records")  # fmt: skip
     if formats[0] == "messages":
-        tokens, mask = _tokenize_chat(record["messages"], tokenizer, source)
+        tokens, mask = _tokenize_chat(record, tokenizer, source)
     else:
         if formats[0] == "text":
             tokens, _ = _encode(tokenizer, _string(record, "text", source, nonempty=True), special=True)
@@ -204,16 +229,56 @@ def tokenize_record(
     return Example(np.array(tokens, np.int32), np.array(mask, bool), source)
 
 
-def _tokenize_chat(messages: Any, tokenizer: Any, source: str) -> tuple[list[int], list[bool]]:
+def _tool_calls(calls: Any, where: str) -> None:
+    """TRL's / transformers' tool calls: a non-empty list of {"type": "function", "function": {"name": str,
+    "arguments": an object or a JSON string}} (the template renders them)."""
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}.tool_calls must be a non-empty array of tool calls, got a JSON {_json_type(calls)}")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(f"{where}.tool_calls[{j}] must be an object with a 'function' object holding a string "
+                            "'name' (and its 'arguments')")  # fmt: skip
+        if not isinstance(function.get("arguments", {}), dict | str):
+            raise DataError(f"{where}.tool_calls[{j}].function.arguments must be an object (or a JSON string)")
+
+
+def _tools(record: dict, source: str) -> list[dict] | None:
+    """The record's `tools` column: JSON schemas as a list, or that list as a JSON string (how datasets with
+    varied schemas store it); None when absent."""
+    tools = record.get("tools")
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}: 'tools' is a string but not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{source}: 'tools' must be an array of JSON schemas (objects), got {_json_type(tools)}")
+    return tools or None
+
+
+def _tokenize_chat(record: dict, tokenizer: Any, source: str) -> tuple[list[int], list[bool]]:
+    messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{source}: 'messages' must be a non-empty array of {{role, content}} objects")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise DataError(f"{source}: messages[{i}] must be an object with string 'role' and 'content'")
         if m["role"] not in ROLES:
             raise DataError(
                 f"{source}: messages[{i}] has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})"
             )
+        if "tool_calls" in m and m["tool_calls"] is not None:
+            if m["role"] != "assistant":
+                raise DataError(f"{source}: messages[{i}] has tool_calls but role {m['role']!r}; only assistant "
+                                "turns call tools")  # fmt: skip
+            _tool_calls(m["tool_calls"], f"{source}: messages[{i}]")
+            if m.get("content") is not None and not isinstance(m["content"], str):
+                raise DataError(f"{source}: messages[{i}] 'content' must be a string or null")
+        elif not isinstance(m.get("content"), str):
+            raise DataError(f"{source}: messages[{i}] must be an object with string 'role' and 'content'")
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise DataError(f"{source}: 'messages' has no assistant turn to train on")
@@ -221,7 +286,7 @@ def _tokenize_chat(messages: Any, tokenizer: Any, source: str) -> tuple[list[int
         # Nothing precedes it to prompt it: there is no generation prompt to find its start by.
         raise DataError(f"{source}: messages[0] is an assistant turn; a conversation must open with another role")
     try:
-        return assistant_mask(messages, tokenizer)
+        return assistant_mask(messages, tokenizer, tools=_tools(record, source))
     except ChatTemplateError as e:
         raise DataError(f"{source}: {e}") from e
 

@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from qlora_jax.convert.peft import save_peft_adapter
-from qlora_jax.files import check_output_directory
+from qlora_jax.files import check_output_directory, check_writable
 from qlora_jax.train.build import abstract_model, base_model_name
 from qlora_jax.train.checkpoint import CheckpointNotUsable, RunCheckpoints
 from qlora_jax.train.config import config_from_dict
@@ -31,6 +31,7 @@ def export_run(run_dir: str | os.PathLike, output: str | os.PathLike, *, step: i
     """
     run_dir = Path(run_dir)
     check_output_directory(output, "the adapter directory")
+    check_writable(output, "the adapter directory")
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointNotUsable(f"{run_dir}: not a training run directory (no config.json)")
@@ -50,5 +51,7 @@ def export_run(run_dir: str | os.PathLike, output: str | os.PathLike, *, step: i
         state, _ = checkpoints.restore(like, step=step)
     finally:
         checkpoints.close()
+    # The base weights are not read: a resized embedding's tables are not written (the run's own export at its end
+    # writes them; docs/lora.md#added-tokens).
     return save_peft_adapter(nnx.merge(graphdef, state.lora, rest), output, config.lora,
-                             base_model_name_or_path=base_model_name(config))  # fmt: skip
+                             base_model_name_or_path=base_model_name(config), save_embedding_layers=False)  # fmt: skip

@@ -5,17 +5,19 @@ Everything a run writes goes to `train.output_dir` (run_dir.py lists it): `check
 after), `config.json`, `run.json`, and the adapter in PEFT format (`adapter/`) at the end. Killed and started again
 with the same config, a run resumes from its last checkpoint and produces bit for bit the losses of an
 uninterrupted run. One process at a time trains in a directory; nothing in it is written before the config, the
-model and the data have been checked; a diverging run stops before saving bad weights (divergence.py).
+model and the data have been checked; a directory that is not one of our runs is refused, and a run is replaced
+only when asked (`overwrite`; run_dir.py); a diverging run stops before saving bad weights (divergence.py);
+SIGTERM or SIGINT stops the run after the current step with a checkpoint (stop.py).
 
 With a `mesh` section the run spans devices (docs/scaling.md): weights, adapters and optimizer state are placed
 by `qlora_jax.sharding`'s rule, each process feeds its own devices' rows of every batch, checkpoints are written
 sharded, and only process 0 writes the other files. Multi-process runs start from the launcher's environment
-(`qlora_jax.distributed`).
+(`qlora_jax.distributed`), agree on their start (startup.py: one decision, one shared directory) and stop together.
 
-The parts, in the order `train` runs them: `RunDirectory.resumes` (run_dir.py: may this config start or resume
-here?), `set_up` (setup.py: model, data, placement, steps), `_start` (resume from the last checkpoint, or report
-before training), `_run_steps` (the step loop: log, evaluate, check, save), `_finish` (report after training, last
-checkpoint, loss curve) and `_export_adapter` (PEFT).
+The parts, in the order `train` runs them: `started` (startup.py, run_dir.py: may this config start, resume or
+replace a run here?), `set_up` (setup.py: model, data, placement, steps), `_start` (resume from the last
+checkpoint, or report before training), `_run_steps` (the step loop: log, evaluate, check, save, stop on a
+signal), `_finish` (report after training, last checkpoint, loss curve) and `_export_adapter` (PEFT).
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ from qlora_jax.train.report import (
 from qlora_jax.train.resume import ResumeError, data_fingerprint
 from qlora_jax.train.run_dir import RunDirectory
 from qlora_jax.train.setup import TrainingSetup, set_up
+from qlora_jax.train.startup import started
 from qlora_jax.train.step import TrainState
+from qlora_jax.train.stop import StopSignals, TrainingStopped
 
-__all__ = ["train", "TrainingDiverged", "TrainResult"]
+__all__ = ["train", "TrainingDiverged", "TrainingStopped", "TrainResult"]
 
 
 @dataclasses.dataclass
@@ -88,30 +92,46 @@ class _Progress:
         return path
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False, break_lock: bool = False
+          ) -> TrainResult:  # fmt: skip
     """Runs (or resumes) a QLoRA fine-tune as configured; see the module docstring for what it writes.
 
+    `overwrite`: replace the run in `train.output_dir` (its own files only) instead of resuming it or refusing.
+    `break_lock`: take over a lock that another host holds (its process is known to be gone).
+
     Raises `qlora_jax.errors.QloraJaxError`s for what the user can fix: RunDirectoryLocked (another process trains
-    there), ResumeError (a config or data that cannot resume this run), reader errors naming the file,
-    TrainingDiverged (naming the last good checkpoint).
+    there), NotARunDirectory (a directory with other files), ResumeError (a config or data that cannot resume this
+    run, or a run that would be replaced), reader errors naming the file, TrainingDiverged (naming the last good
+    checkpoint), TrainingStopped (a signal; naming the step to resume from), DistributedError (processes that do
+    not come together).
     """
-    initialize_from_environment()  # multi-process launches (SLURM, or JAX_* variables); before any JAX work
-    t = config.train
+    t, mesh = config.train, config.mesh
+    # multi-process launches (SLURM, or JAX_* variables); before any JAX work
+    initialize_from_environment(initialization_timeout=mesh.initialization_timeout,
+                                heartbeat_timeout_seconds=mesh.heartbeat_timeout_seconds,
+                                shutdown_timeout_seconds=mesh.shutdown_timeout_seconds)  # fmt: skip
     primary = is_primary()
-    run_dir = RunDirectory(t.output_dir, primary=primary)
-    with run_dir.locked():
-        data = data_fingerprint(config)
-        resuming = run_dir.resumes(config, data)  # before anything is loaded
-        setup = set_up(config, verbose=primary, remat=run_dir.stored_remat() if resuming else None)
-        run_dir.write_start(setup.config, data)  # the inputs are read and checked: now the directory may change
+    run_dir = RunDirectory(t.output_dir, primary=primary, break_lock=break_lock)
+    data: dict[str, Any] = {}
+
+    def decide():  # under the lock, before anything is loaded (by process 0 of several)
+        data.update(data_fingerprint(config))
+        return run_dir.decide(config, data, overwrite=overwrite)
+
+    with StopSignals() as stop, started(run_dir, decide, timeout_s=mesh.initialization_timeout) as start:
+        setup = set_up(config, verbose=primary, remat=start.remat)
+        run_dir.write_start(setup.config, data, start)  # the inputs are read and checked: now the directory may change
         metrics = MetricsLog(run_dir.metrics, write=primary)
         checkpoints = RunCheckpoints(run_dir.checkpoints, keep=t.keep_checkpoints)
         try:
-            run = _start(setup, checkpoints, metrics, resuming=resuming)
-            _run_steps(setup, run, checkpoints, metrics, progress=progress and primary)
+            run = _start(setup, checkpoints, metrics, resuming=start.resuming)
+            stop.start_steps()
+            _run_steps(setup, run, checkpoints, metrics, stop, progress=progress and primary)
             model, exact_match_after = _finish(setup, run, checkpoints, metrics, run_dir)
         finally:
             checkpoints.close()
+        if stop.signum is not None and jax.process_count() == 1:  # a signal during the reports: stop before export
+            raise stop.stopped(int(run.state.step), checkpoints.directory / str(int(run.state.step)))
         if t.export_peft:
             _export_adapter(setup, run.state.lora, run_dir.adapter, primary=primary)
     losses = [loss for _, loss in metrics.series("loss")]
@@ -148,10 +168,11 @@ def _start(setup: TrainingSetup, checkpoints: RunCheckpoints, metrics: MetricsLo
     return _Progress(setup.state, iterator, samples, exact_match_before, guard(None))
 
 
-def _run_steps(setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints, metrics: MetricsLog, *,
-               progress: bool) -> None:  # fmt: skip
+def _run_steps(setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints, metrics: MetricsLog,
+               stop: StopSignals, *, progress: bool) -> None:  # fmt: skip
     """Steps `run` to `train.steps`: logs every `log_every`, evaluates every `eval_every`, saves every
-    `save_every` (the last step's evaluation and checkpoint are `_finish`'s)."""
+    `save_every` (the last step's evaluation and checkpoint are `_finish`'s), and after a step at which `stop`
+    says so, saves and raises TrainingStopped."""
     from tqdm.auto import tqdm
 
     t = setup.config.train
@@ -181,8 +202,12 @@ def _run_steps(setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints
                              "tokens_per_second": tokens_per_s})  # fmt: skip
             if setup.data.eval_rows is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 metrics.log({"step": step, "eval_loss": evaluate(setup, run.state.lora)})
-            if t.save_every and step % t.save_every == 0 and step < t.steps:
+            saved = t.save_every and step % t.save_every == 0 and step < t.steps
+            if saved:
                 run.save(setup, checkpoints)
+            if stop.requested(step):
+                path = checkpoints.directory / str(step) if saved else run.save(setup, checkpoints)
+                raise stop.stopped(step, path)
     finally:
         bar.close()
 
@@ -217,5 +242,7 @@ def _export_adapter(setup: TrainingSetup, lora, directory: Path, *, primary: boo
         lora = multihost_utils.process_allgather(lora, tiled=True)
     if primary:
         config = setup.config
+        # a resized embedding goes with the adapter, as PEFT's save_embedding_layers writes it
         save_peft_adapter(setup.model_with(lora), directory, config.lora,
-                          base_model_name_or_path=base_model_name(config))  # fmt: skip
+                          base_model_name_or_path=base_model_name(config),
+                          save_embedding_layers=config.model.resize_token_embeddings is not None)  # fmt: skip

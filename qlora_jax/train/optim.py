@@ -41,7 +41,8 @@ class OptimConfig:
       offload: keep the optimizer state in pinned host memory; it visits the device only inside the step.
 
     Raises ValueError for an unknown optimizer or schedule, a learning rate <= 0, negative warmup, a
-    max_grad_norm <= 0 or an end_lr_fraction outside [0, 1].
+    max_grad_norm <= 0, an end_lr_fraction outside [0, 1], beta1 or beta2 outside [0, 1), eps <= 0 or a negative
+    weight_decay (NaN included).
 
     >>> config = OptimConfig(learning_rate=1e-3, warmup_steps=10)
     >>> optimizer = make_optimizer(config, total_steps=110)  # an optax.GradientTransformation
@@ -75,6 +76,13 @@ class OptimConfig:
             raise ValueError(f"end_lr_fraction must be in [0, 1], got {self.end_lr_fraction}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        for name in ("beta1", "beta2"):  # a moment that never decays (1) or grows (> 1, < 0) is no average
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:  # 0: a zero second moment divides by zero
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not self.weight_decay >= 0:  # negative: the weights are pushed away from zero
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
 def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -81,8 +81,8 @@ def exact_match(
     if not pairs:
         return float("nan"), []
     chat = "messages" in records[0]
-    answers = generate_text(model, tokenizer, [p for p, _ in pairs], SamplingConfig(max_new_tokens=max_new_tokens),
-                            chat=chat, options=options)  # fmt: skip
+    greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)  # whatever the checkpoint's defaults
+    answers = generate_text(model, tokenizer, [p for p, _ in pairs], greedy, chat=chat, options=options)
     rows = [
         {"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"], "answer": a, "reference": ref}
         for a, (prompt, ref) in zip(answers, pairs, strict=True)
@@ -104,7 +104,7 @@ def _generating(setup: TrainingSetup) -> bool:
 
 def _answers(setup: TrainingSetup, model: DecoderLM) -> list[str]:
     prompts = list(setup.config.train.samples)
-    return generate_text(model, setup.tokenizer, prompts, SamplingConfig(max_new_tokens=SAMPLE_TOKENS),
+    return generate_text(model, setup.tokenizer, prompts, SamplingConfig(max_new_tokens=SAMPLE_TOKENS, temperature=0.0),
                          options=setup.options)  # fmt: skip
 
 

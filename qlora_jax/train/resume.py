@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_jax.train.config import ConfigFieldError, TrainConfig, config_from_dict
-from qlora_jax.train.data import DataError
+from qlora_jax.train.data import DataError, check_data_file
 
 __all__ = ["RESUMABLE_FIELDS", "ResumeError", "check_resumable", "data_fingerprint", "check_same_data"]
 
@@ -29,7 +29,8 @@ RESUMABLE_FIELDS: tuple[str, ...] = (
     # how a step computes (results equal up to rounding), and where
     "train.remat", "train.memory_budget", "train.loss_chunk_size", "train.attention", "train.attention_block",
     "train.grad_accum", "optim.offload",
-    "mesh.data", "mesh.fsdp", "mesh.expert_parallel",
+    "mesh.data", "mesh.fsdp", "mesh.expert_parallel", "mesh.initialization_timeout", "mesh.heartbeat_timeout_seconds",
+    "mesh.shutdown_timeout_seconds",
     # the optimizer's hyperparameters (the state's structure does not depend on them): lower the learning rate or
     # clip the gradients and resume from the last good checkpoint
     "optim.learning_rate", "optim.schedule", "optim.warmup_steps", "optim.end_lr_fraction", "optim.weight_decay",
@@ -80,6 +81,7 @@ def check_resumable(config: TrainConfig, stored: dict[str, Any], *, source: str,
 
 
 def _file_fingerprint(path: str, field: str) -> dict[str, Any]:
+    check_data_file(path, field)
     digest, records = hashlib.sha256(), 0
     try:
         with open(path, "rb") as f:

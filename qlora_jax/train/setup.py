@@ -18,10 +18,11 @@ from flax import nnx
 
 from qlora_jax.convert.hf import load_pretrained
 from qlora_jax.lora import apply_lora, loftq_initialize
-from qlora_jax.models import ComputeOptions, DecoderLM
-from qlora_jax.tokenizer import load_tokenizer
+from qlora_jax.models import ComputeOptions, DecoderLM, read_model_config
+from qlora_jax.tokenizer import check_token_ids, load_tokenizer
+from qlora_jax.tokens import resize_token_embeddings
 from qlora_jax.train import data as data_lib
-from qlora_jax.train.build import compute_options, quant_config
+from qlora_jax.train.build import compute_options, quant_config, run_vocab_size
 from qlora_jax.train.config import TrainConfig, resolve_package_path
 from qlora_jax.train.loss import IGNORE_INDEX, auto_chunk_size
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -29,7 +30,8 @@ from qlora_jax.train.parallel import StepShardings, configured_mesh, global_batc
 from qlora_jax.train.plan import resolve_remat
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_eval_step, make_train_step
 
-__all__ = ["RunData", "TrainingSetup", "load_model_for_training", "load_run_tokenizer", "load_data", "set_up"]
+__all__ = ["RunData", "TrainingSetup", "load_model_for_training", "load_run_tokenizer", "load_data", "check_vocabulary",
+           "set_up"]  # fmt: skip
 
 
 def load_run_tokenizer(config: TrainConfig) -> Any:
@@ -44,6 +46,8 @@ def load_model_for_training(config: TrainConfig) -> DecoderLM:
     path = resolve_package_path(m.path)
     quant = quant_config(config)
     model, _ = load_pretrained(path, quantization=quant, dtype=jnp.dtype(m.dtype))
+    if m.resize_token_embeddings is not None:  # added tokens: new rows, before the adapters (qlora_jax.tokens)
+        resize_token_embeddings(model, m.resize_token_embeddings)
     if config.lora.init_lora_weights == "loftq":
         if quant is None:
             raise ValueError("lora.init_lora_weights=loftq needs a quantized base (model.quant != none)")
@@ -66,6 +70,21 @@ class RunData:
     rows: data_lib.Batch
     eval_rows: data_lib.Batch | None
     eval_records: list[dict]
+
+
+def check_vocabulary(config: TrainConfig, data: RunData, tokenizer) -> None:
+    """Every token id of the data has a row in the run's embedding (the model's, or `model.resize_token_embeddings`):
+    else `qlora_jax.tokenizer.TokenIdError` naming the ids, the rows and the setting to change, before any weight
+    is read or any step compiled."""
+    vocab = run_vocab_size(config, read_model_config(resolve_package_path(config.model.path)).vocab_size)
+    d = config.data
+    for rows, where in ((data.rows, f"data.train ({d.train})"), (data.eval_rows, f"data.eval ({d.eval or d.train})")):
+        if rows is None:
+            continue
+        check_token_ids(rows.tokens, vocab, where,
+                        fix=f"the tokenizer has {len(tokenizer)} tokens: set model.resize_token_embeddings: "
+                        f"{max(len(tokenizer), vocab)} and train the new rows (lora.trainable_token_indices; "
+                        "docs/lora.md#added-tokens)")  # fmt: skip
 
 
 def load_data(config: TrainConfig, tokenizer) -> RunData:
@@ -163,6 +182,14 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
     mesh = configured_mesh(config)
     tokenizer = load_run_tokenizer(config)
     data = load_data(config, tokenizer)  # bad data fails here, before any slow work
+    check_vocabulary(config, data, tokenizer)
+    if data.rows.num_rows < config.train.batch_size:
+        how = "packed into" if config.data.packing else "one example a row, in"
+        raise data_lib.DataError(
+            f"train.batch_size: {config.train.batch_size} rows a step, but {config.data.train} gives only "
+            f"{data.rows.num_rows} rows ({how} rows of data.max_length={config.data.max_length} tokens): every batch "
+            "would hold some rows twice; lower train.batch_size, or give more data"
+        )
     if config.train.remat == "auto" and remat is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, remat=remat))
         if verbose:
@@ -173,6 +200,10 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
     t = config.train
     options = compute_options(config)
     model = load_model_for_training(config)
+    if config.data.max_length > model.config.max_position_embeddings:
+        print(f"warning: data.max_length={config.data.max_length} is beyond the model's "
+              f"{model.config.max_position_embeddings} positions (max_position_embeddings): longer examples train "
+              "at positions it was not trained for")  # fmt: skip
     if verbose:
         trainable_parameters(model)
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
