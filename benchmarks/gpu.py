@@ -1,6 +1,6 @@
 """The GPU path measured in one command: kernels, a Llama-3.1-8B-shape QLoRA step, decoding, and the PyTorch stack.
 
-    python benchmarks/gpu.py --out gpu-results        # one H100/H200: at most ~8 minutes, no network
+    python benchmarks/gpu.py --out gpu-results        # one H100/H200: at most ~10 minutes, no network
     python benchmarks/gpu.py --smoke --out /tmp/gs    # CPU, Pallas interpreter, tiny shapes: checks the script (CI)
 
 Every section runs in its own process under a time limit (the limits of the sections that run add up to --budget
@@ -25,6 +25,9 @@ Sections (--sections picks some, in this order):
   large     M >= 2048 (training) rows, forward and forward + backward
   torch     transformers + PEFT (+ bitsandbytes 4-bit when importable) on the same shapes: step, peak, decode
   ladder    the decode kernel built up one step at a time (docs/kernels.md), GB/s of each rung
+  moe       a Qwen3-30B-A3B-shape QLoRA step (examples/qwen3-30b-a3b/config.json; docs/moe.md): random NF4 weights
+            made on the device (no checkpoint), LoRA r16 on attention, 1 x 2048 tokens, remat full: compile time,
+            XLA's memory analysis, step time, tokens/s, peak
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 # (section, share of the time budget)
 SECTIONS = (("correct", 30), ("kernels", 80), ("decode", 70), ("ckpt", 35), ("train", 145), ("large", 45),
-            ("torch", 55), ("ladder", 25))  # fmt: skip
+            ("torch", 55), ("ladder", 25), ("moe", 120))  # fmt: skip
+QWEN3_30B_A3B = ROOT / "examples" / "qwen3-30b-a3b" / "config.json"
+TINY_MOE = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128,
+                moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)  # fmt: skip
 DEFAULT_TRAIN_ROWS = ("base=nf4,batch=2,length=2048,remat=full", "base=bf16,batch=2,length=2048,remat=full")
 SMOKE_TRAIN_ROWS = ("base=nf4,batch=2,length=16,remat=none,steps=1",)
 LLAMA_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -693,6 +700,92 @@ def section_torch(args, emit):
             emit("torch", mode=mode, error=f"{type(e).__name__}: {str(e)[:300]}")
 
 
+def _random_state(state, key):
+    """Random arrays for an abstract model state: 4-bit codes and absmax codes uniform, nested absmax and offsets
+    a typical 0.01 (weights of ~N(0, 0.02)), everything else N(0, 0.02): the speed does not depend on the values."""
+    import itertools
+
+    import jax
+    import jax.numpy as jnp
+
+    counter = itertools.count()
+
+    def fill(path, leaf):
+        k, name = jax.random.fold_in(key, next(counter)), jax.tree_util.keystr(path)
+        if leaf.dtype == jnp.uint8:
+            return jax.jit(lambda k: jax.random.randint(k, leaf.shape, 0, 256, jnp.int32).astype(jnp.uint8))(k)
+        if "nested_absmax" in name or "offset" in name:
+            return jnp.full(leaf.shape, 0.01, leaf.dtype)
+        return jax.jit(lambda k: (0.02 * jax.random.normal(k, leaf.shape)).astype(leaf.dtype))(k)
+
+    return jax.tree_util.tree_map_with_path(fill, state)
+
+
+def section_moe(args, emit):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from qlora_jax.lora import LoraConfig, apply_lora
+    from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig
+    from qlora_jax.nn import QuantizedWeight
+    from qlora_jax.quant import QuantConfig
+    from qlora_jax.train.loss import auto_chunk_size
+    from qlora_jax.train.optim import OptimConfig, make_optimizer
+    from qlora_jax.train.step import TrainState, make_train_step
+
+    device = _env(emit, args)
+    fields = TINY_MOE if args.smoke else json.loads(QWEN3_30B_A3B.read_text())
+    config = ModelConfig.from_hf_config(fields, source="gpu.py moe")
+    batch, length, steps = (1, 16, 1) if args.smoke else (1, 2048, 3)
+
+    def build():
+        model = DecoderLM(config, quant=QuantConfig(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        apply_lora(model, LoraConfig(r=16, lora_alpha=32, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+                   rngs=nnx.Rngs(1))  # fmt: skip
+        return model
+
+    abstract = nnx.eval_shape(build)
+    graphdef, lora, base = nnx.split(abstract, nnx.LoRAParam, ...)
+    start = time.perf_counter()
+    lora, base = _random_state(lora, jax.random.key(1)), _random_state(base, jax.random.key(2))
+    jax.block_until_ready((lora, base))
+    init_s = time.perf_counter() - start
+    quantized = nnx.state(nnx.merge(graphdef, lora, base), QuantizedWeight)
+    optimizer = make_optimizer(OptimConfig(learning_rate=2e-4, schedule="constant", max_grad_norm=1.0), 100)
+    state = TrainState.create(lora, optimizer)
+    options = ComputeOptions(remat="full")  # (the grouped expert matmuls are XLA; no Pallas interpreter in smoke)
+    step = make_train_step(graphdef, optimizer, chunk_size=auto_chunk_size(config.vocab_size), options=options,
+                           packed_rows=False)  # fmt: skip
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, length), dtype=np.int32)
+    targets = np.concatenate([tokens[..., 1:], np.full((1, batch, 1), -100, np.int32)], axis=-1)
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
+    data = {k: jnp.asarray(v) for k, v in dict(tokens=tokens, targets=targets, positions=positions,
+                                                segment_ids=np.ones_like(tokens)).items()}  # fmt: skip
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    compiled = step.lower(state, base, data, key).compile()
+    compile_s = time.perf_counter() - start
+    analysis = compiled.memory_analysis()
+    xla = {} if analysis is None else {"xla_argument_GiB": analysis.argument_size_in_bytes / 2**30,
+                                       "xla_temp_GiB": analysis.temp_size_in_bytes / 2**30}  # fmt: skip
+    state, metrics = compiled(state, base, data, key)
+    first_loss = float(metrics["loss"])
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, base, data, key)
+        float(metrics["loss"])
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    stats = device.memory_stats() or {}
+    emit("moe", model="Qwen3-30B-A3B shape" if not args.smoke else "tiny", batch=batch, length=length,
+         init_s=init_s, compile_s=compile_s, step_s=times, median_s=median, tokens_per_s=batch * length / median,
+         first_loss=first_loss, base_4bit_GiB=sum(x.nbytes for x in jax.tree.leaves(quantized)) / 2**30,
+         peak_GiB=stats.get("peak_bytes_in_use", 0) / 2**30, **xla)  # fmt: skip
+
+
 def _torch_step(model, tokens, params, opt) -> float:
     import torch
 
@@ -724,7 +817,7 @@ def _to_bnb_4bit(model):
 
 CHILDREN = {"correct": section_correct, "kernels": section_kernels, "large": section_large,
             "ladder": section_ladder, "decode": section_decode, "ckpt": section_ckpt, "train": section_train,
-            "torch": section_torch}  # fmt: skip
+            "torch": section_torch, "moe": section_moe}  # fmt: skip
 
 
 # --- the parent: runs each section under its limit, then writes the report -------------------------------------
@@ -791,6 +884,9 @@ def report(records: list[dict]) -> str:
         ("torch", "transformers + PEFT", ("mode", "batch", "length", "median_s", "tokens_per_s", "peak_GiB",
                                           "skipped")),
         ("torch-decode", "transformers generate", ("mode", "batch", "new_tokens", "tokens_per_s")),
+        ("moe", "QLoRA step, Qwen3-30B-A3B shape (mixture of experts)", ("model", "batch", "length", "compile_s",
+                                                                         "median_s", "tokens_per_s", "base_4bit_GiB",
+                                                                         "xla_temp_GiB", "peak_GiB")),
     ):  # fmt: skip
         rows = [r for r in records if r["kind"] == kind]
         if rows:
@@ -888,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory for results.jsonl, results.json and report.md")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU, Pallas interpreter (checks the script)")
     parser.add_argument("--sections", default=None, help=f"comma-separated subset of {', '.join(CHILDREN)}")
-    parser.add_argument("--budget", type=float, default=465.0, help="seconds shared by the sections' limits")
+    parser.add_argument("--budget", type=float, default=579.0, help="seconds shared by the sections' limits")
     parser.add_argument("--train-rows", nargs="+", default=None, metavar="ROW",
                         help="train rows, e.g. base=nf4,batch=2,length=2048,remat=full,attention_block=512,"
                              "kernels.impl=xla (ComputeOptions fields pass through)")  # fmt: skip

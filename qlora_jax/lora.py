@@ -25,7 +25,9 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax.kernels import KernelOptions
+from qlora_jax.kernels.grouped import DEFAULT_TILE, grouped_matmul
 from qlora_jax.lora_targets import ModuleTargets, select_targets
+from qlora_jax.models.moe import QExperts, TopKRouter
 from qlora_jax.models.names import layer_name
 from qlora_jax.nn import Frozen, QLinear
 from qlora_jax.quant import QUANT_BUFFERS, dequantize, quantize
@@ -42,6 +44,7 @@ __all__ = [
     "LoraConfig",
     "LoRA",
     "AdapterScaling",
+    "ExpertLoRA",
     "apply_lora",
     "trainable_parameters",
     "target_module_names",
@@ -89,6 +92,8 @@ class LoraConfig:
         `loftq_initialize`), or False (B random too: a non-identity start, for tests).
       bias: "none" only (biases stay frozen; PEFT's "all"/"lora_only" would train them).
       loftq_iter: alternating quantize / SVD iterations for init_lora_weights="loftq".
+      target_parameters: a mixture of experts' parameters to adapt, PEFT's names matched as suffixes
+        (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, `mlp.gate.weight`; docs/moe.md).
       trainable_token_indices: rows of the embedding trained as PEFT's trainable tokens (added tokens): a list of
         ids (the embedding's; a tied output head follows), or {"embed_tokens": ids, "lm_head": ids}
         (`qlora_jax.tokens`; docs/lora.md#added-tokens).
@@ -109,6 +114,7 @@ class LoraConfig:
     init_lora_weights: bool | str = True
     bias: str = "none"
     loftq_iter: int = 1
+    target_parameters: tuple[str, ...] | None = None
     trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
     modules_to_save: tuple[str, ...] | None = None
 
@@ -116,8 +122,12 @@ class LoraConfig:
         object.__setattr__(self, "trainable_token_indices",
                            normalize_trainable_token_indices(self.trainable_token_indices))  # fmt: skip
         object.__setattr__(self, "modules_to_save", normalize_modules_to_save(self.modules_to_save))
-        for name in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
+        for name in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                     "target_parameters"):  # fmt: skip
             object.__setattr__(self, name, _tuple(getattr(self, name)))
+        params = self.target_parameters
+        if not (params is None or isinstance(params, tuple) and all(isinstance(p, str) for p in params)):
+            raise ValueError(f"target_parameters must be a list of parameter names, got {params!r}")
         for name in ("target_modules", "exclude_modules", "layers_pattern"):  # PEFT: a str, or a list of str
             value = getattr(self, name)
             if not (value is None or isinstance(value, str) or
@@ -148,8 +158,8 @@ class LoraConfig:
             raise ValueError(f"bias={self.bias!r} is not supported (biases stay frozen); use 'none'")
         if self.loftq_iter < 1:
             raise ValueError(f"loftq_iter must be >= 1, got {self.loftq_iter}")
-        if not self.target_modules:
-            raise ValueError("target_modules must name at least one module")
+        if not self.target_modules and not self.target_parameters:
+            raise ValueError("target_modules must name at least one module (or target_parameters a parameter)")
         # PEFT's own checks (peft.LoraConfig.__post_init__)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a str (a regex, or "
@@ -251,6 +261,80 @@ class LoRA(nnx.Module):
         return jnp.where(scaling != 0, out, jnp.zeros_like(out))
 
 
+# --- a mixture of experts' 3-D parameters (PEFT's lora.ParamWrapper) ---------------------------------------------
+
+
+class ExpertLoRA(nnx.Module):
+    """The adapter of a QExperts parameter, as PEFT's `lora.ParamWrapper` adapts a 3-D [E, out, in] parameter:
+    per expert e, lora_A [r, in] and lora_B [out, r], delta_e = scaling * B_e @ A_e (its `get_delta_weight`),
+    float32, stored [E, r, in] / [E, out, r] with a leading [num_layers] axis (zero-padded past a layer's rank, as
+    `LoRA`). No dropout and no DoRA: PEFT's ParamWrapper refuses both.
+
+    PEFT's files flatten the experts: lora_A.weight [E r, in] (row e r + j is expert e's row j), lora_B.weight
+    [out, r E] (column j E + e is expert e's column j): `to_peft` / `from_peft`.
+    """
+
+    def __init__(self, a: jax.Array, b: jax.Array, *, scaling: Any, ranks: Sequence[int]):
+        self.lora_A = nnx.LoRAParam(a)
+        self.lora_B = nnx.LoRAParam(b)
+        self.scaling = AdapterScaling(jnp.asarray(scaling, jnp.float32))
+        self.ranks = tuple(int(r) for r in ranks)
+
+    def delta_weight(self, layer: int | None = None) -> jax.Array:
+        """scaling * B_e @ A_e, float32 [E, out, in] for one layer (or as one step of the layer scan sees it)."""
+        index = () if layer is None else (layer,)
+        a, b, scaling = self.lora_A[...][index], self.lora_B[...][index], self.scaling[...][index]
+        return scaling.reshape(scaling.shape + (1, 1, 1)) * jnp.einsum("...eor,...eri->...eoi", b, a)
+
+    def __call__(self, x: jax.Array, group_sizes: jax.Array, *, tile: int = DEFAULT_TILE) -> jax.Array:
+        """What the adapter adds for rows x [M, in] sorted by expert (group_sizes [E]), one layer: [M, out]."""
+        dtype = x.dtype
+        xa = grouped_matmul(x, self.lora_A[...].astype(dtype), group_sizes, tile=tile)  # [M, r]
+        return grouped_matmul(xa, self.lora_B[...].astype(dtype), group_sizes, tile=tile) * self.scaling[...].astype(
+            dtype
+        )
+
+    @staticmethod
+    def to_peft(a: jax.Array, b: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+        """One layer's A [E, r, in], B [E, out, r] as PEFT's lora_A.weight [E r, in], lora_B.weight [out, r E]."""
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        e, r, _ = a.shape
+        return a.reshape(e * r, -1), b.transpose(1, 2, 0).reshape(b.shape[1], r * e)
+
+    @staticmethod
+    def from_peft(a: np.ndarray, b: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+        """The inverse of `to_peft`: A [E, r, in], B [E, out, r]."""
+        r = a.shape[0] // num_experts
+        return a.reshape(num_experts, r, a.shape[1]), b.reshape(b.shape[0], r, num_experts).transpose(2, 0, 1)
+
+
+def _initial_expert_adapter(key: jax.Array, module: QExperts, config: LoraConfig, r: jax.Array, rank: int
+                            ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """(A [E, rank, in], B [E, out, rank]) of one layer, rows / columns past r zero: PEFT's ParamWrapper init, its
+    nn.Linear(in, E r) A Kaiming-uniform (U(-1/sqrt(in), 1/sqrt(in))) or N(0, 1/r), B zero."""
+    key_a, key_b = jax.random.split(key)
+    e, fan_in, fan_out = module.num_experts, module.in_features, module.parts * module.out_features
+    if config.init_lora_weights == "gaussian":
+        a = jax.random.normal(key_a, (e, rank, fan_in), jnp.float32) / jnp.maximum(r, 1)
+    else:
+        bound = 1 / math.sqrt(fan_in)
+        a = jax.random.uniform(key_a, (e, rank, fan_in), jnp.float32, -bound, bound)
+    if config.init_lora_weights is False:
+        b = jax.random.normal(key_b, (e, fan_out, rank), jnp.float32) * 0.02
+    else:
+        b = jnp.zeros((e, fan_out, rank), jnp.float32)
+    used = jnp.arange(rank) < r
+    return jnp.where(used[:, None], a, 0), jnp.where(used[None, :], b, 0)
+
+
+def _check_parameter_target(name: str, config: LoraConfig) -> None:
+    """PEFT's ParamWrapper (the adapter of a parameter: experts, router) refuses dropout and DoRA."""
+    for field, bad in (("lora_dropout", config.lora_dropout != 0), ("use_dora", config.use_dora)):
+        if bad:
+            raise ValueError(f"{field}={getattr(config, field)!r} is not supported on {name}, a mixture of "
+                             f"experts' parameter (PEFT's lora.ParamWrapper refuses it too)")  # fmt: skip
+
+
 def _initial_adapter(key: jax.Array, layer: QLinear, config: LoraConfig, r: jax.Array, rank: int,
                      scaling: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # fmt: skip
     """(A [rank, in], B [out, rank], magnitude [out] or None) for one (unstacked) layer whose adapter has rank
@@ -310,6 +394,14 @@ def apply_lora(
         key, rank = rngs.params(), target.max_rank
         ranks = jnp.asarray(target.ranks, jnp.int32)
         scalings = jnp.asarray(target.scalings(config.use_rslora), jnp.float32)
+        if isinstance(module, QExperts | TopKRouter):
+            _check_parameter_target(name, config)
+        if isinstance(module, QExperts):
+            a, b = jax.vmap(lambda k, r, n=rank, m=module: _initial_expert_adapter(k, m, config, r, n))(
+                jax.random.split(key, len(target.ranks)), ranks
+            )
+            module.lora = ExpertLoRA(a, b, scaling=scalings, ranks=target.ranks)
+            continue
         if not target.stacked:
             a, b, m = _initial_adapter(key, module, config, ranks[0], rank, scalings[0])
             scaling = scalings[0]
@@ -338,6 +430,9 @@ def trainable_parameters(model: nnx.Module, *, verbose: bool = True) -> tuple[in
             fan_in, fan_out = module.lora_A[...].shape[-1], module.lora_B[...].shape[-2]
             dora = fan_out if module.lora_magnitude_vector is not None else 0
             trainable += sum(r * (fan_in + fan_out) + dora for r in module.ranks if r)
+        elif isinstance(module, ExpertLoRA):
+            (experts, _, fan_in), fan_out = module.lora_A[...].shape[-3:], module.lora_B[...].shape[-2]
+            trainable += sum(experts * r * (fan_in + fan_out) for r in module.ranks if r)
         elif isinstance(module, TrainableTokens | TrainedCopy):
             trainable += sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.LoRAParam)))
     frozen = sum(x.size for x in jax.tree.leaves(nnx.state(model, Frozen)))
@@ -345,6 +440,10 @@ def trainable_parameters(model: nnx.Module, *, verbose: bool = True) -> tuple[in
         m.in_features * m.out_features * (_stacked(m) or 1)
         for _, m in nnx.iter_graph(model)
         if isinstance(m, QLinear) and m.is_quantized
+    ) + sum(
+        math.prod(m.packed[...].shape[:-1]) * m.in_features * m.out_features
+        for _, m in nnx.iter_graph(model)
+        if isinstance(m, QExperts) and m.is_quantized
     )
     total = trainable + frozen + quantized
     if verbose:
@@ -381,6 +480,8 @@ def loftq_initialize(
     errors = {}
     for name, target in targets.items():
         module: QLinear = modules[tuple(name.split("."))]
+        if isinstance(module, QExperts | TopKRouter):
+            raise ValueError(f"LoftQ is not supported on {name}, a mixture of experts' parameter")
         if not module.is_quantized:
             continue
         rank, scalings = target.max_rank, target.scalings(config.use_rslora)

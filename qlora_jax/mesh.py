@@ -31,6 +31,7 @@ __all__ = [
     "replicated",
     "compute_mesh",
     "current_mesh",
+    "experts_sharded",
     "gathered",
     "gathers_weights",
     "gathered_matmul",
@@ -85,18 +86,26 @@ _context = threading.local()
 
 
 @contextlib.contextmanager
-def compute_mesh(mesh: Mesh | None) -> Iterator[None]:
-    """Traces the model for `mesh`: weights gathered where used, 4-bit matmuls run per device on their rows."""
-    previous = getattr(_context, "mesh", None)
-    _context.mesh = mesh
+def compute_mesh(mesh: Mesh | None, *, expert_parallel: bool = False) -> Iterator[None]:
+    """Traces the model for `mesh`: weights gathered where used, 4-bit matmuls run per device on their rows.
+    `expert_parallel`: a mixture of experts' experts stay split over `fsdp` and compute where they are
+    (`experts_sharded`; docs/moe.md)."""
+    previous = getattr(_context, "mesh", None), getattr(_context, "expert_parallel", False)
+    _context.mesh, _context.expert_parallel = mesh, expert_parallel
     try:
         yield
     finally:
-        _context.mesh = previous
+        _context.mesh, _context.expert_parallel = previous
 
 
 def current_mesh() -> Mesh | None:
     return getattr(_context, "mesh", None)
+
+
+def experts_sharded() -> bool:
+    """Whether a mixture of experts traced now runs expert-parallel (under `compute_mesh(..., expert_parallel=True)`
+    with fsdp > 1): each device computes its own experts for the tokens of its fsdp group."""
+    return getattr(_context, "expert_parallel", False) and mesh_size(current_mesh(), FSDP) > 1
 
 
 def gathers_weights() -> bool:

@@ -14,6 +14,9 @@ rule (`param_shardings`), for every array of the model, adapters and optimizer s
   largest axis that M divides (not the layer axis; ties: the last such axis), or is replicated if none does.
 - Optimizer moments take the sharding of the parameter they belong to; counters and scalars are replicated.
 - Nothing is split over `data`.
+- Expert parallelism (`expert_parallel`): a mixture of experts' expert arrays (`mlp.experts.*`: the 4-bit buffers
+  or dense weights, their adapters, hence their moments) split their expert axis over `fsdp` instead, each device
+  holding whole experts, which compute where they are (`qlora_jax.models.moe`, docs/moe.md).
 """
 
 from __future__ import annotations
@@ -65,9 +68,27 @@ def _quantized_modules(leaves: list[tuple[tuple[str, ...], Any]], m: int, dq_blo
     return decisions
 
 
-def param_shardings(tree: Any, mesh: Mesh, *, dq_blocksize: int = 256) -> Any:
+_EXPERTS = ("mlp", "experts")  # a mixture of experts' expert arrays lie under this path (qlora_jax.models.moe)
+
+
+def _expert_axis(names: tuple[str, ...], shape: tuple[int, ...], m: int) -> int | None:
+    """The expert axis of an expert array (after the layer axis), or None for any other array; ValueError if the
+    experts do not split over m devices."""
+    if not any(names[i : i + 2] == _EXPERTS for i in range(len(names) - 1)):
+        return None
+    axis = 1 if is_stacked(names) else 0
+    if len(shape) <= axis:
+        return None  # a per-layer scaling
+    if shape[axis] % m:
+        raise ValueError(f"expert parallelism: {shape[axis]} experts ({'.'.join(names)}) do not split over "
+                         f"fsdp={m} devices")  # fmt: skip
+    return axis
+
+
+def param_shardings(tree: Any, mesh: Mesh, *, dq_blocksize: int = 256, expert_parallel: bool = False) -> Any:
     """NamedShardings for every array of `tree` (an nnx State of the model, its adapters or its base; arrays or
-    ShapeDtypeStructs) by the rule of the module docstring. `dq_blocksize`: the model's double-quantization block.
+    ShapeDtypeStructs) by the rule of the module docstring. `dq_blocksize`: the model's double-quantization block;
+    `expert_parallel`: a mixture of experts' experts split over fsdp by expert (ValueError if they do not divide).
     """
     m = mesh_size(mesh, FSDP)
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -78,7 +99,9 @@ def param_shardings(tree: Any, mesh: Mesh, *, dq_blocksize: int = 256) -> Any:
         shape = tuple(np.shape(leaf))
         stacked = is_stacked(names)
         spec: list[Any] = [None] * len(shape)
-        if names and names[-1] in QUANT_BUFFERS and names[:-1] in quantized:
+        if expert_parallel and m > 1 and (axis := _expert_axis(names, shape, m)) is not None:
+            spec[axis] = FSDP
+        elif names and names[-1] in QUANT_BUFFERS and names[:-1] in quantized:
             if quantized[names[:-1]] and names[-1] != "offset":
                 spec[-1] = FSDP
         elif m > 1 and (axis := _dense_axis(shape, 1 if stacked else 0, m)) is not None:

@@ -58,6 +58,14 @@ FAMILIES = {
     ),  # fmt: skip
     "phi3": dict(model_type="phi3", pad_token_id=0),
 }
+# The mixture-of-experts families (`docs/moe.md`): every layer sparse. Kept apart from FAMILIES, whose tests
+# (bitsandbytes' 4-bit transformers models among them) assume dense MLPs; qwen3_moe's `num_experts` as published
+# checkpoints spell it (transformers 5 writes `num_local_experts`).
+MOE_FAMILIES = {
+    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=32, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32, norm_topk_prob=True),
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
+}  # fmt: skip
 # What a GGUF file's metadata carries back besides the shapes (llama.cpp writes these ids and the norm epsilon).
 SPECIAL_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
@@ -65,7 +73,7 @@ SPECIAL_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 def family_config(family: str, **changes: Any) -> dict[str, Any]:
     """config.json fields (model_type included) of the tiny `family`, with `changes` on top (None is passed on as
     None: transformers' default for that field)."""
-    return {**COMMON, **FAMILIES[family], **changes}
+    return {**COMMON, **(FAMILIES | MOE_FAMILIES)[family], **changes}
 
 
 def write_one_block_gguf(path: Any, tensors: list[tuple[str, Any, Any]]) -> None:

@@ -25,7 +25,7 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads((out / "results.json").read_text())
     sections = {r["name"].split(" ")[0]: r for r in records if r["kind"] == "section"}
-    assert set(sections) == {"correct", "kernels", "large", "ladder", "decode", "ckpt", "train", "torch"}
+    assert set(sections) == {"correct", "kernels", "large", "ladder", "decode", "ckpt", "train", "torch", "moe"}
     assert all(r["status"] == "ok" for r in sections.values()), sections
     correct = [r for r in records if r["kind"] == "correct"]
     assert correct and all(r["ok"] for r in correct), [r for r in correct if not r["ok"]]
@@ -45,6 +45,8 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert decodes[0] == ("nf4", "pallas")  # the decode kernel's row first: a cut takes the baselines' repeats
     (train,) = [r for r in records if r["kind"] == "train"]
     assert train["tokens_per_s"] > 0 and math.isfinite(train["first_loss"]) and train["load_s"] > 0
+    (moe,) = [r for r in records if r["kind"] == "moe"]
+    assert moe["tokens_per_s"] > 0 and math.isfinite(moe["first_loss"]) and moe["base_4bit_GiB"] > 0
     report = (out / "report.md").read_text()
     assert "## Kernels" in report and "## QLoRA step" in report and "## Decode" in report
 

@@ -84,13 +84,26 @@ _PHI3_BLOCK = {
     T.FFN_UP: "mlp.gate_up_proj",
     T.FFN_DOWN: "mlp.down_proj",
 }
+# A mixture of experts: the router, and every expert's gate / up / down stacked [E, out, in] in one tensor each
+# (gguf-py's HF side names them mlp.experts.{gate,up,down}_proj, which `convert.moe_io` reads in every family).
+_MOE_BLOCK = {
+    T.FFN_GATE_INP: "mlp.gate",
+    T.FFN_GATE_EXP: "mlp.experts.gate_proj",
+    T.FFN_UP_EXP: "mlp.experts.up_proj",
+    T.FFN_DOWN_EXP: "mlp.experts.down_proj",
+}
 _BLOCK_NAMES = {
-    "llama": _LLAMA_BLOCK,
+    "llama": {**_LLAMA_BLOCK, **_MOE_BLOCK},  # Mixtral is a llama with experts to llama.cpp
     "qwen2": _LLAMA_BLOCK,
     "qwen3": {**_LLAMA_BLOCK, **_QK_NORM},
     "gemma2": _GEMMA_BLOCK,
     "gemma3": {**_GEMMA_BLOCK, **_QK_NORM},
     "phi3": _PHI3_BLOCK,
+    "qwen3moe": {
+        **{t: hf for t, hf in _LLAMA_BLOCK.items() if t not in (T.FFN_GATE, T.FFN_UP, T.FFN_DOWN)},
+        **_QK_NORM,
+        **_MOE_BLOCK,
+    },
 }
 # Not weights: rotary tables computed from config.json (read back into the config) and old conversions' inv_freq.
 _DERIVED = (T.ROPE_FREQS, T.ROPE_FACTORS_LONG, T.ROPE_FACTORS_SHORT, T.ATTN_ROT_EMBD)

@@ -35,7 +35,8 @@ from gguf import GGMLQuantizationType as Q
 from qlora_jax.convert.finite import non_finite
 from qlora_jax.convert.gguf import norm_offset, permuted_heads, to_ggml_rows
 from qlora_jax.convert.gguf_tokenizer import add_tokenizer
-from qlora_jax.convert.merge import merged_tensors
+from qlora_jax.convert.merge import merged_tensors, merged_weight
+from qlora_jax.convert.moe_io import checkpoint_name, expert_modules
 from qlora_jax.convert.state_map import all_keys, model_slots
 from qlora_jax.files import output_error
 from qlora_jax.integrity import GGUF_CHECKSUM_KEY, GGUF_PENDING, seal_gguf
@@ -53,7 +54,7 @@ _ARCH_ENUMS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 _ARCHITECTURES = {
     model_type: _ARCH_ENUMS[name]
     for name, (model_type, _) in MODEL_TYPES.items()
-    for model_type in ((model_type, "mistral") if name == "llama" else (model_type,))
+    for model_type in ((model_type, "mistral", "mixtral") if name == "llama" else (model_type,))
 }
 EXPORT_MODEL_TYPES: tuple[str, ...] = tuple(_ARCHITECTURES)
 # tensor_type -> (storage of the matrices, general.file_type)
@@ -175,6 +176,9 @@ def _check_llamacpp_support(config: ModelConfig, arch: MODEL_ARCH) -> None:
     allowed = {MODEL_ARCH.LLAMA: set(biases), MODEL_ARCH.QWEN2: {"qkv"}}.get(arch, set())
     if unsupported := [kind for kind, present in biases.items() if present and kind not in allowed]:
         refuse(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} graph has no {'/'.join(unsupported)} biases")
+    if config.moe is not None and not config.moe.norm_topk_prob:
+        refuse(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} always renormalizes the top-k routing weights "
+               f"(norm_topk_prob false here)")  # fmt: skip
     if arch in _GEMMA:
         _check_gemma(config, arch, refuse)
     elif SLIDING in config.layer_types and arch != MODEL_ARCH.PHI3:
@@ -244,6 +248,7 @@ def _plan(model: DecoderLM, arch: MODEL_ARCH, matrix_type: Q) -> dict[str, tuple
     for hf_name, _ in _rope_tables(config):
         plan[hf_name] = (gguf.TENSOR_NAMES[_ROPE_TENSORS[hf_name]] + ".weight", (config.rotary_dim // 2,), Q.F32)
     for hf_name, slot, _ in all_keys(model_slots(model), config.num_layers):
+        hf_name = checkpoint_name(config, hf_name)  # as `merged_tensors` names it (Mixtral's block_sparse_moe)
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise GGUFError(f"no GGUF name for tensor {hf_name!r} of a {gguf.MODEL_ARCH_NAMES[arch]} model")
@@ -252,13 +257,42 @@ def _plan(model: DecoderLM, arch: MODEL_ARCH, matrix_type: Q) -> dict[str, tuple
         if qtype == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
             qtype = Q.F16  # Q8_0 blocks cover 32 consecutive values of a row
         plan[hf_name] = (gguf_name, shape, qtype)
+    for hf_name, shape in _expert_shapes(model):  # after every other tensor, as `_tensors` yields them
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
+        qtype = matrix_type if matrix_type != Q.Q8_0 or not shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] else Q.F16
+        plan[hf_name] = (gguf_name, shape, qtype)
     return plan
+
+
+# A mixture of experts' experts as llama.cpp stores them: every expert's gate, up and down in one [E, out, in]
+# tensor each (gguf-py's HF names mlp.experts.{gate,up,down}_proj: blk.N.ffn_{gate,up,down}_exps).
+_EXPERT_PARTS = (("gate_up_proj", 0, "gate_proj"), ("gate_up_proj", 1, "up_proj"), ("down_proj", 0, "down_proj"))
+
+
+def _expert_shapes(model: DecoderLM) -> Iterator[tuple[str, tuple[int, ...]]]:
+    modules = {path.rsplit(".", 1)[-1]: m for path, m in expert_modules(model).items()}
+    for layer in range(model.config.num_layers if modules else 0):
+        for projection, _, name in _EXPERT_PARTS:
+            m = modules[projection]
+            yield f"model.layers.{layer}.mlp.experts.{name}.weight", (m.num_experts, m.out_features, m.in_features)
+
+
+def _expert_tensors(model: DecoderLM) -> Iterator[tuple[str, np.ndarray]]:
+    """The merged experts of each layer (adapters folded in), one [E, out, in] float32 tensor a part."""
+    modules = {path.rsplit(".", 1)[-1]: m for path, m in expert_modules(model).items()}
+    for layer in range(model.config.num_layers if modules else 0):
+        weights = {projection: np.asarray(merged_weight(m, layer)) for projection, m in modules.items()}
+        for projection, part, name in _EXPERT_PARTS:
+            out = modules[projection].out_features
+            piece = weights[projection][:, part * out : (part + 1) * out]
+            yield f"model.layers.{layer}.mlp.experts.{name}.weight", piece
 
 
 def _tensors(model: DecoderLM) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, float32 array) of every tensor of the merged model, one at a time, plus llama.cpp's rope table."""
     yield from _rope_tables(model.config)
-    yield from merged_tensors(model, jnp.float32)
+    yield from merged_tensors(model, jnp.float32, experts=False)
+    yield from _expert_tensors(model)
 
 
 _ROPE_TENSORS = {
@@ -310,7 +344,8 @@ def _add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, arch: MODEL_ARCH
     writer.add_rope_dimension_count(config.rotary_dim)
     # llama.cpp defaults the head size to hidden / heads; the converter writes it whenever config.json states it
     # (Qwen3 and Gemma configs always do).
-    if config.head_dim != config.hidden_size // config.num_heads or arch in (MODEL_ARCH.QWEN3, *_GEMMA):
+    if config.head_dim != config.hidden_size // config.num_heads or arch in (MODEL_ARCH.QWEN3, MODEL_ARCH.QWEN3MOE,
+                                                                            *_GEMMA):  # fmt: skip
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
     _add_rope_scaling(writer, config, arch)
@@ -327,6 +362,11 @@ def _add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, arch: MODEL_ARCH
     if arch == MODEL_ARCH.PHI3 and config.rope.rope_type != "longrope":
         if original := config.hf_config.get("original_max_position_embeddings"):
             writer.add_rope_scaling_orig_ctx_len(int(original))
+    if config.moe is not None:  # Mixtral's feed_forward_length is its experts' size already
+        writer.add_expert_count(config.moe.num_experts)
+        writer.add_expert_used_count(config.moe.top_k)
+        if arch == MODEL_ARCH.QWEN3MOE:
+            writer.add_expert_feed_forward_length(config.moe.expert_size)
 
 
 def _add_rope_scaling(writer: gguf.GGUFWriter, config: ModelConfig, arch: MODEL_ARCH) -> None:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax.convert import bnb
+from qlora_jax.convert import bnb, moe_io
 from qlora_jax.convert.finite import non_finite
 from qlora_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 from qlora_jax.convert.state_map import Slot, all_keys, model_slots, resolve, variable_at
@@ -207,12 +207,21 @@ def load_model(
     stored_4bit = set(bnb.quantized_weight_prefixes(keys))
     statistics = _statistics_keys(keys, stored_4bit)
     owned = {k for names in statistics.values() for k in names}
-    _check_claimed_shapes(source, keys, slots, config.num_layers, stored_4bit, statistics)
+    _check_claimed_shapes(source, keys, slots, config, stored_4bit, statistics)
     filled: set[str] = set()
+    experts, expert_pieces = moe_io.expert_slots(abstract), set()  # a mixture of experts' (convert/moe_io.py)
+    for slot in experts.values():
+        for path in slot.paths:
+            spec = variable_at(abstract, path).get_value()
+            buffers[path] = np.zeros(spec.shape, spec.dtype)
     for key in keys:
         if key in owned:
             continue
-        found = resolve(key, slots, config.num_layers)
+        if (expert := moe_io.expert_key(config, moe_io.our_name(config, key))) is not None:
+            expert_pieces |= _fill_experts(buffers, experts, expert, key, stored_4bit, statistics, source,
+                                           quantization, param_dtype)  # fmt: skip
+            continue
+        found = resolve(moe_io.our_name(config, key), slots, config.num_layers)
         if found is None:
             if key.endswith(_IGNORED) or (key == "lm_head.weight" and config.tie_word_embeddings):
                 continue
@@ -247,7 +256,9 @@ def load_model(
                 buffers[path][index] = np.asarray(value)
         filled.add(key)
     expected = {key for key, _, _ in all_keys(slots, config.num_layers)}
-    if missing := sorted(expected - filled):
+    filled = {moe_io.our_name(config, key) for key in filled}
+    missing = sorted(expected - filled) + moe_io.missing_pieces(config, experts, expert_pieces)
+    if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{source.name}: missing tensors {missing[:5]}{more}")
     for path in list(buffers):
@@ -255,18 +266,39 @@ def load_model(
     return abstract
 
 
+def _fill_experts(buffers, experts, expert, key, stored_4bit, statistics, source, quantization, param_dtype) -> set:
+    """One checkpoint tensor of expert weights into the model's buffers (`convert.moe_io`)."""
+    slot = experts.get(expert.projection)
+    if slot is None:
+        raise CheckpointError(f"{source.file_of(key)}: unexpected tensor {key} (this model has no such experts)")
+    if key in stored_4bit:
+        value = _read_bnb(source, key, statistics[key])
+    else:
+        value = _float_tensor(source, key)
+    if slot.quantized and isinstance(value, QuantizedTensor) and value.quant_type != quantization.quant_type:
+        raise CheckpointError(f"{source.file_of(key)}: 4-bit tensor {key} is {value.quant_type}, the model's "
+                              f"experts are {quantization.quant_type}")  # fmt: skip
+    try:
+        return set(moe_io.fill_expert(buffers, slot, expert, value, quantization=quantization, param_dtype=param_dtype,
+                                      cast=lambda a, dtype: _cast(a, dtype, key, source),
+                                      where=f"{source.file_of(key)}: tensor {key}"))  # fmt: skip
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
 def _quantize(array: Any, q: QuantConfig) -> QuantizedTensor:
     return quantize(array, quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
                     dq_blocksize=q.dq_blocksize)  # fmt: skip
 
 
-def _check_claimed_shapes(source: TensorSource, keys: list[str], slots: dict[str, Slot], num_layers: int,
+def _check_claimed_shapes(source: TensorSource, keys: list[str], slots: dict[str, Slot], config: ModelConfig,
                           stored_4bit: set[str], statistics: dict[str, list[str]]) -> None:  # fmt: skip
     """Every tensor's shape as its file's header claims it, against the model, before any data is read: a file
-    whose known tensor claims a huge shape is refused here, naming it, instead of being read into memory."""
+    whose known tensor claims a huge shape is refused here, naming it, instead of being read into memory. (A mixture
+    of experts' expert tensors are checked as they are read: `convert.moe_io.fill_expert`.)"""
     owner = {stat: weight for weight, stats in statistics.items() for stat in stats}
     for key in keys:
-        found = resolve(owner.get(key, key), slots, num_layers)
+        found = resolve(moe_io.our_name(config, owner.get(key, key)), slots, config.num_layers)
         if found is None:
             continue  # an unexpected or ignored tensor: the loader names it (or skips it) without reading it
         slot, _ = found
@@ -425,9 +457,15 @@ def load_pretrained(
 
 
 def _checkpoint_tensors(model: DecoderLM, *, dequantize_weights: bool) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) of every base-model tensor, in transformers' names, layer by layer."""
+    """(name, array) of every base-model tensor, in transformers' names, layer by layer (a mixture of experts'
+    expert weights in 16 bits, the one way transformers loads them: `convert.moe_io`)."""
     slots, q = model_slots(model), model.quant
+    dtype = model.model.embed_tokens.weight.get_value().dtype
+    yield from moe_io.expert_tensors(
+        model, lambda module, layer: moe_io.layer_module(module, layer).dense_weight(jnp.float32), dtype
+    )
     for key, slot, layer in all_keys(slots, model.config.num_layers):
+        key = moe_io.checkpoint_name(model.config, key)
         index = () if layer is None else (layer,)
         if slot.quantized:
             linear = variable_at(model, slot.module_path)

@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax.convert import bnb
+from qlora_jax.convert import bnb, moe_io
 from qlora_jax.convert.safetensors_io import SafetensorsReader, write_sharded
 from qlora_jax.convert.state_map import all_keys, model_slots, variable_at
 from qlora_jax.lora import dora_weight_norm
 from qlora_jax.models import DecoderLM
 from qlora_jax.models.generation_config import GENERATION_CONFIG
+from qlora_jax.models.moe import QExperts, TopKRouter
 from qlora_jax.models.names import hf_module_name, layer_name
 from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig, dequantize, quantize
@@ -42,39 +43,46 @@ def layer_of(module: nnx.Module, layer: int) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))
 
 
-def merged_weight(module: QLinear, layer: int | None = None) -> jax.Array:
+def merged_weight(module: QLinear | TopKRouter | QExperts, layer: int | None = None) -> jax.Array:
     """The float32 weight [out, in] of one (layer of a) linear, its adapter folded in: `QLinear.dense_weight` +
-    `LoRA.delta_weight`, scaled row-wise to DoRA's magnitude if the adapter has one."""
+    `LoRA.delta_weight`, scaled row-wise to DoRA's magnitude if the adapter has one. A mixture of experts' router
+    likewise; its experts' [E, out, in] with `ExpertLoRA.delta_weight` (docs/moe.md)."""
     if layer is not None:
         module = layer_of(module, layer)
     w = module.dense_weight(jnp.float32)
-    if module.trainable_rows is not None:  # an output head's trained rows (qlora_jax.tokens)
+    if getattr(module, "trainable_rows", None) is not None:  # an output head's trained rows (qlora_jax.tokens)
         w = module.trainable_rows.merged(w)
     lora = module.lora
     if lora is None or lora.ranks[layer or 0] == 0:  # no adapter on this layer (docs/lora.md)
         return w
     delta = lora.delta_weight()
-    if lora.lora_magnitude_vector is None:
+    if getattr(lora, "lora_magnitude_vector", None) is None:  # (an ExpertLoRA has none)
         return w + delta
     magnitude = lora.lora_magnitude_vector[...]  # [out]
     return (w + delta) * (magnitude / dora_weight_norm(w, delta))[:, None]
 
 
-def merged_tensors(model: DecoderLM, dtype: Any = jnp.bfloat16, quant: QuantConfig | None = None
-                   ) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+def merged_tensors(model: DecoderLM, dtype: Any = jnp.bfloat16, quant: QuantConfig | None = None, *,
+                   experts: bool = True) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
     """(transformers name, array) for every tensor of the merged model, one layer at a time.
 
     With `quant`, linear weights that `quant.skip_modules` does not keep (matched per layer, `QuantConfig.skips`) are
-    re-quantized and written as bitsandbytes 4-bit.
+    re-quantized and written as bitsandbytes 4-bit (a mixture of experts' experts and router stay 16-bit, as
+    transformers 5 with bitsandbytes keeps them). `experts=False` leaves a mixture of experts' expert tensors out
+    (for a writer of another layout: GGUF's).
     """
     dtype = jnp.dtype(dtype)
+    # a mixture of experts' experts, 16-bit whatever `quant` says: the one way transformers 5 loads them
+    if experts:
+        yield from moe_io.expert_tensors(model, merged_weight, dtype)
     for key, slot, layer in all_keys(model_slots(model), model.config.num_layers):
         module = variable_at(model, slot.module_path)
-        if isinstance(module, QLinear) and key.endswith(".weight"):
+        key = moe_io.checkpoint_name(model.config, key)
+        if isinstance(module, QLinear | TopKRouter) and key.endswith(".weight"):
             w = merged_weight(module, layer).astype(dtype)
             # one layer's name, as transformers matches skip_modules against it
             module_name = hf_module_name(layer_name(".".join(slot.module_path), layer), model.config.text_model_path)
-            if quant is not None and not quant.skips(module_name):
+            if quant is not None and isinstance(module, QLinear) and not quant.skips(module_name):
                 qt = quantize(w, quant_type=quant.quant_type, blocksize=quant.blocksize,
                               double_quant=quant.double_quant, dq_blocksize=quant.dq_blocksize)  # fmt: skip
                 yield from bnb.to_state_dict(qt, key).items()

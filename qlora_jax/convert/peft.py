@@ -26,8 +26,10 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from qlora_jax.convert import moe_peft
 from qlora_jax.convert.finite import non_finite
 from qlora_jax.convert.merge import layer_of
+from qlora_jax.convert.moe_io import expert_modules
 from qlora_jax.convert.peft_tokens import (
     read_token_tensors,
     resized_from,
@@ -38,8 +40,10 @@ from qlora_jax.convert.peft_tokens import (
 from qlora_jax.errors import InputError
 from qlora_jax.files import output_error, staged_directory
 from qlora_jax.integrity import check_tensor, checksummed_metadata, stored_checksums
-from qlora_jax.lora import LoRA, LoraConfig, apply_lora, target_layers
+from qlora_jax.lora import ExpertLoRA, LoRA, LoraConfig, apply_lora, target_layers
+from qlora_jax.lora_targets import converted_config_fields
 from qlora_jax.models import DecoderLM
+from qlora_jax.models.moe import QExperts, TopKRouter
 from qlora_jax.models.names import hf_module_name, layer_name, module_name_from_hf, split_layer_name
 from qlora_jax.nn import QLinear
 from qlora_jax.tokens import token_targets
@@ -64,7 +68,7 @@ _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lor
 _FIELDS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "lora_magnitude_vector"}
 # PEFT fields that would change the model in ways we do not implement, with their no-op values.
 _UNSUPPORTED = {"fan_in_fan_out": (False, None), "lora_bias": (False, None), "layer_replication": (None, []),
-                "target_parameters": (None, []), "use_qalora": (False, None), "alora_invocation_tokens": (None, []),
+                "use_qalora": (False, None), "alora_invocation_tokens": (None, []),
                 "megatron_config": (None, {}), "use_bdlora": (False, None)}  # fmt: skip
 
 
@@ -92,10 +96,11 @@ class PeftFormatError(InputError):
 
 
 def _adapted(model: nnx.Module) -> dict[str, QLinear]:
+    """Every module with an adapter: linear layers, and a mixture of experts' experts and router (docs/moe.md)."""
     return {
         ".".join(str(p) for p in path): module
         for path, module in nnx.iter_graph(model)
-        if isinstance(module, QLinear) and module.lora is not None
+        if isinstance(module, QLinear | QExperts | TopKRouter) and module.lora is not None
     }
 
 
@@ -109,9 +114,12 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _config_json(config: LoraConfig, adapted: dict[str, QLinear], base_model_name_or_path: str | None) -> dict:
+def _config_json(model: DecoderLM, config: LoraConfig, adapted: dict[str, QLinear],
+                 base_model_name_or_path: str | None) -> dict:  # fmt: skip
     target = config.target_modules
-    if isinstance(target, str) and target.lower() == "all-linear":
+    if converted := converted_config_fields(model, config):  # a mixture of experts: what PEFT saves (docs/moe.md)
+        target = converted["target_modules"]
+    elif isinstance(target, str) and target.lower() == "all-linear":
         # what PEFT writes for it: the linear layers' names (our modules' names are unique per kind of layer)
         target = sorted({name.split(".")[-1] for name in adapted})
     return {
@@ -136,7 +144,8 @@ def _config_json(config: LoraConfig, adapted: dict[str, QLinear], base_model_nam
         "modules_to_save": _jsonable(config.modules_to_save),
         "trainable_token_indices": _token_indices_json(config.trainable_token_indices),
         "revision": None,
-    }
+        "target_parameters": _jsonable(config.target_parameters),
+    } | {k: v for k, v in converted.items() if k != "target_modules"}
 
 
 def _token_indices_json(value: Any) -> Any:
@@ -186,7 +195,7 @@ def save_peft_adapter(
     adapted = _adapted(model)
     if not adapted and not token_targets_of(model):
         raise ValueError("the model has no LoRA adapters to save")
-    fields = _config_json(config, adapted, base_model_name_or_path)
+    fields = _config_json(model, config, adapted, base_model_name_or_path)
     if template is not None:
         fields = dict(template) | {k: v for k, v in fields.items() if k not in template or k in _OURS}
         if base_model_name_or_path is None:
@@ -199,8 +208,11 @@ def save_peft_adapter(
         fields["init_lora_weights"] = True
     _check_selection(model, _lora_config(fields, ADAPTER_CONFIG), adapted, str(directory))
     tensors: dict[str, np.ndarray] = {}
+    tensors.update(moe_peft.save_tensors(model))  # a mixture of experts' expert adapters, PEFT's layout
     for path, module in adapted.items():
         lora: LoRA = module.lora
+        if isinstance(lora, ExpertLoRA):
+            continue
         for layer in _layers(module):
             r = lora.ranks[layer or 0]
             if r == 0:
@@ -232,8 +244,8 @@ def save_peft_adapter(
 
 # Fields whose values come from the adapter itself even when a template is given.
 _OURS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "peft_type", "exclude_modules",
-         "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save",
-         "trainable_token_indices")  # fmt: skip
+         "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "target_parameters",
+         "modules_to_save", "trainable_token_indices")  # fmt: skip
 
 
 def read_adapter_config_dict(directory: str | os.PathLike) -> dict[str, Any]:
@@ -284,6 +296,7 @@ def _lora_config(raw: dict[str, Any], path: Any) -> LoraConfig:
             use_rslora=bool(get("use_rslora", False)),
             use_dora=bool(get("use_dora", False)),
             bias=get("bias", "none"),
+            target_parameters=get("target_parameters") or None,
             trainable_token_indices=get("trainable_token_indices"),
             modules_to_save=get("modules_to_save"),
         )
@@ -345,12 +358,18 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
     config = read_adapter_config(directory)
     weights_path = directory / ADAPTER_WEIGHTS
     shapes = _read_shapes(weights_path)  # every shape is checked against the model before any data is read
-    linears = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, QLinear)}
+    linears = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model)
+               if isinstance(m, QLinear | TopKRouter)}  # fmt: skip
     num_layers = model.config.num_layers
     try:
         targets = target_layers(model, config)
     except ValueError as e:
         raise PeftFormatError(f"{directory / ADAPTER_CONFIG}: {e}") from e
+    # a mixture of experts' expert adapters (either PEFT layout) apart, read and checked against the selection once
+    # the other tensors' shapes are (docs/moe.md); transformers 4's Mixtral router keys as transformers 5 names them
+    expert_keys = moe_peft.expert_keys(shapes)
+    shapes = {moe_peft.router_key(k): v for k, v in shapes.items() if k not in expert_keys}
+    expert_paths = set(expert_modules(model))
     by_layer: dict[tuple[str, int | None], dict[str, str]] = {}
     outside: list[str] = []  # adapters of an image-text model's vision tower or projector
     others: list[str] = []  # trained embedding rows and tables (convert.peft_tokens), or unexpected
@@ -372,6 +391,8 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
         by_layer.setdefault((path, layer), {})[_FIELDS[match.group(2)]] = key
     expected = set()
     for path, target in targets.items():  # every tensor checked before anything is allocated
+        if path in expert_paths:
+            continue
         module = linears[path]
         needs = {"lora_A": (None, module.in_features), "lora_B": (module.out_features, None)}
         if config.use_dora:
@@ -411,12 +432,17 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
             raise PeftFormatError(f"{weights_path}: tensor {key} claims shape {shape}: not a LoRA weight, and larger "
                                   f"than the embedding's {table}{hint}; not read")  # fmt: skip
     tensors = _read_tensors(weights_path)
+    _, expert_values = moe_peft.split_tensors(model, targets, {k: tensors.pop(k) for k in expert_keys},
+                                              str(weights_path), PeftFormatError)  # fmt: skip
+    tensors = {moe_peft.router_key(k): v for k, v in tensors.items()}
     rows = read_token_tensors(model, config, tensors, lora_targets=targets, weights_path=weights_path,
                               config_path=directory / ADAPTER_CONFIG, error=PeftFormatError)  # fmt: skip
     if unexpected := [key for key in others if key in tensors]:
         raise PeftFormatError(f"{weights_path}: unexpected tensor {unexpected[0]} (not a LoRA weight)")
     values: dict[str, dict[str, np.ndarray]] = {}
     for path, target in targets.items():
+        if path in expert_values:
+            continue
         module, r_max = linears[path], target.max_rank
         lead = (len(target.ranks),) if target.stacked else ()
         values[path] = {"lora_A": np.zeros(lead + (r_max, module.in_features), np.float32),
@@ -441,7 +467,11 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
         )  # fmt: skip
     init = read_adapter_config_dict(directory).get("init_lora_weights", True)
     if _changes_base(init):
+        if expert_values:
+            raise PeftFormatError(f"{directory / ADAPTER_CONFIG}: init_lora_weights={init!r} changed the base "
+                                  f"model's experts; such adapters on experts are not supported")  # fmt: skip
         config, values = _as_plain_lora(model, config, values, init.lower(), directory / ADAPTER_CONFIG)
+    values.update(expert_values)
     for path, fields in rows.items():  # trained embedding rows, resized tables (convert.peft_tokens)
         values.setdefault(path, {}).update(fields)
     return config, values

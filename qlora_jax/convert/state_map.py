@@ -14,6 +14,7 @@ from typing import Any
 
 from flax import nnx
 
+from qlora_jax.models.moe import QExperts
 from qlora_jax.models.names import is_stacked, layer_name, split_layer_name
 from qlora_jax.nn import QLinear, QuantizedWeight
 from qlora_jax.quant import QUANT_BUFFERS
@@ -48,8 +49,9 @@ def _hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
 
 def model_slots(model: nnx.Module) -> dict[str, Slot]:
     """Every tensor name the model reads or writes (stacked ones without their layer index), excluding LoRA
-    adapters."""
+    adapters and a mixture of experts' expert weights (one checkpoint tensor per expert: `convert.moe_io`)."""
     slots: dict[str, Slot] = {}
+    experts = tuple(tuple(str(p) for p in path) for path, m in nnx.iter_graph(model) if isinstance(m, QExperts))
     for module_path, module in nnx.iter_graph(model):
         if not isinstance(module, QLinear) or not module.is_quantized:
             continue
@@ -61,7 +63,7 @@ def model_slots(model: nnx.Module) -> dict[str, Slot]:
         slots[name] = Slot(name, paths, shape, stacked, True, tuple(str(p) for p in module_path))
     for path, variable in nnx.to_flat_state(nnx.state(model)):
         path = tuple(str(p) for p in path)
-        if isinstance(variable, QuantizedWeight | nnx.LoRAParam) or "lora" in path:
+        if isinstance(variable, QuantizedWeight | nnx.LoRAParam) or "lora" in path or path[:-1] in experts:
             continue
         name, stacked = _hf_name(path)
         shape = tuple(variable.get_value().shape)

@@ -2,7 +2,8 @@
 
 Families: Llama 2/3/3.1/3.2 (incl. llama3 RoPE scaling), Mistral (sliding window), Qwen2/2.5 (qkv bias),
 Qwen3 (q/k RMSNorm), Gemma 2 and 3 (1 + w RMSNorm, embedding scaling, sandwich norms, soft-capping,
-local/global layers), Phi-3 (fused qkv_proj and gate_up_proj).
+local/global layers), Phi-3 (fused qkv_proj and gate_up_proj), Qwen3-MoE and Mixtral (a mixture of experts in
+every layer's MLP: `ModelConfig.moe`, `qlora_jax.models.moe_config`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qlora_jax.errors import InputError
+from qlora_jax.models.moe_config import MOE_MODEL_TYPES, UNSUPPORTED_MOE_TYPES, MoeConfig, parse_moe
 
 if TYPE_CHECKING:
     from qlora_jax.models.generation_config import GenerationDefaults
 
 __all__ = ["ModelConfig", "RopeConfig", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "ConfigError"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", *MOE_MODEL_TYPES)
 # transformers' ROPE_INIT_FUNCTIONS (5.x) that the supported families use, and "default"
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -218,6 +220,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    moe: MoeConfig | None = None  # a mixture of experts in every layer's MLP (qwen3_moe, mixtral)
     hf_config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
     # The image-text model whose text decoder this is (Gemma 3's Gemma3ForConditionalGeneration, how gemma-3-it is
     # published): its whole config.json (hf_config is its text_config); None for a causal LM checkpoint.
@@ -361,10 +364,12 @@ def _layer_types(hf: dict[str, Any], model_type: str, num_layers: int, source: s
     if model_type == "gemma3_text":
         pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
         return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers))
+    if model_type == "qwen3_moe":  # every layer slides when use_sliding_window (Qwen3MoeConfig)
+        return (SLIDING if hf.get("use_sliding_window") and window else FULL,) * num_layers
     if model_type in ("qwen2", "qwen3"):
         first = hf.get("max_window_layers", num_layers) if hf.get("use_sliding_window") and window else num_layers
         return tuple(SLIDING if i >= first else FULL for i in range(num_layers))
-    if model_type in ("mistral", "phi3") and window:
+    if model_type in ("mistral", "phi3", "mixtral") and window:
         return (SLIDING,) * num_layers
     return (FULL,) * num_layers
 
@@ -375,6 +380,12 @@ def _eos(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in (value if isinstance(value, list | tuple) else [value]))
 
 
+def _moe(hf: dict[str, Any], model_type: str, num_layers: int, source: str) -> MoeConfig | None:
+    if model_type not in MOE_MODEL_TYPES:
+        return None
+    return parse_moe(hf, model_type, num_layers, source, unsupported=UnsupportedModelError, config_error=ConfigError)
+
+
 def _parse(hf: dict[str, Any], source: str) -> ModelConfig:
     multimodal = None
     if hf.get("model_type") == "gemma3" and "text_config" in hf:  # the image-text model: its text decoder
@@ -382,6 +393,11 @@ def _parse(hf: dict[str, Any], source: str) -> ModelConfig:
         quantization = {"quantization_config": hf["quantization_config"]} if "quantization_config" in hf else {}
         hf = {**hf["text_config"], "model_type": "gemma3_text", **quantization}
     model_type = hf.get("model_type")
+    if model_type in UNSUPPORTED_MOE_TYPES:
+        raise UnsupportedModelError(
+            f"{source}: model_type {model_type!r} is a mixture of experts with {UNSUPPORTED_MOE_TYPES[model_type]}, "
+            f"which is not supported; supported mixtures of experts: {', '.join(MOE_MODEL_TYPES)}"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -435,7 +451,7 @@ def _parse(hf: dict[str, Any], source: str) -> ModelConfig:
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=attention_bias and model_type not in ("qwen2",),
         mlp_bias=bool(hf.get("mlp_bias", False)),
-        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe"),
         sandwich_norms=gemma,
         fused_qkv=model_type == "phi3",
         fused_gate_up=model_type == "phi3",
@@ -453,6 +469,7 @@ def _parse(hf: dict[str, Any], source: str) -> ModelConfig:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"),
+        moe=_moe(hf, model_type, layers, source),
         hf_config=types.MappingProxyType(hf),
         multimodal_config=multimodal,
     )

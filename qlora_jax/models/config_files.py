@@ -36,7 +36,7 @@ __all__ = [
     "tensor_values",
 ]
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen3moe")
 # Every weight format gguf.quants (>= 0.17) dequantizes; F64 and the integer types never hold weights.
 SUPPORTED_TENSOR_TYPES: tuple[str, ...] = (
     *("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
@@ -50,7 +50,10 @@ MODEL_TYPES: dict[str, tuple[str, str]] = {
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),  # GGUF holds only the text model of Gemma 3
     "phi3": ("phi3", "Phi3ForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
+# llama.cpp writes Mixtral as a llama with experts ({arch}.expert_count); its transformers model_type:
+MIXTRAL = ("mixtral", "MixtralForCausalLM")
 # llama.cpp scales Gemma attention by 1/sqrt(hidden/heads) instead of 1/sqrt(head_dim) for the 27B models only,
 # which it recognises by their layer count (HF's query_pre_attn_scalar says the same).
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -245,7 +248,21 @@ def _head_dim(arch: str, meta: _Metadata, default: int) -> int:
 
 
 def _llama_config(arch: str, meta: _Metadata, tensors: Mapping[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    if meta.get(Keys.LLM.EXPERT_COUNT, int):  # Mixtral: a llama with experts (feed_forward_length: each expert's)
+        return {"model_type": MIXTRAL[0], "architectures": [MIXTRAL[1]], **_expert_config(meta, "num_local_experts")}
     return {"attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": "blk.0.ffn_up.bias" in tensors}
+
+
+def _expert_config(meta: _Metadata, count_key: str) -> dict[str, Any]:
+    return {count_key: meta.require(Keys.LLM.EXPERT_COUNT, int),
+            "num_experts_per_tok": meta.require(Keys.LLM.EXPERT_USED_COUNT, int)}  # fmt: skip
+
+
+def _qwen3moe_config(arch: str, meta: _Metadata, tensors: Mapping[str, Any], config: dict[str, Any]
+                     ) -> dict[str, Any]:  # fmt: skip
+    # llama.cpp's qwen3moe graph always renormalizes the top-k routing weights (src/models/qwen3moe.cpp)
+    return {**_expert_config(meta, "num_experts"), "norm_topk_prob": True,
+            "moe_intermediate_size": meta.require(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, int)}  # fmt: skip
 
 
 def _no_config(arch: str, meta: _Metadata, tensors: Mapping[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -288,6 +305,7 @@ _FAMILY_CONFIG: dict[str, Callable[[str, _Metadata, Mapping[str, Any], dict[str,
     "gemma2": _gemma_config,
     "gemma3": _gemma_config,
     "phi3": _phi3_config,
+    "qwen3moe": _qwen3moe_config,
 }
 
 

@@ -27,6 +27,7 @@ from qlora_jax.models.attention import (
     rope_tables,
 )
 from qlora_jax.models.config import ModelConfig
+from qlora_jax.models.moe import RouterStats, SparseMoeBlock
 from qlora_jax.models.names import LAYERS, hf_module_name, layer_name
 from qlora_jax.nn import Embed, QLinear, QuantizedWeight, RMSNorm, linears, read_in_place
 from qlora_jax.quant import QuantConfig
@@ -247,22 +248,36 @@ class DecoderLayer(nnx.Module):
         if c.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
             self.post_feedforward_layernorm = RMSNorm(c.hidden_size, **norm)
-        self.mlp = MLP(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # A mixture of experts (qwen3_moe, mixtral) in place of the MLP: `qlora_jax.models.moe`.
+        if c.moe is None:
+            self.mlp = MLP(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.mlp = SparseMoeBlock(c, quant_for=lambda path: _quant_for(quant, path), dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)  # fmt: skip
         self.config = config
 
+    def _mlp(self, x, *, router_mask=None, **kwargs) -> tuple[jax.Array, RouterStats | None]:
+        """The MLP's output, and a mixture of experts' router statistics (None for a dense MLP)."""
+        if self.config.moe is None:
+            return self.mlp(x, **kwargs), None
+        return self.mlp(x, router_mask=router_mask, **kwargs)
+
     def __call__(self, h, *, cos, sin, masks: AttentionMasks, attention: str, options: ComputeOptions,
-                 dropout_key=None, cache_kv=None, cache_index=None):  # fmt: skip
+                 dropout_key=None, cache_kv=None, cache_index=None, router_mask=None):  # fmt: skip
+        """(h, (the new keys and values or None, router statistics or None))."""
         attn, new_kv = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, masks=masks, attention=attention,
                                       options=options, dropout_key=dropout_key, cache_kv=cache_kv,
                                       cache_index=cache_index)  # fmt: skip
-        mlp = dict(options=options, dropout_key=dropout_key)
+        mlp = dict(options=options, dropout_key=dropout_key, router_mask=router_mask)
         if self.config.sandwich_norms:
             h = h + self.post_attention_layernorm(attn)
-            h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), **mlp))
+            out, router = self._mlp(self.pre_feedforward_layernorm(h), **mlp)
+            h = h + self.post_feedforward_layernorm(out)
         else:
             h = h + attn
-            h = h + self.mlp(self.post_attention_layernorm(h), **mlp)
-        return h, new_kv
+            out, router = self._mlp(self.post_attention_layernorm(h), **mlp)
+            h = h + out
+        return h, (new_kv, router)
 
 
 def _stacked_layers(config: ModelConfig, *, quant, dtype, param_dtype, rngs: nnx.Rngs) -> DecoderLayer:
@@ -336,7 +351,9 @@ class DecoderLM(nnx.Module):
         valid: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
         options: ComputeOptions = ComputeOptions(),
-    ) -> tuple[jax.Array, KVCache | None]:
+        router_mask: jax.Array | None = None,
+        return_router_stats: bool = False,
+    ) -> tuple[jax.Array, KVCache | None] | tuple[jax.Array, KVCache | None, RouterStats | None]:
         """The final-normed hidden states [B, T, D] for tokens [B, T], and the updated cache.
 
         Args:
@@ -346,6 +363,9 @@ class DecoderLM(nnx.Module):
           valid: [B, T] False for padding tokens: they are never attended to (left padding).
           dropout_key: turns LoRA dropout on (training), folded with each layer's index.
           options: how to compute (checkpointing, attention blocks, kernels).
+          router_mask, return_router_stats: a mixture of experts' router statistics of every layer
+            (`qlora_jax.models.moe.RouterStats`, [num_layers, ...]; None for a dense model) come back third when
+            asked, over the tokens where router_mask [B, T] is True (default: all).
         """
         c = self.config
         b, t = tokens.shape
@@ -381,8 +401,10 @@ class DecoderLM(nnx.Module):
         # each layer's matmuls take its index, so no layer's weights are sliced out (copied) before a kernel.
         in_place = cache is not None and current_mesh() is None
         stacked = ()
-        if in_place:
-            weights, layer_state = nnx.split_state(layer_state, QuantizedWeight, ...)
+        if in_place:  # the linears' 4-bit buffers (a mixture of experts' stacked experts stay sliced per layer)
+            linears = {path for path, m in nnx.iter_graph(self.model.layers) if isinstance(m, QLinear)}
+            of_linear = nnx.All(QuantizedWeight, lambda path, _: tuple(path[:-1]) in linears)
+            weights, layer_state = nnx.split_state(layer_state, of_linear, ...)
             stacked = (weights,)
 
         def layer_step(h, xs):
@@ -401,34 +423,39 @@ class DecoderLM(nnx.Module):
                 cos_l, sin_l = jnp.where(is_sliding, local_rope[0], cos), jnp.where(is_sliding, local_rope[1], sin)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
             return layer(h, cos=cos_l, sin=sin_l, masks=masks, attention=attention, options=options,
-                         dropout_key=key, cache_kv=kv, cache_index=start)  # fmt: skip
+                         dropout_key=key, cache_kv=kv, cache_index=start, router_mask=router_mask)  # fmt: skip
 
         step = _remat(layer_step, options.remat)
         layer_index = jnp.arange(c.num_layers, dtype=jnp.int32)
         if cache is None:
-            h, _ = jax.lax.scan(step, h, (layer_state, jnp.asarray(sliding), layer_index, None))
-            return self.model.norm(h), None
+            h, (_, router_stats) = jax.lax.scan(step, h, (layer_state, jnp.asarray(sliding), layer_index, None))
+            h = self.model.norm(h)
+            return (h, None, router_stats) if return_router_stats else (h, None)
         if in_place and t == 1:
             # Decoding a token: the layers written out one after another, each reading its weights and its slice
             # of the cache at a constant offset (XLA fuses a constant slice into the attention's reductions, where
             # a scan's dynamic one would be copied out first); no loop overhead between layers.
-            k_all, v_all = cache.k, cache.v
+            k_all, v_all, routers = cache.k, cache.v, []
             for i in range(c.num_layers):
                 index = jnp.int32(i)
                 state = jax.tree.map(lambda a, i=i: a[i], layer_state)
-                h, kv = step(h, (state, sliding[i], index, LayerCache(k_all, v_all, index)))
+                h, (kv, router) = step(h, (state, sliding[i], index, LayerCache(k_all, v_all, index)))
                 k_all, v_all = kv.k, kv.v
-            return self.model.norm(h), KVCache(k_all, v_all, new_valid, cache.index + t)
+                routers.append(router)
+            router_stats = jax.tree.map(lambda *a: jnp.stack(a), *routers) if routers[0] is not None else None
+            k, v = k_all, v_all
+        else:
 
-        def cached_step(carry, xs):  # the whole cache is carried and written in place, one layer at a time
-            h, k_all, v_all = carry
-            state, is_sliding, index = xs
-            h, kv = step(h, (state, is_sliding, index, LayerCache(k_all, v_all, index)))
-            return (h, kv.k, kv.v), None
+            def cached_step(carry, xs):  # the whole cache is carried and written in place, one layer at a time
+                h, k_all, v_all = carry
+                state, is_sliding, index = xs
+                h, (kv, router) = step(h, (state, is_sliding, index, LayerCache(k_all, v_all, index)))
+                return (h, kv.k, kv.v), router
 
-        xs = (layer_state, jnp.asarray(sliding), layer_index)
-        (h, k, v), _ = jax.lax.scan(cached_step, (h, cache.k, cache.v), xs)
-        return self.model.norm(h), KVCache(k, v, new_valid, cache.index + t)
+            xs = (layer_state, jnp.asarray(sliding), layer_index)
+            (h, k, v), router_stats = jax.lax.scan(cached_step, (h, cache.k, cache.v), xs)
+        h, new_cache = self.model.norm(h), KVCache(k, v, new_valid, cache.index + t)
+        return (h, new_cache, router_stats) if return_router_stats else (h, new_cache)
 
     def logits(self, h: jax.Array, *, options: ComputeOptions = ComputeOptions()) -> jax.Array:
         """float32 logits [..., vocab] from final hidden states (Gemma's final soft-capping applied)."""

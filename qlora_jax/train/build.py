@@ -86,7 +86,8 @@ def make_steps(config: TrainConfig, graphdef: nnx.GraphDef, optimizer: optax.Gra
     train_step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, options=options,
                                  offload_optimizer=config.optim.offload,
                                  learning_rate=learning_rate_schedule(config.optim, t.steps), shardings=shardings,
-                                 packed_rows=config.data.packing)  # fmt: skip
+                                 packed_rows=config.data.packing,
+                                 router_aux_loss_coef=t.router_aux_loss_coef)  # fmt: skip
     # Not only eval rows (one example each): the divergence check scores training batches with this step too, and
     # packed rows read as one sequence would attend across their examples.
     eval_step = make_eval_step(graphdef, chunk_size=chunk_size, options=options, shardings=shardings,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -116,6 +117,9 @@ class TrainSection:
     export_peft: bool = True  # write the adapter in PEFT format at the end
     samples: tuple[str, ...] = ()  # prompts answered before and after training
     divergence_factor: float = 2.0  # a loss this many times (and 1 nat) above its reference stops the run; 0: off
+    # a mixture of experts' load-balancing loss weight (docs/moe.md); None: config.json's router_aux_loss_coef when
+    # its output_router_logits is true (transformers' rule), else 0
+    router_aux_loss_coef: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -124,6 +128,8 @@ class MeshSection:
 
     data: int = 1  # data-parallel replicas: weights replicated, batch rows split; -1: the devices left over
     fsdp: int = 1  # devices the weights (and adapters, optimizer state) are sharded over; -1: the rest
+    # a mixture of experts: its experts split by expert over fsdp and computed where they are (docs/moe.md)
+    expert_parallel: bool = False
     # Multi-process runs: jax.distributed.initialize's timeouts, in seconds (its parameters' names and defaults)
     initialization_timeout: int = 300  # how long the processes wait for each other to start (and to agree)
     heartbeat_timeout_seconds: int = 100  # a process silent this long counts as dead, and the job stops
@@ -261,6 +267,9 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
         need(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0 (0: off), got {getattr(t, name)}")
     need(t.divergence_factor == 0 or t.divergence_factor > 1, "train.divergence_factor",
          f"must be > 1, or 0 (only non-finite losses stop the run), got {t.divergence_factor}")  # fmt: skip
+    coef = t.router_aux_loss_coef
+    need(coef is None or (coef >= 0 and math.isfinite(coef)), "train.router_aux_loss_coef",
+         f"must be a finite number >= 0, or null (the model's config.json), got {coef}")  # fmt: skip
     need(bool(t.output_dir), "train.output_dir", "must not be empty")
     mesh = config.mesh
     for name in ("data", "fsdp"):

@@ -57,21 +57,24 @@ class StepShardings:
     batch: NamedSharding
     eval_batch: NamedSharding
     replicated: NamedSharding
+    expert_parallel: bool = False  # a mixture of experts' experts split over fsdp by expert (docs/moe.md)
 
 
 def step_shardings(
     mesh: Mesh, lora: Any, base: Any, optimizer: optax.GradientTransformation, *, dq_blocksize: int = 256,
-    offload: bool = False,
+    offload: bool = False, expert_parallel: bool = False,
 ) -> StepShardings:  # fmt: skip
-    """The placement of a run on `mesh` (`lora`, `base`: the split model, arrays or ShapeDtypeStructs)."""
-    lora_shardings = param_shardings(lora, mesh, dq_blocksize=dq_blocksize)
+    """The placement of a run on `mesh` (`lora`, `base`: the split model, arrays or ShapeDtypeStructs);
+    `expert_parallel`: a mixture of experts' experts split by expert over fsdp and computed where they are."""
+    lora_shardings = param_shardings(lora, mesh, dq_blocksize=dq_blocksize, expert_parallel=expert_parallel)
     opt_state = jax.eval_shape(optimizer.init, lora)
     opt_shardings = optimizer_shardings(optimizer, opt_state, lora_shardings, mesh)
     if offload:
         opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
     state = TrainState(replicated(mesh), lora_shardings, opt_shardings)
-    return StepShardings(mesh, state, param_shardings(base, mesh, dq_blocksize=dq_blocksize),
-                         batch_sharding(mesh, axis=1), batch_sharding(mesh, axis=0), replicated(mesh))  # fmt: skip
+    base_shardings = param_shardings(base, mesh, dq_blocksize=dq_blocksize, expert_parallel=expert_parallel)
+    return StepShardings(mesh, state, base_shardings, batch_sharding(mesh, axis=1), batch_sharding(mesh, axis=0),
+                         replicated(mesh), expert_parallel)  # fmt: skip
 
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:

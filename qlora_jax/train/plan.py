@@ -396,6 +396,7 @@ def _abstract_step(config: TrainConfig, num_layers: int | None, target: str | No
     shardings = None
     if mesh is not None:
         shardings = step_shardings(mesh, lora, base, optimizer, dq_blocksize=_dq_blocksize(config),
+                                   expert_parallel=config.mesh.expert_parallel,
                                    offload=config.optim.offload)  # fmt: skip
     elif config.optim.offload:
         device = jax.devices()[0] if target is None else gpu_target.target_device(target)

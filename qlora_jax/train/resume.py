@@ -29,7 +29,7 @@ RESUMABLE_FIELDS: tuple[str, ...] = (
     # how a step computes (results equal up to rounding), and where
     "train.remat", "train.memory_budget", "train.loss_chunk_size", "train.attention", "train.attention_block",
     "train.grad_accum", "optim.offload",
-    "mesh.data", "mesh.fsdp", "mesh.initialization_timeout", "mesh.heartbeat_timeout_seconds",
+    "mesh.data", "mesh.fsdp", "mesh.expert_parallel", "mesh.initialization_timeout", "mesh.heartbeat_timeout_seconds",
     "mesh.shutdown_timeout_seconds",
     # the optimizer's hyperparameters (the state's structure does not depend on them): lower the learning rate or
     # clip the gradients and resume from the last good checkpoint

@@ -209,6 +209,7 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
     if mesh is not None:
         quant = quant_config(config)
         shardings = step_shardings(mesh, lora, base, optimizer, offload=config.optim.offload,
+                                   expert_parallel=config.mesh.expert_parallel,
                                    dq_blocksize=quant.dq_blocksize if quant else 256)  # fmt: skip
         del model  # its single-device copy of the weights goes with it
         lora, base = place(lora, shardings.state.lora), place(base, shardings.base)

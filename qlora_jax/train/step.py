@@ -27,10 +27,11 @@ from flax import nnx
 
 from qlora_jax.mesh import compute_mesh, mesh_size
 from qlora_jax.models import ComputeOptions
+from qlora_jax.models.moe import load_balancing_loss
 from qlora_jax.train.loss import chunked_cross_entropy
 from qlora_jax.train.optim import to_memory
 
-__all__ = ["TrainState", "make_train_step", "make_eval_step", "BATCH_FIELDS"]
+__all__ = ["TrainState", "make_train_step", "make_eval_step", "router_aux_coefficient", "BATCH_FIELDS"]
 
 BATCH_FIELDS = ("tokens", "targets", "positions", "segment_ids")
 
@@ -61,18 +62,38 @@ class TrainState:
         return cls(jax.device_put(jnp.int32(0), shardings.step), lora, opt_state)
 
 
+def router_aux_coefficient(model_config: Any, override: float | None = None) -> float:
+    """The weight of a mixture of experts' load-balancing loss in the training loss: `override` if given, else
+    config.json's `router_aux_loss_coef` when its `output_router_logits` is set (transformers' rule); 0 for a dense
+    model."""
+    moe = model_config.moe
+    if moe is None:
+        return 0.0
+    if override is not None:
+        return float(override)
+    return moe.router_aux_loss_coef if moe.output_router_logits else 0.0
+
+
 def _loss(graphdef, lora, base, batch, key, *, chunk_size: int, options: ComputeOptions, packed_rows: bool,
-          mesh=None):  # fmt: skip
-    with compute_mesh(mesh):  # trace-time: weights gathered where used, kernels per device
+          mesh=None, router_aux_loss_coef: float | None = None, expert_parallel: bool = False):  # fmt: skip
+    # trace-time: weights gathered where used (a mixture of experts' experts computed where they are, expert
+    # parallel), kernels per device
+    with compute_mesh(mesh, expert_parallel=expert_parallel):
         model = nnx.merge(graphdef, lora, base)
         # Unpacked rows are one example then right padding: causal attention alone gives every target token the
         # same value (no real token attends a later padding token), and lets attention take cuDNN's causal mask.
         segment_ids = batch["segment_ids"] if packed_rows else None
-        h, _ = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=segment_ids,
-                                   dropout_key=key, options=options)  # fmt: skip
+        coef = router_aux_coefficient(model.config, router_aux_loss_coef)
+        # A mixture of experts' load-balancing loss over the real tokens (segment 0: padding), docs/moe.md.
+        h, _, router = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=segment_ids,
+                                           dropout_key=key, options=options, router_mask=batch["segment_ids"] > 0,
+                                           return_router_stats=True)  # fmt: skip
         logits = functools.partial(model.logits, options=options)
-        return chunked_cross_entropy(logits, h, batch["targets"], chunk_size=chunk_size,
-                                     batch_shards=mesh_size(mesh))  # fmt: skip
+        loss_sum, count = chunked_cross_entropy(logits, h, batch["targets"], chunk_size=chunk_size,
+                                                batch_shards=mesh_size(mesh))  # fmt: skip
+        if coef:  # summed per target token, so that the step's mean is cross-entropy + coef * aux
+            loss_sum = loss_sum + coef * load_balancing_loss(router, model.config.moe.num_experts) * count
+        return loss_sum, count
 
 
 def make_train_step(
@@ -85,6 +106,7 @@ def make_train_step(
     learning_rate: optax.Schedule | None = None,
     shardings: Any = None,
     packed_rows: bool = True,
+    router_aux_loss_coef: float | None = None,
 ) -> Callable:
     """A jitted `step(state, base, batch, key) -> (state, metrics)`.
 
@@ -96,14 +118,18 @@ def make_train_step(
     `shardings` (a `qlora_jax.train.parallel.StepShardings`): compiled for that mesh placement, arguments and
     the new state alike. `packed_rows=False` promises rows of one example each, right-padded (`pad_examples`):
     `segment_ids` is then not used (same loss and gradients; attention needs only its causal mask).
+    `router_aux_loss_coef`: a mixture of experts' load-balancing loss weight (`router_aux_coefficient`; None: the
+    model's config.json, as transformers).
     """
     mesh = None if shardings is None else shardings.mesh
+    expert_parallel = shardings is not None and shardings.expert_parallel
     opt_shardings = None if shardings is None else shardings.state.opt_state
 
     def loss_and_grads(lora, base, micro, key):
         def fn(adapters):
             return _loss(graphdef, adapters, base, micro, key, chunk_size=chunk_size, options=options,
-                         packed_rows=packed_rows, mesh=mesh)  # fmt: skip
+                         packed_rows=packed_rows, mesh=mesh, router_aux_loss_coef=router_aux_loss_coef,
+                         expert_parallel=expert_parallel)  # fmt: skip
 
         (loss_sum, count), grads = jax.value_and_grad(fn, has_aux=True)(lora)
         return loss_sum, count, grads
@@ -158,10 +184,11 @@ def make_eval_step(
     `options`, `shardings` and `packed_rows` as for `make_train_step` (with shardings, B must divide by the mesh's
     data x fsdp devices)."""
     mesh = None if shardings is None else shardings.mesh
+    expert_parallel = shardings is not None and shardings.expert_parallel
 
     def eval_step(lora, base, batch):
         return _loss(graphdef, lora, base, batch, None, chunk_size=chunk_size, options=options,
-                     packed_rows=packed_rows, mesh=mesh)  # fmt: skip
+                     packed_rows=packed_rows, mesh=mesh, expert_parallel=expert_parallel)  # fmt: skip
 
     if shardings is None:
         return jax.jit(eval_step)
