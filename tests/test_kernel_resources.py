@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 
 from qlora_jax import gpu_target
-from qlora_jax.kernels import autotune
+from qlora_jax.kernels import autotune, registry
 from qlora_jax.kernels.decode import DecodeConfig
 from qlora_jax.kernels.dequant import DequantConfig
 from qlora_jax.kernels.flash_attention import FlashConfig
@@ -36,7 +36,7 @@ def test_the_reachable_cases_cover_every_candidate_list():
         for m in (1, 4, 16, 2048):
             for config in autotune.tuning_space(op, m, 4096, 4096, 64):
                 assert compiled_as(op, config) in kernels, (op, m, config)
-    assert ("dequant", DequantConfig()) in configs and all(("dequant", c) in configs for c in autotune.DEQUANT_SPACE)
+    assert ("dequant", DequantConfig()) in configs and all(("dequant", c) in configs for c in registry.DEQUANT_SPACE)
     assert all(("attention", FlashConfig.for_head_dim(d)) in configs for d in (64, 128, 256))
     assert not [c for c in reachable_cases("float32") if c.op == "attention"]  # float32 attention runs XLA
     fma = {c.m for c in CASES if isinstance(c.config, DecodeConfig) and c.config.dot == "fma"}

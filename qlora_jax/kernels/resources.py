@@ -2,7 +2,7 @@
 
 A configuration is *reachable* when something other than a caller's explicit `config=` can choose it:
 `impl="auto"` (the XLA path's Pallas dequantization; the flash-attention kernel), the shipped tables
-(`tables/*.json`), the tuner's candidate lists (`autotune.tuning_space`, `autotune.DEQUANT_SPACE`) and
+(`tables/*.json`), the tuner's candidate lists (`autotune.tuning_space`, `registry.DEQUANT_SPACE`) and
 `impl="pallas"`'s defaults (`autotune.default_fused_config`, `FlashConfig.for_head_dim`). `reachable_cases()` lists
 them as `KernelCase`s, each at a shape that exercises it; `case_resources(case)` compiles one with XLA:GPU for an
 H100/H200 on this machine, without a GPU (`qlora_jax.gpu_target.compiled_kernels`: XLA's own Triton and ptxas),
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from qlora_jax import gpu_target
-from qlora_jax.kernels import autotune, dispatch, tables
+from qlora_jax.kernels import autotune, dispatch, registry, tables
 from qlora_jax.kernels.decode import FMA_MAX_M, DecodeConfig
 from qlora_jax.kernels.dequant import DequantConfig, dequantize_pallas
 from qlora_jax.kernels.flash_attention import FlashConfig, flash_attention
@@ -175,8 +175,8 @@ def reachable_cases(dtype: str = "bfloat16", *, target: str = gpu_target.DEFAULT
     sm_count = gpu_target.device_facts(target).sm_count
     cases = [dataclasses.replace(case, reached_by=", ".join(why))
              for case, why in _matmul_cases(dtype, sm_count).items()]  # fmt: skip
-    for config in dict.fromkeys((DequantConfig(), *autotune.DEQUANT_SPACE)):
-        why = 'impl="auto" (the XLA path on a GPU)' if config == DequantConfig() else "autotune.DEQUANT_SPACE"
+    for config in dict.fromkeys((DequantConfig(), *registry.DEQUANT_SPACE)):
+        why = 'impl="auto" (the XLA path on a GPU)' if config == DequantConfig() else "registry.DEQUANT_SPACE"
         for double_quant in (True, False):
             cases.append(KernelCase(op="dequant", config=config, dtype=dtype, double_quant=double_quant,
                                     reached_by=why))  # fmt: skip
