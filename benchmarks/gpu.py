@@ -408,8 +408,6 @@ def section_decode(args, emit):
     if registry.by_name("decode_mosaic").unavailable() is None and not args.smoke:  # jax >= 0.11
         rows.insert(1, ("nf4", "pallas", "decode_mosaic"))
     batches = (1,) if args.smoke else (1, 8)
-    rows = [("nf4", "pallas", b) for b in batches] + [("nf4", "xla", b) for b in batches]
-    rows = sorted(rows, key=lambda row: row[2]) + [("bf16", "xla", b) for b in batches]  # batch 1 first
     built = None
     for base, impl, kernel in rows:
         try:

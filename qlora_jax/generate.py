@@ -295,7 +295,9 @@ def generate(
     if pad_token_id is None:
         pad_token_id = defaults.pad_token_id if defaults is not None and defaults.pad_token_id is not None else 0
     pad_token_id = pad_token_id if 0 <= pad_token_id < model.config.vocab_size else 0
-    if longest + config.max_new_tokens > model.config.max_position_embeddings:
+    # dynamic NTK scaling is made to run past max_position_embeddings (its frequencies rescale with the length)
+    past = longest + config.max_new_tokens > model.config.max_position_embeddings
+    if past and model.config.rope.rope_type != "dynamic":
         raise InputError(f"max_new_tokens: a prompt of {longest} tokens and {config.max_new_tokens} new tokens go past "
                          f"the model's {model.config.max_position_embeddings} positions (max_position_embeddings); "
                          "give fewer new tokens or a shorter prompt")  # fmt: skip

@@ -540,7 +540,7 @@ def test_unsupported_tensor_type(tmp_path, name):
 
 @pytest.mark.parametrize(
     "name",
-    ["blk.0.ffn_gate_exps.weight", "blk.0.attn_qkv.weight", "blk.00.attn_q.weight", "foo.weight", "output.scale"],
+    ["blk.0.ffn_gate_shexp.weight", "blk.0.attn_qkv.weight", "blk.00.attn_q.weight", "foo.weight", "output.scale"],
 )
 def test_unmappable_tensor(tmp_path, name):
     tensors = {**skeleton(), name: (np.ones((8, 256), np.float32), Q.F32)}

@@ -21,6 +21,7 @@ from qlora_jax.convert.gguf import read_gguf
 from qlora_jax.convert.gguf_export import GGUFError, save_gguf
 from qlora_jax.convert.hf import load_pretrained
 from qlora_jax.convert.merge import merged_tensors
+from qlora_jax.errors import OutputError
 from qlora_jax.generate import chat_token_ids
 from qlora_jax.lora import LoraConfig, apply_lora
 from qlora_jax.models import RopeConfig
@@ -330,7 +331,7 @@ def with_config(model, **changes):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        (dict(model_type="falcon"), "model_type 'falcon'.*supported: llama, mistral, qwen2"),
+        (dict(model_type="falcon"), "model_type 'falcon'.*supported: llama, mistral, mixtral, qwen2"),
         (dict(hidden_act="gelu_tanh"), "llama uses silu, not gelu_tanh"),
         (dict(partial_rotary_factor=0.5), "partial rotary"),
         (dict(model_type="qwen3", qkv_bias=True), "no qkv biases"),
@@ -382,7 +383,7 @@ def test_failed_export_leaves_the_existing_file(tiny_llama, tmp_path):
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, hard))
     try:
-        with pytest.raises(OSError, match="File too large|requested and .* written"):  # EFBIG, or a short write
+        with pytest.raises(OutputError, match="File too large|requested and .* written"):  # EFBIG, or a short write
             save_gguf(tiny_llama, path)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

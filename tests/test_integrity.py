@@ -106,13 +106,14 @@ def _sparse_safetensors(path: Path, tensors: dict[str, np.ndarray], huge: tuple[
 
 
 _PEAK = """
-import resource, sys
+import sys
 sys.path.insert(0, {root!r})
 try:
 {body}
 except Exception as e:
     print(type(e).__name__ + ": " + str(e))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM: this program's peak resident memory (ru_maxrss would carry over the parent's peak across exec)
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 

@@ -86,7 +86,7 @@ def test_cli_generate_and_convert(smollm2_gguf, tmp_path, capsys):
 def test_cli_errors_are_clear(tmp_path):
     with pytest.raises(SystemExit, match="not a model directory or a .gguf file"):
         cli_main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "hi"])
-    with pytest.raises(SystemExit, match="top_p must be in"):
+    with pytest.raises(SystemExit, match="top.p must be in"):
         cli_main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--top-p", "2"])
 
 

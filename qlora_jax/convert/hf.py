@@ -308,8 +308,8 @@ def _check_claimed_shapes(source: TensorSource, keys: list[str], slots: dict[str
             if math.prod(shape) > max(size, 4096):
                 raise CheckpointError(f"{source.file_of(key)}: tensor {key} claims shape {shape}, more values than "
                                       f"its weight's {slot.shape}; not read")  # fmt: skip
-        elif key in stored_4bit:  # packed codes: two a byte
-            if math.prod(shape) != (size + 1) // 2:
+        elif key in stored_4bit:  # packed codes: two a byte, in 1-, 2-, 4- or 8-byte elements (bnb_4bit_quant_storage)
+            if (size + 1) // 2 not in {math.prod(shape) * width for width in (1, 2, 4, 8)}:
                 raise CheckpointError(f"{source.file_of(key)}: 4-bit tensor {key} claims shape {shape}, not the "
                                       f"{(size + 1) // 2} bytes of a {slot.shape} weight; not read")  # fmt: skip
         else:
