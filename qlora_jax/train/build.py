@@ -46,14 +46,14 @@ def quant_config(config: TrainConfig) -> QuantConfig | None:
 
 
 def compute_options(config: TrainConfig, *, target: str | None = None) -> ComputeOptions:
-    """How the run's model computes (train.remat, train.attention, train.attention_block): what its jitted steps
-    compile in; `target` names the GPU the choices are made for when it is not this machine's
+    """How the run's model computes (train.remat, train.attention, train.attention_block, train.kernels): what its
+    jitted steps compile in; `target` names the GPU the choices are made for when it is not this machine's
     (`KernelOptions.target`). `train.remat: auto` must be resolved first (`qlora_jax.train.plan.resolve_remat`)."""
     t = config.train
     if t.remat == "auto":
         raise ValueError("train.remat: auto is resolved by qlora_jax.train.plan.resolve_remat before compiling")
     return ComputeOptions(remat=t.remat, attention=t.attention, attention_block=t.attention_block,
-                          kernels=KernelOptions(target=target))  # fmt: skip
+                          kernels=KernelOptions(impl=t.kernels, target=target))  # fmt: skip
 
 
 def run_optimizer(config: TrainConfig) -> optax.GradientTransformation:
