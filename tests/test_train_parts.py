@@ -372,8 +372,10 @@ def test_the_kernel_choice_is_a_config_field(tmp_path):
 
     base = {"model": {"path": "m", "quant": "nf4"}, "data": {"train": "t.jsonl"}, "train": {"remat": "full"}}
     config = load_config(_write(tmp_path, base), ["--train.kernels", "pallas"])
-    assert compute_options(config).kernels == KernelOptions(impl="pallas")
-    assert compute_options(config, target="h200").kernels == KernelOptions(impl="pallas", target="h200")
-    assert compute_options(load_config(_write(tmp_path, base))).kernels == KernelOptions()
+    kernels = compute_options(config).kernels
+    assert (kernels.impl, kernels.target) == ("pallas", None)
+    assert kernels.tuning is not None  # this machine's measurements, read once (an empty cache: no choices)
+    assert compute_options(config, target="h200").kernels.target == "h200"
+    assert compute_options(load_config(_write(tmp_path, base))).kernels.impl == "auto"
     with pytest.raises(ConfigFieldError, match=r"train.kernels.*must be one of"):
         load_config(_write(tmp_path, base), ["--train.kernels", "triton"])
