@@ -99,6 +99,8 @@ def _load(command: str, args: argparse.Namespace):
 
 def _generate(args: argparse.Namespace) -> int:
     from qlora_jax.generate import SamplingConfig, generate_text
+    from qlora_jax.kernels import KernelOptions, autotune
+    from qlora_jax.models import ComputeOptions
     from qlora_jax.models.generation_config import read_generation_config
     from qlora_jax.tokenizer import load_tokenizer
 
@@ -126,7 +128,9 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise _fail("generate", str(e)) from e
     prompts = args.prompt
-    answers = generate_text(model, tokenizer, prompts, sampling, chat=not args.no_chat)
+    # the kernel choices measured on this machine (`qlora-jax tune`), read once
+    options = ComputeOptions(kernels=KernelOptions(tuning=autotune.load_choices()))
+    answers = generate_text(model, tokenizer, prompts, sampling, chat=not args.no_chat, options=options)
     for prompt, answer in zip(prompts, answers, strict=True):
         if len(prompts) > 1:
             print(f"### {prompt}")

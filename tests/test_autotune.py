@@ -189,7 +189,7 @@ def _plan(m, qt, options, impl="auto"):
 def test_untuned_auto_is_xla_everywhere(fake_gpu, m):
     """Nothing measured for this shape: XLA, never a fused kernel on trust; impl="pallas" still has a config."""
     qt = quantize(jnp.ones((256, 512), jnp.bfloat16))
-    options = dispatch.KernelOptions(cache=fake_gpu)
+    options = dispatch.KernelOptions(tuning=fake_gpu.choices())
     assert not options.autotune  # no silent minutes of tuning at the first trace
     plan = _plan(m, qt, options)
     assert (plan.forward, plan.backward, plan.dequant) == ("xla", "xla", "pallas")
@@ -201,7 +201,7 @@ def test_auto_uses_the_cached_measurement(fake_gpu):
     qt = quantize(jnp.ones((256, 512), jnp.bfloat16))
     config = DecodeConfig(block_n=128, block_k=128, split_k=2, dot="fma")
     fake_gpu.put(dispatch.tuning_key("forward", 3, qt, jnp.bfloat16), Choice("pallas", config, "measured", 1e-5, 2e-5))
-    plan = _plan(3, qt, dispatch.KernelOptions(cache=fake_gpu))
+    plan = _plan(3, qt, dispatch.KernelOptions(tuning=fake_gpu.choices()))
     assert (plan.forward, plan.forward_config) == ("decode", config)
     assert plan.backward == "xla"  # the backward was not measured
 
@@ -214,9 +214,30 @@ def test_auto_uses_the_shipped_table_after_the_cache(fake_gpu, monkeypatch, tmp_
     autotune.write_entries(tmp_path / "H100.json", shipped)
     monkeypatch.setattr(tables, "TABLE_DIR", tmp_path)
     monkeypatch.setattr(tables, "lookup", functools.partial(tables.lookup, table_dir=tmp_path))
-    assert _plan(1, qt, dispatch.KernelOptions(cache=fake_gpu)).forward == "decode"
+    assert _plan(1, qt, dispatch.KernelOptions(tuning=fake_gpu.choices())).forward == "decode"
     fake_gpu.put(key, Choice("xla", source="measured"))  # this machine's own measurement wins
-    assert _plan(1, qt, dispatch.KernelOptions(cache=fake_gpu)).forward == "xla"
+    assert _plan(1, qt, dispatch.KernelOptions(tuning=fake_gpu.choices())).forward == "xla"
+
+
+def test_tuning_choices_are_a_value_read_once(fake_gpu, monkeypatch):
+    """The measured choices are part of what jit sees, compared by content: a changed cache file read again is
+    another value (and another compiled program), the same content the same one; nothing is read while tracing."""
+    qt = quantize(jnp.ones((256, 512), jnp.bfloat16))
+    before = autotune.load_choices(fake_gpu.path)
+    config = DecodeConfig(block_n=128, block_k=128, split_k=2, dot="fma")
+    fake_gpu.put(dispatch.tuning_key("forward", 3, qt, jnp.bfloat16), Choice("pallas", config, "measured", 1e-5, 2e-5))
+    after = autotune.load_choices(fake_gpu.path)
+    assert len(before) == 0 and len(after) == 1
+    assert dispatch.KernelOptions(tuning=after) == dispatch.KernelOptions(tuning=autotune.load_choices(fake_gpu.path))
+    assert hash(dispatch.KernelOptions(tuning=before)) != hash(dispatch.KernelOptions(tuning=after))
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a tuning cache file was read while tracing")
+
+    monkeypatch.setattr(TuningCache, "_read", no_reading)
+    assert _plan(3, qt, dispatch.KernelOptions(tuning=before)).forward == "xla"
+    assert _plan(3, qt, dispatch.KernelOptions(tuning=after)).forward == "decode"
+    assert _plan(3, qt, dispatch.KernelOptions()).forward == "xla"  # the shipped tables only
 
 
 def test_the_shipped_tables_hold_only_measured_entries():

@@ -363,3 +363,19 @@ def test_example_configs_load(name):
             32, 4096, 14336, 128256)  # fmt: skip
         assert (model.num_heads, model.num_kv_heads, model.rope.rope_type) == (32, 8, "llama3")
         assert config.train.remat == "auto"
+
+
+def test_the_kernel_choice_is_a_config_field(tmp_path):
+    """train.kernels reaches the steps' KernelOptions (with the plan's GPU target beside it); an unknown value is
+    refused naming the field."""
+    from qlora_jax.train.build import compute_options
+
+    base = {"model": {"path": "m", "quant": "nf4"}, "data": {"train": "t.jsonl"}, "train": {"remat": "full"}}
+    config = load_config(_write(tmp_path, base), ["--train.kernels", "pallas"])
+    kernels = compute_options(config).kernels
+    assert (kernels.impl, kernels.target) == ("pallas", None)
+    assert kernels.tuning is not None  # this machine's measurements, read once (an empty cache: no choices)
+    assert compute_options(config, target="h200").kernels.target == "h200"
+    assert compute_options(load_config(_write(tmp_path, base))).kernels.impl == "auto"
+    with pytest.raises(ConfigFieldError, match=r"train.kernels.*must be one of"):
+        load_config(_write(tmp_path, base), ["--train.kernels", "triton"])

@@ -13,6 +13,7 @@ atomically and merged with what other processes wrote. `qlora-jax tune CONFIG.ya
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -188,6 +189,32 @@ def write_entries(path: Path, entries: dict[str, Choice]) -> None:
     os.replace(tmp, path)
 
 
+@dataclasses.dataclass(frozen=True)
+class TuningChoices:
+    """Measured kernel choices as a value (`KernelOptions.tuning`): (key, Choice) pairs read once from a tuning
+    cache (`load_choices`), hashed and compared by content, so that a compiled function is keyed by the choices it
+    was traced with (a changed file, read again, is another value and compiles again) and nothing is read from a
+    file while tracing."""
+
+    entries: tuple[tuple[str, Choice], ...] = ()
+
+    @functools.cached_property
+    def _by_key(self) -> dict[str, Choice]:
+        return dict(self.entries)
+
+    def get(self, key: TuningKey) -> Choice | None:
+        return self._by_key.get(str(key))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def load_choices(path: Path | None = None) -> TuningChoices:
+    """The choices a tuning cache holds (default: `cache_path()`, what `qlora-jax tune` writes); empty when there is
+    no file, and a corrupt one is reported and ignored (`TuningCache`)."""
+    return TuningCache(path).choices()
+
+
 class TuningCache:
     """The persistent map from TuningKey to Choice; a corrupt file is reported and ignored, never overwritten
     silently with less than it held (entries are merged on save)."""
@@ -218,6 +245,10 @@ class TuningCache:
     def entries(self) -> dict[str, Choice]:
         with self._lock:
             return dict(self._load())
+
+    def choices(self) -> TuningChoices:
+        """What the cache holds now, as a value (`TuningChoices`)."""
+        return TuningChoices(tuple(sorted(self.entries().items())))
 
     def put(self, key: TuningKey, choice: Choice) -> None:
         with self._lock:

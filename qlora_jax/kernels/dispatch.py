@@ -62,10 +62,14 @@ class KernelOptions:
         backend; "decode_mosaic": the Mosaic GPU version, jax >= 0.11). Selectable by name only: "auto" takes
         a kernel only where a measurement chose it.
       interpret: run the Pallas kernels in Pallas' interpreter (any platform; for tests).
-      autotune: on GPU, time the candidates of a shape that neither the tuning cache nor the shipped table has,
-        while tracing (up to ~20 s a shape and op). Off by default: a first trace that silently tunes for minutes
-        is a bad surprise; run `qlora-jax tune CONFIG.yaml` once instead.
-      cache: the tuning cache to read (and write) (default: `autotune.TuningCache()` at its default path).
+      tuning: the measured choices "auto" takes before the shipped per-GPU tables: a value read once
+        (`autotune.load_choices()`: what `qlora-jax tune` wrote), part of what jit compiles; None: the tables only.
+        The `qlora-jax` commands load the default cache's.
+      autotune: on GPU, time the candidates of a shape that neither `tuning`, `cache` nor the shipped table has,
+        while tracing (up to ~20 s a shape and op), and store them in `cache`. Off by default: a first trace that
+        silently tunes for minutes is a bad surprise; run `qlora-jax tune CONFIG.yaml` once instead.
+      cache: where autotune stores (and, with autotune on, looks up) its measurements (default:
+        `autotune.TuningCache()` at its default path). Read only when autotune is on.
       target: choose as on this GPU target (`qlora_jax.gpu_target.TARGETS`: "h100", "h200") instead of jax's
         default device: its shipped table, its SM count, Pallas dequantization. For compiling a step for that GPU
         without one (`gpu_target.compile_for_target`); nothing is measured for a target.
@@ -76,6 +80,7 @@ class KernelOptions:
     impl: str = "auto"
     decode_kernel: str = "decode"
     interpret: bool = False
+    tuning: autotune.TuningChoices | None = None
     autotune: bool = False
     cache: autotune.TuningCache | None = None
     target: str | None = None
@@ -159,16 +164,21 @@ def _measure(op: str, m: int, qt: QuantizedTensor, dtype: Any, options: KernelOp
 
 
 def _choose(op: str, m: int, qt: QuantizedTensor, dtype: Any, options: KernelOptions) -> autotune.Choice | None:
-    """The measured choice for this key: the tuning cache, the shipped table, a measurement now (autotune on, on
-    the GPU itself), or None (nothing measured: XLA). Only for a GPU, whose kind keys the measurements."""
+    """The measured choice for this key: `options.tuning`, the shipped table, the autotune cache and a measurement
+    now (autotune on, on the GPU itself), or None (nothing measured: XLA). Only for a GPU, whose kind keys the
+    measurements. Nothing is read from a file here unless autotune is on."""
     device = options.device
     if device.platform != "gpu":
         return None
     key = tuning_key(op, m, qt, dtype, device.device_kind)
-    cache = options.cache or autotune.TuningCache()
-    if (choice := cache.get(key)) is not None or (choice := tables.lookup(key)) is not None:
-        return choice
-    return _measure(op, m, qt, dtype, options) if options.autotune and options.target is None else None
+    if options.tuning is not None and (tuned := options.tuning.get(key)) is not None:
+        return tuned  # this machine's measurements win over the shipped tables
+    live = options.autotune and options.target is None
+    if live and (tuned := (options.cache or autotune.TuningCache()).get(key)) is not None:
+        return tuned
+    if (tuned := tables.lookup(key)) is not None:
+        return tuned
+    return _measure(op, m, qt, dtype, options) if live else None
 
 
 def _unsupported_reason(qt: QuantizedTensor, stacked: bool) -> str | None:

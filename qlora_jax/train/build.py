@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from qlora_jax.convert.hf import stored_quantization
-from qlora_jax.kernels import KernelOptions
+from qlora_jax.kernels import KernelOptions, autotune
 from qlora_jax.lora import apply_lora, target_layers
 from qlora_jax.lora_targets import ModuleTargets
 from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig, read_model_config
@@ -46,14 +46,15 @@ def quant_config(config: TrainConfig) -> QuantConfig | None:
 
 
 def compute_options(config: TrainConfig, *, target: str | None = None) -> ComputeOptions:
-    """How the run's model computes (train.remat, train.attention, train.attention_block): what its jitted steps
-    compile in; `target` names the GPU the choices are made for when it is not this machine's
-    (`KernelOptions.target`). `train.remat: auto` must be resolved first (`qlora_jax.train.plan.resolve_remat`)."""
+    """How the run's model computes (train.remat, train.attention, train.attention_block, train.kernels): what its
+    jitted steps compile in; `target` names the GPU the choices are made for when it is not this machine's
+    (`KernelOptions.target`); the kernel choices measured on this machine (`qlora-jax tune`'s cache) are read here,
+    once. `train.remat: auto` must be resolved first (`qlora_jax.train.plan.resolve_remat`)."""
     t = config.train
     if t.remat == "auto":
         raise ValueError("train.remat: auto is resolved by qlora_jax.train.plan.resolve_remat before compiling")
-    return ComputeOptions(remat=t.remat, attention=t.attention, attention_block=t.attention_block,
-                          kernels=KernelOptions(target=target))  # fmt: skip
+    kernels = KernelOptions(impl=t.kernels, target=target, tuning=autotune.load_choices())
+    return ComputeOptions(remat=t.remat, attention=t.attention, attention_block=t.attention_block, kernels=kernels)
 
 
 def run_optimizer(config: TrainConfig) -> optax.GradientTransformation:

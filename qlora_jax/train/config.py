@@ -20,6 +20,7 @@ import yaml
 
 from qlora_jax.codebooks import QUANT_TYPES
 from qlora_jax.errors import InputError
+from qlora_jax.kernels import IMPLS as KERNEL_IMPLS
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models import ATTENTION_IMPLS, REMAT_POLICIES
 from qlora_jax.quant import SUPPORTED_BLOCKSIZES
@@ -105,6 +106,7 @@ class TrainSection:
     loss_chunk_size: int = 0  # tokens per lm-head + cross-entropy chunk; 0: by vocabulary (train.loss.auto_chunk_size)
     attention: str = "auto"  # auto | xla | cudnn | pallas (qlora_jax.models.attention)
     attention_block: int = 512  # queries per block of the XLA attention (memory O(block x length)); 0: all at once
+    kernels: str = "auto"  # the 4-bit matmuls: auto (measured choices, else XLA) | pallas | xla | reference
     eval_every: int = 0  # steps; 0: only at the end
     eval_batches: int = 0  # 0: the whole eval set
     eval_exact_match: int = 0  # eval records answered greedily and scored by exact match, before and after
@@ -261,6 +263,7 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
             need(False, "train.memory_budget", str(e))
     need(t.loss_chunk_size >= 0, "train.loss_chunk_size", f"must be >= 0 (0: automatic), got {t.loss_chunk_size}")
     need(t.attention_block >= 0, "train.attention_block", f"must be >= 0, got {t.attention_block}")
+    need(t.kernels in KERNEL_IMPLS, "train.kernels", f"must be one of {KERNEL_IMPLS}, got {t.kernels!r}")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     for name in ("eval_every", "save_every", "eval_batches", "eval_exact_match"):
