@@ -81,13 +81,27 @@ def main(argv: list[str] | None = None) -> int:
             kernels = []
             if impl == "pallas" and resources:
                 kernels = [k for k in gpu_target.compiled_kernels(fn, *inputs, target=args.target) if k.pallas]
-            row = dict(length=length, impl=impl, temp_bytes=memory.temp_bytes, argument_bytes=memory.argument_bytes,
-                       score_gflops=score_flops(impl, length) / 1e9, kernels=[str(k) for k in kernels])  # fmt: skip
+            row = dict(
+                length=length,
+                impl=impl,
+                temp_bytes=memory.temp_bytes,
+                argument_bytes=memory.argument_bytes,
+                score_gflops=score_flops(impl, length) / 1e9,
+                kernels=[str(k) for k in kernels],
+            )
             rows.append(row)
-            described = "; ".join(f"{k.name} {k.registers} regs, {'spills' if k.spills else 'no spills'}, "
-                                  f"{k.programs_per_sm}/SM" for k in kernels) or "-"  # fmt: skip
-            print(f"| {length} | {impl} | {memory.temp_bytes / 2**20:,.1f} MiB | {row['score_gflops']:,.0f} | "
-                  f"{described} |", flush=True)  # fmt: skip
+            described = (
+                "; ".join(
+                    f"{k.name} {k.registers} regs, {'spills' if k.spills else 'no spills'}, {k.programs_per_sm}/SM"
+                    for k in kernels
+                )
+                or "-"
+            )
+            print(
+                f"| {length} | {impl} | {memory.temp_bytes / 2**20:,.1f} MiB | {row['score_gflops']:,.0f} | "
+                f"{described} |",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -32,10 +32,29 @@ METHODS = {
 
 def run(method: str, seed: int, steps: int, directory: Path) -> dict:
     out = directory / f"{method.split()[0].lower()}-{len(method)}-seed{seed}"
-    command = [sys.executable, "-m", "qlora_jax.cli", "train", "--no-progress", str(CONFIG), *METHODS[method],
-               "--train.seed", str(seed), "--data.seed", str(seed), "--train.steps", str(steps),
-               "--train.output_dir", str(out), "--train.samples", "[]", "--train.export_peft", "false",
-               "--train.resume", "false"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "qlora_jax.cli",
+        "train",
+        "--no-progress",
+        str(CONFIG),
+        *METHODS[method],
+        "--train.seed",
+        str(seed),
+        "--data.seed",
+        str(seed),
+        "--train.steps",
+        str(steps),
+        "--train.output_dir",
+        str(out),
+        "--train.samples",
+        "[]",
+        "--train.export_peft",
+        "false",
+        "--train.resume",
+        "false",
+    ]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
@@ -72,15 +91,16 @@ def main() -> None:
                 runs.append(run(method, seed, args.steps, Path(directory)))
                 r = runs[-1]
                 scores = f"exact match {r['exact_match_before']:.0%} -> {r['exact_match']:.0%}"
-                print(f"  {method}, seed {seed}: eval loss {r['eval_loss']:.4f}, {scores} ({r['seconds']:.0f} s)",
-                      flush=True)  # fmt: skip
+                print(
+                    f"  {method}, seed {seed}: eval loss {r['eval_loss']:.4f}, {scores} ({r['seconds']:.0f} s)",
+                    flush=True,
+                )
     print(f"\n{args.steps} steps, seeds {args.seeds}; mean ± standard deviation over the seeds")
     print("| method | final eval loss | exact match (50 dates) |")
     print("|---|---|---|")
     for method in args.methods:
         mine = [r for r in runs if r["method"] == method]
-        print(f"| {method} | {spread([r['eval_loss'] for r in mine])} | "
-              f"{spread([r['exact_match'] for r in mine])} |")  # fmt: skip
+        print(f"| {method} | {spread([r['eval_loss'] for r in mine])} | {spread([r['exact_match'] for r in mine])} |")
     if args.json:
         args.json.write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "runs": runs}, indent=2))
     if args.plot:

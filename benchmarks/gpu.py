@@ -52,21 +52,60 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 # (section, share of the time budget)
-SECTIONS = (("correct", 30), ("kernels", 80), ("decode", 70), ("ckpt", 35), ("train", 145), ("large", 45),
-            ("torch", 55), ("ladder", 25), ("moe", 120))  # fmt: skip
+SECTIONS = (
+    ("correct", 30),
+    ("kernels", 80),
+    ("decode", 70),
+    ("ckpt", 35),
+    ("train", 145),
+    ("large", 45),
+    ("torch", 55),
+    ("ladder", 25),
+    ("moe", 120),
+)
 QWEN3_30B_A3B = ROOT / "examples" / "qwen3-30b-a3b" / "config.json"
-TINY_MOE = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128,
-                moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)  # fmt: skip
+TINY_MOE = dict(
+    model_type="qwen3_moe",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+)
 DEFAULT_TRAIN_ROWS = ("base=nf4,batch=2,length=2048,remat=full", "base=bf16,batch=2,length=2048,remat=full")
 SMOKE_TRAIN_ROWS = ("base=nf4,batch=2,length=16,remat=none,steps=1",)
-LLAMA_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16",
-                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                  original_max_position_embeddings=8192))  # fmt: skip
-TINY = dict(LLAMA_8B, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+LLAMA_8B = dict(
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+    torch_dtype="bfloat16",
+    rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    ),
+)
+TINY = dict(
+    LLAMA_8B,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)
 # Dense bf16 tensor-core FLOP/s and HBM bytes/s (NVIDIA's SXM data sheets) for the roofline column.
 PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12)}
@@ -94,8 +133,14 @@ def _env(emit, args):
     import jax
 
     device = jax.devices()[0]
-    emit("env", jax=jax.__version__, backend=jax.default_backend(), device=device.device_kind,
-         cores=getattr(device, "core_count", None), smoke=args.smoke)  # fmt: skip
+    emit(
+        "env",
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        device=device.device_kind,
+        cores=getattr(device, "core_count", None),
+        smoke=args.smoke,
+    )
     return device
 
 
@@ -142,15 +187,27 @@ def section_correct(args, emit):
     limit = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 4e-3}
 
     def check(op, m, dtype, quant_type, double_quant, config):
-        qt = jax.tree.map(lambda a: a[0], distinct_weights(
-            n, k, dtype, 1, quant_type=quant_type, double_quant=double_quant, seed=m))  # fmt: skip
+        qt = jax.tree.map(
+            lambda a: a[0], distinct_weights(n, k, dtype, 1, quant_type=quant_type, double_quant=double_quant, seed=m)
+        )
         rows = jax.random.normal(jax.random.key(m), (m, k if op == "forward" else n), jnp.float32).astype(dtype)
         ref = matmul_reference if op == "forward" else matmul_transposed_reference
         got = jax.jit(dispatch.fused_fn(op, config, args.smoke))(rows, qt)
         err = _rel_error(got, ref(rows, qt))
-        emit("correct", op=op, m=m, n=n, k=k, dtype=jnp.dtype(dtype).name, quant=quant_type, double_quant=double_quant,
-             kernel=type(config).__name__, config=str(config), rel_error=err,
-             ok=bool(err <= limit[jnp.dtype(dtype).name]))  # fmt: skip
+        emit(
+            "correct",
+            op=op,
+            m=m,
+            n=n,
+            k=k,
+            dtype=jnp.dtype(dtype).name,
+            quant=quant_type,
+            double_quant=double_quant,
+            kernel=type(config).__name__,
+            config=str(config),
+            rel_error=err,
+            ok=bool(err <= limit[jnp.dtype(dtype).name]),
+        )
 
     variants = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False), ("int4", True)]
     dtypes = [jnp.bfloat16, jnp.float16, jnp.float32]
@@ -163,16 +220,23 @@ def section_correct(args, emit):
         check(op, m, dtype, quant_type, dq, autotune.default_fused_config(op, m, n, k, 64, sms))
     qt = jax.tree.map(lambda a: a[0], distinct_weights(n, k, jnp.bfloat16, 1))
     got = jax.jit(lambda q: dequantize_pallas(q, jnp.bfloat16, interpret=args.smoke))(qt)
-    emit("correct", op="dequantize", n=n, k=k, mismatches=int(jnp.sum(got != dequantize(qt))),
-         ok=bool(jnp.all(got == dequantize(qt))))  # fmt: skip
+    emit(
+        "correct",
+        op="dequantize",
+        n=n,
+        k=k,
+        mismatches=int(jnp.sum(got != dequantize(qt))),
+        ok=bool(jnp.all(got == dequantize(qt))),
+    )
     for op, m in (("forward", 4),) if args.smoke else ops:
         space = autotune.tuning_space(op, m, n, k, 64)
         for config in space[-1:] if args.smoke else space:  # smoke: the tiled split-K kernel
             check(op, m, jnp.bfloat16, "nf4", True, config)
 
 
-def _time_impls(args, emit, m, n, k, impls, *, phase, peaks, dense_bytes, quant_bytes, weights, rows,
-                mode="unrolled", extra=None):  # fmt: skip
+def _time_impls(
+    args, emit, m, n, k, impls, *, phase, peaks, dense_bytes, quant_bytes, weights, rows, mode="unrolled", extra=None
+):
     """Times each (name, fn, uses_dense_weight) and emits one record each; returns {name: seconds}. Each call reads
     its own weight: `weights` holds (stack, count) per kind, as many distinct weights as calls are timed."""
     import jax
@@ -184,8 +248,9 @@ def _time_impls(args, emit, m, n, k, impls, *, phase, peaks, dense_bytes, quant_
     for name, fn, dense in impls:
         stack, count = weights["dense" if dense else "quant"]
         distinct = jax.tree.leaves(stack)[0].shape[0]
-        record = dict(m=m, n=n, k=k, impl=name, phase=phase, mode=mode, copies=count, distinct_weights=distinct,
-                      **(extra or {}))  # fmt: skip
+        record = dict(
+            m=m, n=n, k=k, impl=name, phase=phase, mode=mode, copies=count, distinct_weights=distinct, **(extra or {})
+        )
         try:
             seconds = per_call_seconds(fn, rows, stack, count, mode=mode, repeats=1 if args.smoke else 5)
         except Exception as e:  # noqa: BLE001 - a failing variant is a result too
@@ -260,20 +325,50 @@ def section_kernels(args, emit):
                 except ValueError:
                     continue
                 configs[f"fused {config}"] = config
-            impls = [("bf16 dot", dense_dot, True),
-                     ("dequant+dot", functools.partial(nf4_matmul, options=KernelOptions(impl="xla",
-                                                                                         interpret=interpret)), False),
-                     ("dequant(xla)+dot", functools.partial(dispatch.xla_forward, dequant="xla"), False)]  # fmt: skip
+            impls = [
+                ("bf16 dot", dense_dot, True),
+                (
+                    "dequant+dot",
+                    functools.partial(nf4_matmul, options=KernelOptions(impl="xla", interpret=interpret)),
+                    False,
+                ),
+                ("dequant(xla)+dot", functools.partial(dispatch.xla_forward, dequant="xla"), False),
+            ]
             impls += [(name, dispatch.fused_fn("forward", c, interpret), False) for name, c in configs.items()]
             impls.append(("auto", functools.partial(nf4_matmul, options=KernelOptions(interpret=interpret)), False))
-            times = _time_impls(args, emit, m, n, k, impls, phase="fwd", peaks=peaks, dense_bytes=dense_bytes,
-                                quant_bytes=quant_bytes, weights=weights, rows=rows)  # fmt: skip
+            times = _time_impls(
+                args,
+                emit,
+                m,
+                n,
+                k,
+                impls,
+                phase="fwd",
+                peaks=peaks,
+                dense_bytes=dense_bytes,
+                quant_bytes=quant_bytes,
+                weights=weights,
+                rows=rows,
+            )
             _emit_choice(emit, device.device_kind, "forward", m, n, k, times, configs)
             if m == 1 and (n, k) == shapes[0]:  # what a model's scan over layers sees: per-layer slices
                 scan = [impl for impl in impls if impl[0] in ("bf16 dot", "dequant+dot")]
                 scan.append((next(iter(configs)), dispatch.fused_fn("forward", default, interpret), False))
-                _time_impls(args, emit, m, n, k, scan, phase="fwd", peaks=peaks, dense_bytes=dense_bytes,
-                            quant_bytes=quant_bytes, weights=weights, rows=rows, mode="scan")  # fmt: skip
+                _time_impls(
+                    args,
+                    emit,
+                    m,
+                    n,
+                    k,
+                    scan,
+                    phase="fwd",
+                    peaks=peaks,
+                    dense_bytes=dense_bytes,
+                    quant_bytes=quant_bytes,
+                    weights=weights,
+                    rows=rows,
+                    mode="scan",
+                )
         del weights
 
 
@@ -295,8 +390,10 @@ def section_large(args, emit):
         weights, quant_bytes, dense_bytes = _weights(n, k, count, dense_count=count)
         x = jax.random.normal(jax.random.key(0), (m, k), jnp.float32).astype(jnp.bfloat16)
         dy = jax.random.normal(jax.random.key(1), (m, n), jnp.float32).astype(jnp.bfloat16)
-        tiles = (MatmulConfig(block_m=64, block_n=64, block_k=64),
-                 MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8))  # fmt: skip
+        tiles = (
+            MatmulConfig(block_m=64, block_n=64, block_k=64),
+            MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8),
+        )
         fused = {f"fused {c}": c for c in tiles}
         xla = functools.partial(nf4_matmul, options=KernelOptions(impl="xla"))
         forward = [("bf16 dot", dense_dot, True), ("dequant+dot", xla, False)]
@@ -304,8 +401,20 @@ def section_large(args, emit):
             fused = dict(list(fused.items())[:1])
         forward += [(name, dispatch.fused_fn("forward", c, interpret), False) for name, c in fused.items()]
         forward.append(("auto", functools.partial(nf4_matmul, options=KernelOptions(interpret=interpret)), False))
-        times = _time_impls(args, emit, m, n, k, forward, phase="fwd", peaks=peaks, dense_bytes=dense_bytes,
-                            quant_bytes=quant_bytes, weights=weights, rows=(x,))  # fmt: skip
+        times = _time_impls(
+            args,
+            emit,
+            m,
+            n,
+            k,
+            forward,
+            phase="fwd",
+            peaks=peaks,
+            dense_bytes=dense_bytes,
+            quant_bytes=quant_bytes,
+            weights=weights,
+            rows=(x,),
+        )
         _emit_choice(emit, device.device_kind, "forward", m, n, k, times, fused)
 
         def with_backward(f, dense=False):
@@ -319,12 +428,26 @@ def section_large(args, emit):
             return run
 
         both = [("bf16 dot", with_backward(None, dense=True), True)]
-        for name, options in (("dequant+dot", KernelOptions(impl="xla")),
-                              ("fused default", KernelOptions(impl="pallas", interpret=interpret)),
-                              ("auto", KernelOptions(interpret=interpret))):  # fmt: skip
+        for name, options in (
+            ("dequant+dot", KernelOptions(impl="xla")),
+            ("fused default", KernelOptions(impl="pallas", interpret=interpret)),
+            ("auto", KernelOptions(interpret=interpret)),
+        ):
             both.append((name, with_backward(functools.partial(nf4_matmul, options=options)), False))
-        _time_impls(args, emit, m, n, k, both, phase="fwd+bwd", peaks=peaks, dense_bytes=dense_bytes,
-                    quant_bytes=quant_bytes, weights=weights, rows=(x, dy))  # fmt: skip
+        _time_impls(
+            args,
+            emit,
+            m,
+            n,
+            k,
+            both,
+            phase="fwd+bwd",
+            peaks=peaks,
+            dense_bytes=dense_bytes,
+            quant_bytes=quant_bytes,
+            weights=weights,
+            rows=(x, dy),
+        )
         del weights
 
 
@@ -352,8 +475,21 @@ def section_ladder(args, emit):
                 config = dataclasses.replace(base, lookup=lookup, dot=dot)
                 fn = functools.partial(ladder, config=config, stage=stage, interpret=args.smoke)
                 impls.append((f"{stage}: {what} ({lookup}, {dot})", fn, False))
-    _time_impls(args, emit, 1, n, k, impls, phase="fwd", peaks=peaks, dense_bytes=dense_bytes,
-                quant_bytes=quant_bytes, weights=weights, rows=(x,), extra={"ladder": True})  # fmt: skip
+    _time_impls(
+        args,
+        emit,
+        1,
+        n,
+        k,
+        impls,
+        phase="fwd",
+        peaks=peaks,
+        dense_bytes=dense_bytes,
+        quant_bytes=quant_bytes,
+        weights=weights,
+        rows=(x,),
+        extra={"ladder": True},
+    )
 
 
 def _model_config(args):
@@ -415,8 +551,11 @@ def section_decode(args, emit):
                 built = None  # free the previous model first
                 quant = QuantConfig() if base == "nf4" else None
                 start = time.perf_counter()
-                model = nnx.jit(lambda q=quant: DecoderLM(config, quant=q, dtype=jnp.bfloat16,
-                                                          param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()  # fmt: skip
+                model = nnx.jit(
+                    lambda q=quant: DecoderLM(
+                        config, quant=q, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+                    )
+                )()
                 jax.block_until_ready(nnx.state(model))
                 built = (base, model)
                 emit("model", base=base, init_s=time.perf_counter() - start)
@@ -468,15 +607,24 @@ def section_ckpt(args, emit):
         hf["num_key_value_heads"],
     )
     head = d // heads
-    shapes = {"model.embed_tokens.weight": (hf["vocab_size"], d), "lm_head.weight": (hf["vocab_size"], d),
-              "model.norm.weight": (d,)}  # fmt: skip
+    shapes = {
+        "model.embed_tokens.weight": (hf["vocab_size"], d),
+        "lm_head.weight": (hf["vocab_size"], d),
+        "model.norm.weight": (d,),
+    }
     for i in range(hf["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv * head, d),
-                   p + "self_attn.v_proj.weight": (kv * head, d), p + "self_attn.o_proj.weight": (d, d),
-                   p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
-                   p + "mlp.down_proj.weight": (d, inter), p + "input_layernorm.weight": (d,),
-                   p + "post_attention_layernorm.weight": (d,)}  # fmt: skip
+        shapes |= {
+            p + "self_attn.q_proj.weight": (d, d),
+            p + "self_attn.k_proj.weight": (kv * head, d),
+            p + "self_attn.v_proj.weight": (kv * head, d),
+            p + "self_attn.o_proj.weight": (d, d),
+            p + "mlp.gate_proj.weight": (inter, d),
+            p + "mlp.up_proj.weight": (inter, d),
+            p + "mlp.down_proj.weight": (d, inter),
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+        }
 
     def tensor(shape):
         size = int(np.prod(shape))
@@ -515,8 +663,17 @@ def parse_row(spec: str) -> dict:
     from qlora_jax.models import ComputeOptions
     from qlora_jax.train.config import DROPOUT_RNGS
 
-    row = {"base": "nf4", "batch": 2, "length": 2048, "steps": 3, "packed": False, "dropout_rng": "threefry2x32",
-           "compute": {}, "kernels": {}, "spec": spec}  # fmt: skip
+    row = {
+        "base": "nf4",
+        "batch": 2,
+        "length": 2048,
+        "steps": 3,
+        "packed": False,
+        "dropout_rng": "threefry2x32",
+        "compute": {},
+        "kernels": {},
+        "spec": spec,
+    }
     compute_fields = {f.name for f in dataclasses.fields(ComputeOptions)} - {"kernels"}
     kernel_fields = {f.name for f in dataclasses.fields(KernelOptions)} - {"interpret", "cache"}
     for item in filter(None, spec.split(",")):
@@ -576,8 +733,9 @@ def section_train(args, emit):
     if not (path / "config.json").is_file():
         raise SystemExit(f"no checkpoint at {path}: the ckpt section did not finish")
     start = time.perf_counter()
-    model, config = load_pretrained(path, quantization=QuantConfig() if row["base"] == "nf4" else None,
-                                    dtype=jnp.bfloat16)  # fmt: skip
+    model, config = load_pretrained(
+        path, quantization=QuantConfig() if row["base"] == "nf4" else None, dtype=jnp.bfloat16
+    )
     jax.block_until_ready(nnx.state(model))
     load_s = time.perf_counter() - start
     apply_lora(model, LoraConfig(**LORA, target_modules="all-linear"), rngs=nnx.Rngs(1))
@@ -587,8 +745,9 @@ def section_train(args, emit):
     optimizer = make_optimizer(OptimConfig(learning_rate=2e-4, schedule="constant", max_grad_norm=1.0), 100)
     state = TrainState.create(lora, optimizer)
     options = ComputeOptions(**row["compute"], kernels=KernelOptions(**row["kernels"], interpret=args.smoke))
-    step = make_train_step(graphdef, optimizer, chunk_size=auto_chunk_size(config.vocab_size), options=options,
-                           packed_rows=row["packed"])  # fmt: skip
+    step = make_train_step(
+        graphdef, optimizer, chunk_size=auto_chunk_size(config.vocab_size), options=options, packed_rows=row["packed"]
+    )
     batch, length = row["batch"], row["length"]
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, length), dtype=np.int32)
     targets = np.concatenate([tokens[..., 1:], np.full((1, batch, 1), -100, np.int32)], axis=-1)
@@ -600,12 +759,16 @@ def section_train(args, emit):
     compiled = step.lower(state, base, data, key).compile()
     compile_s = time.perf_counter() - start
     analysis = compiled.memory_analysis()
-    xla = {} if analysis is None else {
-        "xla_argument_GiB": analysis.argument_size_in_bytes / 2**30,
-        "xla_temp_GiB": analysis.temp_size_in_bytes / 2**30,
-        "xla_output_GiB": analysis.output_size_in_bytes / 2**30,
-        "xla_alias_GiB": analysis.alias_size_in_bytes / 2**30,
-    }  # fmt: skip
+    xla = (
+        {}
+        if analysis is None
+        else {
+            "xla_argument_GiB": analysis.argument_size_in_bytes / 2**30,
+            "xla_temp_GiB": analysis.temp_size_in_bytes / 2**30,
+            "xla_output_GiB": analysis.output_size_in_bytes / 2**30,
+            "xla_alias_GiB": analysis.alias_size_in_bytes / 2**30,
+        }
+    )
     state, metrics = compiled(state, base, data, key)
     first_loss = float(metrics["loss"])
     times = []
@@ -616,10 +779,25 @@ def section_train(args, emit):
         times.append(time.perf_counter() - start)
     stats = device.memory_stats() or {}
     median = statistics.median(times)
-    emit("train", spec=row["spec"], base=row["base"], batch=batch, length=length, compute=row["compute"],
-         kernels=row["kernels"], load_s=load_s, compile_s=compile_s, step_s=times, median_s=median,
-         tokens_per_s=batch * length / median, first_loss=first_loss, last_loss=float(metrics["loss"]),
-         base_GiB=base_bytes / 2**30, peak_GiB=stats.get("peak_bytes_in_use", 0) / 2**30, **xla)  # fmt: skip
+    emit(
+        "train",
+        spec=row["spec"],
+        base=row["base"],
+        batch=batch,
+        length=length,
+        compute=row["compute"],
+        kernels=row["kernels"],
+        load_s=load_s,
+        compile_s=compile_s,
+        step_s=times,
+        median_s=median,
+        tokens_per_s=batch * length / median,
+        first_loss=first_loss,
+        last_loss=float(metrics["loss"]),
+        base_GiB=base_bytes / 2**30,
+        peak_GiB=stats.get("peak_bytes_in_use", 0) / 2**30,
+        **xla,
+    )
 
 
 def section_torch(args, emit):
@@ -674,9 +852,21 @@ def section_torch(args, emit):
                 times.append(time.perf_counter() - start)
             median = statistics.median(times)
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-            emit("torch", mode=mode, batch=batch, length=length, init_s=init_s, step_s=times, median_s=median,
-                 tokens_per_s=batch * length / median, first_loss=first_loss, peak_GiB=peak, torch=torch.__version__,
-                 transformers=transformers.__version__, peft=peft.__version__)  # fmt: skip
+            emit(
+                "torch",
+                mode=mode,
+                batch=batch,
+                length=length,
+                init_s=init_s,
+                step_s=times,
+                median_s=median,
+                tokens_per_s=batch * length / median,
+                first_loss=first_loss,
+                peak_GiB=peak,
+                torch=torch.__version__,
+                transformers=transformers.__version__,
+                peft=peft.__version__,
+            )
             model.eval()
             del step, opt
             new = 4 if args.smoke else 32
@@ -689,8 +879,14 @@ def section_torch(args, emit):
                     if cuda:
                         torch.cuda.synchronize()
                     seconds = time.perf_counter() - start
-                emit("torch-decode", mode=mode, batch=decode_batch, new_tokens=new, seconds=seconds,
-                     tokens_per_s=decode_batch * new / seconds)  # fmt: skip
+                emit(
+                    "torch-decode",
+                    mode=mode,
+                    batch=decode_batch,
+                    new_tokens=new,
+                    seconds=seconds,
+                    tokens_per_s=decode_batch * new / seconds,
+                )
             del model
             if cuda:
                 torch.cuda.empty_cache()
@@ -740,8 +936,11 @@ def section_moe(args, emit):
 
     def build():
         model = DecoderLM(config, quant=QuantConfig(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-        apply_lora(model, LoraConfig(r=16, lora_alpha=32, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
-                   rngs=nnx.Rngs(1))  # fmt: skip
+        apply_lora(
+            model,
+            LoraConfig(r=16, lora_alpha=32, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+            rngs=nnx.Rngs(1),
+        )
         return model
 
     abstract = nnx.eval_shape(build)
@@ -754,20 +953,29 @@ def section_moe(args, emit):
     optimizer = make_optimizer(OptimConfig(learning_rate=2e-4, schedule="constant", max_grad_norm=1.0), 100)
     state = TrainState.create(lora, optimizer)
     options = ComputeOptions(remat="full")  # (the grouped expert matmuls are XLA; no Pallas interpreter in smoke)
-    step = make_train_step(graphdef, optimizer, chunk_size=auto_chunk_size(config.vocab_size), options=options,
-                           packed_rows=False)  # fmt: skip
+    step = make_train_step(
+        graphdef, optimizer, chunk_size=auto_chunk_size(config.vocab_size), options=options, packed_rows=False
+    )
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, length), dtype=np.int32)
     targets = np.concatenate([tokens[..., 1:], np.full((1, batch, 1), -100, np.int32)], axis=-1)
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-    data = {k: jnp.asarray(v) for k, v in dict(tokens=tokens, targets=targets, positions=positions,
-                                                segment_ids=np.ones_like(tokens)).items()}  # fmt: skip
+    data = {
+        k: jnp.asarray(v)
+        for k, v in dict(tokens=tokens, targets=targets, positions=positions, segment_ids=np.ones_like(tokens)).items()
+    }
     key = jax.random.key(0)
     start = time.perf_counter()
     compiled = step.lower(state, base, data, key).compile()
     compile_s = time.perf_counter() - start
     analysis = compiled.memory_analysis()
-    xla = {} if analysis is None else {"xla_argument_GiB": analysis.argument_size_in_bytes / 2**30,
-                                       "xla_temp_GiB": analysis.temp_size_in_bytes / 2**30}  # fmt: skip
+    xla = (
+        {}
+        if analysis is None
+        else {
+            "xla_argument_GiB": analysis.argument_size_in_bytes / 2**30,
+            "xla_temp_GiB": analysis.temp_size_in_bytes / 2**30,
+        }
+    )
     state, metrics = compiled(state, base, data, key)
     first_loss = float(metrics["loss"])
     times = []
@@ -778,10 +986,21 @@ def section_moe(args, emit):
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     stats = device.memory_stats() or {}
-    emit("moe", model="Qwen3-30B-A3B shape" if not args.smoke else "tiny", batch=batch, length=length,
-         init_s=init_s, compile_s=compile_s, step_s=times, median_s=median, tokens_per_s=batch * length / median,
-         first_loss=first_loss, base_4bit_GiB=sum(x.nbytes for x in jax.tree.leaves(quantized)) / 2**30,
-         peak_GiB=stats.get("peak_bytes_in_use", 0) / 2**30, **xla)  # fmt: skip
+    emit(
+        "moe",
+        model="Qwen3-30B-A3B shape" if not args.smoke else "tiny",
+        batch=batch,
+        length=length,
+        init_s=init_s,
+        compile_s=compile_s,
+        step_s=times,
+        median_s=median,
+        tokens_per_s=batch * length / median,
+        first_loss=first_loss,
+        base_4bit_GiB=sum(x.nbytes for x in jax.tree.leaves(quantized)) / 2**30,
+        peak_GiB=stats.get("peak_bytes_in_use", 0) / 2**30,
+        **xla,
+    )
 
 
 def _torch_step(model, tokens, params, opt) -> float:
@@ -803,19 +1022,34 @@ def _to_bnb_4bit(model):
     for _, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                      device="meta")  # fmt: skip
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4")  # fmt: skip
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="meta",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+                )
                 setattr(module, child_name, q.to("cuda"))
     torch.cuda.empty_cache()
     return model
 
 
-CHILDREN = {"correct": section_correct, "kernels": section_kernels, "large": section_large,
-            "ladder": section_ladder, "decode": section_decode, "ckpt": section_ckpt, "train": section_train,
-            "torch": section_torch, "moe": section_moe}  # fmt: skip
+CHILDREN = {
+    "correct": section_correct,
+    "kernels": section_kernels,
+    "large": section_large,
+    "ladder": section_ladder,
+    "decode": section_decode,
+    "ckpt": section_ckpt,
+    "train": section_train,
+    "torch": section_torch,
+    "moe": section_moe,
+}
 
 
 # --- the parent: runs each section under its limit, then writes the report -------------------------------------
@@ -827,8 +1061,11 @@ def _fmt(value, digits=1):
 
 def _with_bf16_ratio(records: list[dict]) -> list[dict]:
     """Decode records with `vs_bf16`: tokens/s over the bf16 model's at the same batch, in the same run."""
-    bf16 = {r["batch"]: r["tokens_per_s"] for r in records
-            if r["kind"] == "decode" and r.get("base") == "bf16" and "tokens_per_s" in r}  # fmt: skip
+    bf16 = {
+        r["batch"]: r["tokens_per_s"]
+        for r in records
+        if r["kind"] == "decode" and r.get("base") == "bf16" and "tokens_per_s" in r
+    }
     out = []
     for r in records:
         if r["kind"] == "decode" and r.get("tokens_per_s") and bf16.get(r.get("batch")):
@@ -843,8 +1080,10 @@ def report(records: list[dict]) -> str:
     lines = ["# benchmarks/gpu.py", ""]
     env = next((r for r in records if r["kind"] == "env"), {})
     head = next((r for r in records if r["kind"] == "run"), {})
-    lines.append(f"{env.get('device', '?')} ({env.get('backend', '?')}), jax {env.get('jax', '?')}; "
-                 f"{head.get('date', '')}; smoke={head.get('smoke')}")  # fmt: skip
+    lines.append(
+        f"{env.get('device', '?')} ({env.get('backend', '?')}), jax {env.get('jax', '?')}; "
+        f"{head.get('date', '')}; smoke={head.get('smoke')}"
+    )
     lines += ["", "## Sections", "", "| section | status | seconds | limit |", "|---|---|---|---|"]
     for r in (r for r in records if r["kind"] == "section"):
         lines.append(f"| {r['name']} | {r['status']} | {_fmt(r.get('seconds'))} | {r.get('limit_s')} |")
@@ -853,14 +1092,19 @@ def report(records: list[dict]) -> str:
         bad = [r for r in correct if not r.get("ok")]
         lines += ["", f"## Correctness: {len(correct) - len(bad)} of {len(correct)} within tolerance", ""]
         for r in bad:
-            lines.append(f"- FAILED {r.get('op')} m{r.get('m')} {r.get('dtype')} {r.get('quant')} "
-                         f"dq={r.get('double_quant')} {r.get('config', '')}: {r.get('rel_error', r)}")  # fmt: skip
+            lines.append(
+                f"- FAILED {r.get('op')} m{r.get('m')} {r.get('dtype')} {r.get('quant')} "
+                f"dq={r.get('double_quant')} {r.get('config', '')}: {r.get('rel_error', r)}"
+            )
     timings = [r for r in records if r["kind"] == "timing"]
     if timings:
-        lines += ["", "## Kernels (per call; weights distinct per call)", "",
-                  "| M | N x K | phase | mode | impl | time (us) | weight GB/s | roofline | vs bf16 dot "
-                  "| vs dequant+dot |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Kernels (per call; weights distinct per call)",
+            "",
+            "| M | N x K | phase | mode | impl | time (us) | weight GB/s | roofline | vs bf16 dot | vs dequant+dot |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         base = {(r["m"], r["n"], r["k"], r["phase"], r["mode"], r["impl"]): r.get("time_us") for r in timings}
         for r in timings:
             shape = (r["m"], r["n"], r["k"], r["phase"], r["mode"])
@@ -868,24 +1112,67 @@ def report(records: list[dict]) -> str:
             ratios = [base.get((*shape, name)) for name in ("bf16 dot", "dequant+dot")]
             ratios = [f"{b / t:.2f}x" if b and t else "-" for b in ratios]
             value = _fmt(t) if t else f"error: {r.get('error', '')[:60]}"
-            lines.append(f"| {r['m']} | {r['n']} x {r['k']} | {r['phase']} | {r['mode']} | {r['impl']} | {value} | "
-                         f"{_fmt(r.get('weight_GBps'), 0)} | {_fmt(r.get('roofline_fraction'), 2)} | "
-                         f"{ratios[0]} | {ratios[1]} |")  # fmt: skip
+            lines.append(
+                f"| {r['m']} | {r['n']} x {r['k']} | {r['phase']} | {r['mode']} | {r['impl']} | {value} | "
+                f"{_fmt(r.get('weight_GBps'), 0)} | {_fmt(r.get('roofline_fraction'), 2)} | "
+                f"{ratios[0]} | {ratios[1]} |"
+            )
     for kind, title, cols in (
-        ("decode", "Decode (greedy; prefill timed apart)", ("base", "impl", "kernel", "batch", "prompt",
-                                                            "new_tokens", "prefill_s", "tokens_per_s",
-                                                            "roofline_tokens_per_s", "roofline_fraction",
-                                                            "vs_bf16")),
-        ("train", "QLoRA step, Llama-3.1-8B shape", ("spec", "load_s", "compile_s", "median_s", "tokens_per_s",
-                                                     "first_loss", "base_GiB", "xla_argument_GiB", "xla_temp_GiB",
-                                                     "peak_GiB")),
-        ("torch", "transformers + PEFT", ("mode", "batch", "length", "median_s", "tokens_per_s", "peak_GiB",
-                                          "skipped")),
+        (
+            "decode",
+            "Decode (greedy; prefill timed apart)",
+            (
+                "base",
+                "impl",
+                "kernel",
+                "batch",
+                "prompt",
+                "new_tokens",
+                "prefill_s",
+                "tokens_per_s",
+                "roofline_tokens_per_s",
+                "roofline_fraction",
+                "vs_bf16",
+            ),
+        ),
+        (
+            "train",
+            "QLoRA step, Llama-3.1-8B shape",
+            (
+                "spec",
+                "load_s",
+                "compile_s",
+                "median_s",
+                "tokens_per_s",
+                "first_loss",
+                "base_GiB",
+                "xla_argument_GiB",
+                "xla_temp_GiB",
+                "peak_GiB",
+            ),
+        ),
+        (
+            "torch",
+            "transformers + PEFT",
+            ("mode", "batch", "length", "median_s", "tokens_per_s", "peak_GiB", "skipped"),
+        ),
         ("torch-decode", "transformers generate", ("mode", "batch", "new_tokens", "tokens_per_s")),
-        ("moe", "QLoRA step, Qwen3-30B-A3B shape (mixture of experts)", ("model", "batch", "length", "compile_s",
-                                                                         "median_s", "tokens_per_s", "base_4bit_GiB",
-                                                                         "xla_temp_GiB", "peak_GiB")),
-    ):  # fmt: skip
+        (
+            "moe",
+            "QLoRA step, Qwen3-30B-A3B shape (mixture of experts)",
+            (
+                "model",
+                "batch",
+                "length",
+                "compile_s",
+                "median_s",
+                "tokens_per_s",
+                "base_4bit_GiB",
+                "xla_temp_GiB",
+                "peak_GiB",
+            ),
+        ),
+    ):
         rows = [r for r in records if r["kind"] == kind]
         if rows:
             lines += ["", f"## {title}", "", "| " + " | ".join(cols) + " | error |", "|---" * (len(cols) + 1) + "|"]
@@ -935,8 +1222,14 @@ def run_sections(args) -> int:
     if results.exists():
         results.rename(out / f"results.{int(time.time())}.jsonl")  # keep an earlier run's records
     emit = Recorder(out, "parent")
-    emit("run", date=datetime.datetime.now().isoformat(timespec="seconds"), argv=sys.argv, host=platform.node(),
-         smoke=args.smoke, budget_s=args.budget)  # fmt: skip
+    emit(
+        "run",
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        argv=sys.argv,
+        host=platform.node(),
+        smoke=args.smoke,
+        budget_s=args.budget,
+    )
     wanted = args.sections.split(",") if args.sections else [name for name, _ in SECTIONS]
     unknown = set(wanted) - set(CHILDREN)
     if unknown:
@@ -950,8 +1243,17 @@ def run_sections(args) -> int:
     try:
         for name, extra, limit in section_jobs(wanted, args.train_rows, args.budget):
             limit = 300 if args.smoke else limit
-            command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--out", str(out),
-                       "--scratch", str(scratch), *extra]  # fmt: skip
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                name,
+                "--out",
+                str(out),
+                "--scratch",
+                str(scratch),
+                *extra,
+            ]
             command += ["--train-rows", *args.train_rows] + (["--smoke"] if args.smoke else [])
             start = time.perf_counter()
             try:
@@ -962,8 +1264,14 @@ def run_sections(args) -> int:
                 status, tail = f"cut at its {limit} s limit", (e.stderr or b"")[-3000:]
                 tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
             label = name + (f" [{extra[1]}]" if extra else "")
-            emit("section", name=label, status=status, seconds=time.perf_counter() - start, limit_s=limit,
-                 stderr_tail=tail)  # fmt: skip
+            emit(
+                "section",
+                name=label,
+                status=status,
+                seconds=time.perf_counter() - start,
+                limit_s=limit,
+                stderr_tail=tail,
+            )
     finally:
         if not args.scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -983,9 +1291,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU, Pallas interpreter (checks the script)")
     parser.add_argument("--sections", default=None, help=f"comma-separated subset of {', '.join(CHILDREN)}")
     parser.add_argument("--budget", type=float, default=579.0, help="seconds shared by the sections' limits")
-    parser.add_argument("--train-rows", nargs="+", default=None, metavar="ROW",
-                        help="train rows, e.g. base=nf4,batch=2,length=2048,remat=full,attention_block=512,"
-                             "kernels.impl=xla (ComputeOptions fields pass through)")  # fmt: skip
+    parser.add_argument(
+        "--train-rows",
+        nargs="+",
+        default=None,
+        metavar="ROW",
+        help="train rows, e.g. base=nf4,batch=2,length=2048,remat=full,attention_block=512,"
+        "kernels.impl=xla (ComputeOptions fields pass through)",
+    )
     parser.add_argument(
         "--scratch",
         default=None,

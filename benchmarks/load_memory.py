@@ -18,10 +18,19 @@ import tempfile
 from pathlib import Path
 
 LLAMA_1B = dict(
-    model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
-    max_position_embeddings=131072, rms_norm_eps=1e-5,
-)  # fmt: skip
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+)
 
 CHILD = r"""
 import json, sys, jax, jax.numpy as jnp
@@ -93,8 +102,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-1b", action="store_true")
     args = parser.parse_args()
-    print("| checkpoint | runtime MiB | peak MiB | peak - runtime MiB | NF4 model MiB | largest tensor (16-bit) MiB "
-          "| (peak - runtime) / (model + tensor) |")  # fmt: skip
+    print(
+        "| checkpoint | runtime MiB | peak MiB | peak - runtime MiB | NF4 model MiB | largest tensor (16-bit) MiB "
+        "| (peak - runtime) / (model + tensor) |"
+    )
     print("|---|---|---|---|---|---|---|")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import smollm2_gguf_path

@@ -53,15 +53,29 @@ def main() -> None:
             started = time.perf_counter()
             errors = loftq_initialize(model, source, config, names=names)
             elapsed = time.perf_counter() - started
-            norm = math.sqrt(sum(float(np.sum(np.square(source.tensor(k)), dtype=np.float64))
-                                 for k in source.keys() if _is_adapted(k, names)))  # fmt: skip
+            norm = math.sqrt(
+                sum(
+                    float(np.sum(np.square(source.tensor(k)), dtype=np.float64))
+                    for k in source.keys()
+                    if _is_adapted(k, names)
+                )
+            )
             plain = math.sqrt(sum(p**2 for p, _ in errors.values()))
             loftq = math.sqrt(sum(q**2 for _, q in errors.values()))
-            row = {"r": r, "loftq_iter": iters, "plain": plain / norm, "loftq": loftq / norm,
-                   "reduction": 1 - loftq / plain, "seconds": elapsed, "weights": len(errors)}  # fmt: skip
+            row = {
+                "r": r,
+                "loftq_iter": iters,
+                "plain": plain / norm,
+                "loftq": loftq / norm,
+                "reduction": 1 - loftq / plain,
+                "seconds": elapsed,
+                "weights": len(errors),
+            }
             rows.append(row)
-            print(f"| {r} | {iters} | {row['plain']:.4f} | {row['loftq']:.4f} | {row['reduction']:.1%} | "
-                  f"{elapsed:.0f} s |")  # fmt: skip
+            print(
+                f"| {r} | {iters} | {row['plain']:.4f} | {row['loftq']:.4f} | {row['reduction']:.1%} | "
+                f"{elapsed:.0f} s |"
+            )
             del model
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

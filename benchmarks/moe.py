@@ -36,12 +36,32 @@ import time
 from pathlib import Path
 
 CONFIGS = ("ours-nf4", "ours-dense", "torch-dense", "torch-bnb")
-SHAPES = dict(model_type="qwen3_moe", vocab_size=2048, hidden_size=256, intermediate_size=512,
-              moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=64, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True, max_position_embeddings=1024,
-              tie_word_embeddings=False)  # fmt: skip
-SMOKE = dict(SHAPES, vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2, head_dim=16,
-             num_experts=8, num_experts_per_tok=2)  # fmt: skip
+SHAPES = dict(
+    model_type="qwen3_moe",
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    num_experts=16,
+    num_experts_per_tok=4,
+    norm_topk_prob=True,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
+SMOKE = dict(
+    SHAPES,
+    vocab_size=128,
+    hidden_size=64,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+)
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0)
 LEARNING_RATE, MAX_GRAD_NORM, SEED = 2e-4, 1.0, 0
 
@@ -87,15 +107,27 @@ def run_ours(model_dir: Path, args, quantized: bool) -> dict:
     model, config = load_pretrained(model_dir, quantization=QuantConfig() if quantized else None, dtype=jnp.float32)
     apply_lora(model, LoraConfig(**LORA, target_modules="all-linear"), rngs=nnx.Rngs(SEED))
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
-    optimizer = make_optimizer(OptimConfig(learning_rate=LEARNING_RATE, schedule="constant",
-                                           max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0), 100)  # fmt: skip
+    optimizer = make_optimizer(
+        OptimConfig(learning_rate=LEARNING_RATE, schedule="constant", max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0),
+        100,
+    )
     state = [TrainState.create(lora, optimizer)]
-    step = make_train_step(graphdef, optimizer, chunk_size=1024, options=ComputeOptions(remat="none"),
-                           packed_rows=False, router_aux_loss_coef=0.0)  # fmt: skip
+    step = make_train_step(
+        graphdef,
+        optimizer,
+        chunk_size=1024,
+        options=ComputeOptions(remat="none"),
+        packed_rows=False,
+        router_aux_loss_coef=0.0,
+    )
     tokens = _tokens(config.vocab_size, args.batch, args.seq).astype(np.int32)[None]
     targets = np.concatenate([tokens[..., 1:], np.full((1, args.batch, 1), -100, np.int32)], axis=-1)
-    batch = {"tokens": tokens, "targets": targets, "segment_ids": np.ones_like(tokens),
-             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape)}  # fmt: skip
+    batch = {
+        "tokens": tokens,
+        "targets": targets,
+        "segment_ids": np.ones_like(tokens),
+        "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape),
+    }
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     key = jax.random.key(SEED)
 
@@ -114,9 +146,15 @@ def run_torch(model_dir: Path, args, quantized: bool) -> dict:
     torch.set_num_threads(args.threads)
     kwargs = dict(dtype=torch.float32)
     if quantized:
-        kwargs.update(device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32))  # fmt: skip
+        kwargs.update(
+            device_map="cpu",
+            quantization_config=transformers.BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+            ),
+        )
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     torch.manual_seed(SEED)
     model = peft.get_peft_model(model, peft.LoraConfig(**LORA, target_modules="all-linear"))
@@ -138,9 +176,12 @@ def run_torch(model_dir: Path, args, quantized: bool) -> dict:
 
 def child(name: str, model_dir: Path, args) -> None:
     _limit_threads(args.threads)
-    run = {"ours-nf4": lambda: run_ours(model_dir, args, True), "ours-dense": lambda: run_ours(model_dir, args, False),
-           "torch-dense": lambda: run_torch(model_dir, args, False),
-           "torch-bnb": lambda: run_torch(model_dir, args, True)}[name]  # fmt: skip
+    run = {
+        "ours-nf4": lambda: run_ours(model_dir, args, True),
+        "ours-dense": lambda: run_ours(model_dir, args, False),
+        "torch-dense": lambda: run_torch(model_dir, args, False),
+        "torch-bnb": lambda: run_torch(model_dir, args, True),
+    }[name]
     result = run()
     result["tokens_per_s"] = args.batch * args.seq / result["median_s"]
     print(json.dumps(result))
@@ -184,16 +225,36 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child, Path(args.model), args)
         return 0
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", JAX_PLATFORMS="cpu")
-    results = {"shapes": SMOKE if args.smoke else SHAPES, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-               "threads": args.threads, "machine": platform.processor() or platform.machine(),
-               "versions": _versions(), "configs": {}}  # fmt: skip
+    results = {
+        "shapes": SMOKE if args.smoke else SHAPES,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "threads": args.threads,
+        "machine": platform.processor() or platform.machine(),
+        "versions": _versions(),
+        "configs": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         _save_model(model_dir, results["shapes"])
         for name in args.configs.split(","):
-            command = [sys.executable, __file__, "--child", name, "--model", str(model_dir), "--batch",
-                       str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--threads",
-                       str(args.threads)]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--model",
+                str(model_dir),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                "--steps",
+                str(args.steps),
+                "--threads",
+                str(args.threads),
+            ]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")

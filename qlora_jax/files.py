@@ -165,8 +165,9 @@ def check_writable(path: str | os.PathLike, what: str = "the output") -> Path:
     return path
 
 
-_OS_WORDS = tuple(os.strerror(e) for e in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG,
-                                            errno.EIO))  # fmt: skip
+_OS_WORDS = tuple(
+    os.strerror(e) for e in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG, errno.EIO)
+)
 
 
 def output_error(error: BaseException, path: str | os.PathLike, what: str = "the output") -> OutputError:

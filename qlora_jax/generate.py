@@ -59,8 +59,13 @@ def chat_token_ids(
     (transformers 4 returns a list, 5 a BatchEncoding). A template that fails (its own error, the sandbox's
     SecurityError, MemoryError) or runs past its time is an InputError."""
     try:
-        encoded = apply_chat_template(tokenizer, messages, tools=list(tools) if tools else None,
-                                      add_generation_prompt=add_generation_prompt, tokenize=True)  # fmt: skip
+        encoded = apply_chat_template(
+            tokenizer,
+            messages,
+            tools=list(tools) if tools else None,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+        )
     except (Exception, ChatTemplateTimeout) as e:
         raise InputError(f"the chat template fails on this prompt ({type(e).__name__}: {e})") from e
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
@@ -152,12 +157,18 @@ class SamplingConfig:
         if max_new is None and g.max_length is not None:
             max_new = g.max_length - prompt_length
             if max_new < 1:
-                raise ValueError(f"{g.source}: max_length={g.max_length} leaves no room after a prompt of "
-                                 f"{prompt_length} tokens; pass max_new_tokens")  # fmt: skip
+                raise ValueError(
+                    f"{g.source}: max_length={g.max_length} leaves no room after a prompt of "
+                    f"{prompt_length} tokens; pass max_new_tokens"
+                )
         penalty = pick("repetition_penalty")
-        out = dict(max_new_tokens=max_new or DEFAULT_MAX_NEW_TOKENS, temperature=float(temperature),
-                   repetition_penalty=None if penalty in (None, 1.0) else float(penalty), stop_token_ids=stop,
-                   seed=self.seed)  # fmt: skip
+        out = dict(
+            max_new_tokens=max_new or DEFAULT_MAX_NEW_TOKENS,
+            temperature=float(temperature),
+            repetition_penalty=None if penalty in (None, 1.0) else float(penalty),
+            stop_token_ids=stop,
+            seed=self.seed,
+        )
         if temperature:  # sampling: the filters, with transformers' top_k default
             top_k, top_p = pick("top_k"), pick("top_p")
             top_k = DEFAULT_TOP_K if top_k is None else top_k
@@ -227,9 +238,17 @@ def prefill(graphdef, state, tokens, valid, *, cache_length: int, options: Compu
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "options"), donate_argnames=("cache",))
 def decode(
-    graphdef, state, logits, cache: KVCache, next_position, stop_ids, seen, *, config: SamplingConfig,
+    graphdef,
+    state,
+    logits,
+    cache: KVCache,
+    next_position,
+    stop_ids,
+    seen,
+    *,
+    config: SamplingConfig,
     options: ComputeOptions,
-):  # fmt: skip
+):
     """The generation loop, one compiled program: a `lax.while_loop` that samples a token (on the device) from
     the last logits, runs it through the model writing the donated KV cache in place, until every sequence has
     stopped or config.max_new_tokens are out. `seen` (bool [B, V]; [B, 0] without a repetition penalty): the tokens
@@ -298,9 +317,11 @@ def generate(
     # dynamic NTK scaling is made to run past max_position_embeddings (its frequencies rescale with the length)
     past = longest + config.max_new_tokens > model.config.max_position_embeddings
     if past and model.config.rope.rope_type != "dynamic":
-        raise InputError(f"max_new_tokens: a prompt of {longest} tokens and {config.max_new_tokens} new tokens go past "
-                         f"the model's {model.config.max_position_embeddings} positions (max_position_embeddings); "
-                         "give fewer new tokens or a shorter prompt")  # fmt: skip
+        raise InputError(
+            f"max_new_tokens: a prompt of {longest} tokens and {config.max_new_tokens} new tokens go past "
+            f"the model's {model.config.max_position_embeddings} positions (max_position_embeddings); "
+            "give fewer new tokens or a shorter prompt"
+        )
     tokens = np.full((len(prompts), longest), pad_token_id, np.int32)
     valid = np.zeros((len(prompts), longest), bool)
     for row, prompt in enumerate(prompts):

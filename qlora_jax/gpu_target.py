@@ -280,9 +280,12 @@ _CUDNN_LOCK = threading.Lock()
 
 
 def compile_for_target(
-    fn: Callable[..., Any], *args: Any, target: GpuTarget | str, compiler_options: dict[str, Any] | None = None,
+    fn: Callable[..., Any],
+    *args: Any,
+    target: GpuTarget | str,
+    compiler_options: dict[str, Any] | None = None,
     **kwargs: Any,
-) -> Any:  # fmt: skip
+) -> Any:
     """XLA:GPU's compiled program (`jax.stages.Compiled`) of `jax.jit(fn)(*args, **kwargs)` for a GPU target.
 
     `args`/`kwargs` leaves may be arrays or ShapeDtypeStructs (only shapes and dtypes are used; they are placed on
@@ -359,8 +362,11 @@ def device_facts(target: GpuTarget | str | None = None) -> DeviceFacts:
 
     device = jax.devices()[0]
     cores = getattr(device, "core_count", None) if device.platform == "gpu" else None
-    return DeviceFacts(platform=device.platform, device_kind=device.device_kind,
-                       sm_count=int(cores or load_target(DEFAULT_TARGET).sm_count))  # fmt: skip
+    return DeviceFacts(
+        platform=device.platform,
+        device_kind=device.device_kind,
+        sm_count=int(cores or load_target(DEFAULT_TARGET).sm_count),
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -403,9 +409,11 @@ class KernelResources:
         if self.spills:
             spills = f"spills {self.spill_store_bytes} B stored / {self.spill_load_bytes} B loaded"
         mma = f", {self.tensor_cores}" if self.tensor_cores else ""
-        return (f"{self.name}: {self.registers} registers, {spills}, {self.shared_memory_bytes / 1024:.1f} KiB shared, "
-                f"{self.threads} threads, grid {'x'.join(map(str, self.grid))}, {self.programs_per_sm} programs/SM "
-                f"(bound: {self.limited_by}){mma}")  # fmt: skip
+        return (
+            f"{self.name}: {self.registers} registers, {spills}, {self.shared_memory_bytes / 1024:.1f} KiB shared, "
+            f"{self.threads} threads, grid {'x'.join(map(str, self.grid))}, {self.programs_per_sm} programs/SM "
+            f"(bound: {self.limited_by}){mma}"
+        )
 
 
 def programs_per_sm(*, registers: int, threads: int, shared_memory: int, target: GpuTarget | str) -> tuple[int, str]:
@@ -448,8 +456,10 @@ def kernel_resources_unavailable_reason() -> str | None:
     if reason := deviceless_unavailable_reason():
         return reason
     if find_ptxas() is None:
-        return ("no ptxas found (on the PATH, /usr/local/cuda/bin, or the nvidia-cuda-nvcc wheel: "
-                "pip install nvidia-cuda-nvcc): it reports the kernels' registers and spills")  # fmt: skip
+        return (
+            "no ptxas found (on the PATH, /usr/local/cuda/bin, or the nvidia-cuda-nvcc wheel: "
+            "pip install nvidia-cuda-nvcc): it reports the kernels' registers and spills"
+        )
     return None
 
 
@@ -483,8 +493,12 @@ def parse_ptxas_report(text: str) -> dict[str, tuple[int, int, int, int]]:
     out = {}
     for chunk in re.split(r"(?=ptxas info\s+: Compiling entry function)", text):
         if match := _PTXAS_FUNCTION.search(chunk):
-            out[match["name"]] = (int(match["registers"]), int(match["stores"]), int(match["loads"]),
-                                  int(match["stack"]))  # fmt: skip
+            out[match["name"]] = (
+                int(match["registers"]),
+                int(match["stores"]),
+                int(match["loads"]),
+                int(match["stack"]),
+            )
     return out
 
 
@@ -509,8 +523,9 @@ def parse_thunk_sequence(text: str) -> dict[str, tuple[tuple[int, int, int], int
     return out
 
 
-def compiled_kernels(fn: Callable[..., Any], *args: Any, target: GpuTarget | str, **kwargs: Any
-                     ) -> tuple[KernelResources, ...]:  # fmt: skip
+def compiled_kernels(
+    fn: Callable[..., Any], *args: Any, target: GpuTarget | str, **kwargs: Any
+) -> tuple[KernelResources, ...]:
     """Every GPU kernel XLA:GPU compiles for `jax.jit(fn)(*args, **kwargs)` on the target (arguments as for
     `compile_for_target`), with its registers, spills, launch and programs per SM, in launch order.
 
@@ -554,8 +569,20 @@ def compiled_kernels(fn: Callable[..., Any], *args: Any, target: GpuTarget | str
     for name, (registers, stores, loads, stack) in parse_ptxas_report(report).items():
         grid, threads, shared = launches.get(name, ((0, 0, 0), 0, 0))
         blocks, bound = programs_per_sm(registers=registers, threads=threads or 1, shared_memory=shared, target=target)
-        out.append(KernelResources(name=name, registers=registers, spill_store_bytes=stores, spill_load_bytes=loads,
-                                   stack_frame_bytes=stack, shared_memory_bytes=shared, threads=threads, grid=grid,
-                                   programs_per_sm=blocks, limited_by=bound, pallas=name in pallas,
-                                   tensor_cores=tensor_cores.get(name, "")))  # fmt: skip
+        out.append(
+            KernelResources(
+                name=name,
+                registers=registers,
+                spill_store_bytes=stores,
+                spill_load_bytes=loads,
+                stack_frame_bytes=stack,
+                shared_memory_bytes=shared,
+                threads=threads,
+                grid=grid,
+                programs_per_sm=blocks,
+                limited_by=bound,
+                pallas=name in pallas,
+                tensor_cores=tensor_cores.get(name, ""),
+            )
+        )
     return tuple(out)

@@ -90,12 +90,15 @@ def check_gguf(path: str | os.PathLike, recorded: str | None, data_offset: int) 
     if recorded is None:
         return
     if recorded == GGUF_PENDING or file_sha256(path, data_offset) != recorded:
-        raise IntegrityError(f"{path}: its tensor data does not match the checksum recorded when it was written "
-                             f"({GGUF_CHECKSUM_KEY}): the file is damaged or incomplete")  # fmt: skip
+        raise IntegrityError(
+            f"{path}: its tensor data does not match the checksum recorded when it was written "
+            f"({GGUF_CHECKSUM_KEY}): the file is damaged or incomplete"
+        )
 
 
-def checksummed_metadata(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
-                         ) -> dict[str, str]:  # fmt: skip
+def checksummed_metadata(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """`metadata` (a safetensors header's) with the checksum of every tensor added under CHECKSUM_KEY."""
     sums = {name: tensor_sha256(array) for name, array in tensors.items()}
     return {**(metadata or {}), CHECKSUM_KEY: json.dumps(sums, sort_keys=True)}
@@ -110,8 +113,9 @@ def stored_checksums(metadata: Mapping[str, str] | None, path: str | os.PathLike
     except ValueError:
         sums = None
     if not isinstance(sums, dict):
-        raise IntegrityError(f"{path}: the checksums in its header ({CHECKSUM_KEY}) cannot be read: the file is "
-                             "damaged")  # fmt: skip
+        raise IntegrityError(
+            f"{path}: the checksums in its header ({CHECKSUM_KEY}) cannot be read: the file is damaged"
+        )
     return sums
 
 
@@ -122,11 +126,15 @@ def check_tensor(path: str | os.PathLike, key: str, array: np.ndarray, sums: Map
         return
     expected = sums.get(key)
     if expected is None:
-        raise IntegrityError(f"{path}: tensor {key} has no checksum in its header although the others do: the "
-                             "file is damaged or was changed after it was written")  # fmt: skip
+        raise IntegrityError(
+            f"{path}: tensor {key} has no checksum in its header although the others do: the "
+            "file is damaged or was changed after it was written"
+        )
     if tensor_sha256(array) != expected:
-        raise IntegrityError(f"{path}: tensor {key} does not match the checksum recorded when the file was written "
-                             "(a changed byte: the file is damaged); write it again from its source")  # fmt: skip
+        raise IntegrityError(
+            f"{path}: tensor {key} does not match the checksum recorded when the file was written "
+            "(a changed byte: the file is damaged); write it again from its source"
+        )
 
 
 def write_manifest(directory: str | os.PathLike, name: str, info: Mapping[str, Any]) -> Path:
@@ -163,5 +171,6 @@ def verify_manifest(directory: str | os.PathLike, name: str) -> None:
         except OSError:
             raise IntegrityError(f"{path}: listed in {name} but missing: the checkpoint is damaged") from None
         if size != expected.get("bytes") or file_sha256(path) != expected.get("sha256"):
-            raise IntegrityError(f"{path}: does not match the checksum recorded when it was saved ({name}): the "
-                                 "file is damaged")  # fmt: skip
+            raise IntegrityError(
+                f"{path}: does not match the checksum recorded when it was saved ({name}): the file is damaged"
+            )

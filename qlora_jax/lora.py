@@ -119,19 +119,23 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "trainable_token_indices",
-                           normalize_trainable_token_indices(self.trainable_token_indices))  # fmt: skip
+        object.__setattr__(
+            self, "trainable_token_indices", normalize_trainable_token_indices(self.trainable_token_indices)
+        )
         object.__setattr__(self, "modules_to_save", normalize_modules_to_save(self.modules_to_save))
-        for name in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-                     "target_parameters"):  # fmt: skip
+        for name in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "target_parameters"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
         params = self.target_parameters
         if not (params is None or isinstance(params, tuple) and all(isinstance(p, str) for p in params)):
             raise ValueError(f"target_parameters must be a list of parameter names, got {params!r}")
         for name in ("target_modules", "exclude_modules", "layers_pattern"):  # PEFT: a str, or a list of str
             value = getattr(self, name)
-            if not (value is None or isinstance(value, str) or
-                    isinstance(value, tuple) and all(isinstance(v, str) for v in value)):  # fmt: skip
+            if not (
+                value is None
+                or isinstance(value, str)
+                or isinstance(value, tuple)
+                and all(isinstance(v, str) for v in value)
+            ):
                 raise ValueError(f"{name} must be a string (a regex) or a list of module names, got {value!r}")
         layers = self.layers_to_transform
         if not (layers is None or _index(layers) or isinstance(layers, tuple) and all(map(_index, layers))):
@@ -146,8 +150,9 @@ class LoraConfig:
         for key, r in self.rank_pattern.items():
             if not isinstance(r, int) or isinstance(r, bool) or r < 1:
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {r!r}")
-        for where, alpha in [("lora_alpha", self.lora_alpha)] + [(f"alpha_pattern[{k!r}]", v)
-                                                                  for k, v in self.alpha_pattern.items()]:  # fmt: skip
+        for where, alpha in [("lora_alpha", self.lora_alpha)] + [
+            (f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()
+        ]:
             if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha == 0 or not math.isfinite(alpha):
                 raise ValueError(f"{where} must be a finite nonzero number (it scales the adapter), got {alpha!r}")
         if not 0 <= self.lora_dropout < 1:
@@ -162,16 +167,22 @@ class LoraConfig:
             raise ValueError("target_modules must name at least one module (or target_parameters a parameter)")
         # PEFT's own checks (peft.LoraConfig.__post_init__)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("layers_to_transform cannot be used when target_modules is a str (a regex, or "
-                             "all-linear): name the layers in the regex, or list the module names")  # fmt: skip
+            raise ValueError(
+                "layers_to_transform cannot be used when target_modules is a str (a regex, or "
+                "all-linear): name the layers in the regex, or list the module names"
+            )
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ValueError("layers_pattern cannot be used when target_modules is a str")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("when layers_pattern is specified, layers_to_transform must be specified too")
 
     def __hash__(self) -> int:
-        return hash(tuple((f.name, tuple(v.items()) if isinstance(v := getattr(self, f.name), dict) else v)
-                          for f in dataclasses.fields(self)))  # fmt: skip
+        return hash(
+            tuple(
+                (f.name, tuple(v.items()) if isinstance(v := getattr(self, f.name), dict) else v)
+                for f in dataclasses.fields(self)
+            )
+        )
 
     @property
     def scaling(self) -> float:
@@ -202,8 +213,17 @@ class LoRA(nnx.Module):
     ranks: the rank per layer (0: no adapter there), static; scaling: an AdapterScaling, 0.0 where the rank is 0.
     """
 
-    def __init__(self, a: jax.Array, b: jax.Array, magnitude: jax.Array | None, *, scaling: Any,
-                 ranks: Sequence[int], dropout: float, key_id: int):  # fmt: skip
+    def __init__(
+        self,
+        a: jax.Array,
+        b: jax.Array,
+        magnitude: jax.Array | None,
+        *,
+        scaling: Any,
+        ranks: Sequence[int],
+        dropout: float,
+        key_id: int,
+    ):
         self.lora_A = nnx.LoRAParam(a)
         self.lora_B = nnx.LoRAParam(b)
         self.lora_magnitude_vector = None if magnitude is None else nnx.LoRAParam(magnitude)
@@ -308,8 +328,9 @@ class ExpertLoRA(nnx.Module):
         return a.reshape(num_experts, r, a.shape[1]), b.reshape(b.shape[0], r, num_experts).transpose(2, 0, 1)
 
 
-def _initial_expert_adapter(key: jax.Array, module: QExperts, config: LoraConfig, r: jax.Array, rank: int
-                            ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+def _initial_expert_adapter(
+    key: jax.Array, module: QExperts, config: LoraConfig, r: jax.Array, rank: int
+) -> tuple[jax.Array, jax.Array]:
     """(A [E, rank, in], B [E, out, rank]) of one layer, rows / columns past r zero: PEFT's ParamWrapper init, its
     nn.Linear(in, E r) A Kaiming-uniform (U(-1/sqrt(in), 1/sqrt(in))) or N(0, 1/r), B zero."""
     key_a, key_b = jax.random.split(key)
@@ -331,12 +352,15 @@ def _check_parameter_target(name: str, config: LoraConfig) -> None:
     """PEFT's ParamWrapper (the adapter of a parameter: experts, router) refuses dropout and DoRA."""
     for field, bad in (("lora_dropout", config.lora_dropout != 0), ("use_dora", config.use_dora)):
         if bad:
-            raise ValueError(f"{field}={getattr(config, field)!r} is not supported on {name}, a mixture of "
-                             f"experts' parameter (PEFT's lora.ParamWrapper refuses it too)")  # fmt: skip
+            raise ValueError(
+                f"{field}={getattr(config, field)!r} is not supported on {name}, a mixture of "
+                f"experts' parameter (PEFT's lora.ParamWrapper refuses it too)"
+            )
 
 
-def _initial_adapter(key: jax.Array, layer: QLinear, config: LoraConfig, r: jax.Array, rank: int,
-                     scaling: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # fmt: skip
+def _initial_adapter(
+    key: jax.Array, layer: QLinear, config: LoraConfig, r: jax.Array, rank: int, scaling: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """(A [rank, in], B [out, rank], magnitude [out] or None) for one (unstacked) layer whose adapter has rank
     r <= rank: rows / columns past r are zero (r = 0: no adapter, all zero), float32."""
     key_a, key_b = jax.random.split(key)
@@ -411,8 +435,9 @@ def apply_lora(
                 lambda k, st, r, s, g=graphdef, n=rank: _initial_adapter(k, nnx.merge(g, st), config, r, n, s)
             )(jax.random.split(key, len(target.ranks)), state, ranks, scalings)
             scaling = scalings
-        module.lora = LoRA(a, b, m, scaling=scaling, ranks=target.ranks, dropout=config.lora_dropout,
-                           key_id=_key_id(name))  # fmt: skip
+        module.lora = LoRA(
+            a, b, m, scaling=scaling, ranks=target.ranks, dropout=config.lora_dropout, key_id=_key_id(name)
+        )
     if rows:
         apply_trainable_rows(model, config.trainable_token_indices, config.modules_to_save)
     return list(targets)
@@ -497,8 +522,9 @@ def loftq_initialize(
                 new = old
                 qt = jax.tree.map(lambda x, i=index: x[i], module.quantized_tensor())
             else:
-                w = jnp.asarray(np.asarray(get(layer_name(name, k if target.stacked else None) + ".weight")),
-                                jnp.float32)  # fmt: skip
+                w = jnp.asarray(
+                    np.asarray(get(layer_name(name, k if target.stacked else None) + ".weight")), jnp.float32
+                )
                 qt, a_r, b_r, plain, err = _loftq_one(w, module, r, scalings[k], config.loftq_iter)
                 plain_err, loftq_err = plain_err + plain**2, loftq_err + err**2
                 new = {buf: getattr(qt, buf) for buf in old}
@@ -516,8 +542,9 @@ def loftq_initialize(
         magnitude = stack(m_list) if config.use_dora else None
         scaling = jnp.asarray(scalings if target.stacked else scalings[0], jnp.float32)
         if module.lora is None:
-            module.lora = LoRA(a, b, magnitude, scaling=scaling, ranks=target.ranks, dropout=config.lora_dropout,
-                               key_id=_key_id(name))  # fmt: skip
+            module.lora = LoRA(
+                a, b, magnitude, scaling=scaling, ranks=target.ranks, dropout=config.lora_dropout, key_id=_key_id(name)
+            )
         else:
             if module.lora.ranks != target.ranks:
                 raise ValueError(f"{name}: its adapter has ranks {module.lora.ranks}, the config {target.ranks}")
@@ -531,13 +558,11 @@ def loftq_initialize(
 
 def _loftq_one(w: jax.Array, layer: QLinear, r: int, scaling: float, iterations: int):
     q = layer.quant
-    kwargs = dict(quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
-                  dq_blocksize=q.dq_blocksize)  # fmt: skip
     dtype = layer.param_dtype
-    plain = float(jnp.linalg.norm(w - dequantize(quantize(w.astype(dtype), **kwargs), jnp.float32)))
+    plain = float(jnp.linalg.norm(w - dequantize(quantize(w.astype(dtype), q), jnp.float32)))
     residual = w
     for i in range(iterations):
-        qt = quantize(residual.astype(dtype), **kwargs)
+        qt = quantize(residual.astype(dtype), q)
         u, s, vt = jnp.linalg.svd(w - dequantize(qt, jnp.float32), full_matrices=False)
         root = jnp.sqrt(s[:r])
         left, right = u[:, :r] * root, root[:, None] * vt[:r]  # [out, r], [r, in]

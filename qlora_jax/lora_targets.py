@@ -100,8 +100,10 @@ class ModuleTargets:
 
     def scalings(self, use_rslora: bool) -> tuple[float, ...]:
         """PEFT's scaling per layer, lora_alpha / r (rsLoRA: / sqrt(r)); 0.0 where the layer has no adapter."""
-        return tuple(0.0 if r == 0 else a / (math.sqrt(r) if use_rslora else r)
-                     for r, a in zip(self.ranks, self.alphas, strict=True))  # fmt: skip
+        return tuple(
+            0.0 if r == 0 else a / (math.sqrt(r) if use_rslora else r)
+            for r, a in zip(self.ranks, self.alphas, strict=True)
+        )
 
 
 def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
@@ -193,15 +195,25 @@ def _converted(model: nnx.Module, config: Any, linear_names: frozenset[str]) -> 
     for new, required in fused.items():
         if 0 < len(present[new]) < len(required):
             missing = sorted(set(required) - present[new])
-            raise ValueError(f"target_modules names {', '.join(sorted(present[new]))} without {', '.join(missing)}: "
-                             f"both are one fused parameter ({new}) on transformers 5, as PEFT says")  # fmt: skip
+            raise ValueError(
+                f"target_modules names {', '.join(sorted(present[new]))} without {', '.join(missing)}: "
+                f"both are one fused parameter ({new}) on transformers 5, as PEFT says"
+            )
         if len(present[new]) == len(required):
             rank_pattern[rf".*\.{re.escape(new)}"] = config.r * len(required)
             alpha_pattern[rf".*\.{re.escape(new)}"] = config.lora_alpha * len(required)
     remaining = targets if isinstance(targets, str) else tuple(remaining)
-    return _Converted(remaining, tuple(sorted(parameters)), rank_pattern, alpha_pattern,
-                      config.exclude_modules, config.layers_to_transform, config.layers_pattern, config.r,
-                      config.lora_alpha)  # fmt: skip
+    return _Converted(
+        remaining,
+        tuple(sorted(parameters)),
+        rank_pattern,
+        alpha_pattern,
+        config.exclude_modules,
+        config.layers_to_transform,
+        config.layers_pattern,
+        config.r,
+        config.lora_alpha,
+    )
 
 
 def converted_config_fields(model: nnx.Module, config: Any) -> dict[str, Any]:
@@ -211,9 +223,14 @@ def converted_config_fields(model: nnx.Module, config: Any) -> dict[str, Any]:
         return {}
     modules = _modules(model)
     view = _converted(model, config, _linear_names(_module_keys(model, modules), modules))
-    return {"target_modules": list(view.target_modules) if not isinstance(view.target_modules, str)
-            else view.target_modules, "target_parameters": list(view.target_parameters),
-            "rank_pattern": view.rank_pattern, "alpha_pattern": view.alpha_pattern}  # fmt: skip
+    return {
+        "target_modules": list(view.target_modules)
+        if not isinstance(view.target_modules, str)
+        else view.target_modules,
+        "target_parameters": list(view.target_parameters),
+        "rank_pattern": view.rank_pattern,
+        "alpha_pattern": view.alpha_pattern,
+    }
 
 
 def _parameter_targets(model: nnx.Module, view: _Converted) -> dict[str, ModuleTargets]:
@@ -234,21 +251,27 @@ def _parameter_targets(model: nnx.Module, view: _Converted) -> dict[str, ModuleT
         if any(ranks):
             out[name] = ModuleTargets(tuple(ranks), tuple(alphas), True)
     if names and not out:
-        raise ValueError(f"target_parameters={list(names)} matches no parameter of the model (PEFT's names: "
-                         f"{LAYERS}.0.mlp.experts.gate_up_proj, ...down_proj, ...mlp.gate.weight)")  # fmt: skip
+        raise ValueError(
+            f"target_parameters={list(names)} matches no parameter of the model (PEFT's names: "
+            f"{LAYERS}.0.mlp.experts.gate_up_proj, ...down_proj, ...mlp.gate.weight)"
+        )
     return out
 
 
 def _module_keys(model: nnx.Module, modules: dict[str, nnx.Module]) -> dict[str, list[tuple[str, int | None]]]:
     """{our module path: [(its per-layer name in the transformers model, layer or None)]}."""
     num_layers, text_model = model.config.num_layers, model.config.text_model_path
-    return {path: [(hf_module_name(layer_name(path, i), text_model), i)
-                   for i in (range(num_layers) if is_stacked(path) else [None])] for path in modules}  # fmt: skip
+    return {
+        path: [
+            (hf_module_name(layer_name(path, i), text_model), i)
+            for i in (range(num_layers) if is_stacked(path) else [None])
+        ]
+        for path in modules
+    }
 
 
 def _linear_names(keys: dict[str, list[tuple[str, int | None]]], modules: dict[str, nnx.Module]) -> frozenset[str]:
-    return frozenset(k for p, m in modules.items() if isinstance(m, QLinear) for k, _ in keys[p]
-                     if k != "lm_head")  # fmt: skip
+    return frozenset(k for p, m in modules.items() if isinstance(m, QLinear) for k, _ in keys[p] if k != "lm_head")
 
 
 def select_targets(model: nnx.Module, config: Any) -> dict[str, ModuleTargets]:
@@ -266,8 +289,10 @@ def select_targets(model: nnx.Module, config: Any) -> dict[str, ModuleTargets]:
         config = _converted(model, config, linear_names)
         parameters = _parameter_targets(model, config)
     elif getattr(config, "target_parameters", None):
-        raise ValueError("target_parameters adapt a mixture of experts' expert parameters and router (qwen3_moe, "
-                         f"mixtral); a {model.config.model_type} model has none: use target_modules")  # fmt: skip
+        raise ValueError(
+            "target_parameters adapt a mixture of experts' expert parameters and router (qwen3_moe, "
+            f"mixtral); a {model.config.model_type} model has none: use target_modules"
+        )
     if getattr(model, "lm_head", True) is None and _selects(config, "lm_head", linear_names):
         raise ValueError(
             "target_modules selects lm_head, but this model ties its output head to model.embed_tokens "
@@ -281,8 +306,9 @@ def select_targets(model: nnx.Module, config: Any) -> dict[str, ModuleTargets]:
             continue
         if not isinstance(module, QLinear):
             key = next(iter(chosen.values()))
-            raise ValueError(f"target_modules selects {key}, a {type(module).__name__}, but adapters here go on "
-                             f"linear layers only")  # fmt: skip
+            raise ValueError(
+                f"target_modules selects {key}, a {type(module).__name__}, but adapters here go on linear layers only"
+            )
         ranks, alphas = [], []
         for _, i in keys[path]:
             key = chosen.get(i)

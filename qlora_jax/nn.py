@@ -24,8 +24,17 @@ from qlora_jax.kernels.tune_model import LinearShape
 from qlora_jax.mesh import current_mesh, gathered, gathered_matmul
 from qlora_jax.quant import QUANT_BUFFERS, QuantConfig, QuantizedTensor, dequantize, quantize
 
-__all__ = ["Frozen", "QuantizedWeight", "QLinear", "Embed", "RMSNorm", "frozen_matmul", "linear_shapes", "linears",
-           "read_in_place"]  # fmt: skip
+__all__ = [
+    "Frozen",
+    "QuantizedWeight",
+    "QLinear",
+    "Embed",
+    "RMSNorm",
+    "frozen_matmul",
+    "linear_shapes",
+    "linears",
+    "read_in_place",
+]
 
 
 class Frozen(nnx.Variable):
@@ -92,13 +101,7 @@ class QLinear(nnx.Module):
         if quant is None:
             self.weight = Frozen(w)
         else:
-            qt = quantize(
-                w,
-                quant_type=quant.quant_type,
-                blocksize=quant.blocksize,
-                double_quant=quant.double_quant,
-                dq_blocksize=quant.dq_blocksize,
-            )
+            qt = quantize(w, quant)
             for name in QUANT_BUFFERS:
                 value = getattr(qt, name)
                 setattr(self, name, None if value is None else QuantizedWeight(value))
@@ -173,19 +176,24 @@ class QLinear(nnx.Module):
 
 
 def linears(
-    layers: tuple[QLinear, ...], x: jax.Array, *, kernels: KernelOptions = KernelOptions(),
+    layers: tuple[QLinear, ...],
+    x: jax.Array,
+    *,
+    kernels: KernelOptions = KernelOptions(),
     dropout_key: jax.Array | None = None,
-) -> tuple[jax.Array, ...]:  # fmt: skip
+) -> tuple[jax.Array, ...]:
     """Each layer applied to the same x (q/k/v, gate/up), adapters included: what `layer(x)` gives for each, with
     the 4-bit bases multiplied by one `nf4_matmul_group` call (one decode-kernel launch where it is the choice).
 
     The group needs 4-bit layers of one compute dtype, all stacked alike, and no mesh (under `compute_mesh` each
     layer runs on its own, per device)."""
     grouped = (
-        len(layers) > 1 and all(layer.is_quantized for layer in layers) and current_mesh() is None
+        len(layers) > 1
+        and all(layer.is_quantized for layer in layers)
+        and current_mesh() is None
         and len({layer.dtype for layer in layers}) == 1
         and len({layer.layer_index is None for layer in layers}) == 1
-    )  # fmt: skip
+    )
     if not grouped:
         return tuple(layer(x, kernels=kernels, dropout_key=dropout_key) for layer in layers)
     first = layers[0]
@@ -269,8 +277,15 @@ def linear_shapes(model: nnx.Module) -> list[LinearShape]:
         if not isinstance(module, QLinear) or not module.is_quantized:
             continue
         q = module.quant
-        key = (module.out_features, module.in_features, module.param_dtype.name, module.dtype.name, q.quant_type,
-               q.blocksize, q.double_quant)  # fmt: skip
+        key = (
+            module.out_features,
+            module.in_features,
+            module.param_dtype.name,
+            module.dtype.name,
+            q.quant_type,
+            q.blocksize,
+            q.double_quant,
+        )
         name = ".".join(str(p) for p in path[-2:])
         found.setdefault(key, [])
         if name not in found[key]:

@@ -80,8 +80,9 @@ def _expert_axis(names: tuple[str, ...], shape: tuple[int, ...], m: int) -> int 
     if len(shape) <= axis:
         return None  # a per-layer scaling
     if shape[axis] % m:
-        raise ValueError(f"expert parallelism: {shape[axis]} experts ({'.'.join(names)}) do not split over "
-                         f"fsdp={m} devices")  # fmt: skip
+        raise ValueError(
+            f"expert parallelism: {shape[axis]} experts ({'.'.join(names)}) do not split over fsdp={m} devices"
+        )
     return axis
 
 

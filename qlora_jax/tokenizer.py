@@ -43,8 +43,9 @@ def _time_limit(seconds: float) -> Iterator[None]:
         return
 
     def expired(signum, frame):
-        raise ChatTemplateTimeout(f"the chat template did not finish rendering within {seconds:g} s (a template "
-                                  "that never ends?)")  # fmt: skip
+        raise ChatTemplateTimeout(
+            f"the chat template did not finish rendering within {seconds:g} s (a template that never ends?)"
+        )
 
     previous = signal.signal(signal.SIGALRM, expired)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -55,8 +56,9 @@ def _time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def apply_chat_template(tokenizer: Any, messages: Sequence[dict], *, seconds: float | None = None, **kwargs: Any
-                        ) -> Any:  # fmt: skip
+def apply_chat_template(
+    tokenizer: Any, messages: Sequence[dict], *, seconds: float | None = None, **kwargs: Any
+) -> Any:
     """`tokenizer.apply_chat_template(messages, **kwargs)`, raising ChatTemplateTimeout after `seconds` (default:
     CHAT_TEMPLATE_SECONDS, read when called)."""
     seconds = CHAT_TEMPLATE_SECONDS if seconds is None else seconds
@@ -65,8 +67,12 @@ def apply_chat_template(tokenizer: Any, messages: Sequence[dict], *, seconds: fl
 
 
 # GGUF ids of the special tokens, by the tokenizer_config name transformers gives them.
-_SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
-                      "pad_token": "padding_token_id"}  # fmt: skip
+_SPECIAL_TOKEN_IDS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 
 
 class _NoTorchNotice(logging.Filter):
@@ -112,9 +118,10 @@ def _gguf_tokenizer(path: Path) -> Any:
         try:
             return _gguf_tokenizer_without_torch(path)
         except ImportError:
-            raise ValueError(f"reading a GGUF tokenizer with this transformers version needs torch ({e}); "
-                             "install torch, or point model.tokenizer / --tokenizer at a tokenizer directory"
-                             ) from e  # fmt: skip
+            raise ValueError(
+                f"reading a GGUF tokenizer with this transformers version needs torch ({e}); "
+                "install torch, or point model.tokenizer / --tokenizer at a tokenizer directory"
+            ) from e
 
 
 def _gguf_tokenizer_without_torch(path: Path) -> Any:
@@ -126,10 +133,15 @@ def _gguf_tokenizer_without_torch(path: Path) -> Any:
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     reader = gguf.GGUFReader(path)
-    meta = {name: field.contents() for name, field in reader.fields.items()
-            if name.startswith("tokenizer.") or name == "general.architecture"}  # fmt: skip
-    grouped = {group: {new: meta[f"tokenizer.{old}"] for old, new in renames.items() if f"tokenizer.{old}" in meta}
-               for group, renames in GGUF_TOKENIZER_MAPPING.items()}  # fmt: skip
+    meta = {
+        name: field.contents()
+        for name, field in reader.fields.items()
+        if name.startswith("tokenizer.") or name == "general.architecture"
+    }
+    grouped = {
+        group: {new: meta[f"tokenizer.{old}"] for old, new in renames.items() if f"tokenizer.{old}" in meta}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
     tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
     if "tokens" not in tokenizer:
         raise ValueError("the GGUF file holds no tokenizer (tokenizer.ggml.tokens)")
@@ -162,5 +174,7 @@ def check_token_ids(ids: Any, vocab_size: int, where: str, *, fix: str = _RESIZE
     bad = np.unique(flat[(flat >= vocab_size) | (flat < 0)])
     if bad.size:
         shown = ", ".join(map(str, bad[:8].tolist())) + (f" (and {bad.size - 8} more)" if bad.size > 8 else "")
-        raise TokenIdError(f"{where}: token ids {shown} are outside the model's embedding of {vocab_size} rows (added "
-                           f"tokens the model was not resized for?); {fix}")  # fmt: skip
+        raise TokenIdError(
+            f"{where}: token ids {shown} are outside the model's embedding of {vocab_size} rows (added "
+            f"tokens the model was not resized for?); {fix}"
+        )

@@ -142,8 +142,10 @@ def normalize_trainable_token_indices(value: Any) -> tuple[int, ...] | dict[str,
         out = {}
         for name, ids in value.items():
             if name not in TOKEN_MODULES:
-                raise ValueError(f"trainable_token_indices: module {name!r} is not supported (embed_tokens or "
-                                 "lm_head: the embedding and the output head)")  # fmt: skip
+                raise ValueError(
+                    f"trainable_token_indices: module {name!r} is not supported (embed_tokens or "
+                    "lm_head: the embedding and the output head)"
+                )
             out[name] = _indices(ids, f"trainable_token_indices[{name!r}]")
         if len({TOKEN_MODULES[name] for name in out}) != len(out):
             raise ValueError("trainable_token_indices names the embedding twice (embed_tokens, model.embed_tokens)")
@@ -161,8 +163,10 @@ def normalize_modules_to_save(value: Any) -> tuple[str, ...] | None:
         raise ValueError(f"modules_to_save must be a list of module names, got {value!r}")
     for name in names:
         if name not in TOKEN_MODULES:
-            raise ValueError(f"modules_to_save: {name!r} is not supported: only embed_tokens and lm_head (the "
-                             "embedding and the output head) are trained whole here")  # fmt: skip
+            raise ValueError(
+                f"modules_to_save: {name!r} is not supported: only embed_tokens and lm_head (the "
+                "embedding and the output head) are trained whole here"
+            )
     return tuple(names)
 
 
@@ -208,13 +212,17 @@ def check_trainable_rows(
         if module.trainable_rows is not None:
             raise ValueError(f"{path} already has trainable rows")
         if ids is None and model.config.tie_word_embeddings:
-            raise ValueError("modules_to_save: this model ties its output head to embed_tokens; PEFT would train "
-                             "a copy of the embedding and leave the head on the old one (untying them): train the "
-                             "rows with trainable_token_indices, which the tied head follows")  # fmt: skip
+            raise ValueError(
+                "modules_to_save: this model ties its output head to embed_tokens; PEFT would train "
+                "a copy of the embedding and leave the head on the old one (untying them): train the "
+                "rows with trainable_token_indices, which the tied head follows"
+            )
         if isinstance(module, QLinear):
             if module.is_quantized:
-                raise ValueError(f"{name}: lm_head is stored in 4 bits; keep it in 16 bits (quant skip_modules "
-                                 "lm_head, the default) to train its rows")  # fmt: skip
+                raise ValueError(
+                    f"{name}: lm_head is stored in 4 bits; keep it in 16 bits (quant skip_modules "
+                    "lm_head, the default) to train its rows"
+                )
             if module.lora is not None or path in lora_targets:
                 raise ValueError(f"{name}: lm_head also gets a LoRA adapter (target_modules); train it one way")
         if ids is not None and max(ids) >= vocab:
@@ -262,8 +270,10 @@ def resize_token_embeddings(model: DecoderLM, new_num_tokens: int) -> DecoderLM:
     if trainable_row_modules(model) or (head is not None and head.lora is not None):
         raise ValueError("resize_token_embeddings: the embedding or lm_head already has adapters; resize first")
     if head is not None and head.is_quantized:
-        raise ValueError("resize_token_embeddings: lm_head is stored in 4 bits; load it in 16 bits (quant "
-                         "skip_modules lm_head, the default) to resize it")  # fmt: skip
+        raise ValueError(
+            "resize_token_embeddings: lm_head is stored in 4 bits; load it in 16 bits (quant "
+            "skip_modules lm_head, the default) to resize it"
+        )
     embed = model.model.embed_tokens
     embed.weight.set_value(_mean_resized(embed.weight[...], new_num_tokens))
     if head is not None:

@@ -34,7 +34,7 @@ FAMILIES = {
             high_freq_factor=4.0,
             original_max_position_embeddings=16,
         ),
-    ),  # fmt: skip
+    ),
     "mistral": dict(model_type="mistral", sliding_window=3),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", head_dim=32),
@@ -45,7 +45,7 @@ FAMILIES = {
         query_pre_attn_scalar=24,
         attn_logit_softcapping=0.1,
         final_logit_softcapping=0.3,  # small: tiny random logits reach them
-    ),  # fmt: skip
+    ),
     "gemma3": dict(
         model_type="gemma3_text",
         head_dim=16,
@@ -55,17 +55,23 @@ FAMILIES = {
         rope_local_base_freq=100.0,
         rope_theta=10000.0,
         rope_scaling=dict(rope_type="linear", factor=4.0),
-    ),  # fmt: skip
+    ),
     "phi3": dict(model_type="phi3", pad_token_id=0),
 }
 # The mixture-of-experts families (`docs/moe.md`): every layer sparse. Kept apart from FAMILIES, whose tests
 # (bitsandbytes' 4-bit transformers models among them) assume dense MLPs; qwen3_moe's `num_experts` as published
 # checkpoints spell it (transformers 5 writes `num_local_experts`).
 MOE_FAMILIES = {
-    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=32, num_experts=8, num_experts_per_tok=2,
-                      moe_intermediate_size=32, norm_topk_prob=True),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+    ),
     "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
-}  # fmt: skip
+}
 # What a GGUF file's metadata carries back besides the shapes (llama.cpp writes these ids and the norm epsilon).
 SPECIAL_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
@@ -83,8 +89,12 @@ def write_one_block_gguf(path: Any, tensors: list[tuple[str, Any, Any]]) -> None
 
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(1)
-    for key, value in (("llama.embedding_length", 8), ("llama.feed_forward_length", 16),
-                       ("llama.attention.head_count", 2), ("llama.context_length", 32)):  # fmt: skip
+    for key, value in (
+        ("llama.embedding_length", 8),
+        ("llama.feed_forward_length", 16),
+        ("llama.attention.head_count", 2),
+        ("llama.context_length", 32),
+    ):
         writer.add_uint32(key, value)
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     writer.add_string("tokenizer.ggml.model", "gpt2")

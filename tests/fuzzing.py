@@ -20,10 +20,48 @@ from typing import Any
 
 from qlora_jax.errors import QloraJaxError
 
-INTERESTING_INTS = (0, 1, 2, 3, 7, 8, 255, 256, 2**15, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1,
-                    2**64 - 1, 0x7F7F7F7F)  # fmt: skip
-WORDS = ("", "a", "nf4", "fp4", "none", "LORA", "q_proj", "weight", "model.layers.0", "float32", "bfloat16", "F32",
-         "U8", "I64", "true", "null", "-1", "1e400", "\x00", "é", "\ud800")  # fmt: skip
+INTERESTING_INTS = (
+    0,
+    1,
+    2,
+    3,
+    7,
+    8,
+    255,
+    256,
+    2**15,
+    2**16 - 1,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**63 - 1,
+    2**64 - 1,
+    0x7F7F7F7F,
+)
+WORDS = (
+    "",
+    "a",
+    "nf4",
+    "fp4",
+    "none",
+    "LORA",
+    "q_proj",
+    "weight",
+    "model.layers.0",
+    "float32",
+    "bfloat16",
+    "F32",
+    "U8",
+    "I64",
+    "true",
+    "null",
+    "-1",
+    "1e400",
+    "\x00",
+    "é",
+    "\ud800",
+)
 
 
 class Fuzzer:
@@ -50,8 +88,10 @@ class Fuzzer:
     def text(self) -> str:
         if self.chance(0.6):
             return self.rng.choice(WORDS)
-        return "".join(chr(self.rng.choice([self.rng.randint(32, 126), self.rng.randint(0, 0x2FFF)]))
-                       for _ in range(self.rng.randint(0, 12)))  # fmt: skip
+        return "".join(
+            chr(self.rng.choice([self.rng.randint(32, 126), self.rng.randint(0, 0x2FFF)]))
+            for _ in range(self.rng.randint(0, 12))
+        )
 
     def json_value(self, depth: int = 0) -> Any:
         """A random JSON-like value (floats include NaN and Inf, which `json.dumps` writes as NaN / Infinity)."""
@@ -130,8 +170,9 @@ class Fuzzer:
         return bytes(out)
 
 
-def run(name: str, count: int, seed: int, make: Callable[[Fuzzer], Any], read: Callable[[Any], None],
-        *, failures: Path) -> Counter:  # fmt: skip
+def run(
+    name: str, count: int, seed: int, make: Callable[[Fuzzer], Any], read: Callable[[Any], None], *, failures: Path
+) -> Counter:
     """Feeds `count` inputs from `make` to `read`. Any exception that is not a `QloraJaxError` fails the test with
     the input's index (and the input, saved under `failures`). Returns how often each outcome happened."""
     fuzzer = Fuzzer(seed)
@@ -147,8 +188,9 @@ def run(name: str, count: int, seed: int, make: Callable[[Fuzzer], Any], read: C
             failures.mkdir(parents=True, exist_ok=True)
             saved = failures / f"{name}-{seed}-{index}"
             saved.write_text(repr(data) if not isinstance(data, bytes) else data.hex())
-            raise AssertionError(f"{name} input {index} (seed {seed}, saved in {saved}) raised "
-                                 f"{type(e).__name__}: {e}") from e  # fmt: skip
+            raise AssertionError(
+                f"{name} input {index} (seed {seed}, saved in {saved}) raised {type(e).__name__}: {e}"
+            ) from e
     return outcomes
 
 

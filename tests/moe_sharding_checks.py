@@ -27,9 +27,22 @@ from qlora_jax.train.parallel import global_batch, place, step_shardings
 from qlora_jax.train.step import TrainState, make_train_step
 
 OPTIONS = ComputeOptions(remat="full", attention_block=0)
-HF = dict(model_type="qwen3_moe", vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-          num_experts_per_tok=2, norm_topk_prob=True, output_router_logits=True, router_aux_loss_coef=0.1)  # fmt: skip
+HF = dict(
+    model_type="qwen3_moe",
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    output_router_logits=True,
+    router_aux_loss_coef=0.1,
+)
 # (data, fsdp, expert parallel)
 MESHES = {"ep8": (1, 8, True), "data2_ep4": (2, 4, True), "fsdp8": (1, 8, False)}
 
@@ -73,13 +86,15 @@ def main(out: Path) -> None:
         mesh = make_mesh(data, fsdp)
         shardings = step_shardings(mesh, lora, base, optimizer, expert_parallel=expert_parallel)
         placed = place(base, shardings.base)
-        state = TrainState.create(place(jax.tree.map(jnp.copy, lora), shardings.state.lora), optimizer,
-                                  shardings=shardings.state)  # fmt: skip
+        state = TrainState.create(
+            place(jax.tree.map(jnp.copy, lora), shardings.state.lora), optimizer, shardings=shardings.state
+        )
         step = make_train_step(graphdef, optimizer, chunk_size=32, options=OPTIONS, shardings=shardings)
         new_state, metrics = step(state, placed, global_batch(batch, shardings.batch), key)
         grads = jax.tree.map(lambda a, b: a - np.asarray(b), before, new_state.lora)
-        errors = [float(np.abs(g - r).max()) for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference),
-                                                             strict=True)]  # fmt: skip
+        errors = [
+            float(np.abs(g - r).max()) for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True)
+        ]
         packed = placed["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]["packed"]
         lora_a = new_state.lora["model"]["layers"]["mlp"]["experts"]["down_proj"]["lora"]["lora_A"]
         results["meshes"][name] = {

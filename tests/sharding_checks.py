@@ -34,8 +34,16 @@ from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_train_step
 OPTIONS = ComputeOptions(remat="full", attention_block=8)
 MESHES = {"data8": (8, 1), "fsdp8": (1, 8), "data2_fsdp4": (2, 4)}
 # Every linear weight of this model divides into 8 shards of whole double-quantization blocks (256 x 64 values).
-HF = dict(model_type="llama", vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
-          num_attention_heads=8, num_key_value_heads=4, rope_theta=10000.0)  # fmt: skip
+HF = dict(
+    model_type="llama",
+    vocab_size=256,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    rope_theta=10000.0,
+)
 
 
 def _model_config(**changes) -> ModelConfig:
@@ -44,8 +52,7 @@ def _model_config(**changes) -> ModelConfig:
 
 def _split(model_config: ModelConfig, *, abstract: bool = False, dtype=jnp.float32):
     def build():
-        model = DecoderLM(model_config, quant=QuantConfig(), dtype=dtype, param_dtype=dtype,
-                          rngs=nnx.Rngs(0))  # fmt: skip
+        model = DecoderLM(model_config, quant=QuantConfig(), dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
         apply_lora(model, LoraConfig(r=4, init_lora_weights=False), rngs=nnx.Rngs(1))  # B random: nonzero grads
         return model
 
@@ -88,8 +95,9 @@ def check_equivalence(out: Path) -> dict:
         mesh = make_mesh(*shape)
         shardings = step_shardings(mesh, lora, base, optimizer)
         placed_base = place(base, shardings.base)
-        state = TrainState.create(place(jax.tree.map(jnp.copy, lora), shardings.state.lora), optimizer,
-                                  shardings=shardings.state)  # fmt: skip
+        state = TrainState.create(
+            place(jax.tree.map(jnp.copy, lora), shardings.state.lora), optimizer, shardings=shardings.state
+        )
         step = make_train_step(graphdef, optimizer, chunk_size=32, options=OPTIONS, shardings=shardings)
         new_state, metrics = step(state, placed_base, global_batch(batch, shardings.batch), key)
         device_index = {d: i for i, d in enumerate(mesh.devices.flat)}
@@ -117,8 +125,9 @@ def check_equivalence(out: Path) -> dict:
     results["base_total_bytes"] = sum(x.nbytes for x in jax.tree.leaves(base))
     quantized = nnx.state(nnx.merge(graphdef, lora, base), QuantizedWeight)
     results["quantized_total_bytes"] = sum(x.nbytes for x in jax.tree.leaves(quantized))
-    results["offset_bytes"] = sum(x.nbytes for p, x in jax.tree_util.tree_leaves_with_path(quantized)
-                                  if "offset" in jax.tree_util.keystr(p))  # fmt: skip
+    results["offset_bytes"] = sum(
+        x.nbytes for p, x in jax.tree_util.tree_leaves_with_path(quantized) if "offset" in jax.tree_util.keystr(p)
+    )
     # the adapters' per-layer scalings ([num_layers] float32 each): too small to split, replicated
     scalings = nnx.state(nnx.merge(graphdef, lora, base), AdapterScaling)
     results["adapter_scaling_bytes"] = sum(x.nbytes for x in jax.tree.leaves(scalings))
@@ -164,19 +173,31 @@ def check_whole_blocks(graphdef, lora, base) -> dict:
     codes, absmax, nested = shards(qt.packed), shards(qt.absmax), shards(qt.nested_absmax)
     errors = []
     for k in range(8):
-        part = QuantizedTensor(codes[k], absmax[k], nested[k], np.asarray(qt.offset)[0], (whole.size // 8,), qt.dtype,
-                               qt.quant_type, qt.blocksize, qt.dq_blocksize)  # fmt: skip
+        part = QuantizedTensor(
+            codes[k],
+            absmax[k],
+            nested[k],
+            np.asarray(qt.offset)[0],
+            (whole.size // 8,),
+            qt.dtype,
+            qt.quant_type,
+            qt.blocksize,
+            qt.dq_blocksize,
+        )
         expected = whole[k * whole.size // 8 : (k + 1) * whole.size // 8]
         errors.append(float(np.max(np.abs(np.asarray(dequantize(part)) - expected))))
-    specs = {name: str(getattr(layer, name)[...].sharding.spec) for name in ("packed", "absmax", "nested_absmax",
-                                                                           "offset")}  # fmt: skip
+    specs = {
+        name: str(getattr(layer, name)[...].sharding.spec) for name in ("packed", "absmax", "nested_absmax", "offset")
+    }
     return {"errors": errors, "specs": specs}
 
 
 def check_small_weights_replicate() -> dict:
     """Weights whose blocks do not split 8 ways in whole double-quantization blocks stay whole (all buffers)."""
-    _, _, base = _split(_model_config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                      num_key_value_heads=2), abstract=True)  # fmt: skip
+    _, _, base = _split(
+        _model_config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+        abstract=True,
+    )
     shardings = param_shardings(base, make_mesh(1, 8))
     flat = {jax.tree_util.keystr(p): str(s.spec) for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
     return {k: v for k, v in flat.items() if "q_proj" in k or "embed" in k}
@@ -195,12 +216,14 @@ def check_memory() -> dict:
             rows = 1 if shape is None else 8
             batch = {f: jax.ShapeDtypeStruct((1, rows, 16), jnp.int32) for f in BATCH_FIELDS}
             for layers in (2, 4):
-                graphdef, lora, base = _split(_model_config(num_hidden_layers=layers), abstract=True,
-                                              dtype=jnp.bfloat16)  # fmt: skip
+                graphdef, lora, base = _split(
+                    _model_config(num_hidden_layers=layers), abstract=True, dtype=jnp.bfloat16
+                )
                 shardings = None if shape is None else step_shardings(make_mesh(*shape), lora, base, optimizer)
                 state = jax.eval_shape(lambda adapters: TrainState.create(adapters, optimizer), lora)
-                step = make_train_step(graphdef, optimizer, chunk_size=64, options=ComputeOptions(remat=remat),
-                                       shardings=shardings)  # fmt: skip
+                step = make_train_step(
+                    graphdef, optimizer, chunk_size=64, options=ComputeOptions(remat=remat), shardings=shardings
+                )
                 analysis = step.lower(state, base, batch, key).compile().memory_analysis()
                 temps[layers] = int(analysis.temp_size_in_bytes)
                 base_bytes[layers] = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(base))
@@ -230,8 +253,12 @@ def check_process_rows() -> dict:
     adam = step_shardings(mesh, lora, base, optax.adamw(1e-3)).state.opt_state
     opt_specs = sorted({str(s.spec) for s in jax.tree.leaves(adam)})
     round_trip = all(np.array_equal(np.asarray(arrays[f]), batch[f]) for f in BATCH_FIELDS)
-    return {"rows": rows, "round_trip": round_trip, "spec": str(arrays["tokens"].sharding.spec),
-            "adam_specs": opt_specs}  # fmt: skip
+    return {
+        "rows": rows,
+        "round_trip": round_trip,
+        "spec": str(arrays["tokens"].sharding.spec),
+        "adam_specs": opt_specs,
+    }
 
 
 def check_plan(out: Path) -> dict:
@@ -244,22 +271,36 @@ def check_plan(out: Path) -> dict:
     model_dir.mkdir(exist_ok=True)
     hf = HF | {"num_hidden_layers": 6, "vocab_size": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
     (model_dir / "config.json").write_text(json.dumps(hf))
-    raw = {"model": {"path": str(model_dir), "dtype": "bfloat16"}, "data": {"train": "unused", "max_length": 128},
-           "lora": {"r": 8}, "train": {"batch_size": 16, "remat": "full", "loss_chunk_size": 256},
-           "mesh": {"fsdp": 8}}  # fmt: skip
+    raw = {
+        "model": {"path": str(model_dir), "dtype": "bfloat16"},
+        "data": {"train": "unused", "max_length": 128},
+        "lora": {"r": 8},
+        "train": {"batch_size": 16, "remat": "full", "loss_chunk_size": 256},
+        "mesh": {"fsdp": 8},
+    }
     config = config_from_dict(raw)
     plan = plan_memory(config, compare=True)
     model = abstract_model(config)
     quantized = nnx.state(model, QuantizedWeight)
-    offsets = sum(int(np.prod(x.shape)) * 4 for p, x in jax.tree_util.tree_leaves_with_path(quantized)
-                  if "offset" in jax.tree_util.keystr(p))  # fmt: skip
+    offsets = sum(
+        int(np.prod(x.shape)) * 4
+        for p, x in jax.tree_util.tree_leaves_with_path(quantized)
+        if "offset" in jax.tree_util.keystr(p)
+    )
     total_quantized = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(quantized))
     lora = nnx.state(model, nnx.LoRAParam)
-    return {"mesh": list(plan.mesh), "quantized": plan.quantized_weights, "quantized_total": total_quantized,
-            "offsets": offsets, "adapters": plan.adapters,
-            "adapters_total": sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(lora)),
-            "batch": plan.batch, "device_total": plan.device_total, "compiled_total": plan.compiled.total,
-            "table": plan.table()}  # fmt: skip
+    return {
+        "mesh": list(plan.mesh),
+        "quantized": plan.quantized_weights,
+        "quantized_total": total_quantized,
+        "offsets": offsets,
+        "adapters": plan.adapters,
+        "adapters_total": sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(lora)),
+        "batch": plan.batch,
+        "device_total": plan.device_total,
+        "compiled_total": plan.compiled.total,
+        "table": plan.table(),
+    }
 
 
 def check_train(out: Path, model_dir: str) -> dict:
@@ -274,13 +315,24 @@ def check_train(out: Path, model_dir: str) -> dict:
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
         "optim": {"learning_rate": 3e-3},
         # a fixed policy: remat: auto would plan each candidate on the mesh (check_plan plans on one) first
-        "train": {"output_dir": str(out / "run"), "steps": 2, "batch_size": 8, "grad_accum": 1, "eval_batches": 1,
-                  "samples": ["March 5, 2021"], "remat": "full"},
+        "train": {
+            "output_dir": str(out / "run"),
+            "steps": 2,
+            "batch_size": 8,
+            "grad_accum": 1,
+            "eval_batches": 1,
+            "samples": ["March 5, 2021"],
+            "remat": "full",
+        },
         "mesh": {"data": 2, "fsdp": -1},
-    }  # fmt: skip
+    }
     result = train(config_from_dict(raw), progress=False)
-    return {"losses": result.train_losses, "eval_losses": result.eval_losses, "steps": result.steps,
-            "files": sorted(p.name for p in result.output_dir.iterdir())}  # fmt: skip
+    return {
+        "losses": result.train_losses,
+        "eval_losses": result.eval_losses,
+        "steps": result.steps,
+        "files": sorted(p.name for p in result.output_dir.iterdir()),
+    }
 
 
 def main() -> None:
@@ -291,9 +343,13 @@ def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     timings, results = {}, {}
-    checks = [("equivalence", lambda: check_equivalence(out)), ("small_weights", check_small_weights_replicate),
-              ("memory", check_memory), ("process_rows", check_process_rows),
-              ("plan", lambda: check_plan(out))]  # fmt: skip
+    checks = [
+        ("equivalence", lambda: check_equivalence(out)),
+        ("small_weights", check_small_weights_replicate),
+        ("memory", check_memory),
+        ("process_rows", check_process_rows),
+        ("plan", lambda: check_plan(out)),
+    ]
     if len(sys.argv) > 2:
         checks.append(("train", lambda: check_train(out, sys.argv[2])))
     for name, check in checks:

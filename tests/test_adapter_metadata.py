@@ -74,8 +74,18 @@ def test_the_bundled_smollm2_gguf_names_no_source_so_its_path_is_recorded(smollm
 
 
 def test_merge_names_the_gguf_flag_that_exists_before_loading_anything(tmp_path, capsys):
-    args = ["merge", "--model", str(tmp_path / "absent"), "--adapter", str(tmp_path / "absent-adapter"),
-            str(tmp_path / "out.gguf"), "--gguf", "q8_0", "--requantize", "nf4"]  # fmt: skip
+    args = [
+        "merge",
+        "--model",
+        str(tmp_path / "absent"),
+        "--adapter",
+        str(tmp_path / "absent-adapter"),
+        str(tmp_path / "out.gguf"),
+        "--gguf",
+        "q8_0",
+        "--requantize",
+        "nf4",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         cli_main(args)
     message = str(exit_info.value.code)

@@ -95,9 +95,10 @@ def _flash_case(name, t=40, heads=4, kv_heads=2, dim=24, s=None):
         "softcap-traced-window": dict(softcap=5.0, window=jnp.int32(5)),
         "packed-padded-gqa4": dict(q_segments=segments, k_segments=segments, k_valid=left_padded),
         # prefill of a KV cache: 8 queries written at slots 5..12 of a 24-slot cache, left padding before them
-        "cache-prefill": dict(k_valid=jnp.zeros((2, s), bool).at[:, 5:13].set(True).at[1, 5].set(False),
-                              q_offset=jnp.int32(5)),
-    }  # fmt: skip
+        "cache-prefill": dict(
+            k_valid=jnp.zeros((2, s), bool).at[:, 5:13].set(True).at[1, 5].set(False), q_offset=jnp.int32(5)
+        ),
+    }
     return q, k, v, cases[name]
 
 
@@ -125,8 +126,9 @@ def test_reference_is_todays_attention_on_every_visible_query(case):
     ref = lambda q, k, v: flash_attention_reference(q, k, v, scale=0.3, **kwargs)  # noqa: E731
     np.testing.assert_allclose(np.asarray(ref(q, k, v))[visible], np.asarray(xla(q, k, v))[visible], atol=2e-6)
     assert not np.asarray(ref(q, k, v))[~visible].any()
-    for ours, theirs in zip(jax.grad(loss(ref), (0, 1, 2))(q, k, v), jax.grad(loss(xla), (0, 1, 2))(q, k, v),
-                            strict=True):  # fmt: skip
+    for ours, theirs in zip(
+        jax.grad(loss(ref), (0, 1, 2))(q, k, v), jax.grad(loss(xla), (0, 1, 2))(q, k, v), strict=True
+    ):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=2e-6)
 
 
@@ -241,9 +243,17 @@ def test_gpu_attention_lowers_for_cuda_without_a_score_matrix(
 
 TINY = {
     "llama-gqa": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2),
-    "gemma2": dict(model_type="gemma2", num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
-                   query_pre_attn_scalar=16, attn_logit_softcapping=2.0, final_logit_softcapping=30.0),
-}  # fmt: skip
+    "gemma2": dict(
+        model_type="gemma2",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=5,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=30.0,
+    ),
+}
 
 
 def _tiny_decoder(family):
@@ -251,10 +261,20 @@ def _tiny_decoder(family):
 
     from qlora_jax.models import DecoderLM, ModelConfig
 
-    hf = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, rope_theta=10000.0,
-              max_position_embeddings=128) | TINY[family]  # fmt: skip
-    return DecoderLM(ModelConfig.from_hf_config(hf), quant=None, dtype=jnp.float32, param_dtype=jnp.float32,
-                     rngs=nnx.Rngs(0))  # fmt: skip
+    hf = (
+        dict(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            rope_theta=10000.0,
+            max_position_embeddings=128,
+        )
+        | TINY[family]
+    )
+    return DecoderLM(
+        ModelConfig.from_hf_config(hf), quant=None, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
 
 
 def _pallas_options():

@@ -31,8 +31,17 @@ H100 = "NVIDIA H100 80GB HBM3"
 
 
 def _key(**overrides) -> TuningKey:
-    fields = dict(op="forward", device_kind=H100, m_bucket=16, n=4096, k=4096,
-                  dtype="bfloat16", quant_type="nf4", blocksize=64, double_quant=True)  # fmt: skip
+    fields = dict(
+        op="forward",
+        device_kind=H100,
+        m_bucket=16,
+        n=4096,
+        k=4096,
+        dtype="bfloat16",
+        quant_type="nf4",
+        blocksize=64,
+        double_quant=True,
+    )
     return TuningKey(**(fields | overrides))
 
 
@@ -46,8 +55,10 @@ def test_key_round_trips_through_its_text():
         TuningKey.parse("forward|H100|1")
 
 
-@pytest.mark.parametrize(("op", "m"), [("forward", 1), ("forward", 3), ("forward", 16), ("forward", 4096),
-                                       ("backward", 4096), ("backward", 8)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("op", "m"),
+    [("forward", 1), ("forward", 3), ("forward", 16), ("forward", 4096), ("backward", 4096), ("backward", 8)],
+)
 @pytest.mark.parametrize(("k", "blocksize"), [(14336, 64), (4096, 128), (4096, 4096), (1024, 64)])
 def test_tuning_space_is_small_and_valid(op, m, k, blocksize):
     configs = tuning_space(op, m, 4096, k, blocksize)
@@ -305,8 +316,11 @@ def test_table_tool_merges_measured_entries_of_its_gpu_kind(tmp_path, capsys):
     cache.put(_key(device_kind="NVIDIA H200", m_bucket=1), Choice("pallas", config, "measured", 1e-5, 2e-5))
     cache.put(_key(device_kind="NVIDIA A100-SXM4-80GB"), Choice("xla", source="measured"))  # another kind: left out
     lines = tmp_path / "results.jsonl"
-    record = {"kind": "choice", "key": str(_key(device_kind="NVIDIA H200", m_bucket=8)),
-              "choice": Choice("xla", source="measured: gpu.py").to_json()}  # fmt: skip
+    record = {
+        "kind": "choice",
+        "key": str(_key(device_kind="NVIDIA H200", m_bucket=8)),
+        "choice": Choice("xla", source="measured: gpu.py").to_json(),
+    }
     lines.write_text(json.dumps({"kind": "timing"}) + "\n" + json.dumps(record) + "\n")
     table_dir = tmp_path / "tables"
     assert tables.main(["H200", str(cache.path), str(lines), "--table-dir", str(table_dir)]) == 0
@@ -322,13 +336,24 @@ def test_table_tool_merges_measured_entries_of_its_gpu_kind(tmp_path, capsys):
 def tune_config(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
-    hf = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0,
-          "rms_norm_eps": 1e-5, "tie_word_embeddings": False}  # fmt: skip
+    hf = {
+        "model_type": "llama",
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
     (model / "config.json").write_text(json.dumps(hf))
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: {{path: {model}, dtype: bfloat16}}\ndata: {{train: x.jsonl, max_length: 64}}\n"
-                      "train: {batch_size: 4, grad_accum: 2}\n")  # fmt: skip
+    config.write_text(
+        f"model: {{path: {model}, dtype: bfloat16}}\ndata: {{train: x.jsonl, max_length: 64}}\n"
+        "train: {batch_size: 4, grad_accum: 2}\n"
+    )
     return config
 
 

@@ -20,8 +20,13 @@ def test_gpu_benchmark_smoke(tmp_path):
     """benchmarks/gpu.py --smoke: every section in its own process (tiny shapes, CPU, Pallas interpreter) writes its
     records, the report and the table tool's input; a GPU run takes the same code paths at full size."""
     out = tmp_path / "gpu"
-    result = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=1500)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads((out / "results.json").read_text())
     sections = {r["name"].split(" ")[0]: r for r in records if r["kind"] == "section"}
@@ -62,7 +67,10 @@ def test_gpu_benchmark_budget_is_shared_by_the_sections_that_run():
     gpu = _gpu_module()
     jobs = gpu.section_jobs(["kernels", "train"], ["base=nf4", "base=bf16"], 300)
     assert [(name, extra) for name, extra, _ in jobs] == [
-        ("kernels", []), ("train", ["--row", "base=nf4"]), ("train", ["--row", "base=bf16"])]  # fmt: skip
+        ("kernels", []),
+        ("train", ["--row", "base=nf4"]),
+        ("train", ["--row", "base=bf16"]),
+    ]
     assert sum(limit for _, _, limit in jobs) == pytest.approx(300, abs=3)  # not a slice of all eight sections'
     shares = dict(gpu.SECTIONS)
     assert jobs[0][2] == int(300 * shares["kernels"] / (shares["kernels"] + shares["train"]))
@@ -73,10 +81,14 @@ def test_gpu_benchmark_budget_is_shared_by_the_sections_that_run():
 
 
 def test_gpu_benchmark_checks_each_kernel_before_the_variations():
-    order = _gpu_module().correct_order([("forward", 1), ("forward", 7), ("backward", 300)],
-                                        [("nf4", True), ("fp4", False)], ["bfloat16", "float32"])  # fmt: skip
-    assert order[:3] == [("forward", 1, ("nf4", True), "bfloat16"), ("forward", 7, ("nf4", True), "bfloat16"),
-                         ("backward", 300, ("nf4", True), "bfloat16")]  # fmt: skip
+    order = _gpu_module().correct_order(
+        [("forward", 1), ("forward", 7), ("backward", 300)], [("nf4", True), ("fp4", False)], ["bfloat16", "float32"]
+    )
+    assert order[:3] == [
+        ("forward", 1, ("nf4", True), "bfloat16"),
+        ("forward", 7, ("nf4", True), "bfloat16"),
+        ("backward", 300, ("nf4", True), "bfloat16"),
+    ]
     assert len(order) == len(set(order)) == 3 * 2 * 2
 
 
@@ -143,10 +155,22 @@ def test_cost_benchmark_counts_the_stored_bytes(tmp_path):
     on all linears is counted in float32 with two AdamW moments, and XLA's full-step figure is beside the plan."""
     out = tmp_path / "cost.json"
     result = subprocess.run(
-        [sys.executable, "benchmarks/cost.py", "--families", "mistral", "--remat", "full", "--compare",
-         "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "benchmarks/cost.py",
+            "--families",
+            "mistral",
+            "--remat",
+            "full",
+            "--compare",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json.loads(out.read_text())
     hidden, kv, mlp, layers, vocab = 4096, 1024, 14336, 32, 32768

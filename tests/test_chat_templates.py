@@ -46,8 +46,17 @@ FAMILIES = {
         ],
     ),
 }
-FAMILY = {"qwen3": "qwen", "qwen2_5": "qwen", "llama3": "llama3", "llama3_2": "llama3", "gemma": "gemma",
-          "gemma3": "gemma", "phi3": "phi3", "mistral_v1": "mistral", "mistral_v0_3": "mistral"}  # fmt: skip
+FAMILY = {
+    "qwen3": "qwen",
+    "qwen2_5": "qwen",
+    "llama3": "llama3",
+    "llama3_2": "llama3",
+    "gemma": "gemma",
+    "gemma3": "gemma",
+    "phi3": "phi3",
+    "mistral_v1": "mistral",
+    "mistral_v0_3": "mistral",
+}
 
 ISSUE = [
     {"role": "user", "content": "Hi"},
@@ -78,8 +87,9 @@ def smol_tokenizer(smol_dir):
         tok = transformers.AutoTokenizer.from_pretrained(smol_dir)
         tok.add_special_tokens({"additional_special_tokens": [t for t in (bos, eos, *rest) if t]})
         if family == "qwen":  # added, not special (as in Qwen's vocabulary)
-            tok.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
-                            "</tool_response>"])  # fmt: skip
+            tok.add_tokens(
+                ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+            )
         tok.bos_token, tok.eos_token = bos or None, eos
         tok.chat_template = template
         return tok
@@ -91,8 +101,12 @@ def smol_tokenizer(smol_dir):
 
 
 def _corpus() -> list[str]:
-    lines = [line for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-             for line in p.read_text().splitlines() if line.strip()]  # fmt: skip
+    lines = [
+        line
+        for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for line in p.read_text().splitlines()
+        if line.strip()
+    ]
     return lines + ["Q: What is the capital of France?\nA: Paris", "Hello! How are you? Fine, thanks. 2+2? 4"] * 20
 
 
@@ -138,8 +152,9 @@ def spm_tokenizer(spm_vocab):
             tok.normalizer = normalizers.Replace(" ", "▁")
             tok.decoder = decoders.Sequence(strip)
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
-        out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
-                                                   unk_token="<unk>", additional_special_tokens=rest)  # fmt: skip
+        out = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>", additional_special_tokens=rest
+        )
         out.chat_template = template
         return out
 
@@ -248,17 +263,24 @@ def _edited(tok, old: str, new: str):
 
 def test_templates_whose_turns_cannot_be_located_are_refused(smol_tokenizer):
     record = {"messages": ISSUE}
-    dropped = _edited(smol_tokenizer(TEMPLATES["phi3"], "phi3"), "'<|assistant|>\n' + message['content']",
-                      "'<|assistant|>\n' + 'OK'")  # fmt: skip
+    dropped = _edited(
+        smol_tokenizer(TEMPLATES["phi3"], "phi3"), "'<|assistant|>\n' + message['content']", "'<|assistant|>\n' + 'OK'"
+    )
     with pytest.raises(DataError, match=r"^f:2: the chat template does not render the content of messages\[1\]"):
         tokenize_record(record, dropped, source="f:2")
-    twice = _edited(smol_tokenizer(TEMPLATES["phi3"], "phi3"), "'<|assistant|>\n' + message['content']",
-                    "'<|assistant|>\n' + message['content'] + message['content']")  # fmt: skip
+    twice = _edited(
+        smol_tokenizer(TEMPLATES["phi3"], "phi3"),
+        "'<|assistant|>\n' + message['content']",
+        "'<|assistant|>\n' + message['content'] + message['content']",
+    )
     with pytest.raises(DataError, match=r"^f:2: the chat template renders the content of messages\[1\] more than"):
         tokenize_record(record, twice, source="f:2")
     # Mistral's generation prompt is empty: an edit that changes the user's closing leaves nothing to find it by.
-    closing = _edited(smol_tokenizer(TEMPLATES["mistral_v1"], "mistral"), "' [/INST]'",
-                      "(' [/INST]' if loop.last else ' [/INSTRUCTION]')")  # fmt: skip
+    closing = _edited(
+        smol_tokenizer(TEMPLATES["mistral_v1"], "mistral"),
+        "' [/INST]'",
+        "(' [/INST]' if loop.last else ' [/INSTRUCTION]')",
+    )
     with pytest.raises(DataError, match=r"^f:2: the generation prompt after messages\[0\] \(' \[/INST\]'\) is not in"):
         tokenize_record({"messages": ISSUE}, closing, source="f:2")
 
@@ -268,8 +290,12 @@ def test_a_hint_after_the_last_user_message_falls_back_to_the_generation_prompt(
     tok.chat_template = tok.chat_template.replace(
         "message['content']", "message['content'] + (' (final)' if loop.last else '')"
     )
-    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
-            {"role": "assistant", "content": "d"}]  # fmt: skip
+    chat = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
     with caplog.at_level(logging.WARNING, logger="qlora_jax.train.chat"):
         ex = tokenize_record({"messages": chat}, tok, source="f:1")
     # The first turn follows "<|im_start|>assistant\n" (the prompt without the hint); the last is "d (final)", whose
@@ -305,10 +331,20 @@ def test_a_token_straddling_the_boundary_is_trained(smol_dir):
 
 # ------------------------------------------------------------------------------------------------- tool calling
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city."}},
-                   "required": ["city"]}}}]  # fmt: skip
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "The city."}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 CALL = {"type": "function", "id": "call00001", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 
 
@@ -328,9 +364,11 @@ TOOL_EXPECTED = {  # what each template trains on tool_chat(None): the call and 
     "qwen2_5": [f"{QWEN_CALL}<|im_end|>", "It is 22C and sunny.<|im_end|>"],
     "qwen3": [f"{QWEN_CALL}<|im_end|>", "<think>\n\n</think>\n\nIt is 22C and sunny.<|im_end|>"],
     "llama3_2": [f'{{"name": "get_weather", "parameters": {ARGS}}}<|eot_id|>', "It is 22C and sunny.<|eot_id|>"],
-    "mistral_v0_3": [f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {ARGS}, "id": "call00001"}}]</s>',
-                     " It is 22C and sunny.</s>"],
-}  # fmt: skip
+    "mistral_v0_3": [
+        f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {ARGS}, "id": "call00001"}}]</s>',
+        " It is 22C and sunny.</s>",
+    ],
+}
 
 
 @pytest.mark.parametrize("name", list(TOOL_EXPECTED))
@@ -354,8 +392,9 @@ def test_tool_call_turn_with_content_and_two_calls(smol_tokenizer, name):
     second = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}
     chat = tool_chat("Let me check.", calls=(CALL, second))
     ex = tokenize_record({"messages": chat, "tools": TOOLS}, tok, source="t:1")
-    assert ex.tokens.tolist() == list(tok.apply_chat_template(chat, tools=TOOLS, tokenize=True, return_dict=True)
-                                      ["input_ids"])  # fmt: skip
+    assert ex.tokens.tolist() == list(
+        tok.apply_chat_template(chat, tools=TOOLS, tokenize=True, return_dict=True)["input_ids"]
+    )
     rome = QWEN_CALL.replace("Paris", "Rome")
     assert runs(ex, tok)[0] == f"Let me check.\n{QWEN_CALL}\n{rome}<|im_end|>"
 
@@ -368,8 +407,9 @@ def test_tool_calls_against_transformers_assistant_masks_of_trls_training_templa
     oracle_tok = smol_tokenizer(TEMPLATES["qwen2_5_training"], "qwen")
     chat = tool_chat(content)
     ours = tokenize_record({"messages": chat, "tools": TOOLS}, ours_tok, source="x:1")
-    out = oracle_tok.apply_chat_template(chat, tools=TOOLS, tokenize=True, return_dict=True,
-                                         return_assistant_tokens_mask=True)  # fmt: skip
+    out = oracle_tok.apply_chat_template(
+        chat, tools=TOOLS, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     oracle = np.array(out["assistant_masks"], bool)
     assert ours.tokens.tolist() == list(out["input_ids"])
     assert not (ours.loss_mask & ~oracle).any()

@@ -32,8 +32,9 @@ def _tokenizer(directory: Path, template: str = "{% for m in messages %}{{ m['co
     words = ["<unk>", "<s>", "</s>", "hi", "there", "what", "is", "2+2?", "4", *[f"w{i}" for i in range(87)]]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                                     eos_token="</s>")  # fmt: skip
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     tokenizer.chat_template = template
     tokenizer.save_pretrained(directory)
     return directory
@@ -64,8 +65,11 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights="gaussian")
     apply_lora(model, lora, rngs=nnx.Rngs(0))
     save_peft_adapter(model, root / "adapter", lora)
-    raw = {"model": {"path": str(root / "model"), "quant": "none", "dtype": "float32"},
-           "data": {"train": str(root / "data.jsonl")}, "lora": {"r": 8, "lora_alpha": 16}}  # fmt: skip
+    raw = {
+        "model": {"path": str(root / "model"), "quant": "none", "dtype": "float32"},
+        "data": {"train": str(root / "data.jsonl")},
+        "lora": {"r": 8, "lora_alpha": 16},
+    }
     config = config_from_dict(raw)
     (root / "run").mkdir()
     (root / "run" / "config.json").write_text(json.dumps(config.to_dict()))
@@ -80,8 +84,9 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def _unshare_works() -> bool:
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "-r", "-m", "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /tmp"],
-                           capture_output=True, timeout=30)  # fmt: skip
+    probe = subprocess.run(
+        ["unshare", "-r", "-m", "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /tmp"], capture_output=True, timeout=30
+    )
     return probe.returncode == 0
 
 
@@ -89,8 +94,14 @@ def _on_small_disk(disk: Path, size: str, script: str) -> subprocess.CompletedPr
     """Runs the shell `script` with a tmpfs of `size` mounted at `disk` (a user and mount namespace: no root
     needed, nothing outside the process sees it)."""
     disk.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["unshare", "-r", "-m", "sh", "-c", f"mount -t tmpfs -o {size} tmpfs {disk} && {script}"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        ["unshare", "-r", "-m", "sh", "-c", f"mount -t tmpfs -o {size} tmpfs {disk} && {script}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -104,15 +115,21 @@ def test_a_full_disk_is_one_line_and_the_old_output_stays(tiny, tmp_path, comman
     python = f"{sys.executable} -m qlora_jax.cli"
     gguf = command == "merge --gguf"
     out = disk / ("model.gguf" if gguf else "out")
-    args = {"merge": f"merge --model {tiny['model']} --adapter {tiny['adapter']} --quant none {out}",
-            "merge --gguf": f"merge --model {tiny['model']} --adapter {tiny['adapter']} --quant none --gguf f32 {out} "
-                            f"--tokenizer {tmp_path / 'none'}",  # no tokenizer: ours (word-level) has no GGUF form
-            "convert": f"convert --model {tiny['model']} --quant none {out}",
-            "export": f"export {tiny['run']} {out}"}[command]  # fmt: skip
+    args = {
+        "merge": f"merge --model {tiny['model']} --adapter {tiny['adapter']} --quant none {out}",
+        "merge --gguf": f"merge --model {tiny['model']} --adapter {tiny['adapter']} --quant none --gguf f32 {out} "
+        f"--tokenizer {tmp_path / 'none'}",  # no tokenizer: ours (word-level) has no GGUF form
+        "convert": f"convert --model {tiny['model']} --quant none {out}",
+        "export": f"export {tiny['run']} {out}",
+    }[command]
     old = "echo old > " + (str(out) if gguf else f"{out}/config.json")
-    done = _on_small_disk(disk, "size=64k", f"mkdir -p {out.parent} {'' if gguf else out} && {old} && "
-                                           f"{python} {args}; echo rc=$?; find {disk} | sort; "
-                                           f"cat {out if gguf else out / 'config.json'}")  # fmt: skip
+    done = _on_small_disk(
+        disk,
+        "size=64k",
+        f"mkdir -p {out.parent} {'' if gguf else out} && {old} && "
+        f"{python} {args}; echo rc=$?; find {disk} | sort; "
+        f"cat {out if gguf else out / 'config.json'}",
+    )
     lines = done.stdout.strip().splitlines()
     assert "rc=1" in lines, (done.stdout, done.stderr[-3000:])
     stderr = [line for line in done.stderr.strip().splitlines() if line.strip()]
@@ -153,8 +170,10 @@ def test_a_checkpoint_on_a_full_disk_is_one_line_and_cleaned_up_next_time(tmp_pa
     done = _on_small_disk(disk, "size=256k", f"{sys.executable} {script} {disk}/checkpoints; ls -A {disk}/checkpoints")
     assert done.returncode == 0, done.stderr[-3000:]
     error, said, *listing = done.stdout.strip().splitlines()
-    assert error == (f"OutputError: {disk}/checkpoints/7: cannot write the checkpoint of step 7 (No space left on "
-                     "device); what was there before is unchanged"), done.stdout  # fmt: skip
+    assert error == (
+        f"OutputError: {disk}/checkpoints/7: cannot write the checkpoint of step 7 (No space left on "
+        "device); what was there before is unchanged"
+    ), done.stdout
     assert "removed what an interrupted run left: the unfinished save of step 7" in said
     assert listing == [".qlora_jax"] and "ERROR" not in done.stderr and "Traceback" not in done.stderr, done.stderr
 
@@ -167,9 +186,11 @@ def test_an_output_that_cannot_be_written_is_found_before_the_model_is_loaded(tm
     disk = tmp_path / "ro"
     python = f"{sys.executable} -m qlora_jax.cli"
     nowhere = tmp_path / "no-model"
-    for command in (f"merge --model {nowhere} --adapter {nowhere} {disk}/merged",
-                    f"merge --model {nowhere} --adapter {nowhere} --gguf f16 {disk}/m.gguf",
-                    f"convert --model {nowhere} {disk}/converted"):  # fmt: skip
+    for command in (
+        f"merge --model {nowhere} --adapter {nowhere} {disk}/merged",
+        f"merge --model {nowhere} --adapter {nowhere} --gguf f16 {disk}/m.gguf",
+        f"convert --model {nowhere} {disk}/converted",
+    ):
         done = _on_small_disk(disk, "ro,size=16k", f"{python} {command}")
         assert done.returncode == 1, done.stderr[-2000:]
         assert f"cannot be written ({disk}: Read-only file system)" in done.stderr, done.stderr[-2000:]
@@ -187,7 +208,7 @@ def test_an_output_that_cannot_be_written_is_found_before_the_model_is_loaded(tm
             "{{ messages.__class__.__mro__ }}",
             r"SecurityError: access to attribute '__class__' of 'list' object is "
             r"unsafe",
-        ),  # fmt: skip
+        ),
         ("{{ 'x' * 2 ** 60 }}", r"(MemoryError|OverflowError)"),
     ],
 )
@@ -196,8 +217,19 @@ def test_generate_with_a_bad_chat_template_is_one_line(tiny, tmp_path, monkeypat
     tokenizer = _tokenizer(tmp_path / "tokenizer", template)
     started = time.time()
     with pytest.raises(SystemExit, match=rf"qlora-jax generate: the chat template fails on this prompt \({expected}"):
-        cli_main(["generate", "--model", str(tiny["model"]), "--tokenizer", str(tokenizer), "--quant", "none",
-                  "--prompt", "hi"])  # fmt: skip
+        cli_main(
+            [
+                "generate",
+                "--model",
+                str(tiny["model"]),
+                "--tokenizer",
+                str(tokenizer),
+                "--quant",
+                "none",
+                "--prompt",
+                "hi",
+            ]
+        )
     assert time.time() - started < 60
 
 
@@ -208,8 +240,9 @@ def test_training_data_with_a_chat_template_that_never_ends_names_the_line(tmp_p
     monkeypatch.setattr("qlora_jax.tokenizer.CHAT_TEMPLATE_SECONDS", 1.0)
     tokenizer = load_tokenizer(_tokenizer(tmp_path / "tokenizer", NEVER_ENDS))
     data = tmp_path / "chat.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                             {"role": "assistant", "content": "there"}]}) + "\n")  # fmt: skip
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"}]}) + "\n"
+    )
     started = time.time()
     with pytest.raises(
         DataError,
@@ -225,15 +258,19 @@ def test_training_data_with_a_chat_template_that_never_ends_names_the_line(tmp_p
 
 def test_generate_refuses_empty_prompts_bad_sampling_and_prompts_past_the_positions(tiny, tmp_path):
     model = ["--model", str(tiny["model"]), "--quant", "none"]
-    for extra, expected in ((["--prompt", ""], "--prompt: prompt 1 is empty"),
-                            (["--prompt", "hi", "--prompt", "  "], "--prompt: prompt 2 is empty"),
-                            (["--prompt", "hi", "--temperature", "nan"], "--temperature must be a finite"),
-                            (["--prompt", "hi", "--top-p", "nan"], "--top-p must be a finite number, got nan"),
-                            ):  # fmt: skip
+    for extra, expected in (
+        (["--prompt", ""], "--prompt: prompt 1 is empty"),
+        (["--prompt", "hi", "--prompt", "  "], "--prompt: prompt 2 is empty"),
+        (["--prompt", "hi", "--temperature", "nan"], "--temperature must be a finite"),
+        (["--prompt", "hi", "--top-p", "nan"], "--top-p must be a finite number, got nan"),
+    ):
         with pytest.raises(SystemExit, match=rf"^qlora-jax generate: {expected}"):
             cli_main(["generate", "--model", str(tmp_path / "not-loaded"), *extra])
-    with pytest.raises(SystemExit, match=r"qlora-jax generate: max_new_tokens: a prompt of 1 tokens and 200 new "
-                                         r"tokens go past the model's 128 positions"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=r"qlora-jax generate: max_new_tokens: a prompt of 1 tokens and 200 new "
+        r"tokens go past the model's 128 positions",
+    ):
         cli_main(["generate", *model, "--prompt", "hi", "--no-chat", "--max-new-tokens", "200"])
     assert cli_main(["generate", *model, "--prompt", "hi", "--no-chat", "--max-new-tokens", "2"]) == 0
 
@@ -243,9 +280,11 @@ def test_generate_refuses_empty_prompts_bad_sampling_and_prompts_past_the_positi
 
 def _train_config(tmp_path: Path, data: Path, model: Path | None = None, **train) -> Path:
     config = tmp_path / "c.yaml"
-    raw = {"model": {"path": str(model or tmp_path / "no-model"), "quant": "none", "dtype": "float32"},
-           "data": {"train": str(data), "max_length": 16},
-           "train": {"output_dir": str(tmp_path / "run"), "remat": "none"} | train}  # fmt: skip
+    raw = {
+        "model": {"path": str(model or tmp_path / "no-model"), "quant": "none", "dtype": "float32"},
+        "data": {"train": str(data), "max_length": 16},
+        "train": {"output_dir": str(tmp_path / "run"), "remat": "none"} | train,
+    }
     config.write_text(yaml.safe_dump(raw))
     return config
 
@@ -253,8 +292,11 @@ def _train_config(tmp_path: Path, data: Path, model: Path | None = None, **train
 def test_a_fifo_or_a_pipe_as_data_is_refused_not_hung(tmp_path):
     fifo = tmp_path / "data.fifo"
     os.mkfifo(fifo)
-    with pytest.raises(SystemExit, match=rf"qlora-jax train: {fifo}: data.train is a named pipe \(FIFO\) or a pipe, "
-                                         r"not a regular file"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=rf"qlora-jax train: {fifo}: data.train is a named pipe \(FIFO\) or a pipe, "
+        r"not a regular file",
+    ):
         cli_main(["train", str(_train_config(tmp_path, fifo))])
     read, write = os.pipe()
     try:
@@ -272,8 +314,11 @@ def test_a_batch_larger_than_the_data_says_so(tiny, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "hi there"}\n{"text": "what is 2+2? 4"}\n')
     config = _train_config(tmp_path, data, tiny["model"], batch_size=8)
-    with pytest.raises(SystemExit, match=rf"qlora-jax train: train.batch_size: 8 rows a step, but {data} gives only "
-                                         r"1 rows \(packed into rows of data.max_length=16 tokens\)"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=rf"qlora-jax train: train.batch_size: 8 rows a step, but {data} gives only "
+        r"1 rows \(packed into rows of data.max_length=16 tokens\)",
+    ):
         cli_main(["train", str(config)])
     with pytest.raises(SystemExit, match=r"gives only 2 rows \(one example a row, in rows of data.max_length=16"):
         cli_main(["train", str(config), "--data.packing", "false"])

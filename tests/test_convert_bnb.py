@@ -141,9 +141,11 @@ def test_quant_storage_dtypes_load_as_stored(tiny_llama, tmp_path, storage):
     from qlora_jax.convert.hf import load_pretrained, save_pretrained
 
     config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+        load_in_4bit=True,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
         bnb_4bit_quant_storage=storage,
-    )  # fmt: skip
+    )
     transformers.AutoModelForCausalLM.from_pretrained(
         tiny_llama, quantization_config=config, device_map="cpu", dtype=torch.float32
     ).save_pretrained(tmp_path / "stored")
@@ -245,9 +247,20 @@ SKIPPED = ["lm_head", "model.layers.0.mlp", "model.layers.1.self_attn.o_proj"]
 
 
 @pytest.mark.parametrize(
-    "pattern", ["lm_head", "o_proj", "model.layers.1", "model.layers.1.mlp", "mlp.gate", "layers.1.self_attn.q_proj",
-                "model.layers.[01].mlp.down_proj", r"model\.layers\.1\..*_proj", "proj", "model.layers.1.mlp.up"],
-)  # fmt: skip
+    "pattern",
+    [
+        "lm_head",
+        "o_proj",
+        "model.layers.1",
+        "model.layers.1.mlp",
+        "mlp.gate",
+        "layers.1.self_attn.q_proj",
+        "model.layers.[01].mlp.down_proj",
+        r"model\.layers\.1\..*_proj",
+        "proj",
+        "model.layers.1.mlp.up",
+    ],
+)
 def test_skip_modules_match_as_transformers_matches(pattern):
     from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -297,18 +310,23 @@ def test_dynamic_4bit_checkpoint_keeps_its_16bit_layers(unsloth_style, caplog):
     assert model.quant.skip_modules == tuple(SKIPPED)
     layers = model.model.layers
     assert [m.is_quantized for m in (layers.mlp.up_proj, layers.self_attn.o_proj, layers.self_attn.q_proj)] == [
-        False, False, True,
-    ]  # fmt: skip
+        False,
+        False,
+        True,
+    ]
     stored = load_torch(directory / "model.safetensors")
-    np.testing.assert_array_equal(np.asarray(layers.mlp.up_proj.weight[...][0]),
-                                  stored["model.layers.0.mlp.up_proj.weight"].numpy())  # fmt: skip
-    np.testing.assert_array_equal(np.asarray(layers.self_attn.o_proj.weight[...][1]),
-                                  stored["model.layers.1.self_attn.o_proj.weight"].numpy())  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(layers.mlp.up_proj.weight[...][0]), stored["model.layers.0.mlp.up_proj.weight"].numpy()
+    )
+    np.testing.assert_array_equal(
+        np.asarray(layers.self_attn.o_proj.weight[...][1]), stored["model.layers.1.self_attn.o_proj.weight"].numpy()
+    )
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0)).numpy()
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
     messages = [r.getMessage() for r in caplog.records]
-    assert any("model.layers.mlp.down_proj: skip_modules keeps layer 0 unquantized" in m and "kB more" in m
-               for m in messages), messages  # fmt: skip
+    assert any(
+        "model.layers.mlp.down_proj: skip_modules keeps layer 0 unquantized" in m and "kB more" in m for m in messages
+    ), messages
     assert any("model.layers.self_attn.o_proj: skip_modules keeps layer 1" in m for m in messages), messages
 
 
@@ -373,12 +391,14 @@ def test_memory_plan_counts_the_16_bit_stacks(tiny_llama, unsloth_style):
     from qlora_jax.train.plan import plan_memory
 
     def config(path):
-        return config_from_dict({
-            "model": {"path": str(path), "quant": "nf4", "dtype": "bfloat16"},
-            "data": {"train": "unused.jsonl", "max_length": 32},
-            "lora": {"r": 4, "target_modules": "all-linear"},
-            "train": {"batch_size": 1, "remat": "full", "loss_chunk_size": 32},
-        })  # fmt: skip
+        return config_from_dict(
+            {
+                "model": {"path": str(path), "quant": "nf4", "dtype": "bfloat16"},
+                "data": {"train": "unused.jsonl", "max_length": 32},
+                "lora": {"r": 4, "target_modules": "all-linear"},
+                "train": {"batch_size": 1, "remat": "full", "loss_chunk_size": 32},
+            }
+        )
 
     directory, _ = unsloth_style
     assert quant_config(config(directory)).skip_modules == tuple(SKIPPED)

@@ -59,12 +59,22 @@ CASES: dict[str, dict[str, Any]] = {
     "qwen2-yarn": family_config(
         "qwen2", **GGUF_FIELDS, rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=16)
     ),
-    "llama-yarn-betas": family_config("llama", **GGUF_FIELDS, rope_scaling=dict(
-        rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=16.0, beta_slow=2.0)),
-    "phi3-longrope": family_config("phi3", **GGUF_FIELDS, partial_rotary_factor=0.5, max_position_embeddings=64,
-                                   original_max_position_embeddings=16, rope_scaling=dict(
-        rope_type="longrope", short_factor=[1.0, 1.2, 1.5, 2.0], long_factor=[1.0, 2.0, 4.0, 8.0])),
-}  # fmt: skip
+    "llama-yarn-betas": family_config(
+        "llama",
+        **GGUF_FIELDS,
+        rope_scaling=dict(
+            rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=16.0, beta_slow=2.0
+        ),
+    ),
+    "phi3-longrope": family_config(
+        "phi3",
+        **GGUF_FIELDS,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=64,
+        original_max_position_embeddings=16,
+        rope_scaling=dict(rope_type="longrope", short_factor=[1.0, 1.2, 1.5, 2.0], long_factor=[1.0, 2.0, 4.0, 8.0]),
+    ),
+}
 # What transformers' GGUF loader can read back: it drops llama's attention biases and reads neither head_dim
 # (Qwen3, Gemma), query_pre_attn_scalar, Gemma's soft-capping values and rope settings, nor Phi-3's partial rotary
 # factor and sliding window, so these keep its defaults for them.

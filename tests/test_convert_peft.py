@@ -84,8 +84,9 @@ def test_peft_loads_our_adapter_and_computes_our_logits(tiny, tmp_path, lora_con
 
 def test_peft_to_ours_to_peft_round_trip_changes_nothing(tiny, tmp_path):
     hf_model = _hf(tiny)
-    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
-                             task_type="CAUSAL_LM", use_rslora=True)  # fmt: skip
+    config = peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM", use_rslora=True
+    )
     torch.manual_seed(0)
     peft_model = peft.get_peft_model(hf_model, config).eval()
     peft_model.save_pretrained(tmp_path / "theirs")
@@ -176,18 +177,23 @@ SELECTIONS = {
     "regex-with-head": dict(target_modules=r"(.*\.0\.self_attn\.q_proj|lm_head)"),
     "names-and-head": dict(target_modules=["q_proj", "lm_head"]),
     "layers_to_transform": dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2]),
-    "layers_pattern": dict(target_modules=["self_attn.q_proj", "up_proj"], layers_to_transform=3,
-                           layers_pattern="layers"),
-    "whole-name-ignores-layers": dict(target_modules=["model.layers.1.mlp.up_proj", "q_proj"],
-                                      layers_to_transform=[2]),
+    "layers_pattern": dict(
+        target_modules=["self_attn.q_proj", "up_proj"], layers_to_transform=3, layers_pattern="layers"
+    ),
+    "whole-name-ignores-layers": dict(target_modules=["model.layers.1.mlp.up_proj", "q_proj"], layers_to_transform=[2]),
     "exclude-regex": dict(target_modules="all-linear", exclude_modules=r".*\.[02]\..*"),
     "exclude-names": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], exclude_modules=["k_proj"]),
-    "rank-alpha-patterns": dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8,
-                                rank_pattern={"v_proj": 2, r"layers\.3\.self_attn\.q_proj": 6},
-                                alpha_pattern={"down_proj": 32, r"model\.layers\.0\..*": 3}),
-    "rslora-patterns": dict(target_modules="all-linear", r=4, use_rslora=True, rank_pattern={"mlp.up_proj": 8},
-                            alpha_pattern={"o_proj": 2}),
-}  # fmt: skip
+    "rank-alpha-patterns": dict(
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"v_proj": 2, r"layers\.3\.self_attn\.q_proj": 6},
+        alpha_pattern={"down_proj": 32, r"model\.layers\.0\..*": 3},
+    ),
+    "rslora-patterns": dict(
+        target_modules="all-linear", r=4, use_rslora=True, rank_pattern={"mlp.up_proj": 8}, alpha_pattern={"o_proj": 2}
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -249,16 +255,28 @@ def test_a_tied_head_in_target_modules_is_refused(tmp_path):
     make_tiny_model("qwen2", tmp_path)  # tie_word_embeddings
     model, _ = load_pretrained(tmp_path, quantization=None, dtype=jnp.float32)
     # PEFT adapts both; silently adapting q_proj only would train something else than asked
-    assert {n.split(".")[-1] for n in _peft_layout(peft.get_peft_model(
-        _hf(tmp_path), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"])))} == {
-        "q_proj", "lm_head"}  # fmt: skip
+    assert {
+        n.split(".")[-1]
+        for n in _peft_layout(
+            peft.get_peft_model(
+                _hf(tmp_path), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"])
+            )
+        )
+    } == {"q_proj", "lm_head"}
     with pytest.raises(ValueError, match="selects lm_head, but this model ties its output head to model.embed_tok"):
         apply_lora(model, LoraConfig(target_modules=("q_proj", "lm_head")), rngs=nnx.Rngs(0))
     apply_lora(model, LoraConfig(target_modules="all-linear"), rngs=nnx.Rngs(0))  # all-linear leaves the head out
 
 
-EXPORTS = ["regex-q-v", "regex-some-layers", "regex-with-head", "layers_to_transform", "exclude-regex",
-           "rank-alpha-patterns", "rslora-patterns"]  # fmt: skip
+EXPORTS = [
+    "regex-q-v",
+    "regex-some-layers",
+    "regex-with-head",
+    "layers_to_transform",
+    "exclude-regex",
+    "rank-alpha-patterns",
+    "rslora-patterns",
+]
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
@@ -322,8 +340,9 @@ def test_adapter_files_that_do_not_fit_their_config_are_refused(tiny4, tmp_path)
 
 def test_bfloat16_adapters_load(tiny4, tmp_path):
     torch.manual_seed(0)
-    peft_model = peft.get_peft_model(_hf(tiny4), peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False,
-                                                                  target_modules=["q_proj"]))  # fmt: skip
+    peft_model = peft.get_peft_model(
+        _hf(tiny4), peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, target_modules=["q_proj"])
+    )
     peft_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model, _ = load_pretrained(tiny4, quantization=None, dtype=jnp.float32)
     load_peft_adapter(model, tmp_path / "bf16")
@@ -348,8 +367,9 @@ def test_a_cut_abstract_model_keeps_the_adapter_layout_of_the_whole(tiny4):
     from qlora_jax.train.config import DataSection, ModelSection, TrainConfig
 
     lora = LoraConfig(target_modules=r"model\.layers\.3\.self_attn\.q_proj", rank_pattern={"q_proj": 16})
-    config = TrainConfig(model=ModelSection(path=str(tiny4), quant="none", dtype="float32"),
-                         data=DataSection(train="t.jsonl"), lora=lora)  # fmt: skip
+    config = TrainConfig(
+        model=ModelSection(path=str(tiny4), quant="none", dtype="float32"), data=DataSection(train="t.jsonl"), lora=lora
+    )
     whole = abstract_model(config).model.layers.self_attn.q_proj.lora
     assert whole.ranks == (0, 0, 0, 16) and whole.lora_A.get_value().shape == (LAYERS, 16, 64)
     cut = abstract_model(config, num_layers=1).model.layers.self_attn.q_proj.lora

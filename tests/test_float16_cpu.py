@@ -35,8 +35,12 @@ def test_float16_model_matches_float32(family, quant, tmp_path):
         with torch.no_grad():
             theirs = hf(torch.tensor(TOKENS)).logits.numpy()
     # (4-bit: the same codes as the reference, from float32 weights; float16 computes)
-    model, _ = load_pretrained(tmp_path, quantization=QuantConfig() if quant else None,
-                               dtype=jnp.float16, param_dtype=jnp.float32 if quant else None)  # fmt: skip
+    model, _ = load_pretrained(
+        tmp_path,
+        quantization=QuantConfig() if quant else None,
+        dtype=jnp.float16,
+        param_dtype=jnp.float32 if quant else None,
+    )
     assert model.dtype == jnp.float16
     ours = np.asarray(model(jnp.asarray(TOKENS)))
     assert np.isfinite(ours).all()
@@ -51,8 +55,12 @@ def test_a_float16_qlora_step_trains(tmp_path):
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-2), 10)
     state, step = TrainState.create(lora, optimizer), make_train_step(graphdef, optimizer, chunk_size=8)
     tokens = jnp.asarray(TOKENS[None], jnp.int32)
-    batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=-1), "segment_ids": jnp.ones_like(tokens),
-             "positions": jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), tokens.shape)}  # fmt: skip
+    batch = {
+        "tokens": tokens,
+        "targets": jnp.roll(tokens, -1, axis=-1),
+        "segment_ids": jnp.ones_like(tokens),
+        "positions": jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), tokens.shape),
+    }
     losses = []
     for _ in range(4):
         state, metrics = step(state, base, batch, jax.random.key(0))

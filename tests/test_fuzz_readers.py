@@ -55,9 +55,14 @@ def _gguf_seed(path: Path) -> bytes:
     gguf = pytest.importorskip("gguf")
     rng = np.random.default_rng(0)
     q8 = gguf.quants.quantize(rng.standard_normal((4, 32)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-    write_one_block_gguf(path, [("token_embd.weight", rng.standard_normal((16, 8)).astype(np.float32), None),
-                                ("blk.0.attn_norm.weight", np.ones(8, np.float16), None),
-                                ("blk.0.attn_q.weight", q8, gguf.GGMLQuantizationType.Q8_0)])  # fmt: skip
+    write_one_block_gguf(
+        path,
+        [
+            ("token_embd.weight", rng.standard_normal((16, 8)).astype(np.float32), None),
+            ("blk.0.attn_norm.weight", np.ones(8, np.float16), None),
+            ("blk.0.attn_q.weight", q8, gguf.GGMLQuantizationType.Q8_0),
+        ],
+    )
     return path.read_bytes()
 
 
@@ -79,8 +84,9 @@ def test_fuzz_gguf(tmp_path):
         finally:
             path.unlink()
 
-    _both_outcomes(run("gguf", FUZZ_EXAMPLES, SEED, lambda f: f.mutate_bytes(seed, header), read,
-                       failures=tmp_path / "failures"))  # fmt: skip
+    _both_outcomes(
+        run("gguf", FUZZ_EXAMPLES, SEED, lambda f: f.mutate_bytes(seed, header), read, failures=tmp_path / "failures")
+    )
 
 
 # ---- safetensors ---------------------------------------------------------------------------------------------
@@ -94,15 +100,20 @@ def test_fuzz_safetensors(tmp_path):
     from qlora_jax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsReader
 
     rng = np.random.default_rng(0)
-    tensors = {"model.embed_tokens.weight": rng.standard_normal((4, 8)).astype(np.float32),
-               "model.norm.weight": np.ones(8, np.float16),
-               "codes": np.arange(6, dtype=np.uint8).reshape(6, 1)}  # fmt: skip
+    tensors = {
+        "model.embed_tokens.weight": rng.standard_normal((4, 8)).astype(np.float32),
+        "model.norm.weight": np.ones(8, np.float16),
+        "codes": np.arange(6, dtype=np.uint8).reshape(6, 1),
+    }
     save_file(tensors, str(tmp_path / "seed.safetensors"))
     seed = (tmp_path / "seed.safetensors").read_bytes()
     length = int.from_bytes(seed[:8], "little")
     seed_header, data = json.loads(seed[8 : 8 + length]), seed[8 + length :]
-    fields = {"dtype": _DTYPES, "shape": [[], [0], [4, 8], [8], [-1, 2], [2**40], [6, 1]],
-              "data_offsets": [[0, 0], [0, 128], [128, 0], [0, 2**62], [-1, 4], [0, 1]]}  # fmt: skip
+    fields = {
+        "dtype": _DTYPES,
+        "shape": [[], [0], [4, 8], [8], [-1, 2], [2**40], [6, 1]],
+        "data_offsets": [[0, 0], [0, 128], [128, 0], [0, 2**62], [-1, 4], [0, 1]],
+    }
 
     def make(f: Fuzzer):
         r = f.rng.random()
@@ -115,8 +126,12 @@ def test_fuzz_safetensors(tmp_path):
             return None, (size % 2**64).to_bytes(8, "little") + text + data
         if r < 0.8:
             return None, f.mutate_bytes(seed, 8 + length)
-        index = {"weight_map": {k: f.rng.choice(["a.safetensors", "b.safetensors", "../a.safetensors", ""])
-                                for k in f.rng.sample([*tensors, "x"], f.rng.randint(0, 4))}}  # fmt: skip
+        index = {
+            "weight_map": {
+                k: f.rng.choice(["a.safetensors", "b.safetensors", "../a.safetensors", ""])
+                for k in f.rng.sample([*tensors, "x"], f.rng.randint(0, 4))
+            }
+        }
         return (f.mutate_value(index) if f.chance(0.3) else index), f.mutate_bytes(seed, 8 + length)
 
     def read(case) -> None:
@@ -143,8 +158,15 @@ def test_fuzz_safetensors(tmp_path):
 
 # ---- bitsandbytes state dicts -----------------------------------------------------------------------------------
 
-_SUFFIXES = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
-             ".quant_state.bitsandbytes__fp4")  # fmt: skip
+_SUFFIXES = (
+    "",
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".quant_state.bitsandbytes__nf4",
+    ".quant_state.bitsandbytes__fp4",
+)
 
 
 def test_fuzz_bitsandbytes_state_dicts():
@@ -153,15 +175,21 @@ def test_fuzz_bitsandbytes_state_dicts():
     from qlora_jax.convert import bnb
     from qlora_jax.quant import quantize
 
-    valid = {**bnb.to_state_dict(quantize(jnp.linspace(-1, 1, 8 * 64).reshape(8, 64), double_quant=True), "w"),
-             **bnb.to_state_dict(quantize(jnp.ones((4, 32)), quant_type="fp4", blocksize=32,
-                                          double_quant=False), "v")}  # fmt: skip
+    valid = {
+        **bnb.to_state_dict(quantize(jnp.linspace(-1, 1, 8 * 64).reshape(8, 64), double_quant=True), "w"),
+        **bnb.to_state_dict(quantize(jnp.ones((4, 32)), quant_type="fp4", blocksize=32, double_quant=False), "v"),
+    }
     assert set(bnb.split_state_dict(valid)[0]) == {"w", "v"}
     metas = {k: json.loads(bytes(v)) for k, v in valid.items() if ".quant_state." in k}
-    vocabulary = {"quant_type": ["nf4", "fp4", "int4", "NF4", ""], "blocksize": [32, 64, 4096, 0, -64, 63, "64"],
-                  "dtype": ["float32", "bfloat16", "float16", "int8", "x"], "shape": [[8, 64], [0], [], [-8, 64]],
-                  "nested_blocksize": [256, 0, 7], "nested_offset": [0.0, "x", None],
-                  "nested_dtype": ["float32", "float16"]}  # fmt: skip
+    vocabulary = {
+        "quant_type": ["nf4", "fp4", "int4", "NF4", ""],
+        "blocksize": [32, 64, 4096, 0, -64, 63, "64"],
+        "dtype": ["float32", "bfloat16", "float16", "int8", "x"],
+        "shape": [[8, 64], [0], [], [-8, 64]],
+        "nested_blocksize": [256, 0, 7],
+        "nested_offset": [0.0, "x", None],
+        "nested_dtype": ["float32", "float16"],
+    }
 
     def array(f: Fuzzer) -> np.ndarray:
         dtype = f.rng.choice(["uint8", "float32", "float16", "int64", "bool"])
@@ -204,33 +232,62 @@ def test_fuzz_peft_adapters(tmp_path):
     from qlora_jax.convert.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter
     from qlora_jax.models import DecoderLM, ModelConfig
 
-    config = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
-                                             num_hidden_layers=2, num_attention_heads=2,
-                                             num_key_value_heads=1))  # fmt: skip
+    config = ModelConfig.from_hf_config(
+        dict(
+            model_type="llama",
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     model = nnx.eval_shape(lambda: DecoderLM(config, quant=None, dtype=jnp.float32, rngs=nnx.Rngs(0)))  # structure
     seed = {}
-    for layer, (module, n_in, n_out) in itertools.product(range(2), [("self_attn.q_proj", 16, 16),
-                                                                      ("mlp.down_proj", 32, 16)]):  # fmt: skip
+    for layer, (module, n_in, n_out) in itertools.product(
+        range(2), [("self_attn.q_proj", 16, 16), ("mlp.down_proj", 32, 16)]
+    ):
         prefix = f"base_model.model.model.layers.{layer}.{module}"
-        seed |= {f"{prefix}.lora_A.weight": np.full((2, n_in), 0.1, np.float32),
-                 f"{prefix}.lora_B.weight": np.zeros((n_out, 2), np.float32),
-                 f"{prefix}.lora_magnitude_vector": np.ones(n_out, np.float32)}  # fmt: skip
+        seed |= {
+            f"{prefix}.lora_A.weight": np.full((2, n_in), 0.1, np.float32),
+            f"{prefix}.lora_B.weight": np.zeros((n_out, 2), np.float32),
+            f"{prefix}.lora_magnitude_vector": np.ones(n_out, np.float32),
+        }
     (tmp_path / "seed").mkdir()
     save_file(seed, str(tmp_path / "seed" / ADAPTER_WEIGHTS))
-    seed_config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "down_proj"],
-                   "use_dora": True, "bias": "none", "lora_dropout": 0.0, "rank_pattern": {}, "alpha_pattern": {},
-                   "modules_to_save": None}  # fmt: skip
+    seed_config = {
+        "peft_type": "LORA",
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": ["q_proj", "down_proj"],
+        "use_dora": True,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+    }
     (tmp_path / "seed" / ADAPTER_CONFIG).write_text(json.dumps(seed_config))
-    assert set(read_peft_adapter(model, tmp_path / "seed")[1]) == {"model.layers.self_attn.q_proj",
-                                                                   "model.layers.mlp.down_proj"}  # fmt: skip
+    assert set(read_peft_adapter(model, tmp_path / "seed")[1]) == {
+        "model.layers.self_attn.q_proj",
+        "model.layers.mlp.down_proj",
+    }
     seed_tensors = load_file(str(tmp_path / "seed" / ADAPTER_WEIGHTS))
     seed_bytes = (tmp_path / "seed" / ADAPTER_WEIGHTS).read_bytes()
     header = 8 + int.from_bytes(seed_bytes[:8], "little")
     keys = sorted(seed_tensors)
-    vocabulary = {"peft_type": ["LORA", "PROMPT_TUNING", None], "r": [2, 4, 0, -1, "2", 2.5, 10**9],
-                  "lora_alpha": [4, 0, None, "x"], "target_modules": [["q_proj"], "all-linear", "q_proj", 3],
-                  "use_dora": [True, False, "yes"], "bias": ["none", "all", "x"], "rank_pattern": [{}, {"q": 4}],
-                  "modules_to_save": [None, ["lm_head"]], "lora_dropout": [0.0, None, "x", -1]}  # fmt: skip
+    vocabulary = {
+        "peft_type": ["LORA", "PROMPT_TUNING", None],
+        "r": [2, 4, 0, -1, "2", 2.5, 10**9],
+        "lora_alpha": [4, 0, None, "x"],
+        "target_modules": [["q_proj"], "all-linear", "q_proj", 3],
+        "use_dora": [True, False, "yes"],
+        "bias": ["none", "all", "x"],
+        "rank_pattern": [{}, {"q": 4}],
+        "modules_to_save": [None, ["lm_head"]],
+        "lora_dropout": [0.0, None, "x", -1],
+    }
 
     def make(f: Fuzzer):
         config_text = dumps(f.mutate_value(seed_config, vocabulary)) if f.chance(0.5) else dumps(seed_config)
@@ -248,8 +305,14 @@ def test_fuzz_peft_adapters(tmp_path):
                 tensors.pop(key)
             elif r < 0.45:  # renamed: another layer, another module, or anything
                 anything = f.text().encode("utf-8", "replace").decode() or "x"
-                new = f.rng.choice([key.replace("layers.0", f"layers.{f.integer()}"), key.replace("q_proj", "k_proj"),
-                                    key.replace(".lora_A", ""), anything])  # fmt: skip
+                new = f.rng.choice(
+                    [
+                        key.replace("layers.0", f"layers.{f.integer()}"),
+                        key.replace("q_proj", "k_proj"),
+                        key.replace(".lora_A", ""),
+                        anything,
+                    ]
+                )
                 tensors[new] = tensors.pop(key)
             elif r < 0.8:
                 shape = tuple(f.rng.randint(0, 40) for _ in range(f.rng.randint(0, 3)))
@@ -282,12 +345,17 @@ def test_fuzz_yaml_config(tmp_path):
     from qlora_jax.train.config import _SECTIONS, load_config
 
     fields = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in _SECTIONS.items()}
-    valid = {"model": {"path": "m.gguf", "quant": "nf4"}, "data": {"train": "t.jsonl", "max_length": 64},
-             "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}, "optim": {"learning_rate": 1e-4},
-             "train": {"steps": 10, "batch_size": 4, "grad_accum": 2, "samples": ["hi"]},
-             "mesh": {"data": 1, "fsdp": -1}}  # fmt: skip
-    vocabulary = {name: [None, 0, -1, 1, 3, "x", "nf4", "all", [], {}, 1e-3, True] for fs in fields.values()
-                  for name in fs}  # fmt: skip
+    valid = {
+        "model": {"path": "m.gguf", "quant": "nf4"},
+        "data": {"train": "t.jsonl", "max_length": 64},
+        "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+        "optim": {"learning_rate": 1e-4},
+        "train": {"steps": 10, "batch_size": 4, "grad_accum": 2, "samples": ["hi"]},
+        "mesh": {"data": 1, "fsdp": -1},
+    }
+    vocabulary = {
+        name: [None, 0, -1, 1, 3, "x", "nf4", "all", [], {}, 1e-3, True] for fs in fields.values() for name in fs
+    }
     flags = [f"--{s}.{f}" for s, fs in fields.items() for f in fs]
 
     def make(f: Fuzzer):
@@ -329,11 +397,23 @@ def test_fuzz_jsonl_data(tmp_path):
 
     tokenizer = tiny_tokenizer()
     words = TINY_WORDS.split()
-    valid = [{"text": "hello world"}, {"prompt": "how are you", "completion": "fine thanks"},
-             {"messages": [{"role": "system", "content": "hello"}, {"role": "user", "content": "what is"},
-                           {"role": "assistant", "content": "fine"}]}]  # fmt: skip
-    vocabulary = {"role": ["user", "assistant", "system", "tool", "bot", None, 3], "content": ["hello", "", None, 3],
-                  "text": ["", " ".join(words), None], "messages": [[], "x", None]}  # fmt: skip
+    valid = [
+        {"text": "hello world"},
+        {"prompt": "how are you", "completion": "fine thanks"},
+        {
+            "messages": [
+                {"role": "system", "content": "hello"},
+                {"role": "user", "content": "what is"},
+                {"role": "assistant", "content": "fine"},
+            ]
+        },
+    ]
+    vocabulary = {
+        "role": ["user", "assistant", "system", "tool", "bot", None, 3],
+        "content": ["hello", "", None, 3],
+        "text": ["", " ".join(words), None],
+        "messages": [[], "x", None],
+    }
 
     def make(f: Fuzzer) -> bytes:
         lines = []

@@ -25,10 +25,19 @@ from tests.models_util import torch, transformers
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.oracle
 TOKENS = np.random.default_rng(0).integers(1, 300, (2, 9))
-TEXT = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, sliding_window=3)  # fmt: skip
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-              patch_size=14)  # fmt: skip
+TEXT = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=3,
+)
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +87,11 @@ def test_checkpoint_layout_is_transformers(image_text):
     assert {k.split(".")[0] for k in keys} == {"language_model", "vision_tower", "multi_modal_projector"}
     assert "language_model.model.layers.1.mlp.down_proj.weight" in keys
     names = {name for name, _ in _hf(image_text).named_modules()}
-    assert {"model.language_model.layers.1.self_attn.q_proj", "model.vision_tower.encoder.layers.0.self_attn.q_proj",
-            "lm_head"} <= names  # fmt: skip
+    assert {
+        "model.language_model.layers.1.self_attn.q_proj",
+        "model.vision_tower.encoder.layers.0.self_attn.q_proj",
+        "lm_head",
+    } <= names
 
 
 @pytest.mark.parametrize(
@@ -125,8 +137,9 @@ def test_pefts_adapter_trained_on_the_image_text_model_loads(image_text, tmp_pat
     model, _ = load_pretrained(image_text, quantization=None, dtype=jnp.float32)
     with caplog.at_level(logging.WARNING, logger="qlora_jax.convert.peft"):
         ours_config = load_peft_adapter(model, tmp_path / "theirs")
-    assert any("adapter tensors of the vision tower / projector are not loaded" in r.getMessage()
-               for r in caplog.records)  # fmt: skip
+    assert any(
+        "adapter tensors of the vision tower / projector are not loaded" in r.getMessage() for r in caplog.records
+    )
     _assert_close(model(jnp.asarray(TOKENS)), theirs)
 
     template = read_adapter_config_dict(tmp_path / "theirs")

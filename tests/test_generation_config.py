@@ -25,8 +25,18 @@ from tests.models_util import make_tiny_model, torch, transformers
 
 PROMPTS = [[5, 17, 33, 2, 9, 41], [7, 3, 60]]  # the second is left-padded
 
-FIELDS = ("bos_token_id", "pad_token_id", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-          "max_new_tokens", "max_length")  # fmt: skip
+FIELDS = (
+    "bos_token_id",
+    "pad_token_id",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "max_new_tokens",
+    "max_length",
+)
 
 
 def _hf_eos(config) -> tuple[int, ...]:
@@ -38,12 +48,22 @@ def _hf_eos(config) -> tuple[int, ...]:
 @pytest.mark.parametrize(
     "fields",
     [
-        dict(bos_token_id=1, eos_token_id=[2, 7, 9], pad_token_id=0, do_sample=True, temperature=0.6, top_k=20,
-             top_p=0.95, min_p=0.05, repetition_penalty=1.05, max_new_tokens=30),  # Qwen-style
+        dict(
+            bos_token_id=1,
+            eos_token_id=[2, 7, 9],
+            pad_token_id=0,
+            do_sample=True,
+            temperature=0.6,
+            top_k=20,
+            top_p=0.95,
+            min_p=0.05,
+            repetition_penalty=1.05,
+            max_new_tokens=30,
+        ),  # Qwen-style
         dict(bos_token_id=1, eos_token_id=2, do_sample=False, max_length=40),
         dict(eos_token_id=[3, 4], cache_implementation="hybrid"),  # a field that changes nothing generated
     ],
-)  # fmt: skip
+)
 def test_read_as_transformers_reads_it(tmp_path, fields):
     transformers.GenerationConfig(**fields).save_pretrained(tmp_path)
     theirs = transformers.GenerationConfig.from_pretrained(tmp_path)
@@ -105,11 +125,16 @@ def test_resolution_follows_transformers_defaults():
             "top_k": 20,
             "top_p": 0.8,
             "repetition_penalty": 1.05,
-        }  # fmt: skip
+        }
     )
     got = SamplingConfig().resolved(qwen, eos_token_ids=(2,))
     assert (got.temperature, got.top_k, got.top_p, got.repetition_penalty, got.stop_token_ids) == (
-        0.7, 20, 0.8, 1.05, (7, 3))  # fmt: skip
+        0.7,
+        20,
+        0.8,
+        1.05,
+        (7, 3),
+    )
     # explicit arguments override; 0 / 1.0 turn a filter off; greedy drops the sampling filters
     assert SamplingConfig(temperature=0).resolved(qwen).greedy
     assert SamplingConfig(temperature=0).resolved(qwen).repetition_penalty == 1.05  # greedy is penalized too
@@ -166,8 +191,9 @@ def test_two_end_ids_stop_as_transformers_generate_stops(tmp_path):
 def test_exports_carry_the_generation_config(tmp_path):
     source = tmp_path / "source"
     make_tiny_model("llama", source, eos_token_id=2)
-    shipped = transformers.GenerationConfig(bos_token_id=1, eos_token_id=[2, 7], do_sample=True, temperature=0.6,
-                                            top_p=0.9, min_p=0.1)  # fmt: skip
+    shipped = transformers.GenerationConfig(
+        bos_token_id=1, eos_token_id=[2, 7], do_sample=True, temperature=0.6, top_p=0.9, min_p=0.1
+    )
     shipped.save_pretrained(source)
     model, _ = load_pretrained(source, quantization=None, dtype=jnp.float32)
     merge_and_save(model, tmp_path / "merged", dtype=jnp.float32)

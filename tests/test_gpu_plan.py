@@ -18,27 +18,40 @@ from qlora_jax.train.plan import longest_row, memory_budget, plan_memory
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("gpu_plan_model")
-    hf = {"model_type": "llama", "vocab_size": 2048, "hidden_size": 128, "intermediate_size": 384,
-          "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0,
-          "rms_norm_eps": 1e-5, "tie_word_embeddings": False}  # fmt: skip
+    hf = {
+        "model_type": "llama",
+        "vocab_size": 2048,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
     (directory / "config.json").write_text(json.dumps(hf))
     return directory
 
 
 def _config(model_dir, *, remat="full", length=512, batch=2, packing=False, offload=False, memory_budget=None):
-    return config_from_dict({
-        "model": {"path": str(model_dir), "quant": "nf4", "dtype": "bfloat16"},
-        "data": {"train": "unused.jsonl", "max_length": length, "packing": packing},
-        "lora": {"r": 8, "target_modules": "all-linear"},
-        "optim": {"offload": offload},
-        "train": {"batch_size": batch, "remat": remat, "loss_chunk_size": 256, "memory_budget": memory_budget},
-    })  # fmt: skip
+    return config_from_dict(
+        {
+            "model": {"path": str(model_dir), "quant": "nf4", "dtype": "bfloat16"},
+            "data": {"train": "unused.jsonl", "max_length": length, "packing": packing},
+            "lora": {"r": 8, "target_modules": "all-linear"},
+            "optim": {"offload": offload},
+            "train": {"batch_size": batch, "remat": remat, "loss_chunk_size": 256, "memory_budget": memory_budget},
+        }
+    )
 
 
 def _yaml(model_dir, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: {{path: {model_dir}, dtype: bfloat16}}\ndata: {{train: x.jsonl, max_length: 256}}\n"
-                      "train: {remat: full}\n")  # fmt: skip
+    config.write_text(
+        f"model: {{path: {model_dir}, dtype: bfloat16}}\ndata: {{train: x.jsonl, max_length: 256}}\n"
+        "train: {remat: full}\n"
+    )
     return config
 
 
@@ -137,8 +150,11 @@ def test_the_frozen_lm_heads_backward_keeps_no_float32_copy_of_it(h200):
     def loss(matmul):
         return jax.grad(lambda x, w: jnp.sum(matmul(x, jax.lax.stop_gradient(w)).astype(jnp.float32) ** 2))
 
-    programs = {name: gpu_target.compile_for_target(loss(fn), x, w, target=h200,
-                                                    compiler_options=gpu_target.AS_TUNED_ON_GPU).as_text()
-                for name, fn in (("plain", plain), ("ours", frozen_matmul))}  # fmt: skip
+    programs = {
+        name: gpu_target.compile_for_target(
+            loss(fn), x, w, target=h200, compiler_options=gpu_target.AS_TUNED_ON_GPU
+        ).as_text()
+        for name, fn in (("plain", plain), ("ours", frozen_matmul))
+    }
     assert "f32[8192,1024]" in programs["plain"] or "f32[1024,8192]" in programs["plain"]
     assert "f32[8192,1024]" not in programs["ours"] and "f32[1024,8192]" not in programs["ours"]

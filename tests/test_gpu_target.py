@@ -100,13 +100,16 @@ def test_ptxas_reports_and_thunk_sequences_are_read():
     ],
 )
 def test_programs_per_sm_follow_the_occupancy_rules(registers, threads, shared, expected):
-    assert gpu_target.programs_per_sm(registers=registers, threads=threads, shared_memory=shared,
-                                      target="h200") == expected  # fmt: skip
+    assert (
+        gpu_target.programs_per_sm(registers=registers, threads=threads, shared_memory=shared, target="h200")
+        == expected
+    )
 
 
 def test_device_facts_of_a_target_and_of_this_machine():
-    assert gpu_target.device_facts("h200") == gpu_target.DeviceFacts(platform="gpu", device_kind="NVIDIA H200",
-                                                                      sm_count=132)  # fmt: skip
+    assert gpu_target.device_facts("h200") == gpu_target.DeviceFacts(
+        platform="gpu", device_kind="NVIDIA H200", sm_count=132
+    )
     here = gpu_target.device_facts()
     assert here.platform == jax.default_backend()
     if here.platform != "gpu":  # no GPU to ask: the GPU kernels are lowered for
@@ -133,6 +136,6 @@ def test_compiled_kernels_report_registers_spills_and_launches(ptxas_h200):
     assert kernel.threads == 32 * config.num_warps
     assert kernel.grid == (256 * 1024 // 64 // config.block_rows, 1, 1)
     assert (kernel.programs_per_sm, kernel.limited_by) == gpu_target.programs_per_sm(
-        registers=kernel.registers, threads=kernel.threads, shared_memory=kernel.shared_memory_bytes,
-        target=ptxas_h200)  # fmt: skip
+        registers=kernel.registers, threads=kernel.threads, shared_memory=kernel.shared_memory_bytes, target=ptxas_h200
+    )
     assert "dequantize_nf4:" in str(kernel) and "programs/SM" in str(kernel)

@@ -30,8 +30,9 @@ def _stacked_nf4(w, parts=2):
 @pytest.mark.parametrize("tile", [1, 4, 128])
 def test_dense_forward_and_gradients_match_the_reference(tile):
     x, w, sizes = _data()
-    np.testing.assert_allclose(grouped_matmul(x, w, sizes, tile=tile), grouped_matmul_reference(x, w, sizes),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        grouped_matmul(x, w, sizes, tile=tile), grouped_matmul_reference(x, w, sizes), rtol=1e-5, atol=1e-5
+    )
 
     def loss(fn):
         return lambda x, w: jnp.sum(jnp.sin(fn(x, w)))
@@ -61,8 +62,9 @@ def test_nf4_forward_and_input_gradient_match_the_reference(dtype):
     np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), rtol=tol, atol=tol)
     g_ours = jax.grad(lambda x: jnp.sum(grouped_frozen_matmul(x, qt, sizes, tile=4).astype(jnp.float32) ** 2))(x)
     g_theirs = jax.grad(lambda x: jnp.sum(grouped_matmul_reference(x, qt, sizes).astype(jnp.float32) ** 2))(x)
-    np.testing.assert_allclose(np.asarray(g_ours, np.float32), np.asarray(g_theirs, np.float32), rtol=tol * 10,
-                               atol=tol * 10)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(g_ours, np.float32), np.asarray(g_theirs, np.float32), rtol=tol * 10, atol=tol * 10
+    )
 
 
 def test_frozen_dense_weights_get_no_gradient():

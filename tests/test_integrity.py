@@ -18,8 +18,15 @@ from flax import nnx
 from qlora_jax.integrity import IntegrityError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+TINY = dict(
+    model_type="llama",
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
 
 
 def _model(**fields):
@@ -51,8 +58,11 @@ def test_a_flipped_byte_in_an_adapter_is_named_not_loaded(tmp_path):
     load_peft_adapter(_model(), tmp_path)  # as written: loads
     weights = tmp_path / "adapter_model.safetensors"
     _flip(weights, _data_start(weights) + 5)
-    with pytest.raises(IntegrityError, match=rf"{weights}: tensor base_model.model.model.layers.0.self_attn.\w_proj."
-                                             r"lora_\w.weight does not match the checksum recorded"):  # fmt: skip
+    with pytest.raises(
+        IntegrityError,
+        match=rf"{weights}: tensor base_model.model.model.layers.0.self_attn.\w_proj."
+        r"lora_\w.weight does not match the checksum recorded",
+    ):
         load_peft_adapter(_model(), tmp_path)
 
 
@@ -64,8 +74,11 @@ def test_a_flipped_byte_in_a_merged_checkpoint_is_named_not_loaded(tmp_path):
     load_pretrained(tmp_path, quantization=None, dtype=jnp.float32)
     weights = tmp_path / "model.safetensors"
     _flip(weights, len(weights.read_bytes()) - 7)
-    with pytest.raises(IntegrityError, match=rf"{weights}: tensor .* does not match the checksum recorded when the "
-                                             r"file was written"):  # fmt: skip
+    with pytest.raises(
+        IntegrityError,
+        match=rf"{weights}: tensor .* does not match the checksum recorded when the "
+        r"file was written",
+    ):
         load_pretrained(tmp_path, quantization=None, dtype=jnp.float32)
 
 
@@ -84,8 +97,12 @@ def test_a_flipped_byte_in_a_gguf_export_is_named_not_loaded(tmp_path):
 # ---- claimed shapes are checked before any data is read -----------------------------------------------------------
 
 
-def _sparse_safetensors(path: Path, tensors: dict[str, np.ndarray], huge: tuple[str, tuple[int, ...]],
-                        metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+def _sparse_safetensors(
+    path: Path,
+    tensors: dict[str, np.ndarray],
+    huge: tuple[str, tuple[int, ...]],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """A well-formed safetensors file holding `tensors` and, under `huge[0]`, a float32 tensor of shape `huge[1]`
     whose bytes are a hole in a sparse file (so it costs no disk)."""
     header, offset, chunks = {}, 0, []
@@ -119,8 +136,14 @@ print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if 
 
 def _peak_and_error(body: str) -> tuple[int, str]:
     code = _PEAK.format(root=str(ROOT), body="\n".join("    " + line for line in body.strip().splitlines()))
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     *lines, peak = done.stdout.strip().splitlines()
     return int(peak), "\n".join(lines)
@@ -141,8 +164,9 @@ import jax.numpy as jnp
 from qlora_jax.convert.hf import load_pretrained
 load_pretrained({str(tmp_path)!r}, dtype=jnp.float32)
 """)
-    assert error == (f"CheckpointError: {tmp_path / 'model.safetensors'}: tensor {key} has shape (65536, 32768), "
-                     "expected (16, 32)"), error  # fmt: skip
+    assert error == (
+        f"CheckpointError: {tmp_path / 'model.safetensors'}: tensor {key} has shape (65536, 32768), expected (16, 32)"
+    ), error
     assert peak < 2 * 2**30, peak
 
 
@@ -150,10 +174,14 @@ def test_an_adapter_claiming_6_gib_is_refused_before_it_is_read(tmp_path):
     """adapter_model.safetensors whose lora_A claims [49152, 32768] float32 (6 GiB, sparse): refused naming the
     tensor and the shape the model needs, without holding it."""
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-                                                              "target_modules": ["q_proj"]}))  # fmt: skip
-    _sparse_safetensors(tmp_path / "adapter_model.safetensors", {f"{prefix}.lora_B.weight": np.zeros((16, 2))},
-                        (f"{prefix}.lora_A.weight", (49152, 32768)))  # fmt: skip
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
+    )
+    _sparse_safetensors(
+        tmp_path / "adapter_model.safetensors",
+        {f"{prefix}.lora_B.weight": np.zeros((16, 2))},
+        (f"{prefix}.lora_A.weight", (49152, 32768)),
+    )
     peak, error = _peak_and_error(f"""
 from tests.test_integrity import _model
 from qlora_jax.convert.peft import load_peft_adapter
@@ -178,8 +206,16 @@ def test_a_gguf_tensor_claiming_another_shape_is_refused_before_it_is_decoded(tm
     monkeypatch.setattr(GGUFCheckpoint, "tensor", never)
 
     path = tmp_path / "huge.gguf"
-    write_one_block_gguf(path, [("token_embd.weight", np.ones((16, 8), np.float32), None),
-                                ("blk.0.attn_norm.weight", np.ones(4096, np.float32), None)])  # fmt: skip
-    with pytest.raises(ValueError, match=rf"{path}: tensor model.layers.0.input_layernorm.weight has shape "
-                                         r"\(4096,\), expected \(8,\)"):  # fmt: skip
+    write_one_block_gguf(
+        path,
+        [
+            ("token_embd.weight", np.ones((16, 8), np.float32), None),
+            ("blk.0.attn_norm.weight", np.ones(4096, np.float32), None),
+        ],
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"{path}: tensor model.layers.0.input_layernorm.weight has shape "
+        r"\(4096,\), expected \(8,\)",
+    ):
         load_pretrained(path, quantization=None, dtype=jnp.float32)

@@ -105,8 +105,10 @@ class KernelTests:
     def test_decode_every_quant_variant_and_dtype(self, quant_type, double_quant, dtype):
         qt = _weight(80, 512, dtype, quant_type=quant_type, double_quant=double_quant)  # ragged N: 80 of 3 x 32
         x = _activations(3, 512, dtype=dtype)
-        for config in (DecodeConfig(block_n=32, block_k=128, split_k=2, dot="fma"),
-                       DecodeConfig(block_n=32, block_k=256, split_k=1, dot="mma")):  # fmt: skip
+        for config in (
+            DecodeConfig(block_n=32, block_k=128, split_k=2, dot="fma"),
+            DecodeConfig(block_n=32, block_k=256, split_k=1, dot="mma"),
+        ):
             got = decode_pallas(x, qt, config=config, interpret=self.INTERPRET)
             assert got.dtype == dtype
             _assert_close(got, decode_reference(x, qt), dtype)
@@ -119,8 +121,9 @@ class KernelTests:
         dots = ("fma", "mma") if m <= 4 else ("mma",)
         for dot in dots:
             config = DecodeConfig(block_n=64, block_k=128, split_k=4, dot=dot)
-            _assert_close(decode_pallas(x, qt, config=config, interpret=self.INTERPRET), decode_reference(x, qt),
-                          jnp.bfloat16)  # fmt: skip
+            _assert_close(
+                decode_pallas(x, qt, config=config, interpret=self.INTERPRET), decode_reference(x, qt), jnp.bfloat16
+            )
 
     @pytest.mark.parametrize(("blocksize", "block_k"), [(64, 64), (64, 512), (128, 64), (256, 128), (512, 512)])
     @pytest.mark.parametrize("lookup", ["gather", "select"])
@@ -129,8 +132,9 @@ class KernelTests:
         qt = _weight(64, 1024, blocksize=blocksize)
         x = _activations(2, 1024)
         config = DecodeConfig(block_n=32, block_k=block_k, split_k=2, dot="fma", lookup=lookup)
-        _assert_close(decode_pallas(x, qt, config=config, interpret=self.INTERPRET), decode_reference(x, qt),
-                      jnp.bfloat16)  # fmt: skip
+        _assert_close(
+            decode_pallas(x, qt, config=config, interpret=self.INTERPRET), decode_reference(x, qt), jnp.bfloat16
+        )
 
     def test_decode_equals_reference_exactly_for_one_hot_rows(self):
         """A one-hot x picks single columns of W: the kernel's weight is exactly dequantize(W) in its own dtype."""

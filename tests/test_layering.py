@@ -115,9 +115,18 @@ def test_the_graph_sees_lazy_imports(tmp_path):
 
 # The modules of a training *run* (the driver, its setup and export, the planner, the command line); the library's
 # API (models, adapters, optimizer, step, converters) never needs the YAML schema.
-RUN_MODULES = ("qlora_jax.train", "qlora_jax.train.build", "qlora_jax.train.loop", "qlora_jax.train.setup",
-               "qlora_jax.train.export", "qlora_jax.train.parallel", "qlora_jax.train.plan", "qlora_jax.train.resume",
-               "qlora_jax.train.run_dir", "qlora_jax.cli")  # fmt: skip
+RUN_MODULES = (
+    "qlora_jax.train",
+    "qlora_jax.train.build",
+    "qlora_jax.train.loop",
+    "qlora_jax.train.setup",
+    "qlora_jax.train.export",
+    "qlora_jax.train.parallel",
+    "qlora_jax.train.plan",
+    "qlora_jax.train.resume",
+    "qlora_jax.train.run_dir",
+    "qlora_jax.cli",
+)
 
 
 def test_only_a_run_reads_the_yaml_schema():

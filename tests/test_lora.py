@@ -29,11 +29,26 @@ from qlora_jax.train.optim import OptimConfig, make_optimizer
 from qlora_jax.train.step import TrainState, make_train_step
 
 CONFIG = ModelConfig.from_hf_config(
-    dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-         num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
-)  # fmt: skip
-ALL = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-       "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+    dict(
+        model_type="llama",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+    )
+)
+ALL = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 F32_NF4 = QuantConfig()
@@ -99,8 +114,13 @@ def test_lora_fields_from_yaml(tmp_path):
         "lora: {target_modules: [q_proj, v_proj], layers_to_transform: [0, 2], rank_pattern: {v_proj: 16}}\n"
     )
     config = load_config(path, ["--lora.alpha_pattern", "{q_proj: 32}", "--lora.exclude_modules", "[k_proj]"]).lora
-    assert config == LoraConfig(target_modules=("q_proj", "v_proj"), layers_to_transform=(0, 2), exclude_modules=(
-        "k_proj",), rank_pattern={"v_proj": 16}, alpha_pattern={"q_proj": 32.0})  # fmt: skip
+    assert config == LoraConfig(
+        target_modules=("q_proj", "v_proj"),
+        layers_to_transform=(0, 2),
+        exclude_modules=("k_proj",),
+        rank_pattern={"v_proj": 16},
+        alpha_pattern={"q_proj": 32.0},
+    )
     assert hash(config) == hash(dataclasses.replace(config))
     with pytest.raises(ConfigFieldError, match=r"lora.rank_pattern\['v_proj'\]: expected an integer, got 'x'"):
         load_config(path, ["--lora.rank_pattern", "{v_proj: x}"])
@@ -153,8 +173,11 @@ def test_initial_adapters_change_nothing_and_counts_are_peft_like(capsys):
 @pytest.mark.parametrize(("rslora", "scaling"), [(False, 16 / 4), (True, 16 / 2)])
 def test_scaling_and_adapter_output(rslora, scaling):
     model = _model()
-    apply_lora(model, LoraConfig(r=4, lora_alpha=16, use_rslora=rslora, init_lora_weights=False,
-                                 target_modules=("lm_head",)), rngs=nnx.Rngs(1))  # fmt: skip
+    apply_lora(
+        model,
+        LoraConfig(r=4, lora_alpha=16, use_rslora=rslora, init_lora_weights=False, target_modules=("lm_head",)),
+        rngs=nnx.Rngs(1),
+    )
     head = model.lm_head
     x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 64)), jnp.float32)
     expected = x @ head.dense_weight(jnp.float32).T + scaling * (x @ head.lora.lora_A[...].T @ head.lora.lora_B[...].T)
@@ -175,8 +198,12 @@ def test_dropout_touches_only_the_adapter_input():
     keep = np.asarray(jax.random.bernoulli(jax.random.fold_in(jax.random.key(0), head.lora.key_id), 0.5, x.shape))
     expected = ((np.asarray(x) * keep * 2) @ np.asarray(a).T) @ np.ones((4, 128)) * head.lora.scaling
     np.testing.assert_allclose(dropped, expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(head(x) - base), (np.asarray(x) @ np.asarray(a).T) @ np.ones((4, 128)) *
-                               head.lora.scaling, rtol=1e-5, atol=1e-5)  # fmt: skip # no key: eval, no dropout
+    np.testing.assert_allclose(
+        np.asarray(head(x) - base),
+        (np.asarray(x) @ np.asarray(a).T) @ np.ones((4, 128)) * head.lora.scaling,
+        rtol=1e-5,
+        atol=1e-5,
+    )  # no key: eval, no dropout
 
 
 def test_dora_starts_at_the_base_output_and_follows_peft_formula():
@@ -305,7 +332,10 @@ def test_layers_without_adapters_and_rank_padding_stay_exactly_zero_through_trai
     model = _model(quant=QuantConfig(), dtype=jnp.bfloat16)
     config = dataclasses.replace(PER_LAYER, use_dora=True)
     assert sorted(apply_lora(model, config, rngs=nnx.Rngs(1))) == [
-        "lm_head", "model.layers.self_attn.q_proj", "model.layers.self_attn.v_proj"]  # fmt: skip
+        "lm_head",
+        "model.layers.self_attn.q_proj",
+        "model.layers.self_attn.v_proj",
+    ]
     q, v, head = (
         model.model.layers.self_attn.q_proj.lora,
         model.model.layers.self_attn.v_proj.lora,

@@ -82,8 +82,9 @@ def test_blocked_attention_matches(tiny):
     valid[1, :2] = False
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
     options = ComputeOptions(attention_block=4)
-    h, _ = model.hidden_states(jnp.asarray(tokens), positions=jnp.asarray(positions), valid=jnp.asarray(valid),
-                               options=options)  # fmt: skip
+    h, _ = model.hidden_states(
+        jnp.asarray(tokens), positions=jnp.asarray(positions), valid=jnp.asarray(valid), options=options
+    )
     ours = model.logits(h, options=options)
     theirs = _hf_logits(hf_model, tokens, attention_mask=valid.astype(np.int64), position_ids=positions)
     _assert_close(np.asarray(ours)[valid], theirs[valid], F32_TOL)
@@ -106,9 +107,11 @@ def test_nf4_logits_match_transformers_bitsandbytes(family, tmp_path):
     pytest.importorskip("bitsandbytes")
     make_tiny_model(family, tmp_path)
     bnb_config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
-    )  # fmt: skip
+    )
     hf_4bit = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
     ).eval()
@@ -128,11 +131,18 @@ def test_nf4_logits_match_transformers_bitsandbytes(family, tmp_path):
 
 def test_gemma3_image_text_checkpoint_loads_its_text_decoder(tmp_path):
     text = dict(
-        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=3,
-    )  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)  # fmt: skip
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=3,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
     config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
     torch.manual_seed(0)
     hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()

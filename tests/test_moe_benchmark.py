@@ -18,8 +18,13 @@ def test_moe_benchmark_smoke(tmp_path):
     for name in ("torch", "transformers", "peft", "bitsandbytes"):
         pytest.importorskip(name)
     out = tmp_path / "moe.json"
-    result = subprocess.run([sys.executable, "benchmarks/moe.py", "--smoke", "--json", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=1800)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "benchmarks/moe.py", "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     configs = data["configs"]

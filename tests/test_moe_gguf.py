@@ -30,8 +30,12 @@ def test_qwen3_moe_gguf_round_trip_and_transformers_reads_it(tmp_path):
     model, _ = load_pretrained(tmp_path / "m", quantization=None, dtype=jnp.float32)
     path = save_gguf(model, tmp_path / "q.gguf", tensor_type="f32")
     names = {t.name for t in gguf.GGUFReader(path).tensors}
-    assert {"blk.1.ffn_gate_inp.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight",
-            "blk.1.ffn_down_exps.weight"} <= names  # fmt: skip
+    assert {
+        "blk.1.ffn_gate_inp.weight",
+        "blk.1.ffn_gate_exps.weight",
+        "blk.1.ffn_up_exps.weight",
+        "blk.1.ffn_down_exps.weight",
+    } <= names
     again, config = load_pretrained(path, quantization=None, dtype=jnp.float32)
     assert config.model_type == "qwen3_moe" and config.moe == model.config.moe
     tokens = jnp.asarray(_tokens())

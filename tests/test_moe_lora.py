@@ -59,8 +59,9 @@ def _peft_selection(peft_model) -> dict[str, tuple[int, float]]:
         if not isinstance(module, peft.tuners.lora.LoraLayer) or "default" not in module.r:
             continue
         name = name.removeprefix("base_model.model.")
-        if name.endswith("mlp.experts.base_layer") or (name.endswith("mlp.experts") and
-                                                       module.parameter_name == "gate_up_proj"):  # fmt: skip
+        if name.endswith("mlp.experts.base_layer") or (
+            name.endswith("mlp.experts") and module.parameter_name == "gate_up_proj"
+        ):
             name = name.replace("mlp.experts.base_layer", "mlp.experts").replace(
                 "mlp.experts", "mlp.experts.gate_up_proj"
             )
@@ -111,8 +112,9 @@ def test_refusals_name_the_reason(tiny):
     with pytest.raises(ValueError, match=r"lora_dropout=0\.1 is not supported on model\.layers\.mlp"):
         apply_lora(model, LoraConfig(target_modules="all-linear", lora_dropout=0.1), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="use_dora"):
-        apply_lora(model, LoraConfig(target_modules=(), target_parameters=("down_proj",), use_dora=True),
-                   rngs=nnx.Rngs(0))  # fmt: skip
+        apply_lora(
+            model, LoraConfig(target_modules=(), target_parameters=("down_proj",), use_dora=True), rngs=nnx.Rngs(0)
+        )
     with pytest.raises(ValueError, match="target_parameters=.*matches no parameter"):
         target_layers(model, LoraConfig(target_modules=(), target_parameters=("mlp.experts.nothing",)))
 
@@ -158,9 +160,14 @@ def test_peft_adapter_loads_with_peft_logits_and_round_trips(tiny, tmp_path):
 def test_our_adapter_loads_in_peft_with_our_logits(tiny, tmp_path):
     family, directory = tiny
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
-    config = LoraConfig(r=3, lora_alpha=6, target_modules=("o_proj",),
-                        target_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-                        rank_pattern={r"layers\.1\.mlp\.experts\.down_proj": 2}, init_lora_weights=False)  # fmt: skip
+    config = LoraConfig(
+        r=3,
+        lora_alpha=6,
+        target_modules=("o_proj",),
+        target_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        rank_pattern={r"layers\.1\.mlp\.experts\.down_proj": 2},
+        init_lora_weights=False,
+    )
     apply_lora(model, config, rngs=nnx.Rngs(1))
     assert isinstance(model.model.layers.mlp.experts.down_proj.lora, ExpertLoRA)
     assert model.model.layers.mlp.experts.down_proj.lora.ranks == (3, 2)
@@ -194,8 +201,15 @@ def _per_expert_adapter(family, directory, out, r=2, alpha=4):
     from safetensors.numpy import save_file
 
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    fields = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                  target_modules=[gate, up, down, "gate"])  # fmt: skip
+    fields = dict(
+        peft_type="LORA",
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=[gate, up, down, "gate"],
+    )
     (out / "adapter_config.json").write_text(json.dumps(fields))
 
 
@@ -264,8 +278,9 @@ def test_one_step_loss_and_lora_gradients_match_peft(tiny, tmp_path, aux):
     (tmp_path / "dequantized/config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized", dtype=torch.float32)
-    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
-                                                          target_modules="all-linear"))  # fmt: skip
+    peft_model = peft.get_peft_model(
+        hf, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules="all-linear")
+    )
     peft_model.train()
     peft_model.save_pretrained(tmp_path / "adapter")
     tokens = _tokens()
@@ -277,13 +292,25 @@ def test_one_step_loss_and_lora_gradients_match_peft(tiny, tmp_path, aux):
     load_peft_adapter(model, tmp_path / "adapter")
     graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
     targets = np.concatenate([tokens[:, 1:], np.full((2, 1), IGNORE_INDEX)], axis=1)
-    batch = dict(tokens=jnp.asarray(tokens), targets=jnp.asarray(targets),
-                 segment_ids=jnp.ones(tokens.shape, jnp.int32),
-                 positions=jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))  # fmt: skip
+    batch = dict(
+        tokens=jnp.asarray(tokens),
+        targets=jnp.asarray(targets),
+        segment_ids=jnp.ones(tokens.shape, jnp.int32),
+        positions=jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
+    )
 
     def loss(adapters):
-        total, count = _loss(graphdef, adapters, base, batch, None, chunk_size=8, options=model_options(),
-                             packed_rows=False, router_aux_loss_coef=0.5 if aux else None)  # fmt: skip
+        total, count = _loss(
+            graphdef,
+            adapters,
+            base,
+            batch,
+            None,
+            chunk_size=8,
+            options=model_options(),
+            packed_rows=False,
+            router_aux_loss_coef=0.5 if aux else None,
+        )
         return total / count
 
     value, grads = jax.value_and_grad(loss)(adapters)
@@ -295,8 +322,10 @@ def test_one_step_loss_and_lora_gradients_match_peft(tiny, tmp_path, aux):
         layer, module, field = int(m[1]), m[2], m[3]
         if module.startswith("mlp.experts"):
             projection = "gate_up_proj" if module == "mlp.experts.base_layer" else "down_proj"
-            a, b = flat[f"model.layers.mlp.experts.{projection}.lora.lora_A"][layer], flat[
-                f"model.layers.mlp.experts.{projection}.lora.lora_B"][layer]  # fmt: skip
+            a, b = (
+                flat[f"model.layers.mlp.experts.{projection}.lora.lora_A"][layer],
+                flat[f"model.layers.mlp.experts.{projection}.lora.lora_B"][layer],
+            )
             ours = ExpertLoRA.to_peft(a, b)[0 if field == "lora_A" else 1]
             assert a.shape[0] == experts
         else:

@@ -27,13 +27,16 @@ def test_unsupported_mixtures_of_experts_are_refused_by_model_type():
         ModelConfig.from_hf_config(family_config("qwen3_moe", model_type="deepseek_v3"))
 
 
-@pytest.mark.parametrize(("changes", "error", "match"), [
-    (dict(decoder_sparse_step=2), UnsupportedModelError, "decoder_sparse_step"),
-    (dict(mlp_only_layers=[1]), UnsupportedModelError, r"layers \[1\] are dense MLPs \(mlp_only_layers"),
-    (dict(num_experts=0), ConfigError, "'num_experts' must be a positive integer"),
-    (dict(num_experts_per_tok=9), ConfigError, "exceeds the 8 experts"),
-    (dict(moe_intermediate_size=None), ConfigError, "moe_intermediate_size"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        (dict(decoder_sparse_step=2), UnsupportedModelError, "decoder_sparse_step"),
+        (dict(mlp_only_layers=[1]), UnsupportedModelError, r"layers \[1\] are dense MLPs \(mlp_only_layers"),
+        (dict(num_experts=0), ConfigError, "'num_experts' must be a positive integer"),
+        (dict(num_experts_per_tok=9), ConfigError, "exceeds the 8 experts"),
+        (dict(moe_intermediate_size=None), ConfigError, "moe_intermediate_size"),
+    ],
+)
 def test_qwen3_moe_fields_are_checked(changes, error, match):
     with pytest.raises(error, match=match):
         ModelConfig.from_hf_config(family_config("qwen3_moe", **changes))
@@ -170,8 +173,9 @@ def _bnb_expert_checkpoint(directory, out, quant_type="nf4"):
     out.mkdir()
     save_torch(quantized, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"] = dict(quant_method="bitsandbytes", load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                         bnb_4bit_use_double_quant=True)  # fmt: skip
+    config["quantization_config"] = dict(
+        quant_method="bitsandbytes", load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True
+    )
     (out / "config.json").write_text(json.dumps(config))
     return quantized
 
@@ -187,13 +191,17 @@ def test_bitsandbytes_expert_checkpoint_is_copied_bit_for_bit(tiny, tmp_path):
     gate, up, down = ("gate_proj", "up_proj", "down_proj") if family == "qwen3_moe" else ("w1", "w3", "w2")
     block = "mlp" if family == "qwen3_moe" else "block_sparse_moe"
     for layer, expert in [(0, 0), (1, 3)]:
-        for module, part, name in [(experts.gate_up_proj, 0, gate), (experts.gate_up_proj, 1, up),
-                                   (experts.down_proj, 0, down)]:  # fmt: skip
+        for module, part, name in [
+            (experts.gate_up_proj, 0, gate),
+            (experts.gate_up_proj, 1, up),
+            (experts.down_proj, 0, down),
+        ]:
             key = f"model.layers.{layer}.{block}.experts.{expert}.{name}.weight"
             np.testing.assert_array_equal(module.packed[...][layer, expert, part], stored[key].numpy().reshape(-1))
             np.testing.assert_array_equal(module.absmax[...][layer, expert, part], stored[f"{key}.absmax"].numpy())
-            np.testing.assert_array_equal(module.nested_absmax[...][layer, expert, part],
-                                          stored[f"{key}.nested_absmax"].numpy())  # fmt: skip
+            np.testing.assert_array_equal(
+                module.nested_absmax[...][layer, expert, part], stored[f"{key}.nested_absmax"].numpy()
+            )
     # the same model dequantized: a dense checkpoint transformers loads, with our logits
     torch, transformers = _hf()
     save_pretrained(model, tmp_path / "dense", dequantize_weights=True)
@@ -219,11 +227,15 @@ def test_transformers_bitsandbytes_checkpoint_loads_with_nf4_experts(tiny, tmp_p
     attention's 4-bit tensors are copied, the experts quantized on load; our 4-bit save is that layout again."""
     torch, transformers = _hf()
     _, _, directory = tiny
-    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                 bnb_4bit_use_double_quant=True,
-                                                 bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, quantization_config=bnb_config,
-                                                           dtype=torch.float32, device_map="cpu")  # fmt: skip
+    bnb_config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
+    )
     hf.save_pretrained(tmp_path / "hf4")
     model, _ = load_pretrained(tmp_path / "hf4", dtype=jnp.float32)
     assert model.model.layers.self_attn.q_proj.is_quantized and model.model.layers.mlp.experts.down_proj.is_quantized
@@ -248,8 +260,13 @@ def test_router_ties_match_transformers_router():
 
     config = transformers.Qwen3MoeConfig(**{k: v for k, v in family_config("qwen3_moe").items() if k != "model_type"})
     router = Qwen3MoeTopKRouter(config)
-    logits = np.array([[2.0, 1.0, 2.0, 0.5, 0.0, 0.0, -1.0, 0.3],  # experts 0 and 2 tie for first
-                       [0.1, 3.0, 0.2, 0.2, 3.0, 0.2, 0.0, 0.0]], np.float32)  # 1 and 4 tie for first  # fmt: skip
+    logits = np.array(
+        [
+            [2.0, 1.0, 2.0, 0.5, 0.0, 0.0, -1.0, 0.3],  # experts 0 and 2 tie for first
+            [0.1, 3.0, 0.2, 0.2, 3.0, 0.2, 0.0, 0.0],
+        ],
+        np.float32,
+    )  # 1 and 4 tie for first
     with torch.no_grad():
         router.weight.copy_(torch.eye(8, config.hidden_size))
         hidden = torch.zeros(2, config.hidden_size)
@@ -313,8 +330,9 @@ def test_greedy_generation_matches_transformers(tiny):
     ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        theirs = hf_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                                   eos_token_id=None)[:, longest:]  # fmt: skip
+        theirs = hf_model.generate(
+            ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None
+        )[:, longest:]
     assert ours == theirs.tolist()
 
 
@@ -331,9 +349,11 @@ def test_each_expert_is_quantized_as_bitsandbytes_quantizes_its_linear(tiny):
     size = model.config.moe.expert_size
     for layer, expert in [(0, 1), (1, 3)]:
         hf_experts = hf_model.model.layers[layer].mlp.experts
-        pieces = [(experts.gate_up_proj, 0, hf_experts.gate_up_proj[expert, :size]),
-                  (experts.gate_up_proj, 1, hf_experts.gate_up_proj[expert, size:]),
-                  (experts.down_proj, 0, hf_experts.down_proj[expert])]  # fmt: skip
+        pieces = [
+            (experts.gate_up_proj, 0, hf_experts.gate_up_proj[expert, :size]),
+            (experts.gate_up_proj, 1, hf_experts.gate_up_proj[expert, size:]),
+            (experts.down_proj, 0, hf_experts.down_proj[expert]),
+        ]
         for module, part, weight in pieces:
             weight = weight.detach().float().contiguous()
             packed, state = functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")

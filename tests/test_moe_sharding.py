@@ -23,8 +23,13 @@ HERE = Path(__file__).resolve().parent
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("moe_sharding")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, str(HERE / "moe_sharding_checks.py"), str(out)], check=True, env=env,
-                   cwd=HERE.parent, timeout=1800)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(HERE / "moe_sharding_checks.py"), str(out)],
+        check=True,
+        env=env,
+        cwd=HERE.parent,
+        timeout=1800,
+    )
     return json.loads((out / "results.json").read_text())
 
 

@@ -26,11 +26,23 @@ def tiny_moe_dir(tmp_path_factory, smol_dir):
     transformers = pytest.importorskip("transformers")
     directory = tmp_path_factory.mktemp("tiny_moe")
     config = transformers.Qwen3MoeConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=True, tie_word_embeddings=True, eos_token_id=2, bos_token_id=1, output_router_logits=True,
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        tie_word_embeddings=True,
+        eos_token_id=2,
+        bos_token_id=1,
+        output_router_logits=True,
         router_aux_loss_coef=0.02,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     transformers.Qwen3MoeForCausalLM(config).save_pretrained(directory)
     transformers.AutoTokenizer.from_pretrained(smol_dir).save_pretrained(directory)
@@ -81,14 +93,42 @@ def test_train_merge_generate_through_the_cli(tmp_path, tiny_moe_dir, capsys):
     four = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")  # 4-bit attention
     assert type(four.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     # merged: transformers loads it
-    assert cli_main(["merge", "--model", str(tiny_moe_dir), "--adapter", str(adapter), str(tmp_path / "merged"),
-                     "--out-dtype", "float32"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "merge",
+                "--model",
+                str(tiny_moe_dir),
+                "--adapter",
+                str(adapter),
+                str(tmp_path / "merged"),
+                "--out-dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         assert np.isfinite(merged(torch.tensor(tokens)).logits.numpy()).all()
     capsys.readouterr()
-    assert cli_main(["generate", "--model", str(tiny_moe_dir), "--adapter", str(adapter), "--prompt", "March 5, 2021",
-                     "--max-new-tokens", "4", "--no-chat"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "generate",
+                "--model",
+                str(tiny_moe_dir),
+                "--adapter",
+                str(adapter),
+                "--prompt",
+                "March 5, 2021",
+                "--max-new-tokens",
+                "4",
+                "--no-chat",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip()
 
 
@@ -110,9 +150,12 @@ def test_step_adds_the_load_balancing_loss_as_configured(tiny_moe_dir):
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-3), total_steps=2)
     tokens = np.random.default_rng(1).integers(1, 49152, (1, 2, 16)).astype(np.int32)
-    batch = dict(tokens=jnp.asarray(tokens), targets=jnp.asarray(np.roll(tokens, -1, axis=-1)),
-                 positions=jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), tokens.shape),
-                 segment_ids=jnp.ones(tokens.shape, jnp.int32))  # fmt: skip
+    batch = dict(
+        tokens=jnp.asarray(tokens),
+        targets=jnp.asarray(np.roll(tokens, -1, axis=-1)),
+        positions=jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), tokens.shape),
+        segment_ids=jnp.ones(tokens.shape, jnp.int32),
+    )
     losses = {}
     for coef in (None, 0.0):
         step = make_train_step(graphdef, optimizer, router_aux_loss_coef=coef)

@@ -49,7 +49,7 @@ def _config(tmp_path: Path, model: Path, **train) -> Path:
             "export_peft": False,
             "divergence_factor": 0,
         }
-        | train,  # fmt: skip
+        | train,
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -62,19 +62,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(config: Path, processes: int, *extra: list[str], count: int = 2, port: int | None = None
-            ) -> list[subprocess.Popen]:  # fmt: skip
+def _launch(
+    config: Path, processes: int, *extra: list[str], count: int = 2, port: int | None = None
+) -> list[subprocess.Popen]:
     """`count`-process job on localhost, of which processes `processes` (ids) are started; `extra[i]`: process
     i's own extra arguments."""
     port = port or _free_port()
     started = []
     for i in processes:
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES=str(count), JAX_PROCESS_ID=str(i))  # fmt: skip
-        command = [sys.executable, "-m", "qlora_jax.cli", "train", "--no-progress", str(config), "--mesh.data",
-                   str(count), *(extra[i] if i < len(extra) else [])]  # fmt: skip
-        started.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True))  # fmt: skip
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            PYTHONUNBUFFERED="1",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES=str(count),
+            JAX_PROCESS_ID=str(i),
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "qlora_jax.cli",
+            "train",
+            "--no-progress",
+            str(config),
+            "--mesh.data",
+            str(count),
+            *(extra[i] if i < len(extra) else []),
+        ]
+        started.append(
+            subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     return started
 
 
@@ -124,19 +141,38 @@ def test_two_processes_train_as_one_stop_together_on_sigterm_and_resume_on_one(t
     assert 2 <= stopped < 40
     for code, stderr in results:
         assert code == 143, stderr[-3000:]
-        assert _last_line(stderr) == (f"qlora-jax train: stopped by SIGTERM (a preemption notice to the job) after "
-                                      f"step {stopped}; checkpoint saved at {run / 'checkpoints' / str(stopped)}: "
-                                      f"run the same command again to resume from step {stopped}")  # fmt: skip
+        assert _last_line(stderr) == (
+            f"qlora-jax train: stopped by SIGTERM (a preemption notice to the job) after "
+            f"step {stopped}; checkpoint saved at {run / 'checkpoints' / str(stopped)}: "
+            f"run the same command again to resume from step {stopped}"
+        )
         assert "Traceback" not in stderr and "Reached preemption sync point" not in stderr
     assert not (run / ".lock").exists()
     assert max(_losses(run)) == stopped
 
     # one process resumes the two processes' checkpoint (another mesh), and a one-process run goes the same way
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    both = [subprocess.Popen([sys.executable, "-m", "qlora_jax.cli", "train", "--no-progress", str(config),
-                              "--train.steps", str(stopped + 2), *overrides], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for overrides in ([], ["--train.output_dir", str(tmp_path / "one")])]  # fmt: skip
+    both = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qlora_jax.cli",
+                "train",
+                "--no-progress",
+                str(config),
+                "--train.steps",
+                str(stopped + 2),
+                *overrides,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for overrides in ([], ["--train.output_dir", str(tmp_path / "one")])
+    ]
     for code, stderr in _finish(both):  # side by side: one resumes the two processes' run, one starts afresh
         assert code == 0, stderr[-3000:]
     two, one = _losses(run), _losses(tmp_path / "one")

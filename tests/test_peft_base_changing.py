@@ -78,8 +78,9 @@ def _trained_peft_adapter(base_dir, directory, **config):
     peft_model.save_pretrained(directory / "adapter")
     trained = _logits(peft_model)
     if not (fields.get("use_rslora") and (fields.get("rank_pattern") or fields.get("alpha_pattern"))):  # PEFT: no
-        peft_model.save_pretrained(directory / "converted",
-                                   path_initial_model_for_weight_conversion=directory / "initial")  # fmt: skip
+        peft_model.save_pretrained(
+            directory / "converted", path_initial_model_for_weight_conversion=directory / "initial"
+        )
     return trained
 
 
@@ -88,10 +89,10 @@ CASES = {
     "olora": dict(init_lora_weights="olora"),
     "pissa-rslora-patterns": dict(
         init_lora_weights="pissa", use_rslora=True, target_modules=["q_proj", "down_proj"], rank_pattern={"q_proj": 2}
-    ),  # fmt: skip
+    ),
     "olora-alpha-pattern": dict(
         init_lora_weights="olora", target_modules=["v_proj", "o_proj", "up_proj"], alpha_pattern={"up_proj": 3.0}
-    ),  # fmt: skip
+    ),
 }
 
 

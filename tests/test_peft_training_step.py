@@ -25,9 +25,12 @@ pytestmark = pytest.mark.oracle
 LORA = {
     "all-linear": dict(target_modules="all-linear"),
     # adapters on some layers only, with per-layer ranks and alphas: zero-padded here, unpadded in PEFT
-    "per-layer": dict(target_modules=r"model\.layers\.[02]\.(self_attn\.(q|v)|mlp\.down)_proj",
-                      rank_pattern={"v_proj": 2, r"layers\.2\.mlp\.down_proj": 6}, alpha_pattern={"q_proj": 32}),
-}  # fmt: skip
+    "per-layer": dict(
+        target_modules=r"model\.layers\.[02]\.(self_attn\.(q|v)|mlp\.down)_proj",
+        rank_pattern={"v_proj": 2, r"layers\.2\.mlp\.down_proj": 6},
+        alpha_pattern={"q_proj": 32},
+    ),
+}
 
 
 @pytest.mark.parametrize(
@@ -39,9 +42,11 @@ def test_one_step_loss_and_lora_gradients_match_peft_bitsandbytes(family, lora_k
     per_layer = "rank_pattern" in lora_kwargs
     make_tiny_model(family, tmp_path / "base", **({"num_hidden_layers": 3} if per_layer else {}))
     bnb_config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
-    )  # fmt: skip
+    )
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "base", quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
     )
@@ -56,8 +61,7 @@ def test_one_step_loss_and_lora_gradients_match_peft_bitsandbytes(family, lora_k
     out.loss.backward()
     theirs = {name: p.grad.numpy() for name, p in peft_model.named_parameters() if p.requires_grad}
 
-    model, _ = load_pretrained(tmp_path / "base", quantization=QuantConfig(),
-                               dtype=jnp.float32)  # fmt: skip
+    model, _ = load_pretrained(tmp_path / "base", quantization=QuantConfig(), dtype=jnp.float32)
     load_peft_adapter(model, tmp_path / "adapter")
     graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
     targets = np.concatenate([tokens[:, 1:], np.full((2, 1), IGNORE_INDEX)], axis=1)

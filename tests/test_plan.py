@@ -19,22 +19,38 @@ pytestmark = pytest.mark.slow
 def model_dir(tmp_path_factory):
     """Only a config.json: planning reads nothing else."""
     directory = tmp_path_factory.mktemp("plan_model")
-    hf = {"model_type": "llama", "vocab_size": 2048, "hidden_size": 128, "intermediate_size": 384,
-          "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0,
-          "rms_norm_eps": 1e-5, "tie_word_embeddings": False}  # fmt: skip
+    hf = {
+        "model_type": "llama",
+        "vocab_size": 2048,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
     (directory / "config.json").write_text(json.dumps(hf))
     return directory
 
 
 def _config(model_dir, *, remat="none", offload=False, length=256, batch=4, accum=1, quant="nf4", memory_budget=None):
-    return config_from_dict({
-        "model": {"path": str(model_dir), "quant": quant, "dtype": "bfloat16"},
-        "data": {"train": "unused.jsonl", "max_length": length},
-        "lora": {"r": 8, "target_modules": "all-linear"},
-        "optim": {"offload": offload},
-        "train": {"batch_size": batch, "grad_accum": accum, "remat": remat, "loss_chunk_size": 256,
-                  "memory_budget": memory_budget},
-    })  # fmt: skip
+    return config_from_dict(
+        {
+            "model": {"path": str(model_dir), "quant": quant, "dtype": "bfloat16"},
+            "data": {"train": "unused.jsonl", "max_length": length},
+            "lora": {"r": 8, "target_modules": "all-linear"},
+            "optim": {"offload": offload},
+            "train": {
+                "batch_size": batch,
+                "grad_accum": accum,
+                "remat": remat,
+                "loss_chunk_size": 256,
+                "memory_budget": memory_budget,
+            },
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -43,7 +59,7 @@ def _config(model_dir, *, remat="none", offload=False, length=256, batch=4, accu
         {"remat": "none"},
         {"remat": "full", "length": 512, "batch": 2, "offload": True},
         {"remat": "save_dots", "accum": 2, "quant": "none"},
-    ],  # fmt: skip
+    ],
     ids=["none", "full-long-offloaded-optimizer", "save_dots-accum-dense-base"],
 )
 def test_plan_is_within_15_percent_of_the_compiled_step(model_dir, options):
@@ -76,8 +92,14 @@ def test_cli_plan_prints_every_component(model_dir, tmp_path, capsys):
     config.write_text(f"model: {{path: {model_dir}, dtype: bfloat16}}\ndata: {{train: x.jsonl, max_length: 128}}\n")
     assert cli_main(["plan", str(config), "--train.remat", "full"]) == 0
     out = capsys.readouterr().out
-    for part in ("4-bit", "LoRA adapters", "optimizer state", "saved activations (8 layers", "logits chunk",
-                 "device total (estimate)"):  # fmt: skip
+    for part in (
+        "4-bit",
+        "LoRA adapters",
+        "optimizer state",
+        "saved activations (8 layers",
+        "logits chunk",
+        "device total (estimate)",
+    ):
         assert part in out, part
     with pytest.raises(SystemExit, match="train.remat"):
         cli_main(["plan", str(config), "--train.remat", "sometimes"])

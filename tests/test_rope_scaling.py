@@ -143,8 +143,9 @@ def test_generation_across_the_threshold_matches_transformers(case, tmp_path):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     prompt = _tokens(12, seed=3)[:1]
     with torch.no_grad():
-        theirs = hf_model.generate(torch.tensor(prompt), max_new_tokens=18, do_sample=False, min_new_tokens=18,
-                                   pad_token_id=0)[0, 12:].tolist()  # fmt: skip
+        theirs = hf_model.generate(
+            torch.tensor(prompt), max_new_tokens=18, do_sample=False, min_new_tokens=18, pad_token_id=0
+        )[0, 12:].tolist()
     model, _ = load_pretrained(tmp_path, quantization=None, dtype=jnp.float32)
     ours = generate(model, prompt.tolist(), SamplingConfig(max_new_tokens=18, stop_token_ids=(-1,)))[0]
     assert ours == theirs
@@ -169,8 +170,9 @@ def test_rope_defaults_follow_transformers():
     yarn = _config(rope_scaling=dict(rope_type="yarn", factor=4.0)).rope
     assert yarn.original_max_position_embeddings == 128  # max_position_embeddings when not given
     assert yarn.attention_scaling == pytest.approx(0.1 * np.log(4.0) + 1)
-    implied = _config(max_position_embeddings=64,
-                      rope_scaling=dict(rope_type="yarn", original_max_position_embeddings=16))  # fmt: skip
+    implied = _config(
+        max_position_embeddings=64, rope_scaling=dict(rope_type="yarn", original_max_position_embeddings=16)
+    )
     assert implied.rope.factor == 4.0
     phi3 = ModelConfig.from_hf_config(
         family_config(

@@ -24,8 +24,15 @@ def _train_config(tmp_path: Path, output_dir: Path) -> Path:
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "hello"}\n')
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": {"path": str(tmp_path / "no-model")}, "data": {"train": str(data)},
-                                      "train": {"output_dir": str(output_dir)}}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tmp_path / "no-model")},
+                "data": {"train": str(data)},
+                "train": {"output_dir": str(output_dir)},
+            }
+        )
+    )
     return config
 
 
@@ -57,8 +64,11 @@ def test_train_refuses_a_directory_that_is_not_its_own_and_changes_nothing(tmp_p
     (mine / "notes.txt").write_text("precious")
     link = tmp_path / "link"
     link.symlink_to(mine)
-    with pytest.raises(SystemExit, match=rf"train.output_dir {link} \(a link to {mine}\) is not a run directory of "
-                                         r"qlora-jax and is not empty: it holds notes.txt"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=rf"train.output_dir {link} \(a link to {mine}\) is not a run directory of "
+        r"qlora-jax and is not empty: it holds notes.txt",
+    ):
         cli_main(["train", str(config), "--train.output_dir", str(link)])
     assert _tree(mine) == {"notes.txt": b"precious"}
     (mine / "notes.txt").unlink()  # an empty directory is fine: train gets as far as the (missing) model
@@ -96,9 +106,12 @@ def test_a_finished_run_without_checkpoints_is_never_replaced_unasked(tmp_path):
     (run / "notes.txt").write_text("the user's")
     config = _train_config(tmp_path, run)
     before = _tree(run)
-    with pytest.raises(SystemExit, match=rf"train.output_dir {run} holds a run that trained \(adapter/, metrics.jsonl\)"
-                                         r" and has no checkpoint to resume from \(checkpoints/ deleted\?\): a run is "
-                                         r"never replaced without --overwrite"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=rf"train.output_dir {run} holds a run that trained \(adapter/, metrics.jsonl\)"
+        r" and has no checkpoint to resume from \(checkpoints/ deleted\?\): a run is "
+        r"never replaced without --overwrite",
+    ):
         cli_main(["train", str(config), "--lora.r", "64"])
     with pytest.raises(SystemExit, match="no-model"):  # replacing waits until the inputs are checked
         cli_main(["train", str(config), "--overwrite"])
@@ -110,8 +123,11 @@ def test_a_finished_run_without_checkpoints_is_never_replaced_unasked(tmp_path):
 
     other = tmp_path / "other"
     _finished_run(other, checkpoints=True)
-    with pytest.raises(SystemExit, match=r"holds checkpoints of a run \(steps 1\) and train.resume is false: .*"
-                                         r"replace it with --overwrite"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=r"holds checkpoints of a run \(steps 1\) and train.resume is false: .*"
+        r"replace it with --overwrite",
+    ):
         cli_main(["train", str(config), "--train.output_dir", str(other), "--train.resume", "false"])
     start = RunDirectory(other).decide(load_config(config), {}, overwrite=True)
     assert start.replacing and not start.resuming
@@ -154,8 +170,14 @@ print(count)
 
 
 def _published(out: Path, version: str, kill_at: int, mode: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _PUBLISHER, str(out), version, str(kill_at), mode], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", _PUBLISHER, str(out), version, str(kill_at), mode],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _version(out: Path) -> str:

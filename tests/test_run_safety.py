@@ -44,8 +44,9 @@ time.sleep(600)
 
 
 def _holder(directory: Path) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-c", _HOLD, str(directory)], cwd=ROOT, env=ENV,
-                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(directory)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline().strip() == "held"
     return process
 
@@ -54,8 +55,9 @@ def test_a_second_process_is_refused_and_a_killed_holders_lock_is_taken_over(tmp
     run = tmp_path / "run"
     first = _holder(run)
     try:
-        second = subprocess.run([sys.executable, "-c", _HOLD, str(run)], cwd=ROOT, env=ENV, capture_output=True,
-                                text=True, timeout=120)  # fmt: skip
+        second = subprocess.run(
+            [sys.executable, "-c", _HOLD, str(run)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
+        )
         assert second.returncode != 0
         assert f"in use by another training (pid {first.pid} on host {socket.gethostname()}" in second.stderr
         with pytest.raises(RunDirectoryLocked, match=f"pid {first.pid}"):  # and in this process too
@@ -142,8 +144,14 @@ print(" ".join(kinds))
 
 
 def _saver(directory: Path, kill_at: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _SAVER, str(directory), str(kill_at)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", _SAVER, str(directory), str(kill_at)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _check_restorable(directory: Path, capsys) -> list[int]:
@@ -185,8 +193,10 @@ def test_checkpoints_killed_at_random_points_of_saving_and_deleting_stay_restora
     kinds = calibration.stdout.split()  # one word per file-system change: save, commit<step>, delete
     assert _check_restorable(tmp_path / "calibration", capsys) == [4, 5]
     rng = random.Random(0)
-    points = sorted(rng.sample([i + 1 for i, k in enumerate(kinds) if k == "save"], 2)
-                    + rng.sample([i + 1 for i, k in enumerate(kinds) if k == "delete"], 3))  # fmt: skip
+    points = sorted(
+        rng.sample([i + 1 for i, k in enumerate(kinds) if k == "save"], 2)
+        + rng.sample([i + 1 for i, k in enumerate(kinds) if k == "delete"], 3)
+    )
     for kill_at in points:
         run = tmp_path / f"killed_at_{kill_at}"
         killed = _saver(run, kill_at)
@@ -197,8 +207,13 @@ def test_checkpoints_killed_at_random_points_of_saving_and_deleting_stay_restora
         assert set(steps) >= set(committed[-2:-1]) - {0}, (kill_at, steps)  # the one kept before it, too
     # and a kill at a random time (perhaps inside tensorstore's writes, which raise no audit events)
     run = tmp_path / "timed"
-    process = subprocess.Popen([sys.executable, "-c", _SAVER, str(run), "-1"], cwd=ROOT, env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SAVER, str(run), "-1"],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "3.orbax-checkpoint-tmp").exists():
         time.sleep(0.002)
@@ -241,11 +256,17 @@ def test_checkpoints_remove_only_what_they_wrote_and_leave_everything_else(tmp_p
     for step in (20, 21, 23, 24):  # saving and pruning (keep=2) among them
         checkpoints.save(_state(step), {"step": step})
     assert checkpoints.all_steps() == [23, 24] and checkpoints.latest_step() == 24
-    with pytest.raises(CheckpointNotUsable, match=r"22: not a complete checkpoint of this run \(missing "
-                                                  r"_CHECKPOINT_METADATA"):  # fmt: skip
+    with pytest.raises(
+        CheckpointNotUsable,
+        match=r"22: not a complete checkpoint of this run \(missing "
+        r"_CHECKPOINT_METADATA",
+    ):
         checkpoints.restore(_state(0), step=22)
-    with pytest.raises(CheckpointNotUsable, match=r"1000: not a complete checkpoint of this run \(missing "
-                                                  r"state/_METADATA"):  # fmt: skip
+    with pytest.raises(
+        CheckpointNotUsable,
+        match=r"1000: not a complete checkpoint of this run \(missing "
+        r"state/_METADATA",
+    ):
         checkpoints.restore(_state(0), step=1000)
     checkpoints.close()
     after = {str(p.relative_to(tmp_path)): p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
@@ -327,11 +348,12 @@ def test_a_yaml_file_that_is_not_a_mapping_is_an_error_not_a_traceback(tmp_path,
 
 def test_config_errors_say_file_colon_field(tmp_path):
     path = tmp_path / "c.yaml"
-    for raw, field in (({"model": {"path": "m", "quant": "nf3"}}, "model.quant"),
-                       ({"model": {"path": "m"}, "train": {"output_dir": ""}}, "train.output_dir"),
-                       ({"model": {"path": "m"}, "train": {"divergence_factor": 0.5}}, "train.divergence_factor"),
-                       ({"model": {"path": "m"}, "train": {"batch_size": 3}, "mesh": {"data": 2}},
-                        "train.batch_size")):  # fmt: skip
+    for raw, field in (
+        ({"model": {"path": "m", "quant": "nf3"}}, "model.quant"),
+        ({"model": {"path": "m"}, "train": {"output_dir": ""}}, "train.output_dir"),
+        ({"model": {"path": "m"}, "train": {"divergence_factor": 0.5}}, "train.divergence_factor"),
+        ({"model": {"path": "m"}, "train": {"batch_size": 3}, "mesh": {"data": 2}}, "train.batch_size"),
+    ):
         path.write_text(yaml.safe_dump(raw | {"data": {"train": "t.jsonl"}}))
         with pytest.raises(ConfigFieldError) as error:
             load_config(path)
@@ -347,15 +369,24 @@ def _config(tmp_path, **sections):
 
 def test_resume_names_every_field_that_cannot_change_with_both_values(tmp_path):
     stored = json.loads(json.dumps(_config(tmp_path, lora={"r": 4}).to_dict()))
-    allowed = _config(tmp_path, lora={"r": 4}, train={"steps": 500, "save_every": 10, "remat": "none"},
-                      optim={"learning_rate": 1e-5, "max_grad_norm": None}, mesh={"fsdp": -1})  # fmt: skip
+    allowed = _config(
+        tmp_path,
+        lora={"r": 4},
+        train={"steps": 500, "save_every": 10, "remat": "none"},
+        optim={"learning_rate": 1e-5, "max_grad_norm": None},
+        mesh={"fsdp": -1},
+    )
     check_resumable(allowed, stored, source="run/config.json")
     changed = _config(tmp_path, lora={"r": 8, "lora_alpha": 32.0}, model={"quant": "fp4"}, train={"steps": 9})
     with pytest.raises(ResumeError) as error:
         check_resumable(changed, stored, source="run/config.json")
     message = str(error.value)
-    for line in ("lora.r: 4 in the run, 8 now", "lora.lora_alpha: 8.0 in the run, 32.0 now",
-                 "model.quant: 'nf4' in the run, 'fp4' now", "another train.output_dir"):  # fmt: skip
+    for line in (
+        "lora.r: 4 in the run, 8 now",
+        "lora.lora_alpha: 8.0 in the run, 32.0 now",
+        "model.quant: 'nf4' in the run, 'fp4' now",
+        "another train.output_dir",
+    ):
         assert line in message, message
     assert "train.steps" not in message and "Traceback" not in message
     assert all(field.split(".")[0] in ("train", "optim", "mesh") for field in RESUMABLE_FIELDS)
@@ -368,8 +399,11 @@ def test_resume_with_other_data_says_so_in_records(tmp_path):
     before = data_fingerprint(config)
     check_same_data(data_fingerprint(config), before, source="run.json")
     data.write_text('{"text": "a"}\n' * 3)
-    with pytest.raises(ResumeError, match=r"data.train: .*t.jsonl is not the file this run started with "
-                                          r"\(run.json: 40 records, .*now 3 records"):  # fmt: skip
+    with pytest.raises(
+        ResumeError,
+        match=r"data.train: .*t.jsonl is not the file this run started with "
+        r"\(run.json: 40 records, .*now 3 records",
+    ):
         check_same_data(data_fingerprint(config), before, source="run.json")
     with pytest.raises(InputError, match="nope.jsonl: cannot read data.train"):
         data_fingerprint(_config(tmp_path, data={"train": str(tmp_path / "nope.jsonl")}))
@@ -411,8 +445,10 @@ def test_non_finite_safetensors_weights_are_named_and_never_written(tmp_path):
     from qlora_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_sharded
 
     (tmp_path / "src").mkdir()
-    save_file({"good": np.ones(4, np.float32), "bad": np.array([1, np.nan, np.inf], np.float16)},
-              str(tmp_path / "src" / "model.safetensors"))  # fmt: skip
+    save_file(
+        {"good": np.ones(4, np.float32), "bad": np.array([1, np.nan, np.inf], np.float16)},
+        str(tmp_path / "src" / "model.safetensors"),
+    )
     reader = SafetensorsReader(tmp_path / "src")
     np.testing.assert_array_equal(reader.tensor("good"), 1)
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensor bad holds 1 NaN and 1 Inf of its 3 values"):
@@ -446,8 +482,9 @@ def test_a_gguf_tensor_that_decodes_to_nan_is_named(tmp_path):
     path = tmp_path / "nan.gguf"
     bad = np.ones(8, np.float16)
     bad[3] = np.nan
-    write_one_block_gguf(path, [("token_embd.weight", np.ones((16, 8), np.float32), None),
-                                ("blk.0.attn_norm.weight", bad, None)])  # fmt: skip
+    write_one_block_gguf(
+        path, [("token_embd.weight", np.ones((16, 8), np.float32), None), ("blk.0.attn_norm.weight", bad, None)]
+    )
     checkpoint = read_gguf(path)
     checkpoint.tensor("model.embed_tokens.weight")
     with pytest.raises(GGUFError, match=r"nan.gguf: tensor 'blk.0.attn_norm.weight' holds 1 NaN of its 8 values"):
@@ -480,8 +517,17 @@ def test_every_error_the_library_raises_on_purpose_is_one_type():
     from qlora_jax.models.config import ConfigError, UnsupportedModelError
     from qlora_jax.train.data import DataError
 
-    for error in (BnbFormatError, GGUFError, PeftFormatError, CheckpointError, ConfigError, UnsupportedModelError,
-                  DataError, ConfigFieldError, ResumeError):  # fmt: skip
+    for error in (
+        BnbFormatError,
+        GGUFError,
+        PeftFormatError,
+        CheckpointError,
+        ConfigError,
+        UnsupportedModelError,
+        DataError,
+        ConfigFieldError,
+        ResumeError,
+    ):
         assert issubclass(error, InputError) and issubclass(error, ValueError) and issubclass(error, QloraJaxError)
     assert issubclass(TrainingDiverged, QloraJaxError) and issubclass(RunDirectoryLocked, QloraJaxError)
 
@@ -498,8 +544,11 @@ def test_train_into_a_locked_directory_is_refused_before_reading_anything(tmp_pa
             train: {{output_dir: {run}}}
         """)
         )
-        with pytest.raises(SystemExit, match=rf"qlora-jax train: train.output_dir {run} is in use by another training "
-                                             rf"\(pid {holder.pid} on host"):  # fmt: skip
+        with pytest.raises(
+            SystemExit,
+            match=rf"qlora-jax train: train.output_dir {run} is in use by another training "
+            rf"\(pid {holder.pid} on host",
+        ):
             cli_main(["train", str(config)])
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -541,15 +590,25 @@ def test_a_peft_adapter_with_nan_is_named_and_leaves_the_model_unchanged(tmp_pat
     from qlora_jax.convert.peft import PeftFormatError, load_peft_adapter
     from qlora_jax.models import DecoderLM, ModelConfig
 
-    config = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
-                                             num_hidden_layers=1, num_attention_heads=2,
-                                             num_key_value_heads=1))  # fmt: skip
+    config = ModelConfig.from_hf_config(
+        dict(
+            model_type="llama",
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     model = nnx.eval_shape(lambda: DecoderLM(config, quant=None, dtype=jnp.float32, rngs=nnx.Rngs(0)))
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
     bad = np.zeros((16, 2), np.float32)
     bad[0, 0] = np.inf
-    save_file({f"{prefix}.lora_A.weight": np.ones((2, 16), np.float32), f"{prefix}.lora_B.weight": bad},
-              str(tmp_path / "adapter_model.safetensors"))  # fmt: skip
+    save_file(
+        {f"{prefix}.lora_A.weight": np.ones((2, 16), np.float32), f"{prefix}.lora_B.weight": bad},
+        str(tmp_path / "adapter_model.safetensors"),
+    )
     (tmp_path / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
     )

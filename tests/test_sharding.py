@@ -38,8 +38,12 @@ def test_mesh_shape_fills_in_the_rest_and_rejects_what_does_not_fit():
     assert mesh_shape(1, -1, 8) == (1, 8)
     assert mesh_shape(-1, 4, 8) == (2, 4)
     assert mesh_shape(2, 4, 8) == (2, 4)
-    for data, fsdp, match in ((-1, -1, "at most one"), (3, -1, "do not divide"), (2, 2, "there are 8"),
-                              (0, 8, "mesh.data")):  # fmt: skip
+    for data, fsdp, match in (
+        (-1, -1, "at most one"),
+        (3, -1, "do not divide"),
+        (2, 2, "there are 8"),
+        (0, 8, "mesh.data"),
+    ):
         with pytest.raises(ValueError, match=match):
             mesh_shape(data, fsdp, 8)
     mesh = make_mesh(1, -1)  # this process has one device
@@ -48,25 +52,38 @@ def test_mesh_shape_fills_in_the_rest_and_rejects_what_does_not_fit():
 
 
 def _raw(**mesh):
-    return {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "train": {"batch_size": 8, "grad_accum": 2},
-            "mesh": mesh}  # fmt: skip
+    return {
+        "model": {"path": "m"},
+        "data": {"train": "t.jsonl"},
+        "train": {"batch_size": 8, "grad_accum": 2},
+        "mesh": mesh,
+    }
 
 
 def test_mesh_config_is_validated_and_names_the_field():
     assert config_from_dict(_raw(data=2, fsdp=2)).mesh.fsdp == 2
     assert config_from_dict(_raw(fsdp=-1)).mesh.data == 1
     assert config_from_dict(_raw()).mesh.is_single_device
-    for mesh, match in (({"fsdp": 0}, "mesh.fsdp"), ({"data": -1, "fsdp": -1}, "mesh.fsdp"),
-                        ({"data": "two"}, "mesh.data"), ({"fsdp": 8}, "train.batch_size"),
-                        ({"pipeline": 2}, "unknown field")):  # fmt: skip
+    for mesh, match in (
+        ({"fsdp": 0}, "mesh.fsdp"),
+        ({"data": -1, "fsdp": -1}, "mesh.fsdp"),
+        ({"data": "two"}, "mesh.data"),
+        ({"fsdp": 8}, "train.batch_size"),
+        ({"pipeline": 2}, "unknown field"),
+    ):
         with pytest.raises(ConfigFieldError, match=match):
             config_from_dict(_raw(**mesh))
 
 
 def test_distributed_settings_from_the_environment():
     assert distributed_settings({}) is None
-    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",
-             "SLURM_LOCALID": "1"}  # fmt: skip
+    slurm = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "node[01-02]",
+        "SLURM_NTASKS": "16",
+        "SLURM_PROCID": "9",
+        "SLURM_LOCALID": "1",
+    }
     assert distributed_settings(slurm) == {}  # JAX's SLURM detection takes it from there
     assert distributed_settings(slurm | {"SLURM_NTASKS": "1"}) is None
     assert distributed_settings({k: v for k, v in slurm.items() if k != "SLURM_STEP_NODELIST"}) is None  # no srun
@@ -117,8 +134,11 @@ def _tiny_model_dir(tmp_path_factory) -> Path | None:
     from tests.conftest import smollm2_gguf_path
 
     smollm2_gguf = smollm2_gguf_path()
-    if smollm2_gguf is None or importlib.util.find_spec("torch") is None or importlib.util.find_spec(
-            "transformers") is None:  # fmt: skip
+    if (
+        smollm2_gguf is None
+        or importlib.util.find_spec("torch") is None
+        or importlib.util.find_spec("transformers") is None
+    ):
         return None
     return save_tiny_smol(tmp_path_factory.mktemp("tiny_smol_mesh"), smollm2_gguf)
 
@@ -168,8 +188,12 @@ def test_4bit_shards_are_whole_quantization_blocks(eight_devices):
     _, results = eight_devices
     whole = results["equivalence"]["whole_blocks"]
     assert whole["errors"] == [0.0] * 8  # each device's shard dequantizes alone to its part of the weight
-    assert whole["specs"] == {"packed": "P(None, 'fsdp')", "absmax": "P(None, 'fsdp')",
-                              "nested_absmax": "P(None, 'fsdp')", "offset": "P(None,)"}  # fmt: skip
+    assert whole["specs"] == {
+        "packed": "P(None, 'fsdp')",
+        "absmax": "P(None, 'fsdp')",
+        "nested_absmax": "P(None, 'fsdp')",
+        "offset": "P(None,)",
+    }
     small = results["small_weights"]  # 64 x 64: 64 blocks cannot split 8 ways in whole 256-block groups
     assert {v for k, v in small.items() if "q_proj" in k} == {"P(None, None)", "P(None,)"}
     assert small["['model']['embed_tokens']['weight'].value"] == "P('fsdp', None)"  # vocab (the larger axis)

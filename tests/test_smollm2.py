@@ -99,9 +99,22 @@ def test_demo_adapter_exports_and_loads_in_peft_with_our_logits(smollm2_gguf, hf
     from qlora_jax.convert.peft import load_peft_adapter
 
     demo = Path(__file__).resolve().parents[1] / "examples" / "smollm2_dates.yaml"
-    overrides = ["--train.steps", "2", "--train.batch_size", "2", "--train.eval_exact_match", "0",
-                 "--train.samples", "[]", "--data.eval", "null", "--train.output_dir", str(tmp_path / "run"),
-                 "--lora.lora_dropout", "0.0"]  # fmt: skip
+    overrides = [
+        "--train.steps",
+        "2",
+        "--train.batch_size",
+        "2",
+        "--train.eval_exact_match",
+        "0",
+        "--train.samples",
+        "[]",
+        "--data.eval",
+        "null",
+        "--train.output_dir",
+        str(tmp_path / "run"),
+        "--lora.lora_dropout",
+        "0.0",
+    ]
     assert cli_main(["train", "--no-progress", str(demo), *overrides]) == 0
     assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "adapter")]) == 0
 
@@ -117,8 +130,25 @@ def test_demo_adapter_exports_and_loads_in_peft_with_our_logits(smollm2_gguf, hf
 
     # and merged into one GGUF for llama.cpp (tokenizer copied from the source GGUF)
     gguf_path = tmp_path / "smollm2-dates.q8_0.gguf"
-    assert cli_main(["merge", "--model", str(smollm2_gguf), "--adapter", str(tmp_path / "adapter"), "--quant", "none",
-                     "--dtype", "float32", "--gguf", "q8_0", str(gguf_path)]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "merge",
+                "--model",
+                str(smollm2_gguf),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--quant",
+                "none",
+                "--dtype",
+                "float32",
+                "--gguf",
+                "q8_0",
+                str(gguf_path),
+            ]
+        )
+        == 0
+    )
     merged, _ = load_pretrained(gguf_path, quantization=None, dtype=jnp.float32)
     np.testing.assert_allclose(np.asarray(merged(jnp.asarray(tokens))), theirs, atol=3e-2 * np.abs(theirs).max())
 
@@ -135,5 +165,8 @@ def test_gguf_tokenizer_without_torch_equals_transformers(smollm2_gguf, tokenize
         assert ours(text)["input_ids"] == tokenizer(text)["input_ids"], text[:40]
     messages = [{"role": "system", "content": "Be brief."}, *QUESTION]
     assert chat_token_ids(ours, messages) == chat_token_ids(tokenizer, messages)
-    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (tokenizer.bos_token, tokenizer.eos_token,
-                                                                tokenizer.pad_token)  # fmt: skip
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (
+        tokenizer.bos_token,
+        tokenizer.eos_token,
+        tokenizer.pad_token,
+    )

@@ -78,8 +78,10 @@ def _configs(tied: bool) -> list[LoraConfig]:
     lora = dict(r=2, lora_alpha=4, target_modules=("q_proj", "v_proj"))
     if tied:  # the tied head follows the embedding's rows; a whole-table copy would untie them (refused)
         return [LoraConfig(**lora, trainable_token_indices=(96, 97, 98, 99))]
-    return [LoraConfig(**lora, trainable_token_indices={"embed_tokens": (96, 97, 98, 99), "lm_head": (96, 97, 98, 99)}),
-            LoraConfig(**lora, modules_to_save=("embed_tokens", "lm_head"))]  # fmt: skip
+    return [
+        LoraConfig(**lora, trainable_token_indices={"embed_tokens": (96, 97, 98, 99), "lm_head": (96, 97, 98, 99)}),
+        LoraConfig(**lora, modules_to_save=("embed_tokens", "lm_head")),
+    ]
 
 
 def test_ids_past_the_embedding_are_refused_by_name(tiny):
@@ -106,8 +108,9 @@ def test_resize_is_transformers_mean_resizing(tiny):
     np.testing.assert_allclose(embed[OLD:], mean, rtol=1e-5, atol=1e-9)
     # the old tokens' logits over the old vocabulary are untouched (the new rows differ by transformers' noise)
     old = np.array([[5, 17, 33, 2, 41]])
-    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(old)))[..., :OLD], _logits(theirs, old)[..., :OLD],
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(ours(jnp.asarray(old)))[..., :OLD], _logits(theirs, old)[..., :OLD], atol=1e-5
+    )
 
 
 def test_peft_loads_our_trained_tokens_with_our_logits(tiny, tmp_path):
@@ -139,8 +142,10 @@ def test_peft_adapters_with_trained_tokens_load_here(tiny, tmp_path):
     tied = "qwen2" in str(tiny)
     fields = [{"trainable_token_indices": [96, 97, 98, 99]}]
     if not tied:
-        fields += [{"trainable_token_indices": {"embed_tokens": [97, 99], "lm_head": [96, 98]}},
-                   {"modules_to_save": ["embed_tokens", "lm_head"]}]  # fmt: skip
+        fields += [
+            {"trainable_token_indices": {"embed_tokens": [97, 99], "lm_head": [96, 98]}},
+            {"modules_to_save": ["embed_tokens", "lm_head"]},
+        ]
     for k, extra in enumerate(fields):
         torch.manual_seed(k)
         peft_model = peft.get_peft_model(
@@ -166,8 +171,11 @@ def test_peft_adapters_with_trained_tokens_load_here(tiny, tmp_path):
             np.testing.assert_array_equal(before[key], after[key])
         # and onto a model not resized: refused by name, the model unchanged
         small, _ = load_pretrained(tiny, quantization=None, dtype=jnp.float32)
-        with pytest.raises(PeftFormatError, match=r"(token ids up to 99 but the embedding has 96 rows: resize it"
-                                                  r"|resize the model's embedding to 100 rows first)"):  # fmt: skip
+        with pytest.raises(
+            PeftFormatError,
+            match=r"(token ids up to 99 but the embedding has 96 rows: resize it"
+            r"|resize the model's embedding to 100 rows first)",
+        ):
             load_peft_adapter(small, tmp_path / f"p{k}")
         assert not trainable_row_modules(small)
 
@@ -191,13 +199,18 @@ def test_only_the_trained_rows_get_gradients_and_move(tiny):
     state = TrainState.create(lora, optimizer)
     step = make_train_step(graphdef, optimizer, chunk_size=16)
     tokens = jnp.asarray([[5, 96, 17, 98, 33, 7, 2, 9]])
-    batch = {"tokens": tokens[None], "targets": jnp.roll(tokens, -1)[None].at[..., -1].set(-100),
-             "positions": jnp.arange(8)[None, None], "segment_ids": jnp.ones((1, 1, 8), jnp.int32)}  # fmt: skip
+    batch = {
+        "tokens": tokens[None],
+        "targets": jnp.roll(tokens, -1)[None].at[..., -1].set(-100),
+        "positions": jnp.arange(8)[None, None],
+        "segment_ids": jnp.ones((1, 1, 8), jnp.int32),
+    }
     before = np.asarray(model.model.embed_tokens.trainable_rows.trainable_tokens_delta[...])  # (the step donates it)
     new_state, metrics = step(state, base, batch, jax.random.key(0))
     assert bool(metrics["finite"])
-    after = np.asarray(nnx.merge(graphdef, new_state.lora, base).model.embed_tokens.trainable_rows
-                       .trainable_tokens_delta[...])  # fmt: skip
+    after = np.asarray(
+        nnx.merge(graphdef, new_state.lora, base).model.embed_tokens.trainable_rows.trainable_tokens_delta[...]
+    )
     moved = np.abs(after - before).max(axis=1) > 0
     # 96 and 98 are inputs; the tied head's logits of every row get gradients when tied, else only the inputs
     expected = [True, True, True, True] if model.config.tie_word_embeddings else [True, False, True, False]
@@ -217,19 +230,28 @@ def test_bad_token_configs_are_refused_before_the_model_changes(tiny):
             apply_lora(model, LoraConfig(**lora, trainable_token_indices={"lm_head": (96,)}), rngs=nnx.Rngs(0))
     else:
         with pytest.raises(ValueError, match="lm_head also gets a LoRA adapter"):
-            apply_lora(model, LoraConfig(r=2, target_modules=("lm_head",), modules_to_save=("lm_head",)),
-                       rngs=nnx.Rngs(0))  # fmt: skip
-    assert not trainable_row_modules(model) and all(m.lora is None for _, m in nnx.iter_graph(model)
-                                                      if hasattr(m, "lora"))  # fmt: skip
-    for bad, match in [({"norm": (1,)}, "module 'norm' is not supported"), ((3, 3), "more than once"),
-                       ((), "non-empty list"), ((-1,), "integers >= 0")]:  # fmt: skip
+            apply_lora(
+                model, LoraConfig(r=2, target_modules=("lm_head",), modules_to_save=("lm_head",)), rngs=nnx.Rngs(0)
+            )
+    assert not trainable_row_modules(model) and all(
+        m.lora is None for _, m in nnx.iter_graph(model) if hasattr(m, "lora")
+    )
+    for bad, match in [
+        ({"norm": (1,)}, "module 'norm' is not supported"),
+        ((3, 3), "more than once"),
+        ((), "non-empty list"),
+        ((-1,), "integers >= 0"),
+    ]:
         with pytest.raises(ValueError, match=match):
             LoraConfig(trainable_token_indices=bad)
     with pytest.raises(ValueError, match="modules_to_save: 'norm' is not supported"):
         LoraConfig(modules_to_save=("norm",))
     with pytest.raises(ValueError, match="embed_tokens is in both modules_to_save and trainable_token_indices"):
-        apply_lora(model, LoraConfig(**lora, modules_to_save=("embed_tokens",), trainable_token_indices=(96,)),
-                   rngs=nnx.Rngs(0))  # fmt: skip
+        apply_lora(
+            model,
+            LoraConfig(**lora, modules_to_save=("embed_tokens",), trainable_token_indices=(96,)),
+            rngs=nnx.Rngs(0),
+        )
 
 
 def test_a_4bit_head_is_refused_for_resizing(tiny):
@@ -260,14 +282,19 @@ def test_a_run_with_added_tokens_is_refused_then_trains_their_rows(tmp_path, smo
     assert new == 49152
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": f"Question {i}: <|call|> answer {i}"}) + "\n" for i in range(8)))
-    raw = {"model": {"path": str(model_dir), "quant": "none", "dtype": "float32"},
-           "data": {"train": str(data), "max_length": 32},
-           "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]},
-           "optim": {"learning_rate": 1e-2},
-           "train": {"output_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "remat": "none"}}  # fmt: skip
+    raw = {
+        "model": {"path": str(model_dir), "quant": "none", "dtype": "float32"},
+        "data": {"train": str(data), "max_length": 32},
+        "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]},
+        "optim": {"learning_rate": 1e-2},
+        "train": {"output_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "remat": "none"},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    with pytest.raises(TokenIdError, match=r"data.train \(.*\): token ids 49152 are outside the model's embedding of "
-                                           r"49152 rows .* set model.resize_token_embeddings: 49153"):  # fmt: skip
+    with pytest.raises(
+        TokenIdError,
+        match=r"data.train \(.*\): token ids 49152 are outside the model's embedding of "
+        r"49152 rows .* set model.resize_token_embeddings: 49153",
+    ):
         train(load_config(tmp_path / "c.yaml"), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
     raw["model"]["resize_token_embeddings"] = 49153

@@ -45,7 +45,7 @@ def _config(tmp_path, model_dir, **train_fields):
             "train": str(data / "dates_train.jsonl"),
             "eval": str(data / "dates_eval.jsonl"),
             "max_length": 64,
-        },  # fmt: skip
+        },
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
         "optim": {"learning_rate": 3e-3, "warmup_steps": 2},
         "train": {
@@ -57,7 +57,7 @@ def _config(tmp_path, model_dir, **train_fields):
             "log_every": 1,
             "remat": "none",  # remat: auto (the default) plans with two compiles per policy; tested where it matters
         }
-        | train_fields,  # fmt: skip
+        | train_fields,
     }
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yaml"
@@ -76,8 +76,14 @@ def test_train_end_to_end_writes_everything_and_the_adapter_loads_in_peft(tmp_pa
     run = result.output_dir
     assert result.steps == 6 and len(result.train_losses) == 6
     assert result.train_losses[-1] < result.train_losses[0]
-    for name in ("metrics.jsonl", "loss.png", "samples.json", "config.json", "run.json",
-                 "adapter/adapter_model.safetensors"):  # fmt: skip
+    for name in (
+        "metrics.jsonl",
+        "loss.png",
+        "samples.json",
+        "config.json",
+        "run.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (run / name).is_file(), name
     assert not (run / ".lock").exists() and not [p for p in run.rglob("*") if ".partial" in p.name]
     assert (run / "checkpoints" / "6").is_dir()
@@ -106,13 +112,16 @@ def test_train_end_to_end_writes_everything_and_the_adapter_loads_in_peft(tmp_pa
     from safetensors.numpy import load_file
 
     assert cli_main(["export", str(run), str(tmp_path / "exported")]) == 0
-    written, exported = load_file(run / "adapter" / "adapter_model.safetensors"), load_file(
-        tmp_path / "exported" / "adapter_model.safetensors")  # fmt: skip
+    written, exported = (
+        load_file(run / "adapter" / "adapter_model.safetensors"),
+        load_file(tmp_path / "exported" / "adapter_model.safetensors"),
+    )
     assert written.keys() == exported.keys()
     for key in written:
         np.testing.assert_array_equal(written[key], exported[key], err_msg=key)
     assert json.loads((run / "adapter" / "adapter_config.json").read_text()) == json.loads(
-        (tmp_path / "exported" / "adapter_config.json").read_text())  # fmt: skip
+        (tmp_path / "exported" / "adapter_config.json").read_text()
+    )
     with pytest.raises(SystemExit, match="no checkpoint of step 3"):
         cli_main(["export", str(run), str(tmp_path / "nope"), "--step", "3"])
     with pytest.raises(SystemExit, match="not a training run directory"):
@@ -127,8 +136,13 @@ def test_kill_and_resume_gives_bit_identical_losses(tmp_path, tiny_model_dir, ca
     config_path = _config(tmp_path / "b", tiny_model_dir, save_every=1, export_peft=False, remat="auto")
     run = tmp_path / "b" / "run"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "-m", "qlora_jax.cli", "train", "--no-progress", str(config_path)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qlora_jax.cli", "train", "--no-progress", str(config_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 900  # a deadline only: a loaded machine is slow
         while time.time() < deadline and len(_losses(run) if (run / "metrics.jsonl").exists() else {}) < 2:
@@ -224,32 +238,47 @@ def test_a_refused_train_changes_nothing_in_the_run(finished_run, tmp_path):
     for overrides, expected in (
         (["--model.path", str(tmp_path / "nowhere")], rf"model.path: '.*' in the run, '{tmp_path / 'nowhere'}' now"),
         (["--lora.r", "8"], r"lora.r: 4 in the run, 8 now"),
-        (["--train.seed", "1", "--lora.lora_alpha", "4"], r"lora.lora_alpha: 8.0 in the run, 4.0 now\n"
-                                                          r"  train.seed: 0 in the run, 1 now"),
-        (["--data.train", str(other_data)], r"data.train: .*other.jsonl is not the file this run started with .*now 3 "
-                                            r"records"),
+        (
+            ["--train.seed", "1", "--lora.lora_alpha", "4"],
+            r"lora.lora_alpha: 8.0 in the run, 4.0 now\n"
+            r"  train.seed: 0 in the run, 1 now",
+        ),
+        (
+            ["--data.train", str(other_data)],
+            r"data.train: .*other.jsonl is not the file this run started with .*now 3 "
+            r"records",
+        ),
         (["--train.resume", "false"], r"holds checkpoints of a run \(steps 2, 4\) and train.resume is false"),
-    ):  # fmt: skip
+    ):
         with pytest.raises(SystemExit, match=expected):
             cli_main(["train", "--no-progress", str(config_path), *overrides])
         assert _snapshot(run) == before, overrides
     # a new run into a new directory with a model that is not there leaves no directory behind
     fresh = tmp_path / "fresh"
     with pytest.raises(SystemExit, match="nowhere"):
-        cli_main(["train", str(config_path), "--model.path", str(tmp_path / "nowhere"), "--train.output_dir",
-                  str(fresh)])  # fmt: skip
+        cli_main(
+            ["train", str(config_path), "--model.path", str(tmp_path / "nowhere"), "--train.output_dir", str(fresh)]
+        )
     assert not fresh.exists()
 
 
 def test_resume_with_a_changed_config_is_one_message_and_no_traceback(finished_run):
     """In a separate process: what the user sees, to the last line (no orbax internals, no asyncio noise)."""
     config_path, run = finished_run
-    done = subprocess.run([sys.executable, "-m", "qlora_jax.cli", "train", str(config_path), "--lora.r", "8",
-                           "--model.quant", "fp4"], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "qlora_jax.cli", "train", str(config_path), "--lora.r", "8", "--model.quant", "fp4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 1
     assert done.stderr.startswith("qlora-jax train: train.output_dir"), done.stderr
-    for expected in ("model.quant: 'nf4' in the run, 'fp4' now", "lora.r: 4 in the run, 8 now", "another "
-                     "train.output_dir"):  # fmt: skip
+    for expected in (
+        "model.quant: 'nf4' in the run, 'fp4' now",
+        "lora.r: 4 in the run, 8 now",
+        "another train.output_dir",
+    ):
         assert expected in done.stderr
     for noise in ("Traceback", "Event loop is closed", "ArrayRestoreArgs", "orbax"):
         assert noise not in done.stderr + done.stdout, done.stderr
@@ -262,8 +291,11 @@ def test_export_of_an_incomplete_checkpoint_is_a_clear_error(finished_run, tmp_p
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     (run / "checkpoints" / "22" / "state").mkdir(parents=True)  # what an interrupted deletion used to leave
-    with pytest.raises(SystemExit, match=r"checkpoints/22: not a complete checkpoint of this run \(missing "
-                                         r"_CHECKPOINT_METADATA"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=r"checkpoints/22: not a complete checkpoint of this run \(missing "
+        r"_CHECKPOINT_METADATA",
+    ):
         cli_main(["export", str(run), str(tmp_path / "out"), "--step", "22"])
     assert not (tmp_path / "out").exists()
     assert cli_main(["export", str(run), str(tmp_path / "out")]) == 0  # the latest complete one: 4
@@ -282,21 +314,44 @@ def test_a_finished_run_is_replaced_only_with_overwrite_and_then_only_its_own_fi
     shutil.rmtree(run / "checkpoints")
     (run / "notes.txt").write_text("the user's")
     before = _snapshot(run)
-    with pytest.raises(SystemExit, match=r"holds a run that trained \(loss.png, metrics.jsonl\) and has no "
-                                         r"checkpoint to resume from \(checkpoints/ deleted\?\): a run is never "
-                                         r"replaced without --overwrite"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=r"holds a run that trained \(loss.png, metrics.jsonl\) and has no "
+        r"checkpoint to resume from \(checkpoints/ deleted\?\): a run is never "
+        r"replaced without --overwrite",
+    ):
         cli_main(["train", "--no-progress", str(config_path), "--train.output_dir", str(run), "--lora.r", "8"])
     assert _snapshot(run) == before
-    assert cli_main(["train", "--no-progress", str(config_path), "--train.output_dir", str(run), "--lora.r", "8",
-                     "--train.steps", "2", "--overwrite"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "train",
+                "--no-progress",
+                str(config_path),
+                "--train.output_dir",
+                str(run),
+                "--lora.r",
+                "8",
+                "--train.steps",
+                "2",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert sorted(_losses(run)) == [1, 2] and (run / "notes.txt").read_text() == "the user's"
     assert json.loads((run / "config.json").read_text())["lora"]["r"] == 8
 
 
 def _launch_train(config_path: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "qlora_jax.cli", "train", "--no-progress", str(config_path),
-                             *overrides], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "qlora_jax.cli", "train", "--no-progress", str(config_path), *overrides],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _stop_after(process: subprocess.Popen, run: Path, step: int, signum: int) -> tuple[int, str]:
@@ -329,8 +384,9 @@ def test_sigterm_and_ctrl_c_finish_the_step_save_and_name_the_step_to_resume_fro
         ), stderr[-3000:]
         assert "Traceback" not in stderr and not (run / ".lock").exists()
         assert max(_losses(run)) == stopped
-    uninterrupted = load_config(_config(tmp_path / "a", tiny_model_dir, steps=stopped, export_peft=False,
-                                        eval_batches=1), constant)  # fmt: skip
+    uninterrupted = load_config(
+        _config(tmp_path / "a", tiny_model_dir, steps=stopped, export_peft=False, eval_batches=1), constant
+    )
     expected = train(uninterrupted, progress=False)
     assert [_losses(run)[s] for s in range(1, stopped + 1)] == expected.train_losses
 
@@ -338,8 +394,15 @@ def test_sigterm_and_ctrl_c_finish_the_step_save_and_name_the_step_to_resume_fro
 def test_bad_data_line_is_named_by_the_cli(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.jsonl"
     good = (ROOT / "examples" / "data" / "dates_train.jsonl").read_text().splitlines()[:3]
-    bad.write_text("\n".join([*good, '{"messages": [{"role": "user", "content": "x"}'  # unclosed
-                              ]) + "\n")  # fmt: skip
+    bad.write_text(
+        "\n".join(
+            [
+                *good,
+                '{"messages": [{"role": "user", "content": "x"}',  # unclosed
+            ]
+        )
+        + "\n"
+    )
     config = _config(tmp_path, tiny_model_dir)
     with pytest.raises(SystemExit, match=r"bad.jsonl:4"):
         cli_main(["train", str(config), "--data.train", str(bad)])
@@ -349,9 +412,11 @@ def test_bad_data_line_is_named_by_the_cli(tmp_path, tiny_model_dir):
 
 def test_offload_and_remat_options_train_the_same(tmp_path, tiny_model_dir):
     base = load_config(_config(tmp_path / "a", tiny_model_dir, steps=2, export_peft=False, remat="none"))
-    offload = dataclasses.replace(base, optim=dataclasses.replace(base.optim, offload=True),
-                                  train=dataclasses.replace(base.train, remat="full",
-                                                            output_dir=str(tmp_path / "b")))  # fmt: skip
+    offload = dataclasses.replace(
+        base,
+        optim=dataclasses.replace(base.optim, offload=True),
+        train=dataclasses.replace(base.train, remat="full", output_dir=str(tmp_path / "b")),
+    )
     a, b = train(base, progress=False), train(offload, progress=False)
     np.testing.assert_allclose(a.train_losses, b.train_losses, rtol=1e-5)
 
@@ -373,18 +438,29 @@ def test_the_divergence_check_scores_packed_training_rows_as_the_step_does(tmp_p
     for r in range(rows.num_rows):
         for s in range(1, int(rows.segment_ids[r].max()) + 1):
             keep = rows.segment_ids[r] == s
-            examples.append(data_lib.Batch(*(getattr(rows, f)[r][keep] for f in ("tokens", "targets", "positions",
-                                                                                 "segment_ids"))))  # fmt: skip
+            examples.append(
+                data_lib.Batch(*(getattr(rows, f)[r][keep] for f in ("tokens", "targets", "positions", "segment_ids")))
+            )
     length = rows.tokens.shape[1]
-    apart = data_lib.Batch(*(np.stack([np.pad(getattr(e, f), (0, length - len(e.tokens)),
-                                              constant_values=-100 if f == "targets" else 0) for e in examples])
-                             for f in ("tokens", "targets", "positions", "segment_ids")))  # fmt: skip
+    apart = data_lib.Batch(
+        *(
+            np.stack(
+                [
+                    np.pad(getattr(e, f), (0, length - len(e.tokens)), constant_values=-100 if f == "targets" else 0)
+                    for e in examples
+                ]
+            )
+            for f in ("tokens", "targets", "positions", "segment_ids")
+        )
+    )
     apart = dataclasses.replace(apart, segment_ids=np.where(apart.segment_ids > 0, 1, 0).astype(np.int32))
     # random adapters: a random tiny model's loss is near uniform whatever it attends to; these make it depend on
     # the context
     rng = np.random.default_rng(0)
     lora = jax.tree.map(lambda x: jnp.asarray(rng.normal(0.0, 0.5, x.shape), x.dtype), setup.state.lora)
     whole = batch_loss(setup, lora, rows)
-    separate = sum(batch_loss(setup, lora, apart.take(np.arange(i, i + 1))) *
-                   int((apart.targets[i] != -100).sum()) for i in range(apart.num_rows))  # fmt: skip
+    separate = sum(
+        batch_loss(setup, lora, apart.take(np.arange(i, i + 1))) * int((apart.targets[i] != -100).sum())
+        for i in range(apart.num_rows)
+    )
     assert whole == pytest.approx(separate / int((apart.targets != -100).sum()), rel=1e-4)

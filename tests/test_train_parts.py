@@ -21,9 +21,17 @@ from qlora_jax.train.optim import OptimConfig, learning_rate_schedule, make_opti
 from qlora_jax.train.step import TrainState, make_train_step
 
 CONFIG = ModelConfig.from_hf_config(
-    dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-         num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
-)  # fmt: skip
+    dict(
+        model_type="llama",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+    )
+)
 
 
 def _batch(accum=2, batch=2, length=8, seed=0):
@@ -119,8 +127,15 @@ def test_optimizer_config_checks_itself(field, value, match):
 
 def test_the_yaml_optim_section_is_the_optimizer_config(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"model": {"path": "m"}, "data": {"train": "t.jsonl"},
-                                    "optim": {"learning_rate": 1e-3, "schedule": "linear"}}))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": "m"},
+                "data": {"train": "t.jsonl"},
+                "optim": {"learning_rate": 1e-3, "schedule": "linear"},
+            }
+        )
+    )
     assert load_config(path).optim == OptimConfig(learning_rate=1e-3, schedule="linear")
 
 
@@ -160,8 +175,11 @@ def _packed_batch():
     segments = np.array([[[1] * 6 + [2] * 7 + [0] * 3, [1] * 11 + [0] * 5]], np.int32)
     positions = np.array([[list(range(6)) + list(range(7)) + [0] * 3, list(range(11)) + [0] * 5]], np.int32)
     targets = np.where(segments > 0, np.asarray(batch["targets"]), IGNORE_INDEX)
-    return batch | {"segment_ids": jnp.asarray(segments), "positions": jnp.asarray(positions),
-                    "targets": jnp.asarray(targets)}  # fmt: skip
+    return batch | {
+        "segment_ids": jnp.asarray(segments),
+        "positions": jnp.asarray(positions),
+        "targets": jnp.asarray(targets),
+    }
 
 
 def test_flash_attention_step_equals_the_xla_step():
@@ -194,8 +212,13 @@ def test_unpacked_rows_need_no_segment_ids():
     results = []
     for packed_rows in (True, False):
         state = TrainState.create(jax.tree.map(jnp.copy, lora), optimizer)
-        step = make_train_step(graphdef, optimizer, chunk_size=16, packed_rows=packed_rows,
-                               options=ComputeOptions(remat="none", attention="xla"))  # fmt: skip
+        step = make_train_step(
+            graphdef,
+            optimizer,
+            chunk_size=16,
+            packed_rows=packed_rows,
+            options=ComputeOptions(remat="none", attention="xla"),
+        )
         state, metrics = step(state, base, batch, jax.random.key(0))
         results.append((float(metrics["loss"]), state.lora))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
@@ -239,8 +262,14 @@ def _write(tmp_path, config, name="config.yaml"):
 
 
 def test_yaml_config_with_overrides(tmp_path):
-    path = _write(tmp_path, {"model": {"path": "model.gguf"}, "data": {"train": "train.jsonl"},
-                             "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}})  # fmt: skip
+    path = _write(
+        tmp_path,
+        {
+            "model": {"path": "model.gguf"},
+            "data": {"train": "train.jsonl"},
+            "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+        },
+    )
     config = load_config(path, ["--lora.r", "32", "--optim.learning_rate", "1e-3", "--train.samples", "[hi, there]"])
     assert config.lora.r == 32 and config.lora.target_modules == ("q_proj", "v_proj")
     assert config.optim.learning_rate == 1e-3 and config.train.samples == ("hi", "there")
@@ -360,7 +389,11 @@ def test_example_configs_load(name):
     if name == "llama8b_plan.yaml":
         model = read_model_config(resolve_package_path(config.model.path))
         assert (model.num_layers, model.hidden_size, model.intermediate_size, model.vocab_size) == (
-            32, 4096, 14336, 128256)  # fmt: skip
+            32,
+            4096,
+            14336,
+            128256,
+        )
         assert (model.num_heads, model.num_kv_heads, model.rope.rope_type) == (32, 8, "llama3")
         assert config.train.remat == "auto"
 

@@ -195,8 +195,9 @@ def stored_quant_config(quantization_config: Mapping[str, Any], *, source: str =
     blocksizes transformers always writes: 64 and 256; `qlora_jax.convert.hf` checks them against the tensors).
     Raises BnbFormatError for a quantization_config that is not bitsandbytes 4-bit, or fields of the wrong kind."""
     qc = quantization_config
-    if qc.get("quant_method", "bitsandbytes") != "bitsandbytes" or not (qc.get("load_in_4bit") or
-                                                                        qc.get("_load_in_4bit")):  # fmt: skip
+    if qc.get("quant_method", "bitsandbytes") != "bitsandbytes" or not (
+        qc.get("load_in_4bit") or qc.get("_load_in_4bit")
+    ):
         raise BnbFormatError(f"{source}: only bitsandbytes 4-bit checkpoints are supported, got {dict(qc)}")
     skip = qc.get("llm_int8_skip_modules")
     if skip is not None and (not isinstance(skip, list | tuple) or not all(isinstance(m, str) for m in skip)):

@@ -177,8 +177,10 @@ def _check_llamacpp_support(config: ModelConfig, arch: MODEL_ARCH) -> None:
     if unsupported := [kind for kind, present in biases.items() if present and kind not in allowed]:
         refuse(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} graph has no {'/'.join(unsupported)} biases")
     if config.moe is not None and not config.moe.norm_topk_prob:
-        refuse(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} always renormalizes the top-k routing weights "
-               f"(norm_topk_prob false here)")  # fmt: skip
+        refuse(
+            f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} always renormalizes the top-k routing weights "
+            f"(norm_topk_prob false here)"
+        )
     if arch in _GEMMA:
         _check_gemma(config, arch, refuse)
     elif SLIDING in config.layer_types and arch != MODEL_ARCH.PHI3:
@@ -208,14 +210,19 @@ _YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": No
 def _check_rope(rope: Any, arch: MODEL_ARCH, refuse: Any) -> None:
     name = gguf.MODEL_ARCH_NAMES[arch]
     if rope.rope_type not in _ROPE_TYPES.get(arch, ("default", "linear")):
-        why = "llama.cpp has no dynamic (NTK) rope scaling" if rope.rope_type == "dynamic" else (
-            f"llama.cpp's {name} has no such scaling")  # fmt: skip
+        why = (
+            "llama.cpp has no dynamic (NTK) rope scaling"
+            if rope.rope_type == "dynamic"
+            else (f"llama.cpp's {name} has no such scaling")
+        )
         refuse(f"rope_type {rope.rope_type!r} ({why})")
     if rope.rope_type == "yarn":
         for field, default in _YARN_DEFAULTS.items():
             if getattr(rope, field) != default:
-                refuse(f"yarn's {field}={getattr(rope, field)!r} (llama.cpp's yarn has no such setting; it computes "
-                       f"the attention scaling from the factor alone and truncates the ramp)")  # fmt: skip
+                refuse(
+                    f"yarn's {field}={getattr(rope, field)!r} (llama.cpp's yarn has no such setting; it computes "
+                    f"the attention scaling from the factor alone and truncates the ramp)"
+                )
 
 
 def _check_gemma(config: ModelConfig, arch: MODEL_ARCH, refuse: Any) -> None:
@@ -309,8 +316,10 @@ def _rope_tables(config: ModelConfig) -> list[tuple[str, np.ndarray]]:
     if rope.rope_type == "llama3":
         return [("rope_freqs", rope.frequency_divisors(config.rotary_dim).astype(np.float32))]
     if rope.rope_type == "longrope":
-        return [("rope_factors_long", np.asarray(rope.long_factor, np.float32)),
-                ("rope_factors_short", np.asarray(rope.short_factor, np.float32))]  # fmt: skip
+        return [
+            ("rope_factors_long", np.asarray(rope.long_factor, np.float32)),
+            ("rope_factors_short", np.asarray(rope.short_factor, np.float32)),
+        ]
     return []
 
 
@@ -344,8 +353,11 @@ def _add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, arch: MODEL_ARCH
     writer.add_rope_dimension_count(config.rotary_dim)
     # llama.cpp defaults the head size to hidden / heads; the converter writes it whenever config.json states it
     # (Qwen3 and Gemma configs always do).
-    if config.head_dim != config.hidden_size // config.num_heads or arch in (MODEL_ARCH.QWEN3, MODEL_ARCH.QWEN3MOE,
-                                                                            *_GEMMA):  # fmt: skip
+    if config.head_dim != config.hidden_size // config.num_heads or arch in (
+        MODEL_ARCH.QWEN3,
+        MODEL_ARCH.QWEN3MOE,
+        *_GEMMA,
+    ):
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
     _add_rope_scaling(writer, config, arch)

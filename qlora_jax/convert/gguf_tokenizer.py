@@ -89,8 +89,12 @@ def add_end_ids(writer: gguf.GGUFWriter, config: ModelConfig, tokenizer: Any = N
     for token_id in sorted(missing, key=lambda i: text(i) == "<|eom_id|>"):  # eom last, into the last free key
         kind = "eom" if text(token_id) == "<|eom_id|>" and "eom" in free else (free[0] if free else None)
         if kind is None:
-            log.warning("end id %d (%r) has no GGUF key left (eos, eot and eom are taken): llama.cpp stops at it only "
-                        "if it recognises its text as an end token", token_id, text(token_id))  # fmt: skip
+            log.warning(
+                "end id %d (%r) has no GGUF key left (eos, eot and eom are taken): llama.cpp stops at it only "
+                "if it recognises its text as an end token",
+                token_id,
+                text(token_id),
+            )
             continue
         free.remove(kind)
         writer.add_uint32(GGUF_END_KEYS[kind], token_id)

@@ -117,20 +117,30 @@ def _log_dense_stacks(model: DecoderLM) -> None:
         if len(kept) == c.num_layers:
             continue
         shape = jax.ShapeDtypeStruct((module.out_features, module.in_features), module.param_dtype)
-        four_bit = sum(leaf.size * leaf.dtype.itemsize
-                       for leaf in jax.tree.leaves(jax.eval_shape(lambda w: _quantize(w, quant), shape)))  # fmt: skip
+        four_bit = sum(
+            leaf.size * leaf.dtype.itemsize
+            for leaf in jax.tree.leaves(jax.eval_shape(lambda w: quantize(w, quant), shape))
+        )
         dense = module.out_features * module.in_features * module.param_dtype.itemsize
         extra = (c.num_layers - len(kept)) * (dense - four_bit)
         log.warning(
             "%s: skip_modules keeps layer%s %s unquantized, so this module is held in %s for all %d layers (%s more "
             "than 4 bits for the others, whose 4-bit weights it holds dequantized)",
-            name, "s" * (len(kept) > 1), ", ".join(map(str, kept)), module.param_dtype.name, c.num_layers, _size(extra),
-        )  # fmt: skip
+            name,
+            "s" * (len(kept) > 1),
+            ", ".join(map(str, kept)),
+            module.param_dtype.name,
+            c.num_layers,
+            _size(extra),
+        )
 
 
 def _size(n: int) -> str:
-    return next(f"{n / scale:.1f} {unit}" for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
-                if n >= scale or unit == "B")  # fmt: skip
+    return next(
+        f"{n / scale:.1f} {unit}"
+        for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
+        if n >= scale or unit == "B"
+    )
 
 
 def _statistics_keys(keys: list[str], quantized: set[str]) -> dict[str, list[str]]:
@@ -171,8 +181,10 @@ def _cast(array: np.ndarray, dtype: Any, key: str, source: TensorSource) -> jax.
         if problem := non_finite(np.asarray(array)):  # a source that does not check (readers here all do)
             raise CheckpointError(f"{source.file_of(key)}: tensor {key} {problem}")
         largest = float(np.abs(np.asarray(array, np.float32)).max())
-        raise CheckpointError(f"{source.file_of(key)}: tensor {key} holds values up to {largest:.4g}, beyond "
-                              f"{jnp.dtype(dtype).name}'s range; load it in bfloat16 or float32")  # fmt: skip
+        raise CheckpointError(
+            f"{source.file_of(key)}: tensor {key} holds values up to {largest:.4g}, beyond "
+            f"{jnp.dtype(dtype).name}'s range; load it in bfloat16 or float32"
+        )
     return cast
 
 
@@ -198,11 +210,17 @@ def load_model(
             spec = variable_at(abstract, path).get_value()
             buffers[path] = np.zeros(spec.shape, spec.dtype)
     # linear weights held in 16 bits while `quantization` stores some of their layers in 4 bits (skip_modules)
-    dense_linears = set() if quantization is None else {
-        slot.name for slot in slots.values()
-        if not slot.quantized and isinstance(variable_at(abstract, slot.module_path), QLinear)
-        and slot.name.endswith(".weight")
-    }  # fmt: skip
+    dense_linears = (
+        set()
+        if quantization is None
+        else {
+            slot.name
+            for slot in slots.values()
+            if not slot.quantized
+            and isinstance(variable_at(abstract, slot.module_path), QLinear)
+            and slot.name.endswith(".weight")
+        }
+    )
     keys = source.keys()
     stored_4bit = set(bnb.quantized_weight_prefixes(keys))
     statistics = _statistics_keys(keys, stored_4bit)
@@ -218,8 +236,9 @@ def load_model(
         if key in owned:
             continue
         if (expert := moe_io.expert_key(config, moe_io.our_name(config, key))) is not None:
-            expert_pieces |= _fill_experts(buffers, experts, expert, key, stored_4bit, statistics, source,
-                                           quantization, param_dtype)  # fmt: skip
+            expert_pieces |= _fill_experts(
+                buffers, experts, expert, key, stored_4bit, statistics, source, quantization, param_dtype
+            )
             continue
         found = resolve(moe_io.our_name(config, key), slots, config.num_layers)
         if found is None:
@@ -243,8 +262,9 @@ def load_model(
             array = _float_tensor(source, key)
             _check_shape(slot, key, array.shape, source)
             if slot.quantized:
-                _fill_quantized(buffers, slot, index, _quantize(_cast(array, param_dtype, key, source), quantization),
-                                key, source)  # fmt: skip
+                _fill_quantized(
+                    buffers, slot, index, quantize(_cast(array, param_dtype, key, source), quantization), key, source
+                )
             else:
                 (path,) = slot.paths
                 value = _cast(array, buffers[path].dtype, key, source)
@@ -252,7 +272,7 @@ def load_model(
                     hf_module_name(key.removesuffix(".weight"), config.text_model_path)
                 ):
                     # a 4-bit layer of a stack held in 16 bits for another layer's sake: its 4-bit values
-                    value = dequantize(_quantize(value, quantization), value.dtype)
+                    value = dequantize(quantize(value, quantization), value.dtype)
                 buffers[path][index] = np.asarray(value)
         filled.add(key)
     expected = {key for key, _, _ in all_keys(slots, config.num_layers)}
@@ -276,23 +296,35 @@ def _fill_experts(buffers, experts, expert, key, stored_4bit, statistics, source
     else:
         value = _float_tensor(source, key)
     if slot.quantized and isinstance(value, QuantizedTensor) and value.quant_type != quantization.quant_type:
-        raise CheckpointError(f"{source.file_of(key)}: 4-bit tensor {key} is {value.quant_type}, the model's "
-                              f"experts are {quantization.quant_type}")  # fmt: skip
+        raise CheckpointError(
+            f"{source.file_of(key)}: 4-bit tensor {key} is {value.quant_type}, the model's "
+            f"experts are {quantization.quant_type}"
+        )
     try:
-        return set(moe_io.fill_expert(buffers, slot, expert, value, quantization=quantization, param_dtype=param_dtype,
-                                      cast=lambda a, dtype: _cast(a, dtype, key, source),
-                                      where=f"{source.file_of(key)}: tensor {key}"))  # fmt: skip
+        return set(
+            moe_io.fill_expert(
+                buffers,
+                slot,
+                expert,
+                value,
+                quantization=quantization,
+                param_dtype=param_dtype,
+                cast=lambda a, dtype: _cast(a, dtype, key, source),
+                where=f"{source.file_of(key)}: tensor {key}",
+            )
+        )
     except ValueError as e:
         raise CheckpointError(str(e)) from e
 
 
-def _quantize(array: Any, q: QuantConfig) -> QuantizedTensor:
-    return quantize(array, quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
-                    dq_blocksize=q.dq_blocksize)  # fmt: skip
-
-
-def _check_claimed_shapes(source: TensorSource, keys: list[str], slots: dict[str, Slot], config: ModelConfig,
-                          stored_4bit: set[str], statistics: dict[str, list[str]]) -> None:  # fmt: skip
+def _check_claimed_shapes(
+    source: TensorSource,
+    keys: list[str],
+    slots: dict[str, Slot],
+    config: ModelConfig,
+    stored_4bit: set[str],
+    statistics: dict[str, list[str]],
+) -> None:
     """Every tensor's shape as its file's header claims it, against the model, before any data is read: a file
     whose known tensor claims a huge shape is refused here, naming it, instead of being read into memory. (A mixture
     of experts' expert tensors are checked as they are read: `convert.moe_io.fill_expert`.)"""
@@ -306,12 +338,16 @@ def _check_claimed_shapes(source: TensorSource, keys: list[str], slots: dict[str
         shape = tuple(source.shape(key))
         if key in owner:  # 4-bit statistics (absmax, quant map, quant state): at most one value per weight value
             if math.prod(shape) > max(size, 4096):
-                raise CheckpointError(f"{source.file_of(key)}: tensor {key} claims shape {shape}, more values than "
-                                      f"its weight's {slot.shape}; not read")  # fmt: skip
+                raise CheckpointError(
+                    f"{source.file_of(key)}: tensor {key} claims shape {shape}, more values than "
+                    f"its weight's {slot.shape}; not read"
+                )
         elif key in stored_4bit:  # packed codes: two a byte, in 1-, 2-, 4- or 8-byte elements (bnb_4bit_quant_storage)
             if (size + 1) // 2 not in {math.prod(shape) * width for width in (1, 2, 4, 8)}:
-                raise CheckpointError(f"{source.file_of(key)}: 4-bit tensor {key} claims shape {shape}, not the "
-                                      f"{(size + 1) // 2} bytes of a {slot.shape} weight; not read")  # fmt: skip
+                raise CheckpointError(
+                    f"{source.file_of(key)}: 4-bit tensor {key} claims shape {shape}, not the "
+                    f"{(size + 1) // 2} bytes of a {slot.shape} weight; not read"
+                )
         else:
             _check_shape(slot, key, shape, source)
 
@@ -354,8 +390,11 @@ class _LanguageModelOnly:
     """A Gemma 3 image-text checkpoint seen as its text decoder: `language_model.model.*` (or
     `model.language_model.*`) renamed to `model.*`, the vision tower and projector left out."""
 
-    _RENAMES = (("language_model.model.", "model."), ("model.language_model.", "model."),
-                ("language_model.lm_head.", "lm_head."))  # fmt: skip
+    _RENAMES = (
+        ("language_model.model.", "model."),
+        ("model.language_model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+    )
     _DROPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
     def __init__(self, source: SafetensorsReader):
@@ -482,8 +521,7 @@ def _checkpoint_tensors(model: DecoderLM, *, dequantize_weights: bool) -> Iterat
         if linear and q is not None and not dequantize_weights and not q.skips(name):
             # a layer of a stack held in 16 bits for another layer's sake (`skip_modules`): 4-bit again, as the
             # quantization_config says (from its dequantized values: the same codes, double-quant statistics aside)
-            qt = quantize(array, quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
-                          dq_blocksize=q.dq_blocksize)  # fmt: skip
+            qt = quantize(array, q)
             yield from bnb.to_state_dict(qt, key).items()
         else:
             yield key, array
@@ -507,9 +545,11 @@ def save_pretrained(
     """
     config = model.config
     if config.multimodal_config is not None:
-        log.warning("saving the text decoder of a Gemma 3 image-text model: writing a text-only Gemma3ForCausalLM "
-                    "(model_type gemma3_text) to %s; merge_and_save(..., source=) writes the image-text model",
-                    directory)  # fmt: skip
+        log.warning(
+            "saving the text decoder of a Gemma 3 image-text model: writing a text-only Gemma3ForCausalLM "
+            "(model_type gemma3_text) to %s; merge_and_save(..., source=) writes the image-text model",
+            directory,
+        )
     hf = config.to_hf_config()
     hf["torch_dtype"] = hf["dtype"] = jnp.dtype(model.model.embed_tokens.weight.get_value().dtype).name
     if model.quant is not None and not dequantize_weights:

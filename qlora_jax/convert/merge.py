@@ -62,8 +62,9 @@ def merged_weight(module: QLinear | TopKRouter | QExperts, layer: int | None = N
     return (w + delta) * (magnitude / dora_weight_norm(w, delta))[:, None]
 
 
-def merged_tensors(model: DecoderLM, dtype: Any = jnp.bfloat16, quant: QuantConfig | None = None, *,
-                   experts: bool = True) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+def merged_tensors(
+    model: DecoderLM, dtype: Any = jnp.bfloat16, quant: QuantConfig | None = None, *, experts: bool = True
+) -> Iterator[tuple[str, np.ndarray]]:
     """(transformers name, array) for every tensor of the merged model, one layer at a time.
 
     With `quant`, linear weights that `quant.skip_modules` does not keep (matched per layer, `QuantConfig.skips`) are
@@ -83,8 +84,7 @@ def merged_tensors(model: DecoderLM, dtype: Any = jnp.bfloat16, quant: QuantConf
             # one layer's name, as transformers matches skip_modules against it
             module_name = hf_module_name(layer_name(".".join(slot.module_path), layer), model.config.text_model_path)
             if quant is not None and isinstance(module, QLinear) and not quant.skips(module_name):
-                qt = quantize(w, quant_type=quant.quant_type, blocksize=quant.blocksize,
-                              double_quant=quant.double_quant, dq_blocksize=quant.dq_blocksize)  # fmt: skip
+                qt = quantize(w, quant)
                 yield from bnb.to_state_dict(qt, key).items()
             else:
                 yield key, np.asarray(w)
@@ -122,8 +122,11 @@ def merge_and_save(
     """
     multimodal = model.config.multimodal_config
     if multimodal is not None and source is None:
-        log.warning("merging the text decoder of a Gemma 3 image-text model without its checkpoint (source=): "
-                    "writing a text-only Gemma3ForCausalLM (model_type gemma3_text) to %s", directory)  # fmt: skip
+        log.warning(
+            "merging the text decoder of a Gemma 3 image-text model without its checkpoint (source=): "
+            "writing a text-only Gemma3ForCausalLM (model_type gemma3_text) to %s",
+            directory,
+        )
     tensors = merged_tensors(model, dtype, quant)
     if multimodal is not None and source is not None:
         hf = {k: v for k, v in multimodal.items() if k != "quantization_config"}
@@ -155,9 +158,12 @@ def merge_and_save(
 
 # Gemma 3's image-text model: the prefixes of the tensors outside its text decoder (vision tower, projector) in a
 # checkpoint, in either layout transformers has written, and their modules' names at run time.
-_NOT_TEXT_TENSORS = {"vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector.",
-                     "model.vision_tower.": "model.vision_tower.",
-                     "model.multi_modal_projector.": "model.multi_modal_projector."}  # fmt: skip
+_NOT_TEXT_TENSORS = {
+    "vision_tower.": "model.vision_tower.",
+    "multi_modal_projector.": "model.multi_modal_projector.",
+    "model.vision_tower.": "model.vision_tower.",
+    "model.multi_modal_projector.": "model.multi_modal_projector.",
+}
 
 
 def _outside_text(source: SafetensorsReader) -> tuple[list[str], set[str]]:
@@ -180,15 +186,17 @@ def _dense_outside_text(source: SafetensorsReader) -> list[str]:
     return names
 
 
-def _with_vision_tower(text: Iterator[tuple[str, np.ndarray]], source: SafetensorsReader, *, keep_4bit: bool,
-                       dtype: Any) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+def _with_vision_tower(
+    text: Iterator[tuple[str, np.ndarray]], source: SafetensorsReader, *, keep_4bit: bool, dtype: Any
+) -> Iterator[tuple[str, np.ndarray]]:
     """The merged text decoder's tensors under the image-text checkpoint's names (`language_model.model.*`, as
     transformers 5 saves it, or `model.language_model.*`, whichever `source` uses), then `source`'s vision tower
     and projector tensors as they are stored (its 4-bit weights dequantized to `dtype` unless `keep_4bit`)."""
     keys, quantized = _outside_text(source)
     runtime = any(k.startswith("model.language_model.") for k in source.keys())
-    model_prefix, head = ("model.language_model.", "lm_head.") if runtime else ("language_model.model.",
-                                                                               "language_model.lm_head.")  # fmt: skip
+    model_prefix, head = (
+        ("model.language_model.", "lm_head.") if runtime else ("language_model.model.", "language_model.lm_head.")
+    )
     for key, array in text:
         yield (
             (model_prefix + key[len("model.") :] if key.startswith("model.") else head + key[len("lm_head.") :]),

@@ -35,8 +35,20 @@ from qlora_jax.models.moe_config import EXPERT_NAMES
 from qlora_jax.models.names import LAYERS
 from qlora_jax.quant import QUANT_BUFFERS, QuantConfig, QuantizedTensor, dequantize, quantize
 
-__all__ = ["ExpertSlot", "ExpertKey", "expert_slots", "our_name", "checkpoint_name", "expert_key", "fill_expert",
-           "missing_pieces", "expert_tensors", "expert_modules", "layer_module", "PROJECTIONS"]  # fmt: skip
+__all__ = [
+    "ExpertSlot",
+    "ExpertKey",
+    "expert_slots",
+    "our_name",
+    "checkpoint_name",
+    "expert_key",
+    "fill_expert",
+    "missing_pieces",
+    "expert_tensors",
+    "expert_modules",
+    "layer_module",
+    "PROJECTIONS",
+]
 
 PROJECTIONS = ("gate_up_proj", "down_proj")  # transformers 5's parameters of `mlp.experts`
 _OURS = "mlp"  # transformers 5's (and our) name of the block
@@ -77,9 +89,15 @@ def expert_slots(model: nnx.Module) -> dict[str, ExpertSlot]:
             continue
         path = tuple(str(p) for p in path)
         names = [b for b in QUANT_BUFFERS if getattr(module, b) is not None] if module.is_quantized else ["weight"]
-        slots[path[-1]] = ExpertSlot(path[-1], path, tuple(path + (n,) for n in names), module.is_quantized,
-                                     module.num_experts, module.parts,
-                                     (module.out_features, module.in_features))  # fmt: skip
+        slots[path[-1]] = ExpertSlot(
+            path[-1],
+            path,
+            tuple(path + (n,) for n in names),
+            module.is_quantized,
+            module.num_experts,
+            module.parts,
+            (module.out_features, module.in_features),
+        )
     return slots
 
 
@@ -156,8 +174,17 @@ def _pieces(slot: ExpertSlot, key: ExpertKey, value: Any, where: str) -> Iterato
             yield (e, p), value[e, i * out : (i + 1) * out]
 
 
-def fill_expert(buffers: dict, slot: ExpertSlot, key: ExpertKey, value: Any, *, quantization: QuantConfig | None,
-                param_dtype: Any, cast: Any, where: str) -> list[tuple]:  # fmt: skip
+def fill_expert(
+    buffers: dict,
+    slot: ExpertSlot,
+    key: ExpertKey,
+    value: Any,
+    *,
+    quantization: QuantConfig | None,
+    param_dtype: Any,
+    cast: Any,
+    where: str,
+) -> list[tuple]:
     """Writes the piece(s) of one checkpoint tensor into the model's host buffers: a 16-bit array is quantized (or
     cast, `cast(array, dtype)`), a bitsandbytes QuantizedTensor copied (or dequantized into a dense model).
     Returns the filled pieces' ids; ValueError naming `where` for a shape or 4-bit layout that does not fit."""
@@ -169,14 +196,15 @@ def fill_expert(buffers: dict, slot: ExpertSlot, key: ExpertKey, value: Any, *, 
                 qt = piece
             else:
                 q = quantization
-                qt = quantize(cast(piece, param_dtype), quant_type=q.quant_type, blocksize=q.blocksize,
-                              double_quant=q.double_quant, dq_blocksize=q.dq_blocksize)  # fmt: skip
+                qt = quantize(cast(piece, param_dtype), q)
             for path in slot.paths:
                 array, target = np.asarray(getattr(qt, path[-1])), buffers[path]
                 if array.shape != target.shape[3:] or array.dtype != target.dtype:
-                    raise ValueError(f"{where}: 4-bit {path[-1]} is {array.dtype}{list(array.shape)}, expected "
-                                     f"{target.dtype}{list(target.shape[3:])} (another blocksize or quant "
-                                     f"type?)")  # fmt: skip
+                    raise ValueError(
+                        f"{where}: 4-bit {path[-1]} is {array.dtype}{list(array.shape)}, expected "
+                        f"{target.dtype}{list(target.shape[3:])} (another blocksize or quant "
+                        f"type?)"
+                    )
                 target[index] = array
         else:
             (path,) = slot.paths

@@ -62,8 +62,12 @@ def _peft_names(adapted: list[str]) -> dict[str, str]:
 
 
 def _layer_projections(targets: Mapping[str, ModuleTargets], modules: Mapping[str, QExperts], layer: int) -> list[str]:
-    return [p for p in _PROJECTIONS for path in modules if path.endswith(p) and path in targets
-            and targets[path].ranks[layer]]  # fmt: skip
+    return [
+        p
+        for p in _PROJECTIONS
+        for path in modules
+        if path.endswith(p) and path in targets and targets[path].ranks[layer]
+    ]
 
 
 def save_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -109,16 +113,20 @@ def _per_expert(model: nnx.Module, found: dict, where: str, error: type[InputErr
             if not present:
                 continue
             if len(present) < len(names):
-                raise error(f"{where}: layer {layer} adapts {present[0]} without {set(names) - set(present)}: they are "
-                            f"one fused parameter ({projection}) on transformers 5")  # fmt: skip
+                raise error(
+                    f"{where}: layer {layer} adapts {present[0]} without {set(names) - set(present)}: they are "
+                    f"one fused parameter ({projection}) on transformers 5"
+                )
             a_list, b_list = [], []
             for e in range(num_experts):
                 tensors = []
                 for n in names:
                     fields = found.get((layer, e, n))
                     if fields is None or set(fields) != {"lora_A", "lora_B"}:
-                        raise error(f"{where}: expert {e} of layer {layer} has no complete {n} adapter (lora_A and "
-                                    f"lora_B of every expert are needed)")  # fmt: skip
+                        raise error(
+                            f"{where}: expert {e} of layer {layer} has no complete {n} adapter (lora_A and "
+                            f"lora_B of every expert are needed)"
+                        )
                     tensors.append((fields["lora_A"], fields["lora_B"]))
                 a_list.append(np.concatenate([a for a, _ in tensors], axis=0))  # [R, in]: Concatenate(dim=1)
                 b_list.append(_block_diagonal([b for _, b in tensors]))  # [out, R]: PeftConcatenate
@@ -126,8 +134,13 @@ def _per_expert(model: nnx.Module, found: dict, where: str, error: type[InputErr
     return out
 
 
-def split_tensors(model: nnx.Module, targets: Mapping[str, ModuleTargets], tensors: Mapping[str, np.ndarray],
-                  where: str, error: type[InputError]) -> tuple[dict[str, np.ndarray], dict]:  # fmt: skip
+def split_tensors(
+    model: nnx.Module,
+    targets: Mapping[str, ModuleTargets],
+    tensors: Mapping[str, np.ndarray],
+    where: str,
+    error: type[InputError],
+) -> tuple[dict[str, np.ndarray], dict]:
     """(the other tensors, {our expert path: {"lora_A": [L, E, R_max, in], "lora_B": [L, E, out, R_max]}}) of an
     adapter file, checked against the layers and ranks `targets` selects (`error`, naming `where`, if not)."""
     modules = expert_modules(model)
@@ -156,14 +169,18 @@ def split_tensors(model: nnx.Module, targets: Mapping[str, ModuleTargets], tenso
         names = {v: k for k, v in _peft_names(projections).items()}
         projection = names.get("mlp.experts.base_layer" if nesting == "base_layer" else "mlp.experts")
         if projection is None:
-            raise error(f"{where}: holds {LAYERS}.{layer}.mlp.experts{'.base_layer' if nesting == 'base_layer' else ''}"
-                        f" adapters, which its config does not select")  # fmt: skip
+            raise error(
+                f"{where}: holds {LAYERS}.{layer}.mlp.experts{'.base_layer' if nesting == 'base_layer' else ''}"
+                f" adapters, which its config does not select"
+            )
         if set(fields) != {"lora_A", "lora_B"}:
             raise error(f"{where}: {LAYERS}.{layer}.{names and projection}: lora_A and lora_B are both needed")
         a, b = fields["lora_A"], fields["lora_B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] % num_experts or b.shape[1] != a.shape[0]:
-            raise error(f"{where}: {LAYERS}.{layer} {projection} adapter has shapes {a.shape} and {b.shape}, not "
-                        f"[E r, in] and [out, E r] for {num_experts} experts")  # fmt: skip
+            raise error(
+                f"{where}: {LAYERS}.{layer} {projection} adapter has shapes {a.shape} and {b.shape}, not "
+                f"[E r, in] and [out, E r] for {num_experts} experts"
+            )
         found[(layer, projection)] = ExpertLoRA.from_peft(a, b, num_experts)
     values = {}
     for path, module in modules.items():
@@ -173,8 +190,10 @@ def split_tensors(model: nnx.Module, targets: Mapping[str, ModuleTargets], tenso
         fan_in, fan_out = module.in_features, module.parts * module.out_features
         if target is not None:
             shape = (num_layers, num_experts)
-            values[path] = {"lora_A": np.zeros(shape + (target.max_rank, fan_in), np.float32),
-                            "lora_B": np.zeros(shape + (fan_out, target.max_rank), np.float32)}  # fmt: skip
+            values[path] = {
+                "lora_A": np.zeros(shape + (target.max_rank, fan_in), np.float32),
+                "lora_B": np.zeros(shape + (fan_out, target.max_rank), np.float32),
+            }
         for layer, r in enumerate(ranks):
             pair = found.pop((layer, projection), None)
             name = f"{LAYERS}.{layer}.mlp.experts.{projection}"
@@ -186,8 +205,10 @@ def split_tensors(model: nnx.Module, targets: Mapping[str, ModuleTargets], tenso
                 raise error(f"{where}: no adapter for {name}, which its config adapts")
             need = ((num_experts, r, fan_in), (num_experts, fan_out, r))
             if (pair[0].shape, pair[1].shape) != need:
-                raise error(f"{where}: {name} has A {pair[0].shape[1:]}, B {pair[1].shape[1:]} per expert; the model "
-                            f"needs {need[0][1:]}, {need[1][1:]} (rank {r} from the config)")  # fmt: skip
+                raise error(
+                    f"{where}: {name} has A {pair[0].shape[1:]}, B {pair[1].shape[1:]} per expert; the model "
+                    f"needs {need[0][1:]}, {need[1][1:]} (rank {r} from the config)"
+                )
             values[path]["lora_A"][layer, :, :r] = pair[0]
             values[path]["lora_B"][layer, :, :, :r] = pair[1]
     if found:  # pairs of layers beyond the model's

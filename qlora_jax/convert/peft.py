@@ -67,9 +67,15 @@ _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 _FIELDS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "lora_magnitude_vector"}
 # PEFT fields that would change the model in ways we do not implement, with their no-op values.
-_UNSUPPORTED = {"fan_in_fan_out": (False, None), "lora_bias": (False, None), "layer_replication": (None, []),
-                "use_qalora": (False, None), "alora_invocation_tokens": (None, []),
-                "megatron_config": (None, {}), "use_bdlora": (False, None)}  # fmt: skip
+_UNSUPPORTED = {
+    "fan_in_fan_out": (False, None),
+    "lora_bias": (False, None),
+    "layer_replication": (None, []),
+    "use_qalora": (False, None),
+    "alora_invocation_tokens": (None, []),
+    "megatron_config": (None, {}),
+    "use_bdlora": (False, None),
+}
 
 
 # PEFT initializations that change the base weights (W - scaling B0 A0 with the adapter's initial B0, A0 taken from
@@ -114,8 +120,9 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _config_json(model: DecoderLM, config: LoraConfig, adapted: dict[str, QLinear],
-                 base_model_name_or_path: str | None) -> dict:  # fmt: skip
+def _config_json(
+    model: DecoderLM, config: LoraConfig, adapted: dict[str, QLinear], base_model_name_or_path: str | None
+) -> dict:
     target = config.target_modules
     if converted := converted_config_fields(model, config):  # a mixture of experts: what PEFT saves (docs/moe.md)
         target = converted["target_modules"]
@@ -171,8 +178,10 @@ def _check_selection(model: DecoderLM, config: LoraConfig, adapted: dict[str, QL
 
 
 def _rows_of(config: LoraConfig) -> dict[str, Any]:
-    return {path: ("rows", ids) for path, ids in token_targets(config.trainable_token_indices,
-                                                               config.modules_to_save).items()}  # fmt: skip
+    return {
+        path: ("rows", ids)
+        for path, ids in token_targets(config.trainable_token_indices, config.modules_to_save).items()
+    }
 
 
 def save_peft_adapter(
@@ -243,9 +252,23 @@ def save_peft_adapter(
 
 
 # Fields whose values come from the adapter itself even when a template is given.
-_OURS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "peft_type", "exclude_modules",
-         "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "target_parameters",
-         "modules_to_save", "trainable_token_indices")  # fmt: skip
+_OURS = (
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "use_dora",
+    "bias",
+    "peft_type",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_parameters",
+    "modules_to_save",
+    "trainable_token_indices",
+)
 
 
 def read_adapter_config_dict(directory: str | os.PathLike) -> dict[str, Any]:
@@ -358,8 +381,9 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
     config = read_adapter_config(directory)
     weights_path = directory / ADAPTER_WEIGHTS
     shapes = _read_shapes(weights_path)  # every shape is checked against the model before any data is read
-    linears = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model)
-               if isinstance(m, QLinear | TopKRouter)}  # fmt: skip
+    linears = {
+        ".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, QLinear | TopKRouter)
+    }
     num_layers = model.config.num_layers
     try:
         targets = target_layers(model, config)
@@ -407,21 +431,27 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
             if fields is None:
                 raise PeftFormatError(f"{weights_path}: no tensors for {name}, which its config adapts")
             if unused := sorted(set(fields) - set(needs)):
-                raise PeftFormatError(f"{weights_path}: {name}.{unused[0]} is not part of this adapter "
-                                      f"(use_dora={config.use_dora} in {ADAPTER_CONFIG})")  # fmt: skip
+                raise PeftFormatError(
+                    f"{weights_path}: {name}.{unused[0]} is not part of this adapter "
+                    f"(use_dora={config.use_dora} in {ADAPTER_CONFIG})"
+                )
             for field, need in needs.items():
                 need = tuple(r if n is None else n for n in need)
                 key = fields.get(field)
                 if key is None:
                     raise PeftFormatError(f"{weights_path}: {name}.{field} is missing")
                 if shapes[key] != need:
-                    raise PeftFormatError(f"{weights_path}: {name}.{field} has shape {shapes[key]}, the model needs "
-                                          f"{need} (rank {r} from the config)")  # fmt: skip
+                    raise PeftFormatError(
+                        f"{weights_path}: {name}.{field} has shape {shapes[key]}, the model needs "
+                        f"{need} (rank {r} from the config)"
+                    )
     extra = sorted(set(by_layer) - expected, key=str)
     if extra:
         path, layer = extra[0]
-        raise PeftFormatError(f"{weights_path}: holds {layer_name(path, layer)}, which its config "
-                              f"(target_modules={config.target_modules!r}) does not adapt")  # fmt: skip
+        raise PeftFormatError(
+            f"{weights_path}: holds {layer_name(path, layer)}, which its config "
+            f"(target_modules={config.target_modules!r}) does not adapt"
+        )
     table = (model.config.vocab_size, model.config.hidden_size)
     for key in others:  # no table is larger than the (resized) embedding; peft_tokens checks exact shapes once read
         shape = shapes[key]
@@ -429,14 +459,24 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
             hint = ""
             if len(shape) == 2 and shape[1] == table[1]:
                 hint = f" (an adapter for a resized model? resize the model's embedding to {shape[0]} rows first)"
-            raise PeftFormatError(f"{weights_path}: tensor {key} claims shape {shape}: not a LoRA weight, and larger "
-                                  f"than the embedding's {table}{hint}; not read")  # fmt: skip
+            raise PeftFormatError(
+                f"{weights_path}: tensor {key} claims shape {shape}: not a LoRA weight, and larger "
+                f"than the embedding's {table}{hint}; not read"
+            )
     tensors = _read_tensors(weights_path)
-    _, expert_values = moe_peft.split_tensors(model, targets, {k: tensors.pop(k) for k in expert_keys},
-                                              str(weights_path), PeftFormatError)  # fmt: skip
+    _, expert_values = moe_peft.split_tensors(
+        model, targets, {k: tensors.pop(k) for k in expert_keys}, str(weights_path), PeftFormatError
+    )
     tensors = {moe_peft.router_key(k): v for k, v in tensors.items()}
-    rows = read_token_tensors(model, config, tensors, lora_targets=targets, weights_path=weights_path,
-                              config_path=directory / ADAPTER_CONFIG, error=PeftFormatError)  # fmt: skip
+    rows = read_token_tensors(
+        model,
+        config,
+        tensors,
+        lora_targets=targets,
+        weights_path=weights_path,
+        config_path=directory / ADAPTER_CONFIG,
+        error=PeftFormatError,
+    )
     if unexpected := [key for key in others if key in tensors]:
         raise PeftFormatError(f"{weights_path}: unexpected tensor {unexpected[0]} (not a LoRA weight)")
     values: dict[str, dict[str, np.ndarray]] = {}
@@ -445,8 +485,10 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
             continue
         module, r_max = linears[path], target.max_rank
         lead = (len(target.ranks),) if target.stacked else ()
-        values[path] = {"lora_A": np.zeros(lead + (r_max, module.in_features), np.float32),
-                        "lora_B": np.zeros(lead + (module.out_features, r_max), np.float32)}  # fmt: skip
+        values[path] = {
+            "lora_A": np.zeros(lead + (r_max, module.in_features), np.float32),
+            "lora_B": np.zeros(lead + (module.out_features, r_max), np.float32),
+        }
         if config.use_dora:
             values[path]["lora_magnitude_vector"] = np.zeros(lead + (module.out_features,), np.float32)
         for i, r in enumerate(target.ranks):
@@ -463,13 +505,18 @@ def read_peft_adapter(model: DecoderLM, directory: str | os.PathLike) -> tuple[L
         log.warning(
             "%s: %d adapter tensors of the vision tower / projector are not loaded (%d of their lora_B non-zero): this "
             "package runs Gemma 3's text decoder only, whose outputs they do not change; an adapter saved from here "
-            "will not carry them (PEFT then starts them at B = 0)", weights_path, len(outside), trained,
-        )  # fmt: skip
+            "will not carry them (PEFT then starts them at B = 0)",
+            weights_path,
+            len(outside),
+            trained,
+        )
     init = read_adapter_config_dict(directory).get("init_lora_weights", True)
     if _changes_base(init):
         if expert_values:
-            raise PeftFormatError(f"{directory / ADAPTER_CONFIG}: init_lora_weights={init!r} changed the base "
-                                  f"model's experts; such adapters on experts are not supported")  # fmt: skip
+            raise PeftFormatError(
+                f"{directory / ADAPTER_CONFIG}: init_lora_weights={init!r} changed the base "
+                f"model's experts; such adapters on experts are not supported"
+            )
         config, values = _as_plain_lora(model, config, values, init.lower(), directory / ADAPTER_CONFIG)
     values.update(expert_values)
     for path, fields in rows.items():  # trained embedding rows, resized tables (convert.peft_tokens)

@@ -40,8 +40,10 @@ _ORIGINAL, _COPY = "original_module.weight", "modules_to_save.weight"
 
 def token_targets_of(model: DecoderLM) -> dict[str, tuple[int, ...] | None]:
     """{module path: trained row ids, None for a whole trained table} of the model's trainable rows."""
-    return {path: rows.token_indices if isinstance(rows, TrainableTokens) else None
-            for path, rows in trainable_row_modules(model).items()}  # fmt: skip
+    return {
+        path: rows.token_indices if isinstance(rows, TrainableTokens) else None
+        for path, rows in trainable_row_modules(model).items()
+    }
 
 
 def _tables(model: DecoderLM) -> list[str]:
@@ -98,8 +100,9 @@ def read_token_tensors(
     file's, by key) and checked against `model`: the rows exist (else: resize it to the tokenizer's size first),
     each tensor is there with its shape. Raises `error` naming the file and the tensor."""
     try:
-        targets = check_trainable_rows(model, config.trainable_token_indices, config.modules_to_save,
-                                       lora_targets=lora_targets)  # fmt: skip
+        targets = check_trainable_rows(
+            model, config.trainable_token_indices, config.modules_to_save, lora_targets=lora_targets
+        )
     except ValueError as e:
         raise error(f"{config_path}: {e}") from e
 
@@ -109,8 +112,9 @@ def read_token_tensors(
             hint = ""
             if value.ndim == 2 and value.shape[1] == shape[1] and shape[0] == model.config.vocab_size:
                 hint = f": resize the model's embedding to {value.shape[0]} rows first (resize_token_embeddings)"
-            raise error(f"{weights_path}: {_PREFIX}{key} ({what}) has shape {value.shape}, the model needs "
-                        f"{shape}{hint}")  # fmt: skip
+            raise error(
+                f"{weights_path}: {_PREFIX}{key} ({what}) has shape {value.shape}, the model needs {shape}{hint}"
+            )
         return value
 
     values: dict[str, dict[str, np.ndarray]] = {}
@@ -128,8 +132,9 @@ def read_token_tensors(
             base_keys = [_ORIGINAL]
         elif ids:
             if f"{_PREFIX}{path}.{_DELTA}" not in tensors:
-                raise error(f"{weights_path}: {_PREFIX}{path}.{_DELTA} is missing (trainable_token_indices names "
-                            f"{path})")  # fmt: skip
+                raise error(
+                    f"{weights_path}: {_PREFIX}{path}.{_DELTA} is missing (trainable_token_indices names {path})"
+                )
             fields["trainable_tokens_delta"] = take(f"{path}.{_DELTA}", (len(ids), shape[1]), "trainable tokens")
             base_keys = [_BASE_LAYER]
         else:
@@ -144,12 +149,17 @@ def read_token_tensors(
         for key, field in ((_DELTA, "trainable_tokens_delta"), (_BASE_LAYER, "base"), ("weight", "base")):
             value = tensors.pop(f"{_PREFIX}{LM_HEAD}.{key}", None)
             if value is not None and (field not in embed or not np.array_equal(value, embed[field])):
-                raise error(f"{weights_path}: {_PREFIX}{LM_HEAD}.{key} is not the embedding's, but this model ties "
-                            "its output head to the embedding")  # fmt: skip
-    elif LM_HEAD not in _tables(model) and any(k.startswith(f"{_PREFIX}{LM_HEAD}.") and "lora_" not in k
-                                                for k in tensors):  # fmt: skip
-        raise error(f"{weights_path}: holds lm_head's table, but this model's lm_head is stored in 4 bits; load it "
-                    "in 16 bits (quant skip_modules lm_head, the default)")  # fmt: skip
+                raise error(
+                    f"{weights_path}: {_PREFIX}{LM_HEAD}.{key} is not the embedding's, but this model ties "
+                    "its output head to the embedding"
+                )
+    elif LM_HEAD not in _tables(model) and any(
+        k.startswith(f"{_PREFIX}{LM_HEAD}.") and "lora_" not in k for k in tensors
+    ):
+        raise error(
+            f"{weights_path}: holds lm_head's table, but this model's lm_head is stored in 4 bits; load it "
+            "in 16 bits (quant skip_modules lm_head, the default)"
+        )
     return values
 
 

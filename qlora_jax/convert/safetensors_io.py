@@ -159,8 +159,9 @@ def write_sharded(
         raise output_error(e, directory, "the checkpoint") from e
 
 
-def _write_sharded(directory: Path, tensors: Iterable[tuple[str, np.ndarray]], limit: int,
-                   extra_files: dict[str, str] | None) -> list[Path]:  # fmt: skip
+def _write_sharded(
+    directory: Path, tensors: Iterable[tuple[str, np.ndarray]], limit: int, extra_files: dict[str, str] | None
+) -> list[Path]:
     with staged_directory(directory, replaces=LAYOUT_FILES) as staging:
         shards: list[tuple[str, list[str]]] = []
         current: dict[str, np.ndarray] = {}

@@ -286,8 +286,9 @@ def tune(
     names = sorted(candidates, key=lambda name: name != "xla")
     for index, name in enumerate(names):
         if name != "xla" and clock() - start > budget_s:
-            log.warning("autotune %s: budget of %.0f s spent; %d candidates not timed", key, budget_s,
-                        len(names) - index)  # fmt: skip
+            log.warning(
+                "autotune %s: budget of %.0f s spent; %d candidates not timed", key, budget_s, len(names) - index
+            )
             break
         try:
             times[name] = float(candidates[name]())

@@ -115,9 +115,16 @@ def tuning_key(op: str, m: int, qt: QuantizedTensor, dtype: Any, device_kind: st
     """The key of one (op, M, weight, activation dtype) on this (or the named) GPU kind."""
     n, k = qt.shape
     return autotune.TuningKey(
-        op, device_kind or gpu_target.device_facts().device_kind, autotune.m_bucket(m), n, k, jnp.dtype(dtype).name,
-        qt.quant_type, qt.blocksize, qt.double_quant,
-    )  # fmt: skip
+        op,
+        device_kind or gpu_target.device_facts().device_kind,
+        autotune.m_bucket(m),
+        n,
+        k,
+        jnp.dtype(dtype).name,
+        qt.quant_type,
+        qt.blocksize,
+        qt.double_quant,
+    )
 
 
 def fused_fn(op: str, config: Any, interpret: bool) -> Callable[..., jax.Array]:
@@ -132,9 +139,16 @@ def xla_fn(op: str, interpret: bool = False) -> Callable[[jax.Array, QuantizedTe
 
 
 def measure(
-    op: str, m: int, qt: QuantizedTensor, dtype: Any, *, interpret: bool = False, cache: Any = None,
-    repeats: int = 3, budget_s: float = autotune.TUNE_BUDGET_S,
-) -> autotune.Choice:  # fmt: skip
+    op: str,
+    m: int,
+    qt: QuantizedTensor,
+    dtype: Any,
+    *,
+    interpret: bool = False,
+    cache: Any = None,
+    repeats: int = 3,
+    budget_s: float = autotune.TUNE_BUDGET_S,
+) -> autotune.Choice:
     """Times XLA and every fused config of the tuning space for this key on synthetic weights distinct per call,
     keeps the fastest and stores it in `cache`. Run outside any trace (in a worker thread while tracing)."""
     n, k = qt.shape
@@ -188,8 +202,16 @@ def _unsupported_reason(qt: QuantizedTensor, stacked: bool) -> str | None:
     return common.fused_unsupported_reason(qt)
 
 
-def plan_for(m: int, qt: QuantizedTensor, dtype: Any, *, impl: str, config: Any = None, options: KernelOptions,
-             stacked: bool = False) -> Plan:  # fmt: skip
+def plan_for(
+    m: int,
+    qt: QuantizedTensor,
+    dtype: Any,
+    *,
+    impl: str,
+    config: Any = None,
+    options: KernelOptions,
+    stacked: bool = False,
+) -> Plan:
     """The kernels one call runs: a static decision made while tracing.
 
     config: a config of a registered forward kernel (`registry.kernel_for`), forcing it (impl="pallas").
@@ -300,8 +322,9 @@ def _pallas_dequantizer(dtype: Any, interpret: bool):
     return fn
 
 
-def dequantize_auto(qt: QuantizedTensor, dtype: Any = None, *, interpret: bool = False, target: str | None = None
-                    ) -> jax.Array:  # fmt: skip
+def dequantize_auto(
+    qt: QuantizedTensor, dtype: Any = None, *, interpret: bool = False, target: str | None = None
+) -> jax.Array:
     """`dequantize`, by the Pallas kernel on GPU (jax's default device, or the GPU `target` names; or in the
     interpreter) when the layout allows, else by XLA."""
     dtype = jnp.dtype(qt.dtype if dtype is None else dtype)
@@ -432,9 +455,18 @@ def _group_config(plans: Sequence[Plan], qts: Sequence[QuantizedTensor]) -> Any:
     if any(plan.forward != "decode" for plan in plans):
         return None
     first = qts[0]
-    if any((q.shape[1], q.quant_type, q.blocksize, q.dq_blocksize, jnp.dtype(q.dtype), np.shape(q.packed)[:-1]) !=
-           (first.shape[1], first.quant_type, first.blocksize, first.dq_blocksize, jnp.dtype(first.dtype),
-            np.shape(first.packed)[:-1]) for q in qts):  # fmt: skip
+    if any(
+        (q.shape[1], q.quant_type, q.blocksize, q.dq_blocksize, jnp.dtype(q.dtype), np.shape(q.packed)[:-1])
+        != (
+            first.shape[1],
+            first.quant_type,
+            first.blocksize,
+            first.dq_blocksize,
+            jnp.dtype(first.dtype),
+            np.shape(first.packed)[:-1],
+        )
+        for q in qts
+    ):
         return None
     largest = max(range(len(qts)), key=lambda i: qts[i].shape[0])
     return plans[largest].forward_config

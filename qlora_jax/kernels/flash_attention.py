@@ -78,8 +78,9 @@ class FlashConfig:
         if head_dim > 128:
             return cls(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32, num_warps=8)
         if head_dim > 64:
-            return cls(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8, num_stages=3,
-                       num_stages_bwd=2)  # fmt: skip
+            return cls(
+                block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8, num_stages=3, num_stages_bwd=2
+            )
         return cls()
 
     @property
@@ -102,8 +103,12 @@ def _mask(q_pos, k_pos, q_seg, k_seg, window, *, transposed=False):
 def _logits(q, k, *, scale, softcap):
     """float32 [bq, bk] scaled (and soft-capped) logits of a query tile [bq, D] against a key tile [bk, D] (with the
     tiles swapped, the transposed logits [bk, bq])."""
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                            precision=common.dot_precision(q.dtype)) * scale  # fmt: skip
+    s = (
+        jax.lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=common.dot_precision(q.dtype)
+        )
+        * scale
+    )
     if softcap is not None:
         s = jnp.tanh(s / softcap) * softcap
     return s
@@ -125,8 +130,9 @@ def _query_block_range(k_start, q_offset, window, *, bq, bk, num_q_blocks):
     return lo, hi
 
 
-def _forward_kernel(meta_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale, softcap, bq, bk,
-                    num_k_blocks):  # fmt: skip
+def _forward_kernel(
+    meta_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale, softcap, bq, bk, num_k_blocks
+):
     i = pl.program_id(0)
     q_offset, window = meta_ref[0], meta_ref[1]
     q = q_ref[...]  # [bq, D]
@@ -161,16 +167,33 @@ def _probs_and_dlogits(q, k, v, do, lse, delta, mask, *, scale, softcap):
     """(p [bq, bk] float32, ds [bq, bk] float32): the probabilities and the gradient of the pre-scale logits."""
     s = _logits(q, k, scale=scale, softcap=softcap)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                             precision=common.dot_precision(do.dtype))  # fmt: skip
+    dp = jax.lax.dot_general(
+        do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=common.dot_precision(do.dtype)
+    )
     ds = p * (dp - delta[:, None])
     if softcap is not None:
         ds = ds * (1.0 - (s / softcap) ** 2)  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
     return p, ds * scale
 
 
-def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale,
-               softcap, bq, bk, num_k_blocks):  # fmt: skip
+def _dq_kernel(
+    meta_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    scale,
+    softcap,
+    bq,
+    bk,
+    num_k_blocks,
+):
     i = pl.program_id(0)
     q_offset, window = meta_ref[0], meta_ref[1]
     q, do, lse, delta, q_seg = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], qseg_ref[...]
@@ -182,8 +205,9 @@ def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_re
         k = k_ref[keys, :]
         mask = _mask(q_pos, j * bk + jnp.arange(bk, dtype=jnp.int32), q_seg, kseg_ref[keys], window)
         _, ds = _probs_and_dlogits(q, k, v_ref[keys, :], do, lse, delta, mask, scale=scale, softcap=softcap)
-        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32,
-                            precision=common.dot_precision(k.dtype))  # fmt: skip
+        return dq + jnp.dot(
+            ds.astype(k.dtype), k, preferred_element_type=jnp.float32, precision=common.dot_precision(k.dtype)
+        )
 
     dq = jax.lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -195,16 +219,35 @@ def _transposed_probs_and_dlogits(k, q, v, do, lse, delta, mask_t, *, scale, sof
     GPU goes through shared memory and holds both layouts in registers at once)."""
     s_t = _logits(k, q, scale=scale, softcap=softcap)  # [bk, bq]: k @ q.T
     p_t = jnp.where(mask_t, jnp.exp(s_t - lse[None, :]), 0.0)
-    dp_t = jax.lax.dot_general(v, do, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                               precision=common.dot_precision(v.dtype))  # fmt: skip
+    dp_t = jax.lax.dot_general(
+        v, do, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=common.dot_precision(v.dtype)
+    )
     ds_t = p_t * (dp_t - delta[None, :])
     if softcap is not None:
         ds_t = ds_t * (1.0 - (s_t / softcap) ** 2)
     return p_t, ds_t * scale
 
 
-def _dkv_kernel(meta_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                scale, softcap, bq, bk, groups, num_q_blocks):  # fmt: skip
+def _dkv_kernel(
+    meta_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    scale,
+    softcap,
+    bq,
+    bk,
+    groups,
+    num_q_blocks,
+):
     j = pl.program_id(0)
     q_offset, window = meta_ref[0], meta_ref[1]
     k, v, k_seg = k_ref[...], v_ref[...], kseg_ref[...]  # [bk, D], [bk, D], [bk]
@@ -221,8 +264,9 @@ def _dkv_kernel(meta_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_r
             q, do = q_ref[rows, g, :], do_ref[rows, g, :]  # [bq, D]
             q_pos = q_offset + i * bq + jnp.arange(bq, dtype=jnp.int32)
             mask_t = _mask(q_pos, k_pos, qseg_ref[rows], k_seg, window, transposed=True)  # [bk, bq]
-            p_t, ds_t = _transposed_probs_and_dlogits(k, q, v, do, lse_ref[g, rows], delta_ref[g, rows], mask_t,
-                                                      scale=scale, softcap=softcap)  # fmt: skip
+            p_t, ds_t = _transposed_probs_and_dlogits(
+                k, q, v, do, lse_ref[g, rows], delta_ref[g, rows], mask_t, scale=scale, softcap=softcap
+            )
             dv = dv + jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32, precision=precision)
             dk = dk + jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32, precision=precision)
             return dk, dv
@@ -292,9 +336,7 @@ def _backward(q, k, v, q_seg, k_seg, meta, out, lse, do, *, scale, softcap, conf
         name="flash_attention_dq",
     )(meta, q, k, v, q_seg, k_seg, do, lse, delta)
     dk, dv = pl.pallas_call(
-        functools.partial(
-            _dkv_kernel, scale=scale, softcap=softcap, bq=bq, bk=bk, groups=groups, num_q_blocks=t // bq
-        ),  # fmt: skip
+        functools.partial(_dkv_kernel, scale=scale, softcap=softcap, bq=bq, bk=bk, groups=groups, num_q_blocks=t // bq),
         grid=(s // bk, b, hkv),
         in_specs=[
             _meta_spec(),
@@ -332,8 +374,9 @@ def _flash_fwd(q, k, v, q_seg, k_seg, meta, scale, softcap, config, interpret):
 
 def _flash_bwd(scale, softcap, config, interpret, residuals, do):
     q, k, v, q_seg, k_seg, meta, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, q_seg, k_seg, meta, out, lse, do, scale=scale, softcap=softcap, config=config,
-                           interpret=interpret)  # fmt: skip
+    dq, dk, dv = _backward(
+        q, k, v, q_seg, k_seg, meta, out, lse, do, scale=scale, softcap=softcap, config=config, interpret=interpret
+    )
     return dq, dk, dv, None, None, None
 
 
@@ -409,10 +452,12 @@ def flash_attention(
     vp = _pad_axis(_pad_axis(v, 3, d_pad), 1, tile_k)
     q_seg = _pad_axis(q_seg, 1, tile_q)
     k_seg = _pad_axis(k_seg, 1, tile_k, value=_INVALID_SEGMENT)
-    meta = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(NO_WINDOW if window is None else window,
-                                                                     jnp.int32)])  # fmt: skip
-    out = _flash(qp, kp, vp, q_seg, k_seg, meta, float(scale), None if softcap is None else float(softcap), config,
-                 interpret)  # fmt: skip
+    meta = jnp.stack(
+        [jnp.asarray(q_offset, jnp.int32), jnp.asarray(NO_WINDOW if window is None else window, jnp.int32)]
+    )
+    out = _flash(
+        qp, kp, vp, q_seg, k_seg, meta, float(scale), None if softcap is None else float(softcap), config, interpret
+    )
     return out[:, :t, :, :d]
 
 

@@ -70,8 +70,10 @@ def _check(x: jax.Array, weights: Any, group_sizes: jax.Array, tile: int) -> Non
         raise ValueError(f"x must be [rows, in_features], got shape {x.shape}")
     if isinstance(weights, QuantizedTensor):
         if weights.packed.ndim != 3 or len(weights.shape) != 2:
-            raise ValueError(f"a 4-bit weight stack needs packed [groups, parts, bytes] and a 2D shape, got packed "
-                             f"{weights.packed.shape} of shape {weights.shape}")  # fmt: skip
+            raise ValueError(
+                f"a 4-bit weight stack needs packed [groups, parts, bytes] and a 2D shape, got packed "
+                f"{weights.packed.shape} of shape {weights.shape}"
+            )
     elif weights.ndim != 3:
         raise ValueError(f"w must be [groups, out_features, in_features], got shape {weights.shape}")
     if x.shape[1] != _in_features(weights):
@@ -181,8 +183,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, tile: 
     return _trained(x, w, group_sizes.astype(jnp.int32), tile)
 
 
-def grouped_frozen_matmul(x: jax.Array, weights: Any, group_sizes: jax.Array, *, tile: int = DEFAULT_TILE
-                          ) -> jax.Array:  # fmt: skip
+def grouped_frozen_matmul(x: jax.Array, weights: Any, group_sizes: jax.Array, *, tile: int = DEFAULT_TILE) -> jax.Array:
     """x [M, K] (rows sorted by group) times each group's frozen weight transposed -> [M, N] in x's dtype.
 
     weights: a dense [G, N, K] array, or a QuantizedTensor whose buffers lead with [G, P] (P parts of shape

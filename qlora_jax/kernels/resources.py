@@ -91,8 +91,12 @@ class KernelCase:
 
 def _weight(case: KernelCase) -> Any:
     w = jax.ShapeDtypeStruct((case.n, case.k), jnp.dtype(case.dtype))
-    return jax.eval_shape(functools.partial(quantize, quant_type=case.quant_type, blocksize=case.blocksize,
-                                            double_quant=case.double_quant), w)  # fmt: skip
+    return jax.eval_shape(
+        functools.partial(
+            quantize, quant_type=case.quant_type, blocksize=case.blocksize, double_quant=case.double_quant
+        ),
+        w,
+    )
 
 
 def case_function(case: KernelCase) -> tuple[Callable[..., Any], tuple[Any, ...]]:
@@ -100,16 +104,26 @@ def case_function(case: KernelCase) -> tuple[Callable[..., Any], tuple[Any, ...]
     dtype = jnp.dtype(case.dtype)
     if case.op in ("forward", "backward"):
         rows = case.k if case.op == "forward" else case.n
-        return dispatch.fused_fn(case.op, case.config, False), (jax.ShapeDtypeStruct((case.m, rows), dtype),
-                                                                  _weight(case))  # fmt: skip
+        return dispatch.fused_fn(case.op, case.config, False), (
+            jax.ShapeDtypeStruct((case.m, rows), dtype),
+            _weight(case),
+        )
     if case.op == "dequant":
         return functools.partial(dequantize_pallas, config=case.config), (_weight(case),)
     heads, kv_heads, head_dim = case.heads
 
     def attention(q, k, v, segments):
         def loss(q, k, v):
-            out = flash_attention(q, k, v, scale=head_dim**-0.5, q_segments=segments, k_segments=segments,
-                                  softcap=case.softcap, config=case.config)  # fmt: skip
+            out = flash_attention(
+                q,
+                k,
+                v,
+                scale=head_dim**-0.5,
+                q_segments=segments,
+                k_segments=segments,
+                softcap=case.softcap,
+                config=case.config,
+            )
             return jnp.sum(out.astype(jnp.float32))
 
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
@@ -119,8 +133,9 @@ def case_function(case: KernelCase) -> tuple[Callable[..., Any], tuple[Any, ...]
     return attention, (q, kv, kv, jax.ShapeDtypeStruct((1, case.m), jnp.int32))
 
 
-def case_resources(case: KernelCase, *, target: str = gpu_target.DEFAULT_TARGET
-                   ) -> tuple[gpu_target.KernelResources, ...]:  # fmt: skip
+def case_resources(
+    case: KernelCase, *, target: str = gpu_target.DEFAULT_TARGET
+) -> tuple[gpu_target.KernelResources, ...]:
     """The Pallas kernels of the case, compiled by XLA:GPU for `target` (an H100 by default), with their registers,
     spills, launch and programs per SM. Raises gpu_target.DevicelessUnavailable with the reason where this machine
     cannot compile for a GPU or has no ptxas."""
@@ -158,8 +173,7 @@ def _matmul_cases(dtype: str, sm_count: int) -> dict[KernelCase, list[str]]:
                 for m in (bucket,) if bucket > FMA_MAX_M else range(1, bucket + 1):
                     if m > 2048:
                         continue
-                    add(op, autotune.default_fused_config(op, m, n, k, 64, sm_count), m, n, k,
-                        'impl="pallas" default')  # fmt: skip
+                    add(op, autotune.default_fused_config(op, m, n, k, 64, sm_count), m, n, k, 'impl="pallas" default')
     for family in tables.FAMILIES:
         for text, choice in tables.load_table(family).items():
             key = autotune.TuningKey.parse(text)
@@ -173,25 +187,39 @@ def reachable_cases(dtype: str = "bfloat16", *, target: str = gpu_target.DEFAULT
     """Every reachable kernel configuration (see the module docstring) for activations of `dtype`, each once at a
     shape that exercises it, with what can choose it in `reached_by`."""
     sm_count = gpu_target.device_facts(target).sm_count
-    cases = [dataclasses.replace(case, reached_by=", ".join(why))
-             for case, why in _matmul_cases(dtype, sm_count).items()]  # fmt: skip
+    cases = [
+        dataclasses.replace(case, reached_by=", ".join(why)) for case, why in _matmul_cases(dtype, sm_count).items()
+    ]
     for config in dict.fromkeys((DequantConfig(), *registry.DEQUANT_SPACE)):
         why = 'impl="auto" (the XLA path on a GPU)' if config == DequantConfig() else "registry.DEQUANT_SPACE"
         for double_quant in (True, False):
-            cases.append(KernelCase(op="dequant", config=config, dtype=dtype, double_quant=double_quant,
-                                    reached_by=why))  # fmt: skip
+            cases.append(
+                KernelCase(op="dequant", config=config, dtype=dtype, double_quant=double_quant, reached_by=why)
+            )
     for heads in _HEADS if jnp.dtype(dtype).itemsize == 2 else ():  # attention="auto" takes XLA for float32
         softcaps = (None, 50.0) if heads[2] == 256 else (None,)  # Gemma 2: head_dim 256 with soft-capping
         for softcap in softcaps:
             config = FlashConfig.for_head_dim(heads[2])
-            cases.append(KernelCase(op="attention", config=config, m=2048, heads=heads, softcap=softcap, dtype=dtype,
-                                    reached_by='attention="auto" (packed rows)'))  # fmt: skip
+            cases.append(
+                KernelCase(
+                    op="attention",
+                    config=config,
+                    m=2048,
+                    heads=heads,
+                    softcap=softcap,
+                    dtype=dtype,
+                    reached_by='attention="auto" (packed rows)',
+                )
+            )
     return cases
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qlora_jax.kernels.resources", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m qlora_jax.kernels.resources",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--target", choices=sorted(gpu_target.TARGETS), default=gpu_target.DEFAULT_TARGET)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--op", choices=OPS, default=None, help="only this kernel")

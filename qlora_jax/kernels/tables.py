@@ -93,8 +93,11 @@ def collect(family: str, sources: list[Path]) -> dict[str, Choice]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qlora_jax.kernels.tables", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m qlora_jax.kernels.tables",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("family", choices=FAMILIES, help="the GPU kind whose table to update")
     parser.add_argument("sources", nargs="+", type=Path, help="tuning caches (.json) or gpu.py results (.jsonl)")
     parser.add_argument("--table-dir", type=Path, default=TABLE_DIR)

@@ -24,9 +24,17 @@ def copies_for(bytes_per_weight: int, *, target: int = TARGET_BYTES, low: int = 
 
 
 def distinct_weights(
-    n: int, k: int, dtype: Any, count: int, *, quant_type: str = "nf4", blocksize: int = 64,
-    double_quant: bool = True, seed: int = 0, dense: bool = False,
-) -> QuantizedTensor | jax.Array:  # fmt: skip
+    n: int,
+    k: int,
+    dtype: Any,
+    count: int,
+    *,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    seed: int = 0,
+    dense: bool = False,
+) -> QuantizedTensor | jax.Array:
     """`count` different random N(0, 0.02) weights [N, K] stacked on a leading axis: a QuantizedTensor whose buffers
     carry the axis (or, with `dense`, the dense array [count, N, K] in `dtype`). Made on the default device."""
     return _maker(n, k, jnp.dtype(dtype), count, quant_type, blocksize, double_quant, dense)(jax.random.key(seed))

@@ -40,9 +40,13 @@ class LinearShape:
 
     def abstract_weight(self) -> QuantizedTensor:
         return jax.eval_shape(
-            lambda: quantize(jnp.zeros((self.out_features, self.in_features), self.weight_dtype),
-                             quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant)
-        )  # fmt: skip
+            lambda: quantize(
+                jnp.zeros((self.out_features, self.in_features), self.weight_dtype),
+                quant_type=self.quant_type,
+                blocksize=self.blocksize,
+                double_quant=self.double_quant,
+            )
+        )
 
 
 def tune_shapes(

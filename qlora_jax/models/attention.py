@@ -297,9 +297,19 @@ def multi_head_attention(
         layer_window = jnp.asarray(NO_WINDOW if layer_window is None else layer_window, jnp.int32)
 
         def kernel(q, k, v, q_segments, k_segments, k_valid, q_offset, window):
-            return flash_attention(q, k, v, scale=scale, q_segments=q_segments, k_segments=k_segments,
-                                   k_valid=k_valid, q_offset=q_offset, window=window, softcap=softcap,
-                                   interpret=interpret)  # fmt: skip
+            return flash_attention(
+                q,
+                k,
+                v,
+                scale=scale,
+                q_segments=q_segments,
+                k_segments=k_segments,
+                k_valid=k_valid,
+                q_offset=q_offset,
+                window=window,
+                softcap=softcap,
+                interpret=interpret,
+            )
 
         rows = (q, k, v, masks.q_segments, masks.k_segments, masks.k_valid)
         return _per_device_rows(kernel, rows, (masks.q_offset, layer_window))
@@ -309,8 +319,9 @@ def multi_head_attention(
     def cudnn(w: int | None) -> jax.Array:
         # transformers' window W: a query sees itself and the W - 1 keys before it.
         local = None if w is None else (w - 1, 0)
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
-                                            implementation="cudnn")  # fmt: skip
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, local_window_size=local, implementation="cudnn"
+        )
 
     if window is not None and masks.is_sliding is not None:
         return jax.lax.cond(masks.is_sliding, lambda: cudnn(window), lambda: cudnn(None))

@@ -224,8 +224,7 @@ class ModelConfig:
     hf_config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
     # The image-text model whose text decoder this is (Gemma 3's Gemma3ForConditionalGeneration, how gemma-3-it is
     # published): its whole config.json (hf_config is its text_config); None for a causal LM checkpoint.
-    multimodal_config: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False,
-                                                                    repr=False)  # fmt: skip
+    multimodal_config: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def text_model_path(self) -> str:

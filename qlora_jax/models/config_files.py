@@ -254,15 +254,19 @@ def _llama_config(arch: str, meta: _Metadata, tensors: Mapping[str, Any], config
 
 
 def _expert_config(meta: _Metadata, count_key: str) -> dict[str, Any]:
-    return {count_key: meta.require(Keys.LLM.EXPERT_COUNT, int),
-            "num_experts_per_tok": meta.require(Keys.LLM.EXPERT_USED_COUNT, int)}  # fmt: skip
+    return {
+        count_key: meta.require(Keys.LLM.EXPERT_COUNT, int),
+        "num_experts_per_tok": meta.require(Keys.LLM.EXPERT_USED_COUNT, int),
+    }
 
 
-def _qwen3moe_config(arch: str, meta: _Metadata, tensors: Mapping[str, Any], config: dict[str, Any]
-                     ) -> dict[str, Any]:  # fmt: skip
+def _qwen3moe_config(arch: str, meta: _Metadata, tensors: Mapping[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     # llama.cpp's qwen3moe graph always renormalizes the top-k routing weights (src/models/qwen3moe.cpp)
-    return {**_expert_config(meta, "num_experts"), "norm_topk_prob": True,
-            "moe_intermediate_size": meta.require(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, int)}  # fmt: skip
+    return {
+        **_expert_config(meta, "num_experts"),
+        "norm_topk_prob": True,
+        "moe_intermediate_size": meta.require(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, int),
+    }
 
 
 def _no_config(arch: str, meta: _Metadata, tensors: Mapping[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -376,8 +380,14 @@ def _llama3_rope_scaling(
         s = (1 / divisors[band] - 1 / factor) / (1 - 1 / factor)
         slope, intercept = np.polyfit(1 / wavelengths[band], s, 1)  # slope = L / (high - low), intercept = -low / ...
         low, high = float(f"{-intercept * context / slope:.6g}"), float(f"{(1 - intercept) * context / slope:.6g}")
-    rope = RopeConfig(theta=theta, rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
-                      original_max_position_embeddings=context)  # fmt: skip
+    rope = RopeConfig(
+        theta=theta,
+        rope_type="llama3",
+        factor=factor,
+        low_freq_factor=low,
+        high_freq_factor=high,
+        original_max_position_embeddings=context,
+    )
     if not np.allclose(rope.frequency_divisors(head_dim), divisors, rtol=1e-4):
         raise GGUFError(f"{path}: rope_freqs.weight does not follow Llama 3 rope scaling")
     return {

@@ -91,9 +91,11 @@ def _remat(fn, policy: str):
         return jax.checkpoint(fn, policy=offload)
     if policy == "full_offload":  # save nothing but the layer's input (named in the scan body), in host memory
         inputs = jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=(), names_which_can_be_offloaded=(_LAYER_INPUT,), offload_src="device",
+            names_which_can_be_saved=(),
+            names_which_can_be_offloaded=(_LAYER_INPUT,),
+            offload_src="device",
             offload_dst="pinned_host",
-        )  # fmt: skip
+        )
         return jax.checkpoint(fn, policy=inputs)
     raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")
 
@@ -166,9 +168,12 @@ class Attention(nnx.Module):
         linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if c.fused_qkv:
             self.qkv_proj = QLinear(
-                c.hidden_size, c.q_size + 2 * c.kv_size, use_bias=c.qkv_bias,
-                quant=_quant_for(quant, "self_attn.qkv_proj"), **linear,
-            )  # fmt: skip
+                c.hidden_size,
+                c.q_size + 2 * c.kv_size,
+                use_bias=c.qkv_bias,
+                quant=_quant_for(quant, "self_attn.qkv_proj"),
+                **linear,
+            )
         else:
             for name, size in (("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size)):
                 layer = QLinear(
@@ -183,8 +188,19 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, eps=c.norm_eps, gemma=c.gemma_norm, param_dtype=param_dtype)
         self.config = config
 
-    def __call__(self, x, *, cos, sin, masks: AttentionMasks, attention: str, options: ComputeOptions,
-                 dropout_key=None, cache_kv=None, cache_index=None):  # fmt: skip
+    def __call__(
+        self,
+        x,
+        *,
+        cos,
+        sin,
+        masks: AttentionMasks,
+        attention: str,
+        options: ComputeOptions,
+        dropout_key=None,
+        cache_kv=None,
+        cache_index=None,
+    ):
         c = self.config
         b, t, _ = x.shape
         linear = dict(kernels=options.kernels, dropout_key=dropout_key)
@@ -202,10 +218,18 @@ class Attention(nnx.Module):
         new_kv = None
         if cache_kv is not None:  # write this step's keys and values (in place), attend over the whole cache
             k, v, new_kv = cache_kv.write(k, v, cache_index)
-        out = multi_head_attention(q, k.astype(q.dtype), v.astype(q.dtype), masks, impl=attention,
-                                   window=c.sliding_window if c.sliding_layers.any() else None, scale=c.attn_scale,
-                                   softcap=c.attn_logit_softcap, block_size=options.attention_block,
-                                   interpret=options.kernels.interpret)  # fmt: skip
+        out = multi_head_attention(
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            masks,
+            impl=attention,
+            window=c.sliding_window if c.sliding_layers.any() else None,
+            scale=c.attn_scale,
+            softcap=c.attn_logit_softcap,
+            block_size=options.attention_block,
+            interpret=options.kernels.interpret,
+        )
         return self.o_proj(out.reshape(b, t, c.q_size), **linear), new_kv
 
 
@@ -252,8 +276,9 @@ class DecoderLayer(nnx.Module):
         if c.moe is None:
             self.mlp = MLP(c, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         else:
-            self.mlp = SparseMoeBlock(c, quant_for=lambda path: _quant_for(quant, path), dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+            self.mlp = SparseMoeBlock(
+                c, quant_for=lambda path: _quant_for(quant, path), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
         self.config = config
 
     def _mlp(self, x, *, router_mask=None, **kwargs) -> tuple[jax.Array, RouterStats | None]:
@@ -262,12 +287,32 @@ class DecoderLayer(nnx.Module):
             return self.mlp(x, **kwargs), None
         return self.mlp(x, router_mask=router_mask, **kwargs)
 
-    def __call__(self, h, *, cos, sin, masks: AttentionMasks, attention: str, options: ComputeOptions,
-                 dropout_key=None, cache_kv=None, cache_index=None, router_mask=None):  # fmt: skip
+    def __call__(
+        self,
+        h,
+        *,
+        cos,
+        sin,
+        masks: AttentionMasks,
+        attention: str,
+        options: ComputeOptions,
+        dropout_key=None,
+        cache_kv=None,
+        cache_index=None,
+        router_mask=None,
+    ):
         """(h, (the new keys and values or None, router statistics or None))."""
-        attn, new_kv = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, masks=masks, attention=attention,
-                                      options=options, dropout_key=dropout_key, cache_kv=cache_kv,
-                                      cache_index=cache_index)  # fmt: skip
+        attn, new_kv = self.self_attn(
+            self.input_layernorm(h),
+            cos=cos,
+            sin=sin,
+            masks=masks,
+            attention=attention,
+            options=options,
+            dropout_key=dropout_key,
+            cache_kv=cache_kv,
+            cache_index=cache_index,
+        )
         mlp = dict(options=options, dropout_key=dropout_key, router_mask=router_mask)
         if self.config.sandwich_norms:
             h = h + self.post_attention_layernorm(attn)
@@ -336,10 +381,18 @@ class DecoderLM(nnx.Module):
         self.config, self.quant = config, quant
         self.dtype = jnp.dtype(dtype)
         self.model = Backbone(config, quant=quant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.lm_head = None if config.tie_word_embeddings else QLinear(
-            config.hidden_size, config.vocab_size, quant=_quant_for(quant, "lm_head"), dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs,
-        )  # fmt: skip
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else QLinear(
+                config.hidden_size,
+                config.vocab_size,
+                quant=_quant_for(quant, "lm_head"),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        )
 
     def hidden_states(
         self,
@@ -382,10 +435,16 @@ class DecoderLM(nnx.Module):
             k_index = jnp.broadcast_to(jnp.arange(cache.valid.shape[1], dtype=jnp.int32), cache.valid.shape)
             k_valid = new_valid
         sliding = c.sliding_layers
-        attention = resolve_attention(options.attention, queries=t, dtype=self.dtype, head_dim=c.head_dim,
-                                      softcap=c.attn_logit_softcap, packed=segment_ids is not None,
-                                      key_mask=k_valid is not None,
-                                      backend=options.kernels.device.platform)  # fmt: skip
+        attention = resolve_attention(
+            options.attention,
+            queries=t,
+            dtype=self.dtype,
+            head_dim=c.head_dim,
+            softcap=c.attn_logit_softcap,
+            packed=segment_ids is not None,
+            key_mask=k_valid is not None,
+            backend=options.kernels.device.platform,
+        )
         full_mask = sliding_mask = None
         if attention == "xla":  # the dense masks, built once for every layer
             masks = dict(q_segments=segment_ids, k_segments=segment_ids, k_valid=k_valid)
@@ -422,8 +481,18 @@ class DecoderLM(nnx.Module):
             if local_rope is not None:
                 cos_l, sin_l = jnp.where(is_sliding, local_rope[0], cos), jnp.where(is_sliding, local_rope[1], sin)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-            return layer(h, cos=cos_l, sin=sin_l, masks=masks, attention=attention, options=options,
-                         dropout_key=key, cache_kv=kv, cache_index=start, router_mask=router_mask)  # fmt: skip
+            return layer(
+                h,
+                cos=cos_l,
+                sin=sin_l,
+                masks=masks,
+                attention=attention,
+                options=options,
+                dropout_key=key,
+                cache_kv=kv,
+                cache_index=start,
+                router_mask=router_mask,
+            )
 
         step = _remat(layer_step, options.remat)
         layer_index = jnp.arange(c.num_layers, dtype=jnp.int32)

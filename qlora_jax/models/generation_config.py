@@ -40,8 +40,11 @@ __all__ = [
 
 GENERATION_CONFIG = "generation_config.json"
 # llama.cpp's end-of-generation ids in a GGUF file: end of sequence, end of turn, end of message (tool calls).
-GGUF_END_KEYS = {"eos": "tokenizer.ggml.eos_token_id", "eot": "tokenizer.ggml.eot_token_id",
-                 "eom": "tokenizer.ggml.eom_token_id"}  # fmt: skip
+GGUF_END_KEYS = {
+    "eos": "tokenizer.ggml.eos_token_id",
+    "eot": "tokenizer.ggml.eot_token_id",
+    "eom": "tokenizer.ggml.eom_token_id",
+}
 _GGUF_BOS, _GGUF_PAD = "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id"
 
 # transformers' GenerationConfig fields that change what `generate` returns and that qlora_jax.generate does not
@@ -140,8 +143,17 @@ class GenerationDefaults:
             out["bos_token_id"] = self.bos_token_id
         if self.eos_token_id:
             out["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
-        for name in ("pad_token_id", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                     "max_new_tokens", "max_length"):  # fmt: skip
+        for name in (
+            "pad_token_id",
+            "do_sample",
+            "temperature",
+            "top_k",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "max_new_tokens",
+            "max_length",
+        ):
             if (value := getattr(self, name)) is not None:
                 out[name] = value
         return out
@@ -166,8 +178,16 @@ def _token_id(value: Any, name: str, source: str) -> int | None:
     return value
 
 
-def _number(raw: Mapping[str, Any], name: str, source: str, *, low: float, high: float | None = None,
-            low_open: bool = False, integer: bool = False) -> Any:  # fmt: skip
+def _number(
+    raw: Mapping[str, Any],
+    name: str,
+    source: str,
+    *,
+    low: float,
+    high: float | None = None,
+    low_open: bool = False,
+    integer: bool = False,
+) -> Any:
     value = raw.get(name)
     if value is None:
         return None
@@ -192,8 +212,9 @@ def generation_config_from_dict(raw: Mapping[str, Any], *, source: str = GENERAT
     do_sample = raw.get("do_sample")
     if do_sample is not None and not isinstance(do_sample, bool):
         raise ConfigError(f"{source}: do_sample must be true or false, got {do_sample!r}")
-    unsupported = tuple((name, raw[name]) for name, (off, _) in _UNSUPPORTED.items()
-                        if name in raw and raw[name] not in off)  # fmt: skip
+    unsupported = tuple(
+        (name, raw[name]) for name, (off, _) in _UNSUPPORTED.items() if name in raw and raw[name] not in off
+    )
     return GenerationDefaults(
         eos_token_id=tuple(dict.fromkeys(eos_ids)),
         bos_token_id=_token_id(raw.get("bos_token_id"), "bos_token_id", source),

@@ -90,9 +90,18 @@ class QExperts(nnx.Module):
       quant: 4-bit storage, or None for a dense base; dtype: compute dtype; rngs: random initial weights.
     """
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int, *, parts: int = 1,
-                 quant: QuantConfig | None = None, dtype: Any = jnp.bfloat16, param_dtype: Any = jnp.bfloat16,
-                 rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        *,
+        parts: int = 1,
+        quant: QuantConfig | None = None,
+        dtype: Any = jnp.bfloat16,
+        param_dtype: Any = jnp.bfloat16,
+        rngs: nnx.Rngs,
+    ):
         self.num_experts, self.parts = num_experts, parts
         self.in_features, self.out_features = in_features, out_features
         self.dtype, self.param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
@@ -102,9 +111,7 @@ class QExperts(nnx.Module):
         if quant is None:
             self.weight = Frozen(w.reshape(num_experts, parts * out_features, in_features))
         else:
-            qt = jax.vmap(jax.vmap(lambda a: quantize(a, quant_type=quant.quant_type, blocksize=quant.blocksize,
-                                                      double_quant=quant.double_quant,
-                                                      dq_blocksize=quant.dq_blocksize)))(w)  # fmt: skip
+            qt = jax.vmap(jax.vmap(lambda a: quantize(a, quant)))(w)
             for name in QUANT_BUFFERS:
                 value = getattr(qt, name)
                 setattr(self, name, None if value is None else QuantizedWeight(value))
@@ -124,9 +131,14 @@ class QExperts(nnx.Module):
         if gather:
             buffers = gathered(buffers)
         q = self.quant
-        return QuantizedTensor(**buffers, shape=(self.out_features, self.in_features), dtype=self.param_dtype,
-                               quant_type=q.quant_type, blocksize=q.blocksize,
-                               dq_blocksize=q.dq_blocksize if q.double_quant else None)  # fmt: skip
+        return QuantizedTensor(
+            **buffers,
+            shape=(self.out_features, self.in_features),
+            dtype=self.param_dtype,
+            quant_type=q.quant_type,
+            blocksize=q.blocksize,
+            dq_blocksize=q.dq_blocksize if q.double_quant else None,
+        )
 
     def dense_weight(self, dtype: Any = None) -> jax.Array:
         """W [E, parts * out_features, in_features] in `dtype` (dequantized if 4-bit), for one layer."""
@@ -161,8 +173,15 @@ class TopKRouter(nnx.Module):
     quantized (transformers' bitsandbytes integration quantizes nn.Linear layers only). Not a linear layer for
     PEFT: adapters reach it through `target_parameters=["gate.weight"]`."""
 
-    def __init__(self, hidden_size: int, num_experts: int, *, dtype: Any = jnp.bfloat16,
-                 param_dtype: Any = jnp.bfloat16, rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        *,
+        dtype: Any = jnp.bfloat16,
+        param_dtype: Any = jnp.bfloat16,
+        rngs: nnx.Rngs,
+    ):
         self.in_features, self.out_features = hidden_size, num_experts
         self.dtype, self.param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
         w = jax.random.normal(rngs.params(), (num_experts, hidden_size), jnp.float32) * 0.02
@@ -177,8 +196,9 @@ class TopKRouter(nnx.Module):
         w = jax.lax.stop_gradient(gathered(self.weight[...])).astype(self.dtype)
         return jnp.dot(x.astype(self.dtype), w.T, preferred_element_type=jnp.float32).astype(self.dtype)
 
-    def __call__(self, x: jax.Array, *, kernels: KernelOptions = KernelOptions(),
-                 dropout_key: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    def __call__(
+        self, x: jax.Array, *, kernels: KernelOptions = KernelOptions(), dropout_key: jax.Array | None = None
+    ) -> jax.Array:
         y = self.base(x, kernels=kernels)
         if self.lora is not None:
             y = y + self.lora(x, self, y, kernels=kernels, dropout_key=dropout_key).astype(y.dtype)
@@ -191,8 +211,9 @@ class Experts(nnx.Module):
     def __init__(self, config: ModelConfig, *, quant_gate_up, quant_down, dtype, param_dtype, rngs: nnx.Rngs):
         c, m = config, config.moe
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_up_proj = QExperts(m.num_experts, c.hidden_size, m.expert_size, parts=2, quant=quant_gate_up,
-                                     **kwargs)  # fmt: skip
+        self.gate_up_proj = QExperts(
+            m.num_experts, c.hidden_size, m.expert_size, parts=2, quant=quant_gate_up, **kwargs
+        )
         self.down_proj = QExperts(m.num_experts, m.expert_size, c.hidden_size, quant=quant_down, **kwargs)
         self.expert_size = m.expert_size
 
@@ -205,21 +226,35 @@ class Experts(nnx.Module):
 class SparseMoeBlock(nnx.Module):
     """transformers' `Qwen3MoeSparseMoeBlock` / `MixtralSparseMoeBlock`: `gate` (TopKRouter) and `experts`."""
 
-    def __init__(self, config: ModelConfig, *, quant_for: Callable[[str], QuantConfig | None], dtype: Any,
-                 param_dtype: Any, rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        quant_for: Callable[[str], QuantConfig | None],
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
         """`quant_for(path)`: how the experts at `path` (in a layer: `mlp.experts.gate_up_proj`) are stored, None for
         16 bits (the decoder's rule, `skip_modules` matched per layer)."""
         if config.moe is None:
             raise ValueError(f"a {config.model_type} config has no mixture of experts")
-        self.gate = TopKRouter(config.hidden_size, config.moe.num_experts, dtype=dtype, param_dtype=param_dtype,
-                               rngs=rngs)  # fmt: skip
-        self.experts = Experts(config, quant_gate_up=quant_for("mlp.experts.gate_up_proj"),
-                               quant_down=quant_for("mlp.experts.down_proj"), dtype=dtype,
-                               param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+        self.gate = TopKRouter(
+            config.hidden_size, config.moe.num_experts, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.experts = Experts(
+            config,
+            quant_gate_up=quant_for("mlp.experts.gate_up_proj"),
+            quant_down=quant_for("mlp.experts.down_proj"),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.moe = config.moe
 
-    def __call__(self, x: jax.Array, *, options: Any, dropout_key: jax.Array | None = None,
-                 router_mask: jax.Array | None = None) -> tuple[jax.Array, RouterStats]:  # fmt: skip
+    def __call__(
+        self, x: jax.Array, *, options: Any, dropout_key: jax.Array | None = None, router_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, RouterStats]:
         """x [B, T, H] -> (out [B, T, H], this layer's RouterStats); `router_mask` [B, T] (False: left out of the
         statistics, as transformers leaves out padding); `options`: a ComputeOptions (its kernels)."""
         moe = self.moe
@@ -241,8 +276,9 @@ class SparseMoeBlock(nnx.Module):
         return out.reshape(b, t, h), stats
 
 
-def _dispatch(experts: Experts, x: jax.Array, top_e: jax.Array, top_w: jax.Array, num_experts: int,
-              first: jax.Array | int = 0) -> jax.Array:  # fmt: skip
+def _dispatch(
+    experts: Experts, x: jax.Array, top_e: jax.Array, top_w: jax.Array, num_experts: int, first: jax.Array | int = 0
+) -> jax.Array:
     """sum over j of top_w[n, j] * expert top_e[n, j](x[n]) for rows x [N, H], the experts numbered from `first`
     (`num_experts` of them; pairs routed to others add nothing): the pairs sorted by expert, each expert's rows
     multiplied by its weights alone, scattered back to their tokens."""

@@ -29,14 +29,26 @@ __all__ = ["MoeConfig", "MOE_MODEL_TYPES", "UNSUPPORTED_MOE_TYPES", "EXPERT_NAME
 MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
 # transformers' mixture-of-experts model types not implemented here, with what sets them apart.
 UNSUPPORTED_MOE_TYPES = {
-    "qwen2_moe": "shared experts", "qwen3_next": "shared experts and linear attention",
-    "deepseek_v2": "shared experts and latent attention", "deepseek_v3": "shared experts and latent attention",
-    "olmoe": "its own q/k norms", "granitemoe": "its own expert layout", "granitemoeshared": "shared experts",
-    "dbrx": "fused expert layout", "jamba": "state-space layers", "phimoe": "sparsemixer routing",
-    "gpt_oss": "biased experts and attention sinks", "llama4_text": "shared experts", "glm4_moe": "shared experts",
-    "minimax": "lightning attention", "ernie4_5_moe": "shared experts", "hunyuan_v1_moe": "shared experts",
-    "dots1": "shared experts", "switch_transformers": "an encoder-decoder", "nllb_moe": "an encoder-decoder",
-}  # fmt: skip
+    "qwen2_moe": "shared experts",
+    "qwen3_next": "shared experts and linear attention",
+    "deepseek_v2": "shared experts and latent attention",
+    "deepseek_v3": "shared experts and latent attention",
+    "olmoe": "its own q/k norms",
+    "granitemoe": "its own expert layout",
+    "granitemoeshared": "shared experts",
+    "dbrx": "fused expert layout",
+    "jamba": "state-space layers",
+    "phimoe": "sparsemixer routing",
+    "gpt_oss": "biased experts and attention sinks",
+    "llama4_text": "shared experts",
+    "glm4_moe": "shared experts",
+    "minimax": "lightning attention",
+    "ernie4_5_moe": "shared experts",
+    "hunyuan_v1_moe": "shared experts",
+    "dots1": "shared experts",
+    "switch_transformers": "an encoder-decoder",
+    "nllb_moe": "an encoder-decoder",
+}
 # Per family: (the MoE block's name in checkpoints, the per-expert (gate, up, down) projection names). transformers
 # 5 names the block `mlp` in every family and fuses gate and up into `mlp.experts.gate_up_proj` [E, 2 I, H], with
 # `mlp.experts.down_proj` [E, H, I]; its save_pretrained writes the per-expert names back (conversion_mapping.py).
@@ -77,8 +89,15 @@ def _int(hf: Mapping[str, Any], key: str, source: str, errors: type[InputError])
     return value
 
 
-def parse_moe(hf: Mapping[str, Any], model_type: str, num_layers: int, source: str, *,
-              unsupported: type[InputError], config_error: type[InputError]) -> MoeConfig:  # fmt: skip
+def parse_moe(
+    hf: Mapping[str, Any],
+    model_type: str,
+    num_layers: int,
+    source: str,
+    *,
+    unsupported: type[InputError],
+    config_error: type[InputError],
+) -> MoeConfig:
     """The MoeConfig of a qwen3_moe or mixtral config.json dict; `unsupported` for what the decoder does not
     implement (dense layers among sparse ones, router jitter), `config_error` for a malformed field."""
     experts_key = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
@@ -100,17 +119,25 @@ def parse_moe(hf: Mapping[str, Any], model_type: str, num_layers: int, source: s
                 f"layer is a mixture of experts are supported (decoder_sparse_step=1, mlp_only_layers=[])"
             )
         return MoeConfig(
-            num_experts=num_experts, top_k=top_k, expert_size=_int(hf, "moe_intermediate_size", source, config_error),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)), weights_in_compute_dtype=True,
+            num_experts=num_experts,
+            top_k=top_k,
+            expert_size=_int(hf, "moe_intermediate_size", source, config_error),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            weights_in_compute_dtype=True,
             output_router_logits=bool(hf.get("output_router_logits", False)),
             router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
-        )  # fmt: skip
+        )
     if float(hf.get("router_jitter_noise") or 0.0) != 0.0:
-        raise unsupported(f"{source}: router_jitter_noise={hf['router_jitter_noise']!r} (training-time noise on the "
-                          f"router's input) is not supported; set it to 0.0")  # fmt: skip
+        raise unsupported(
+            f"{source}: router_jitter_noise={hf['router_jitter_noise']!r} (training-time noise on the "
+            f"router's input) is not supported; set it to 0.0"
+        )
     return MoeConfig(
-        num_experts=num_experts, top_k=top_k, expert_size=_int(hf, "intermediate_size", source, config_error),
-        norm_topk_prob=True, weights_in_compute_dtype=False,
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_size=_int(hf, "intermediate_size", source, config_error),
+        norm_topk_prob=True,
+        weights_in_compute_dtype=False,
         output_router_logits=bool(hf.get("output_router_logits", False)),
         router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
-    )  # fmt: skip
+    )

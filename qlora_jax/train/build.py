@@ -27,8 +27,17 @@ from qlora_jax.train.loss import auto_chunk_size
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
 from qlora_jax.train.step import make_eval_step, make_train_step
 
-__all__ = ["Steps", "quant_config", "compute_options", "abstract_model", "base_model_name", "make_steps",
-           "run_optimizer", "run_vocab_size", "resized"]  # fmt: skip
+__all__ = [
+    "Steps",
+    "quant_config",
+    "compute_options",
+    "abstract_model",
+    "base_model_name",
+    "make_steps",
+    "run_optimizer",
+    "run_vocab_size",
+    "resized",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +85,37 @@ class Steps:
     eval_step: Callable
 
 
-def make_steps(config: TrainConfig, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
-               vocab_size: int, shardings: Any = None, target: str | None = None) -> Steps:  # fmt: skip
+def make_steps(
+    config: TrainConfig,
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    *,
+    vocab_size: int,
+    shardings: Any = None,
+    target: str | None = None,
+) -> Steps:
     """The train and eval steps of `config` (remat resolved) for the model `graphdef`, with `optimizer`
     (`run_optimizer`); `shardings`: the mesh placement (`train.parallel.step_shardings`) or None; `target`: the GPU
     the kernel and attention choices are made for, when it is not this machine's (a deviceless plan)."""
     t = config.train
     options = compute_options(config, target=target)
     chunk_size = t.loss_chunk_size or auto_chunk_size(vocab_size)
-    train_step = make_train_step(graphdef, optimizer, chunk_size=chunk_size, options=options,
-                                 offload_optimizer=config.optim.offload,
-                                 learning_rate=learning_rate_schedule(config.optim, t.steps), shardings=shardings,
-                                 packed_rows=config.data.packing,
-                                 router_aux_loss_coef=t.router_aux_loss_coef)  # fmt: skip
+    train_step = make_train_step(
+        graphdef,
+        optimizer,
+        chunk_size=chunk_size,
+        options=options,
+        offload_optimizer=config.optim.offload,
+        learning_rate=learning_rate_schedule(config.optim, t.steps),
+        shardings=shardings,
+        packed_rows=config.data.packing,
+        router_aux_loss_coef=t.router_aux_loss_coef,
+    )
     # Not only eval rows (one example each): the divergence check scores training batches with this step too, and
     # packed rows read as one sequence would attend across their examples.
-    eval_step = make_eval_step(graphdef, chunk_size=chunk_size, options=options, shardings=shardings,
-                               packed_rows=config.data.packing)  # fmt: skip
+    eval_step = make_eval_step(
+        graphdef, chunk_size=chunk_size, options=options, shardings=shardings, packed_rows=config.data.packing
+    )
     return Steps(options, chunk_size, train_step, eval_step)
 
 
@@ -128,15 +151,21 @@ def abstract_model(config: TrainConfig, *, num_layers: int | None = None) -> Dec
         return nnx.eval_shape(lambda: build(model_config))
     # The adapters of the whole model, cut: a stacked module holds every layer's adapter at its largest rank
     # (docs/lora.md), so each of the first layers gets that rank, whichever layers the config selects.
-    full = nnx.eval_shape(lambda: DecoderLM(model_config, quant=quant, dtype=dtype, param_dtype=dtype,
-                                            rngs=nnx.Rngs(0)))  # fmt: skip
+    full = nnx.eval_shape(
+        lambda: DecoderLM(model_config, quant=quant, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    )
     if quant is not None:  # the cut stores each stacked module as the whole model does (skip_modules name layers)
-        dense = [".".join(map(str, path)) for path, module in nnx.iter_graph(full.model.layers)
-                 if isinstance(module, QLinear) and not module.is_quantized]  # fmt: skip
+        dense = [
+            ".".join(map(str, path))
+            for path, module in nnx.iter_graph(full.model.layers)
+            if isinstance(module, QLinear) and not module.is_quantized
+        ]
         quant = dataclasses.replace(quant, skip_modules=(*quant.skip_modules, *dense))
     alpha = config.lora.lora_alpha
-    targets = {path: ModuleTargets((t.max_rank,) * num_layers, (alpha,) * num_layers, True) if t.stacked else t
-               for path, t in target_layers(full, config.lora).items()}  # fmt: skip
+    targets = {
+        path: ModuleTargets((t.max_rank,) * num_layers, (alpha,) * num_layers, True) if t.stacked else t
+        for path, t in target_layers(full, config.lora).items()
+    }
     # Cut in depth (or, for a model shallower than the planner's probes, its layer pattern repeated).
     types = model_config.layer_types
     layer_types = tuple(types[i % len(types)] for i in range(num_layers)) if types else ()
@@ -160,8 +189,11 @@ def base_model_name(config: TrainConfig) -> str:
         repository = _gguf_source_repository(path)
         if repository is not None:
             return repository
-        log.warning("%s names no source repository (general.source.repo_url): the adapter records the file's path "
-                    "as its base; set model.base_model_name_or_path to the Hub id of the model", path)  # fmt: skip
+        log.warning(
+            "%s names no source repository (general.source.repo_url): the adapter records the file's path "
+            "as its base; set model.base_model_name_or_path to the Hub id of the model",
+            path,
+        )
     return path
 
 

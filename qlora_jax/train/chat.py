@@ -174,16 +174,18 @@ def assistant_mask(
 
     def render(conversation: Sequence[dict], generation_prompt: bool) -> str:
         try:
-            return apply_chat_template(tokenizer, conversation, tools=tools, tokenize=False,
-                                       add_generation_prompt=generation_prompt)  # fmt: skip
+            return apply_chat_template(
+                tokenizer, conversation, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+            )
         except (Exception, ChatTemplateTimeout) as e:  # jinja errors (raise_exception), no template, a runaway one
             raise ChatTemplateError(f"the chat template fails on this conversation ({type(e).__name__}: {e})") from e
 
     template = _template(tokenizer)
     if has_generation_blocks(template):
         try:
-            out = apply_chat_template(tokenizer, messages, tools=tools, tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=True)  # fmt: skip
+            out = apply_chat_template(
+                tokenizer, messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
         except (Exception, ChatTemplateTimeout) as e:
             raise ChatTemplateError(f"the chat template fails on this conversation ({type(e).__name__}: {e})") from e
         return list(out["input_ids"]), [bool(x) for x in out["assistant_masks"]]
@@ -192,8 +194,10 @@ def assistant_mask(
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     for i in turns:
         if not _markable(messages[i - 1]):
-            raise ChatTemplateError(f"messages[{i}] follows a tool-calling turn without content (messages[{i - 1}]), "
-                                    "so where it starts cannot be located")  # fmt: skip
+            raise ChatTemplateError(
+                f"messages[{i}] follows a tool-calling turn without content (messages[{i - 1}]), "
+                "so where it starts cannot be located"
+            )
     marked = {k for i in turns for k in (i - 1, i) if _markable(messages[k])}
     ends = _content_ends(messages, marked, text, render)
     calls = {i for i in turns if messages[i].get("tool_calls")}
@@ -210,8 +214,10 @@ def assistant_mask(
     call_end = _template_end_of_turn(tokenizer, render) if calls else None
     for i, start, content_end, bound in spans:
         if i in calls:  # content, the calls, through the template's end-of-turn token
-            last = next((j for j, (a, b) in enumerate(offsets) if a >= content_end and tokens[j] == call_end
-                         and b <= bound), None)  # fmt: skip
+            last = next(
+                (j for j, (a, b) in enumerate(offsets) if a >= content_end and tokens[j] == call_end and b <= bound),
+                None,
+            )
             if last is None:
                 raise ChatTemplateError(
                     f"the tool calls of messages[{i}] are not followed by the template's end-of-turn token "
@@ -249,9 +255,11 @@ _warned: set[str] = set()
 def _warn_no_end_of_turn(template: str, following: str) -> None:
     if template not in _warned:  # once per template: a dataset would repeat it on every record
         _warned.add(template)
-        log.warning("the chat template writes no special end-of-turn token right after an assistant message "
-                    "(%r follows it): the turn is trained without one, so the model is not taught where to stop",
-                    following)  # fmt: skip
+        log.warning(
+            "the chat template writes no special end-of-turn token right after an assistant message "
+            "(%r follows it): the turn is trained without one, so the model is not taught where to stop",
+            following,
+        )
 
 
 def _overlaps(a: int, b: int, lo: int, hi: int) -> bool:

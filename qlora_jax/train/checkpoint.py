@@ -84,8 +84,11 @@ def foreign_entries(directory: str | os.PathLike) -> list[str]:
         return []
     ours = {str(step) for step in complete_steps(directory)} | {OURS}
     saving = _journal(directory).get("saving")
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
-                  if p.name not in ours and not _being_saved(p.name, saving))  # fmt: skip
+    return sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in directory.iterdir()
+        if p.name not in ours and not _being_saved(p.name, saving)
+    )
 
 
 def _journal(directory: Path) -> dict[str, Any]:
@@ -117,8 +120,7 @@ class RunCheckpoints:
         self._barrier("cleaned")
         # max_to_keep=None: orbax deletes nothing itself (see `_prune`); a reader never calls save (orbax's own
         # read_only mode would only add warnings)
-        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=not read_only,
-                                               enable_async_checkpointing=False)  # fmt: skip
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=not read_only, enable_async_checkpointing=False)
         handlers = {"state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -146,8 +148,11 @@ class RunCheckpoints:
         if trash.is_dir() and any(trash.iterdir()):
             removed.append(f"{sum(1 for _ in trash.iterdir())} interrupted deletion(s)")
         saving = _journal(self.directory).get("saving")
-        unfinished = sorted(p for p in self.directory.iterdir() if _being_saved(p.name, saving)
-                            and not (p.name == str(saving) and _is_ours(p)))  # fmt: skip
+        unfinished = sorted(
+            p
+            for p in self.directory.iterdir()
+            if _being_saved(p.name, saving) and not (p.name == str(saving) and _is_ours(p))
+        )
         if unfinished:
             removed.append(f"the unfinished save of step {saving} ({', '.join(p.name for p in unfinished)})")
         for path in unfinished:
@@ -158,8 +163,10 @@ class RunCheckpoints:
         if removed:
             print(f"{self.directory}: removed what an interrupted run left: {'; '.join(removed)}")
         if foreign := foreign_entries(self.directory):
-            print(f"{self.directory}: leaving alone {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} this "
-                  f"program did not write ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})")  # fmt: skip
+            print(
+                f"{self.directory}: leaving alone {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} this "
+                f"program did not write ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})"
+            )
 
     def _discard(self, path: Path) -> None:
         """Renames `path` into the trash (atomic: it is no longer a step), then removes it."""
@@ -180,9 +187,11 @@ class RunCheckpoints:
         step = int(state.step)
         path = self.directory / str(step)
         if path.exists() and not _is_ours(path):
-            raise CheckpointNotUsable(f"{path}: exists and was not written by this run (no {MANIFEST}): this run "
-                                      f"cannot save its step {step} there; move it away, and run again to "
-                                      "resume")  # fmt: skip
+            raise CheckpointNotUsable(
+                f"{path}: exists and was not written by this run (no {MANIFEST}): this run "
+                f"cannot save its step {step} there; move it away, and run again to "
+                "resume"
+            )
         if self._primary:
             self._set_journal(step)
         self._barrier(f"saving {step} in")
@@ -236,16 +245,22 @@ class RunCheckpoints:
             path = self.directory / str(step)
             if path.is_dir():
                 missing = _missing_files(path) or ([] if read_manifest(path, MANIFEST) else [MANIFEST])
-                why = (f"missing {', '.join(missing)}: a save or deletion was interrupted, or another program wrote "
-                       "it" if missing else "not written by this program")  # fmt: skip
-                raise CheckpointNotUsable(f"{path}: not a complete checkpoint of this run ({why}); complete "
-                                          f"checkpoints: {', '.join(map(str, steps)) or 'none'}")  # fmt: skip
+                why = (
+                    f"missing {', '.join(missing)}: a save or deletion was interrupted, or another program wrote it"
+                    if missing
+                    else "not written by this program"
+                )
+                raise CheckpointNotUsable(
+                    f"{path}: not a complete checkpoint of this run ({why}); complete "
+                    f"checkpoints: {', '.join(map(str, steps)) or 'none'}"
+                )
             raise CheckpointNotUsable(f"{self.directory}: no checkpoint of step {step} (there are {steps})")
         try:
             verify_manifest(self.directory / str(step), MANIFEST)  # every byte as it was saved, before orbax reads
         except IntegrityError as e:
-            raise CheckpointNotUsable(f"{e}; deleting {self.directory / str(step)} makes the checkpoint before it "
-                                      "the latest") from None  # fmt: skip
+            raise CheckpointNotUsable(
+                f"{e}; deleting {self.directory / str(step)} makes the checkpoint before it the latest"
+            ) from None
         if shardings is None:
             first = SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda x: getattr(x, "sharding", None) or first, like)
@@ -286,8 +301,10 @@ class RunCheckpoints:
                 "them): not a checkpoint of this config, or written by another version"
             )
         differ = [f"{k}: {theirs[k]} saved, {mine[k]} now" for k in mine if mine[k] != theirs[k]]
-        raise CheckpointNotUsable(f"{path}: its arrays do not fit this run's state ({'; '.join(differ[:3])}"
-                                  f"{'; ...' if len(differ) > 3 else ''})")  # fmt: skip
+        raise CheckpointNotUsable(
+            f"{path}: its arrays do not fit this run's state ({'; '.join(differ[:3])}"
+            f"{'; ...' if len(differ) > 3 else ''})"
+        )
 
     def close(self) -> None:
         self._manager.close()
@@ -304,8 +321,11 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
         return str(key)
 
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(name(k) for k in path if name(k) != "value"): tuple(leaf.shape) for path, leaf in leaves
-            if hasattr(leaf, "shape")}  # fmt: skip
+    return {
+        "/".join(name(k) for k in path if name(k) != "value"): tuple(leaf.shape)
+        for path, leaf in leaves
+        if hasattr(leaf, "shape")
+    }
 
 
 def _savable(state: TrainState) -> TrainState:

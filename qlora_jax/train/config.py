@@ -45,8 +45,18 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")  # model.dtype
 DROPOUT_RNGS = ("threefry2x32", "philox4x32", "rbg", "unsafe_rbg")  # jax.random key implementations
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-          "gib": 2**30, "tib": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -155,8 +165,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelSection, "data": DataSection, "lora": LoraConfig, "optim": OptimConfig,
-             "train": TrainSection, "mesh": MeshSection}  # fmt: skip
+_SECTIONS = {
+    "model": ModelSection,
+    "data": DataSection,
+    "lora": LoraConfig,
+    "optim": OptimConfig,
+    "train": TrainSection,
+    "mesh": MeshSection,
+}
 
 
 def _type_check(where: str, value: Any, annotation: Any) -> Any:
@@ -175,8 +191,10 @@ def _type_check(where: str, value: Any, annotation: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigFieldError(f"{where}: expected a mapping, got {value!r}")
-        return {_type_check(f"{where} key", k, args[0]): _type_check(f"{where}[{k!r}]", v, args[1])
-                for k, v in value.items()}  # fmt: skip
+        return {
+            _type_check(f"{where} key", k, args[0]): _type_check(f"{where}[{k!r}]", v, args[1])
+            for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigFieldError(f"{where}: expected a list, got {value!r}")
@@ -222,8 +240,11 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         if cls is LoraConfig and key == "init_lora_weights":
             annotation = bool | str
         kwargs[key] = _type_check(f"{where}.{key}", value, annotation)
-    missing = [name for name, f in fields.items() if name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigFieldError(f"{where}: required field '{missing[0]}' is missing")
     try:
@@ -241,21 +262,30 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
     need(m.quant in QUANT_CHOICES, "model.quant", f"must be one of {QUANT_CHOICES}, got {m.quant!r}")
     need(m.dtype in COMPUTE_DTYPES, "model.dtype", f"unsupported dtype {m.dtype!r}")
     need(m.blocksize in SUPPORTED_BLOCKSIZES, "model.blocksize", f"unsupported {m.blocksize}")
-    need(m.resize_token_embeddings is None or m.resize_token_embeddings >= 1, "model.resize_token_embeddings",
-         f"must be a positive number of rows, got {m.resize_token_embeddings}")  # fmt: skip
+    need(
+        m.resize_token_embeddings is None or m.resize_token_embeddings >= 1,
+        "model.resize_token_embeddings",
+        f"must be a positive number of rows, got {m.resize_token_embeddings}",
+    )
     need(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     need(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
     need(d.loss_on in ("completion", "all"), "data.loss_on", f"must be completion or all, got {d.loss_on!r}")
     need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
-    need(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
-         f"must divide batch_size={t.batch_size}, got {t.grad_accum}")  # fmt: skip
+    need(
+        t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
+        "train.grad_accum",
+        f"must divide batch_size={t.batch_size}, got {t.grad_accum}",
+    )
     remats = ("auto", *REMAT_POLICIES)
     need(t.remat in remats, "train.remat", f"must be one of {remats}, got {t.remat!r}")
     need(t.dropout_rng in DROPOUT_RNGS, "train.dropout_rng", f"must be one of {DROPOUT_RNGS}, got {t.dropout_rng!r}")
     need(t.attention in ATTENTION_IMPLS, "train.attention", f"must be one of {ATTENTION_IMPLS}, got {t.attention!r}")
-    need(not (t.attention == "cudnn" and d.packing), "train.attention",
-         "cudnn has no mask for packed rows: set data.packing: false, or attention: auto / pallas")  # fmt: skip
+    need(
+        not (t.attention == "cudnn" and d.packing),
+        "train.attention",
+        "cudnn has no mask for packed rows: set data.packing: false, or attention: auto / pallas",
+    )
     if t.memory_budget is not None:
         try:
             parse_bytes(t.memory_budget)
@@ -268,11 +298,17 @@ def _check_ranges(config: TrainConfig, where: str) -> None:
     need(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     for name in ("eval_every", "save_every", "eval_batches", "eval_exact_match"):
         need(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0 (0: off), got {getattr(t, name)}")
-    need(t.divergence_factor == 0 or t.divergence_factor > 1, "train.divergence_factor",
-         f"must be > 1, or 0 (only non-finite losses stop the run), got {t.divergence_factor}")  # fmt: skip
+    need(
+        t.divergence_factor == 0 or t.divergence_factor > 1,
+        "train.divergence_factor",
+        f"must be > 1, or 0 (only non-finite losses stop the run), got {t.divergence_factor}",
+    )
     coef = t.router_aux_loss_coef
-    need(coef is None or (coef >= 0 and math.isfinite(coef)), "train.router_aux_loss_coef",
-         f"must be a finite number >= 0, or null (the model's config.json), got {coef}")  # fmt: skip
+    need(
+        coef is None or (coef >= 0 and math.isfinite(coef)),
+        "train.router_aux_loss_coef",
+        f"must be a finite number >= 0, or null (the model's config.json), got {coef}",
+    )
     need(bool(t.output_dir), "train.output_dir", "must not be empty")
     mesh = config.mesh
     for name in ("data", "fsdp"):
@@ -387,8 +423,9 @@ def _resolve_paths(config: TrainConfig, base: Path) -> TrainConfig:
             return p
         return str((base / p).resolve())
 
-    model = dataclasses.replace(config.model, path=resolve(config.model.path),
-                                tokenizer=resolve(config.model.tokenizer))  # fmt: skip
+    model = dataclasses.replace(
+        config.model, path=resolve(config.model.path), tokenizer=resolve(config.model.tokenizer)
+    )
     data = dataclasses.replace(config.data, train=resolve(config.data.train), eval=resolve(config.data.eval))
     train = dataclasses.replace(config.train, output_dir=resolve(config.train.output_dir))
     return dataclasses.replace(config, model=model, data=data, train=train)

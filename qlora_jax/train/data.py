@@ -120,10 +120,17 @@ def check_data_file(path: str | os.PathLike, field: str = "data") -> None:
     except OSError:
         return
     if not stat.S_ISREG(mode):
-        kind = ("a named pipe (FIFO) or a pipe" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
-                else "a device or socket")  # fmt: skip
-        raise DataError(f"{path}: {field} is {kind}, not a regular file; the data is read more than once (its "
-                        "checksum, then its records): save it to a file first")  # fmt: skip
+        kind = (
+            "a named pipe (FIFO) or a pipe"
+            if stat.S_ISFIFO(mode)
+            else "a directory"
+            if stat.S_ISDIR(mode)
+            else "a device or socket"
+        )
+        raise DataError(
+            f"{path}: {field} is {kind}, not a regular file; the data is read more than once (its "
+            "checksum, then its records): save it to a file first"
+        )
 
 
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
@@ -150,8 +157,9 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
                 try:
                     json.dumps(record, ensure_ascii=False).encode("utf-8")
                 except UnicodeEncodeError:
-                    raise DataError(f"{path}:{number}: a string holds a lone UTF-16 surrogate (\\uD800-\\uDFFF), "
-                                    "which is not text") from None  # fmt: skip
+                    raise DataError(
+                        f"{path}:{number}: a string holds a lone UTF-16 surrogate (\\uD800-\\uDFFF), which is not text"
+                    ) from None
             records.append((number, record))
     return records
 
@@ -199,13 +207,15 @@ def tokenize_record(
     _check_loss_on(loss_on)
     formats = [name for name, keys in FORMATS.items() if any(k in record for k in keys)]
     if not formats:
-        raise DataError(f"{source}: expected a 'text', 'prompt'/'completion' or 'messages' field, "
-                        f"found {sorted(record) or 'none'}")  # fmt: skip
+        raise DataError(
+            f"{source}: expected a 'text', 'prompt'/'completion' or 'messages' field, found {sorted(record) or 'none'}"
+        )
     if len(formats) > 1:
         raise DataError(f"{source}: ambiguous record, has fields of several formats ({', '.join(formats)})")
     if formats[0] != "messages" and record.get("tools") is not None:
-        raise DataError(f"{source}: 'tools' goes with 'messages' (the chat template shows them), not with "
-                        f"{formats[0]} records")  # fmt: skip
+        raise DataError(
+            f"{source}: 'tools' goes with 'messages' (the chat template shows them), not with {formats[0]} records"
+        )
     if formats[0] == "messages":
         tokens, mask = _tokenize_chat(record, tokenizer, source)
     else:
@@ -237,8 +247,10 @@ def _tool_calls(calls: Any, where: str) -> None:
     for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise DataError(f"{where}.tool_calls[{j}] must be an object with a 'function' object holding a string "
-                            "'name' (and its 'arguments')")  # fmt: skip
+            raise DataError(
+                f"{where}.tool_calls[{j}] must be an object with a 'function' object holding a string "
+                "'name' (and its 'arguments')"
+            )
         if not isinstance(function.get("arguments", {}), dict | str):
             raise DataError(f"{where}.tool_calls[{j}].function.arguments must be an object (or a JSON string)")
 
@@ -272,8 +284,9 @@ def _tokenize_chat(record: dict, tokenizer: Any, source: str) -> tuple[list[int]
             )
         if "tool_calls" in m and m["tool_calls"] is not None:
             if m["role"] != "assistant":
-                raise DataError(f"{source}: messages[{i}] has tool_calls but role {m['role']!r}; only assistant "
-                                "turns call tools")  # fmt: skip
+                raise DataError(
+                    f"{source}: messages[{i}] has tool_calls but role {m['role']!r}; only assistant turns call tools"
+                )
             _tool_calls(m["tool_calls"], f"{source}: messages[{i}]")
             if m.get("content") is not None and not isinstance(m["content"], str):
                 raise DataError(f"{source}: messages[{i}] 'content' must be a string or null")
@@ -321,11 +334,19 @@ def load_examples(
         else:
             examples.append(example)
     if dropped:
-        log.warning("%s: dropped %d of %d examples with no target token within max_length=%d (first: %s)",
-                    path, len(dropped), len(records), max_length, dropped[0])  # fmt: skip
+        log.warning(
+            "%s: dropped %d of %d examples with no target token within max_length=%d (first: %s)",
+            path,
+            len(dropped),
+            len(records),
+            max_length,
+            dropped[0],
+        )
     if not examples:
-        raise DataError(f"{path}: every one of its {len(records)} examples has no target token within "
-                        f"max_length={max_length} (first: {dropped[0]})")  # fmt: skip
+        raise DataError(
+            f"{path}: every one of its {len(records)} examples has no target token within "
+            f"max_length={max_length} (first: {dropped[0]})"
+        )
     return examples
 
 
@@ -448,8 +469,13 @@ class BatchIterator:
         return self.rows.take(np.concatenate(picked))
 
     def state(self) -> dict:
-        return {"epoch": self._epoch, "index": self._index, "num_rows": self.rows.num_rows,
-                "seed": self.seed, "shuffle": self.shuffle}  # fmt: skip
+        return {
+            "epoch": self._epoch,
+            "index": self._index,
+            "num_rows": self.rows.num_rows,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
 
     def restore(self, state: dict) -> None:
         # The position means nothing for other rows or another order: refuse it rather than resume wrong.

@@ -53,5 +53,10 @@ def export_run(run_dir: str | os.PathLike, output: str | os.PathLike, *, step: i
         checkpoints.close()
     # The base weights are not read: a resized embedding's tables are not written (the run's own export at its end
     # writes them; docs/lora.md#added-tokens).
-    return save_peft_adapter(nnx.merge(graphdef, state.lora, rest), output, config.lora,
-                             base_model_name_or_path=base_model_name(config), save_embedding_layers=False)  # fmt: skip
+    return save_peft_adapter(
+        nnx.merge(graphdef, state.lora, rest),
+        output,
+        config.lora,
+        base_model_name_or_path=base_model_name(config),
+        save_embedding_layers=False,
+    )

@@ -54,8 +54,15 @@ class RunLock:
     `break_lock`: take over a lock of another host even if its heartbeat is recent (its process is known gone).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, what: str = "train.output_dir", break_lock: bool = False,
-                 heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):  # fmt: skip
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        what: str = "train.output_dir",
+        break_lock: bool = False,
+        heartbeat_s: float = HEARTBEAT_S,
+        stale_after_s: float = STALE_AFTER_S,
+    ):
         self.directory = Path(directory)
         self.path = self.directory / LOCK_FILE
         self.what = what

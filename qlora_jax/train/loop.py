@@ -92,8 +92,9 @@ class _Progress:
         return path
 
 
-def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False, break_lock: bool = False
-          ) -> TrainResult:  # fmt: skip
+def train(
+    config: TrainConfig, *, progress: bool = True, overwrite: bool = False, break_lock: bool = False
+) -> TrainResult:
     """Runs (or resumes) a QLoRA fine-tune as configured; see the module docstring for what it writes.
 
     `overwrite`: replace the run in `train.output_dir` (its own files only) instead of resuming it or refusing.
@@ -107,9 +108,11 @@ def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False
     """
     t, mesh = config.train, config.mesh
     # multi-process launches (SLURM, or JAX_* variables); before any JAX work
-    initialize_from_environment(initialization_timeout=mesh.initialization_timeout,
-                                heartbeat_timeout_seconds=mesh.heartbeat_timeout_seconds,
-                                shutdown_timeout_seconds=mesh.shutdown_timeout_seconds)  # fmt: skip
+    initialize_from_environment(
+        initialization_timeout=mesh.initialization_timeout,
+        heartbeat_timeout_seconds=mesh.heartbeat_timeout_seconds,
+        shutdown_timeout_seconds=mesh.shutdown_timeout_seconds,
+    )
     primary = is_primary()
     run_dir = RunDirectory(t.output_dir, primary=primary, break_lock=break_lock)
     data: dict[str, Any] = {}
@@ -135,8 +138,16 @@ def train(config: TrainConfig, *, progress: bool = True, overwrite: bool = False
         if t.export_peft:
             _export_adapter(setup, run.state.lora, run_dir.adapter, primary=primary)
     losses = [loss for _, loss in metrics.series("loss")]
-    return TrainResult(model, setup.tokenizer, int(run.state.step), losses, metrics.series("eval_loss"), run_dir.path,
-                       run.exact_match_before, exact_match_after)  # fmt: skip
+    return TrainResult(
+        model,
+        setup.tokenizer,
+        int(run.state.step),
+        losses,
+        metrics.series("eval_loss"),
+        run_dir.path,
+        run.exact_match_before,
+        exact_match_after,
+    )
 
 
 def _start(setup: TrainingSetup, checkpoints: RunCheckpoints, metrics: MetricsLog, *, resuming: bool) -> _Progress:
@@ -145,8 +156,12 @@ def _start(setup: TrainingSetup, checkpoints: RunCheckpoints, metrics: MetricsLo
     iterator = data_lib.BatchIterator(setup.data.rows, config.train.batch_size, seed=config.data.seed)
 
     def guard(last_saved: int | None) -> DivergenceGuard:
-        return DivergenceGuard(config.train.divergence_factor, max_grad_norm=config.optim.max_grad_norm,
-                               checkpoints=checkpoints.directory, last_saved=last_saved)  # fmt: skip
+        return DivergenceGuard(
+            config.train.divergence_factor,
+            max_grad_norm=config.optim.max_grad_norm,
+            checkpoints=checkpoints.directory,
+            last_saved=last_saved,
+        )
 
     if resuming:
         state, extra = checkpoints.restore(setup.state, offload=config.optim.offload, shardings=setup.state_shardings)
@@ -168,8 +183,15 @@ def _start(setup: TrainingSetup, checkpoints: RunCheckpoints, metrics: MetricsLo
     return _Progress(setup.state, iterator, samples, exact_match_before, guard(None))
 
 
-def _run_steps(setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints, metrics: MetricsLog,
-               stop: StopSignals, *, progress: bool) -> None:  # fmt: skip
+def _run_steps(
+    setup: TrainingSetup,
+    run: _Progress,
+    checkpoints: RunCheckpoints,
+    metrics: MetricsLog,
+    stop: StopSignals,
+    *,
+    progress: bool,
+) -> None:
     """Steps `run` to `train.steps`: logs every `log_every`, evaluates every `eval_every`, saves every
     `save_every` (the last step's evaluation and checkpoint are `_finish`'s), and after a step at which `stop`
     says so, saves and raises TrainingStopped."""
@@ -192,14 +214,24 @@ def _run_steps(setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints
             run.last_batch, run.last_loss = host_batch, loss
             tokens_per_s = int(np.count_nonzero(host_batch.segment_ids)) / elapsed  # every token the step processed
             bar.update(1)
-            bar.set_postfix(loss=f"{float(step_metrics['loss']):.4f}", tok_s=f"{tokens_per_s:.0f}",
-                            step_s=f"{elapsed:.2f}", mem=device_memory())  # fmt: skip
+            bar.set_postfix(
+                loss=f"{float(step_metrics['loss']):.4f}",
+                tok_s=f"{tokens_per_s:.0f}",
+                step_s=f"{elapsed:.2f}",
+                mem=device_memory(),
+            )
             if step % t.log_every == 0 or step == t.steps:
-                metrics.log({"step": step, "loss": float(step_metrics["loss"]),
-                             "grad_norm": float(step_metrics["grad_norm"]),
-                             "learning_rate": float(step_metrics["learning_rate"]),
-                             "target_tokens": int(step_metrics["tokens"]), "step_seconds": elapsed,
-                             "tokens_per_second": tokens_per_s})  # fmt: skip
+                metrics.log(
+                    {
+                        "step": step,
+                        "loss": float(step_metrics["loss"]),
+                        "grad_norm": float(step_metrics["grad_norm"]),
+                        "learning_rate": float(step_metrics["learning_rate"]),
+                        "target_tokens": int(step_metrics["tokens"]),
+                        "step_seconds": elapsed,
+                        "tokens_per_second": tokens_per_s,
+                    }
+                )
             if setup.data.eval_rows is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 metrics.log({"step": step, "eval_loss": evaluate(setup, run.state.lora)})
             saved = t.save_every and step % t.save_every == 0 and step < t.steps
@@ -212,8 +244,9 @@ def _run_steps(setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints
         bar.close()
 
 
-def _finish(setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints, metrics: MetricsLog,
-            run_dir: RunDirectory) -> tuple[DecoderLM, float | None]:  # fmt: skip
+def _finish(
+    setup: TrainingSetup, run: _Progress, checkpoints: RunCheckpoints, metrics: MetricsLog, run_dir: RunDirectory
+) -> tuple[DecoderLM, float | None]:
     """The last checkpoint (checked first, like every one), the reports after training (eval loss, exact match,
     samples) and the loss curve."""
     model = setup.model_with(run.state.lora)
@@ -243,6 +276,10 @@ def _export_adapter(setup: TrainingSetup, lora, directory: Path, *, primary: boo
     if primary:
         config = setup.config
         # a resized embedding goes with the adapter, as PEFT's save_embedding_layers writes it
-        save_peft_adapter(setup.model_with(lora), directory, config.lora,
-                          base_model_name_or_path=base_model_name(config),
-                          save_embedding_layers=config.model.resize_token_embeddings is not None)  # fmt: skip
+        save_peft_adapter(
+            setup.model_with(lora),
+            directory,
+            config.lora,
+            base_model_name_or_path=base_model_name(config),
+            save_embedding_layers=config.model.resize_token_embeddings is not None,
+        )

@@ -61,9 +61,15 @@ class StepShardings:
 
 
 def step_shardings(
-    mesh: Mesh, lora: Any, base: Any, optimizer: optax.GradientTransformation, *, dq_blocksize: int = 256,
-    offload: bool = False, expert_parallel: bool = False,
-) -> StepShardings:  # fmt: skip
+    mesh: Mesh,
+    lora: Any,
+    base: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    dq_blocksize: int = 256,
+    offload: bool = False,
+    expert_parallel: bool = False,
+) -> StepShardings:
     """The placement of a run on `mesh` (`lora`, `base`: the split model, arrays or ShapeDtypeStructs);
     `expert_parallel`: a mixture of experts' experts split by expert over fsdp and computed where they are."""
     lora_shardings = param_shardings(lora, mesh, dq_blocksize=dq_blocksize, expert_parallel=expert_parallel)
@@ -73,8 +79,15 @@ def step_shardings(
         opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
     state = TrainState(replicated(mesh), lora_shardings, opt_shardings)
     base_shardings = param_shardings(base, mesh, dq_blocksize=dq_blocksize, expert_parallel=expert_parallel)
-    return StepShardings(mesh, state, base_shardings, batch_sharding(mesh, axis=1), batch_sharding(mesh, axis=0),
-                         replicated(mesh), expert_parallel)  # fmt: skip
+    return StepShardings(
+        mesh,
+        state,
+        base_shardings,
+        batch_sharding(mesh, axis=1),
+        batch_sharding(mesh, axis=0),
+        replicated(mesh),
+        expert_parallel,
+    )
 
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:

@@ -94,8 +94,13 @@ class CompiledMemory:
     @classmethod
     def of(cls, compiled: Any) -> CompiledMemory:
         m = compiled.memory_analysis()
-        return cls(int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
-                   int(m.temp_size_in_bytes), int(getattr(m, "host_temp_size_in_bytes", 0) or 0))  # fmt: skip
+        return cls(
+            int(m.argument_size_in_bytes),
+            int(m.output_size_in_bytes),
+            int(m.alias_size_in_bytes),
+            int(m.temp_size_in_bytes),
+            int(getattr(m, "host_temp_size_in_bytes", 0) or 0),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +164,10 @@ class MemoryPlan:
             return f"fits {_size(budget)}: {_size(self.device_total)} ({_size(budget - self.device_total)} to spare)"
         largest = sorted(self.device_parts().items(), key=lambda item: -item[1])[:3]
         parts = ", ".join(f"{name} {_size(n)} ({n / self.device_total:.0%})" for name, n in largest)
-        return (f"does not fit {_size(budget)}: {_size(self.device_total)}, {_size(self.device_total - budget)} "
-                f"over; the largest parts: {parts}")  # fmt: skip
+        return (
+            f"does not fit {_size(budget)}: {_size(self.device_total)}, {_size(self.device_total - budget)} "
+            f"over; the largest parts: {parts}"
+        )
 
     def table(self) -> str:
         where = "pinned host" if self.optimizer_offloaded else "device"
@@ -174,7 +181,7 @@ class MemoryPlan:
                 f"saved activations ({self.num_layers} layers x {_size(self.saved_activations_per_layer)})",
                 self.saved_activations,
                 "device",
-            ),  # fmt: skip
+            ),
             ("working set (a layer's backward, loss chunk, gradients)", self.working_set, "device"),
             ("  of which one float32 logits chunk", self.logits_chunk, "device"),
         ]
@@ -190,11 +197,14 @@ class MemoryPlan:
         lines.append(f"{'device total (estimate)':<{width}}  {_size(self.device_total):>10}")
         if self.compiled is not None:
             error = self.device_total / self.compiled.total - 1
-            lines.append(f"{'device total (XLA, full step)':<{width}}  {_size(self.compiled.total):>10}  "
-                         f"plan {error:+.1%}")  # fmt: skip
+            lines.append(
+                f"{'device total (XLA, full step)':<{width}}  {_size(self.compiled.total):>10}  plan {error:+.1%}"
+            )
             c = self.compiled
-            lines.append(f"{'  XLA: arguments / outputs (aliased) / temporaries':<{width}}  {_size(c.arguments)} / "
-                         f"{_size(c.outputs)} ({_size(c.aliased)}) / {_size(c.temporaries)}")  # fmt: skip
+            lines.append(
+                f"{'  XLA: arguments / outputs (aliased) / temporaries':<{width}}  {_size(c.arguments)} / "
+                f"{_size(c.outputs)} ({_size(c.aliased)}) / {_size(c.temporaries)}"
+            )
         if self.remat_choice is not None:
             lines.append(self.remat_choice.explain())
         return "\n".join(lines)
@@ -258,8 +268,9 @@ def _with_remat(config: TrainConfig, policy: str) -> TrainConfig:
     return dataclasses.replace(config, train=dataclasses.replace(config.train, remat=policy))
 
 
-def choose_remat(config: TrainConfig, *, budget: int | None = None, target: str | None = None
-                 ) -> tuple[RematChoice, MemoryPlan]:  # fmt: skip
+def choose_remat(
+    config: TrainConfig, *, budget: int | None = None, target: str | None = None
+) -> tuple[RematChoice, MemoryPlan]:
     """The cheapest checkpointing policy (REMAT_ORDER) whose planned step fits the budget (default:
     `memory_budget(config)`), and its plan. If none fits, the least memory-hungry planned, flagged in the choice.
     `target`: plan for that GPU (see the module docstring). Raises InputError for a target on a mesh."""
@@ -308,9 +319,14 @@ def resolve_remat(config: TrainConfig) -> tuple[TrainConfig, RematChoice | None]
 
 
 def longest_row(
-    config: TrainConfig, *, budget: int | None = None, policy: str = "full", multiple: int = 1024,
-    limit: int = 2**20, target: str | None = None,
-) -> tuple[int, MemoryPlan | None]:  # fmt: skip
+    config: TrainConfig,
+    *,
+    budget: int | None = None,
+    policy: str = "full",
+    multiple: int = 1024,
+    limit: int = 2**20,
+    target: str | None = None,
+) -> tuple[int, MemoryPlan | None]:
     """The longest `data.max_length` (a multiple of `multiple`, up to `limit`) whose one-row step (batch_size 1,
     grad_accum 1) under `policy` fits `budget` (default `memory_budget(config)`), and its plan; (0, None) if even
     `multiple` tokens do not fit. `target`: plan for that GPU (see the module docstring).
@@ -342,8 +358,9 @@ def longest_row(
     return low * multiple, best_plan
 
 
-def _next_length(low: int, high: int | None, top: int, totals: dict[int, int], budget: int, width: int
-                 ) -> tuple[int | None, int]:  # fmt: skip
+def _next_length(
+    low: int, high: int | None, top: int, totals: dict[int, int], budget: int, width: int
+) -> tuple[int | None, int]:
     """(the next length to plan or None when the bracket is closed, the bracket's width now): see `longest_row`."""
     upper = top + 1 if high is None else high
     if low == 0 and high is not None or upper - low <= 1:
@@ -395,24 +412,32 @@ def _abstract_step(config: TrainConfig, num_layers: int | None, target: str | No
     mesh = configured_mesh(config)
     shardings = None
     if mesh is not None:
-        shardings = step_shardings(mesh, lora, base, optimizer, dq_blocksize=_dq_blocksize(config),
-                                   expert_parallel=config.mesh.expert_parallel,
-                                   offload=config.optim.offload)  # fmt: skip
+        shardings = step_shardings(
+            mesh,
+            lora,
+            base,
+            optimizer,
+            dq_blocksize=_dq_blocksize(config),
+            expert_parallel=config.mesh.expert_parallel,
+            offload=config.optim.offload,
+        )
     elif config.optim.offload:
         device = jax.devices()[0] if target is None else gpu_target.target_device(target)
         host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-        state = dataclasses.replace(state, opt_state=jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host), state.opt_state))  # fmt: skip
-    steps = make_steps(config, graphdef, optimizer, vocab_size=model.config.vocab_size, shardings=shardings,
-                       target=target)  # fmt: skip
+        state = dataclasses.replace(
+            state,
+            opt_state=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host), state.opt_state),
+        )
+    steps = make_steps(
+        config, graphdef, optimizer, vocab_size=model.config.vocab_size, shardings=shardings, target=target
+    )
     shape = (t.grad_accum, t.batch_size // t.grad_accum, config.data.max_length)
     batch = {field: jax.ShapeDtypeStruct(shape, jnp.int32) for field in BATCH_FIELDS}
     key = jax.eval_shape(lambda: jax.random.key(0, impl=t.dropout_rng))
     return steps.train_step, (state, base, batch, key), model, shardings
 
 
-def compiled_memory(config: TrainConfig, *, num_layers: int | None = None, target: str | None = None
-                    ) -> CompiledMemory:  # fmt: skip
+def compiled_memory(config: TrainConfig, *, num_layers: int | None = None, target: str | None = None) -> CompiledMemory:
     """XLA's memory analysis of the configured training step, compiled for abstract arguments; for a GPU target,
     XLA:GPU's, compiled without the GPU (raises `gpu_target.DevicelessUnavailable` with the reason where this
     machine cannot).
@@ -425,13 +450,15 @@ def compiled_memory(config: TrainConfig, *, num_layers: int | None = None, targe
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_memory(config: TrainConfig, model_config: Any, num_layers: int | None, target: str | None,
-                     devices: tuple[str, ...]) -> CompiledMemory:  # fmt: skip
+def _compiled_memory(
+    config: TrainConfig, model_config: Any, num_layers: int | None, target: str | None, devices: tuple[str, ...]
+) -> CompiledMemory:
     del model_config, devices  # cache keys only
     step, args, _, _ = _abstract_step(config, num_layers, target)
     if target is not None:
-        compiled = gpu_target.compile_for_target(step, *args, target=target,
-                                                 compiler_options=gpu_target.AS_TUNED_ON_GPU)  # fmt: skip
+        compiled = gpu_target.compile_for_target(
+            step, *args, target=target, compiler_options=gpu_target.AS_TUNED_ON_GPU
+        )
         return CompiledMemory.of(compiled)
     return CompiledMemory.of(step.lower(*args).compile())
 
@@ -485,13 +512,20 @@ def _parts(config: TrainConfig, target: str | None):
         adapters, optimizer_state = _nbytes(state.lora), _nbytes(state.opt_state)
     else:
         mesh = shardings.mesh
-        quantized = shard_bytes(quantized_state, param_shardings(quantized_state, mesh,
-                                                                 dq_blocksize=_dq_blocksize(config)))  # fmt: skip
+        quantized = shard_bytes(
+            quantized_state, param_shardings(quantized_state, mesh, dq_blocksize=_dq_blocksize(config))
+        )
         dense = shard_bytes(base, shardings.base) - quantized
         adapters = shard_bytes(state.lora, shardings.state.lora)
         optimizer_state = shard_bytes(state.opt_state, shardings.state.opt_state)
-    parts = dict(quantized_weights=quantized, dense_weights=dense, adapters=adapters, optimizer_state=optimizer_state,
-                 optimizer_offloaded=config.optim.offload, batch=_nbytes(batch) // devices)  # fmt: skip
+    parts = dict(
+        quantized_weights=quantized,
+        dense_weights=dense,
+        adapters=adapters,
+        optimizer_state=optimizer_state,
+        optimizer_offloaded=config.optim.offload,
+        batch=_nbytes(batch) // devices,
+    )
     stored = quantized + dense + adapters + (0 if config.optim.offload else optimizer_state) + parts["batch"]
     mesh = None if shardings is None else (shardings.mesh.shape["data"], shardings.mesh.shape["fsdp"])
     return stored, parts, model.config.num_layers, model.config.vocab_size, devices, mesh

@@ -93,8 +93,10 @@ def exact_match(
 def _print_samples(title: str, rows: list[dict[str, str]]) -> None:
     print(title)
     for row in rows:
-        print(f"  {row['prompt']!r} -> {row['answer']!r}" + (f"  (expected {row['reference']!r})"
-                                                              if "reference" in row else ""))  # fmt: skip
+        print(
+            f"  {row['prompt']!r} -> {row['answer']!r}"
+            + (f"  (expected {row['reference']!r})" if "reference" in row else "")
+        )
 
 
 def _generating(setup: TrainingSetup) -> bool:
@@ -104,14 +106,20 @@ def _generating(setup: TrainingSetup) -> bool:
 
 def _answers(setup: TrainingSetup, model: DecoderLM) -> list[str]:
     prompts = list(setup.config.train.samples)
-    return generate_text(model, setup.tokenizer, prompts, SamplingConfig(max_new_tokens=SAMPLE_TOKENS, temperature=0.0),
-                         options=setup.options)  # fmt: skip
+    return generate_text(
+        model,
+        setup.tokenizer,
+        prompts,
+        SamplingConfig(max_new_tokens=SAMPLE_TOKENS, temperature=0.0),
+        options=setup.options,
+    )
 
 
 def _exact_match(setup: TrainingSetup, model: DecoderLM, when: str, samples: dict[str, Any]) -> float:
     t = setup.config.train
-    score, rows = exact_match(model, setup.tokenizer, setup.data.eval_records[: t.eval_exact_match],
-                              options=setup.options)  # fmt: skip
+    score, rows = exact_match(
+        model, setup.tokenizer, setup.data.eval_records[: t.eval_exact_match], options=setup.options
+    )
     samples[f"eval_{when}"] = rows[:SHOWN]
     _print_samples(f"{when} training: eval exact match {score:.1%} on {len(rows)}; for example", rows[:SHOWN])
     return score
@@ -126,8 +134,9 @@ def report_before(setup: TrainingSetup, samples: dict[str, Any]) -> float | None
         return None
     if t.samples:
         samples["before"] = _answers(setup, setup.model)
-        _print_samples("before training:", [{"prompt": p, "answer": a} for p, a in zip(t.samples, samples["before"],
-                                                                                       strict=True)])  # fmt: skip
+        _print_samples(
+            "before training:", [{"prompt": p, "answer": a} for p, a in zip(t.samples, samples["before"], strict=True)]
+        )
     if setup.data.eval_records and t.eval_exact_match:
         return _exact_match(setup, setup.model, "before", samples)
     return None
@@ -144,8 +153,9 @@ def report_after(setup: TrainingSetup, model: DecoderLM, samples: dict[str, Any]
     if t.samples:
         samples["after"] = _answers(setup, model)
         samples["prompts"] = list(t.samples)
-        _print_samples("after training:", [{"prompt": p, "answer": a} for p, a in zip(t.samples, samples["after"],
-                                                                                      strict=True)])  # fmt: skip
+        _print_samples(
+            "after training:", [{"prompt": p, "answer": a} for p, a in zip(t.samples, samples["after"], strict=True)]
+        )
     return score
 
 

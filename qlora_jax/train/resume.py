@@ -24,19 +24,42 @@ __all__ = ["RESUMABLE_FIELDS", "ResumeError", "check_resumable", "data_fingerpri
 
 RESUMABLE_FIELDS: tuple[str, ...] = (
     # how long the run goes (the learning-rate schedule is recomputed over the new total), and what it reports
-    "train.steps", "train.eval_every", "train.eval_batches", "train.log_every", "train.save_every",
-    "train.keep_checkpoints", "train.export_peft", "train.resume", "train.divergence_factor",
+    "train.steps",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.export_peft",
+    "train.resume",
+    "train.divergence_factor",
     # how a step computes (results equal up to rounding), and where
-    "train.remat", "train.memory_budget", "train.loss_chunk_size", "train.attention", "train.attention_block",
-    "train.grad_accum", "optim.offload",
-    "mesh.data", "mesh.fsdp", "mesh.expert_parallel", "mesh.initialization_timeout", "mesh.heartbeat_timeout_seconds",
+    "train.remat",
+    "train.memory_budget",
+    "train.loss_chunk_size",
+    "train.attention",
+    "train.attention_block",
+    "train.grad_accum",
+    "optim.offload",
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.expert_parallel",
+    "mesh.initialization_timeout",
+    "mesh.heartbeat_timeout_seconds",
     "mesh.shutdown_timeout_seconds",
     # the optimizer's hyperparameters (the state's structure does not depend on them): lower the learning rate or
     # clip the gradients and resume from the last good checkpoint
-    "optim.learning_rate", "optim.schedule", "optim.warmup_steps", "optim.end_lr_fraction", "optim.weight_decay",
-    "optim.beta1", "optim.beta2", "optim.eps", "optim.max_grad_norm",
+    "optim.learning_rate",
+    "optim.schedule",
+    "optim.warmup_steps",
+    "optim.end_lr_fraction",
+    "optim.weight_decay",
+    "optim.beta1",
+    "optim.beta2",
+    "optim.eps",
+    "optim.max_grad_norm",
     "train.output_dir",  # the same directory, perhaps moved
-)  # fmt: skip
+)
 # Compared by content (run.json's SHA-256), not by path: the files may move, their content may not change.
 DATA_FILES = ("data.train", "data.eval")
 
@@ -54,8 +77,7 @@ def _normalized(config: TrainConfig) -> dict[str, Any]:
     return _flat(json.loads(json.dumps(config.to_dict(), default=str)))
 
 
-def check_resumable(config: TrainConfig, stored: dict[str, Any], *, source: str, data_by_content: bool = True
-                    ) -> None:  # fmt: skip
+def check_resumable(config: TrainConfig, stored: dict[str, Any], *, source: str, data_by_content: bool = True) -> None:
     """Raises ResumeError naming every field of `config` that differs from the run's config.json (`stored`, read
     from `source`) and cannot change on resume, with both values. `data_by_content`: the data files' paths are not
     compared (`check_same_data` compares their content); False for runs without a run.json."""
@@ -68,8 +90,9 @@ def check_resumable(config: TrainConfig, stored: dict[str, Any], *, source: str,
         ) from e
     old, new = _normalized(before), _normalized(config)
     may_differ = RESUMABLE_FIELDS + (DATA_FILES if data_by_content else ())
-    differences = [(field, old[field], new[field]) for field in new
-                   if field not in may_differ and old.get(field) != new[field]]  # fmt: skip
+    differences = [
+        (field, old[field], new[field]) for field in new if field not in may_differ and old.get(field) != new[field]
+    ]
     if differences:
         lines = "\n".join(f"  {field}: {a!r} in the run, {b!r} now" for field, a, b in differences)
         raise ResumeError(
@@ -97,8 +120,10 @@ def data_fingerprint(config: TrainConfig) -> dict[str, Any]:
     """{"train": {path, sha256, records}, "eval": ... or None}: what `check_same_data` compares on resume.
     Raises DataError naming a data file that cannot be read."""
     d = config.data
-    return {"train": _file_fingerprint(d.train, "data.train"),
-            "eval": _file_fingerprint(d.eval, "data.eval") if d.eval else None}  # fmt: skip
+    return {
+        "train": _file_fingerprint(d.train, "data.train"),
+        "eval": _file_fingerprint(d.eval, "data.eval") if d.eval else None,
+    }
 
 
 def check_same_data(now: dict[str, Any], stored: dict[str, Any] | None, *, source: str) -> None:

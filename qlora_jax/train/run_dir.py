@@ -108,8 +108,11 @@ class RunDirectory:
         if not held:
             return
         where = f"{self.path} (a link to {real})" if real != self.path.absolute() else str(self.path)
-        earlier = (" (its run.json is not this version's: a run of an earlier qlora-jax, which this version does "
-                   "not resume)" if "run.json" in held and "config.json" in held else "")  # fmt: skip
+        earlier = (
+            " (its run.json is not this version's: a run of an earlier qlora-jax, which this version does not resume)"
+            if "run.json" in held and "config.json" in held
+            else ""
+        )
         raise NotARunDirectory(
             f"train.output_dir {where} is not a run directory of qlora-jax and is not empty: it holds "
             f"{_listing(real, held)}{earlier}; train writes only into a new or empty directory or one of its own "
@@ -171,8 +174,9 @@ class RunDirectory:
         if not self.config.is_file():
             raise ResumeError(f"{self.path}: has checkpoints but no config.json; use another train.output_dir")
         stored_data = read_json(self.run_info, "data record").get("data")
-        check_resumable(config, read_json(self.config, "config"), source=str(self.config),
-                        data_by_content=stored_data is not None)  # fmt: skip
+        check_resumable(
+            config, read_json(self.config, "config"), source=str(self.config), data_by_content=stored_data is not None
+        )
         check_same_data(data, stored_data, source=str(self.run_info))
         remat = read_json(self.config, "config").get("train", {}).get("remat")
         return RunStart(resuming=True, remat=remat if remat in REMAT_POLICIES and remat != "auto" else None)

@@ -29,8 +29,15 @@ from qlora_jax.train.parallel import StepShardings, configured_mesh, global_batc
 from qlora_jax.train.plan import resolve_remat
 from qlora_jax.train.step import BATCH_FIELDS, TrainState
 
-__all__ = ["RunData", "TrainingSetup", "load_model_for_training", "load_run_tokenizer", "load_data", "check_vocabulary",
-           "set_up"]  # fmt: skip
+__all__ = [
+    "RunData",
+    "TrainingSetup",
+    "load_model_for_training",
+    "load_run_tokenizer",
+    "load_data",
+    "check_vocabulary",
+    "set_up",
+]
 
 
 def load_run_tokenizer(config: TrainConfig) -> Any:
@@ -80,10 +87,14 @@ def check_vocabulary(config: TrainConfig, data: RunData, tokenizer) -> None:
     for rows, where in ((data.rows, f"data.train ({d.train})"), (data.eval_rows, f"data.eval ({d.eval or d.train})")):
         if rows is None:
             continue
-        check_token_ids(rows.tokens, vocab, where,
-                        fix=f"the tokenizer has {len(tokenizer)} tokens: set model.resize_token_embeddings: "
-                        f"{max(len(tokenizer), vocab)} and train the new rows (lora.trainable_token_indices; "
-                        "docs/lora.md#added-tokens)")  # fmt: skip
+        check_token_ids(
+            rows.tokens,
+            vocab,
+            where,
+            fix=f"the tokenizer has {len(tokenizer)} tokens: set model.resize_token_embeddings: "
+            f"{max(len(tokenizer), vocab)} and train the new rows (lora.trainable_token_indices; "
+            "docs/lora.md#added-tokens)",
+        )
 
 
 def load_data(config: TrainConfig, tokenizer) -> RunData:
@@ -198,9 +209,11 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
         print(remat_choice.explain())
     model = load_model_for_training(config)
     if config.data.max_length > model.config.max_position_embeddings:
-        print(f"warning: data.max_length={config.data.max_length} is beyond the model's "
-              f"{model.config.max_position_embeddings} positions (max_position_embeddings): longer examples train "
-              "at positions it was not trained for")  # fmt: skip
+        print(
+            f"warning: data.max_length={config.data.max_length} is beyond the model's "
+            f"{model.config.max_position_embeddings} positions (max_position_embeddings): longer examples train "
+            "at positions it was not trained for"
+        )
     if verbose:
         trainable_parameters(model)
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
@@ -208,17 +221,38 @@ def set_up(config: TrainConfig, *, verbose: bool = True, remat: str | None = Non
     shardings: StepShardings | None = None
     if mesh is not None:
         quant = quant_config(config)
-        shardings = step_shardings(mesh, lora, base, optimizer, offload=config.optim.offload,
-                                   expert_parallel=config.mesh.expert_parallel,
-                                   dq_blocksize=quant.dq_blocksize if quant else 256)  # fmt: skip
+        shardings = step_shardings(
+            mesh,
+            lora,
+            base,
+            optimizer,
+            offload=config.optim.offload,
+            expert_parallel=config.mesh.expert_parallel,
+            dq_blocksize=quant.dq_blocksize if quant else 256,
+        )
         del model  # its single-device copy of the weights goes with it
         lora, base = place(lora, shardings.state.lora), place(base, shardings.base)
         model = nnx.merge(graphdef, lora, base)
         if verbose:
-            print(f"mesh: data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {mesh.size} devices, "
-                  f"{jax.process_count()} process(es)")  # fmt: skip
-    state = TrainState.create(lora, optimizer, offload=config.optim.offload,
-                              shardings=None if shardings is None else shardings.state)  # fmt: skip
+            print(
+                f"mesh: data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {mesh.size} devices, "
+                f"{jax.process_count()} process(es)"
+            )
+    state = TrainState.create(
+        lora, optimizer, offload=config.optim.offload, shardings=None if shardings is None else shardings.state
+    )
     steps = make_steps(config, graphdef, optimizer, vocab_size=model.config.vocab_size, shardings=shardings)
-    return TrainingSetup(config, model, tokenizer, data, graphdef, base, optimizer, state, steps.train_step,
-                         steps.eval_step, steps.options, shardings)  # fmt: skip
+    return TrainingSetup(
+        config,
+        model,
+        tokenizer,
+        data,
+        graphdef,
+        base,
+        optimizer,
+        state,
+        steps.train_step,
+        steps.eval_step,
+        steps.options,
+        shardings,
+    )

@@ -68,8 +68,10 @@ def started(run_dir: RunDirectory, decide: Callable[[], RunStart], *, timeout_s:
         except OSError:
             seen = False
         distributed.publish(f"qlora_jax/sees/{me}", json.dumps({"seen": seen, "host": socket.gethostname()}))
-        reports = {i: json.loads(distributed.wait_for(f"qlora_jax/sees/{i}", timeout_s, what=f"process {i}"))
-                   for i in range(count)}  # fmt: skip
+        reports = {
+            i: json.loads(distributed.wait_for(f"qlora_jax/sees/{i}", timeout_s, what=f"process {i}"))
+            for i in range(count)
+        }
         if run_dir.primary:
             probe.unlink(missing_ok=True)  # every process has looked
         blind = [f"{i} (host {r['host']})" for i, r in reports.items() if not r["seen"]]

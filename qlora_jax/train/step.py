@@ -74,8 +74,20 @@ def router_aux_coefficient(model_config: Any, override: float | None = None) -> 
     return moe.router_aux_loss_coef if moe.output_router_logits else 0.0
 
 
-def _loss(graphdef, lora, base, batch, key, *, chunk_size: int, options: ComputeOptions, packed_rows: bool,
-          mesh=None, router_aux_loss_coef: float | None = None, expert_parallel: bool = False):  # fmt: skip
+def _loss(
+    graphdef,
+    lora,
+    base,
+    batch,
+    key,
+    *,
+    chunk_size: int,
+    options: ComputeOptions,
+    packed_rows: bool,
+    mesh=None,
+    router_aux_loss_coef: float | None = None,
+    expert_parallel: bool = False,
+):
     # trace-time: weights gathered where used (a mixture of experts' experts computed where they are, expert
     # parallel), kernels per device
     with compute_mesh(mesh, expert_parallel=expert_parallel):
@@ -85,12 +97,19 @@ def _loss(graphdef, lora, base, batch, key, *, chunk_size: int, options: Compute
         segment_ids = batch["segment_ids"] if packed_rows else None
         coef = router_aux_coefficient(model.config, router_aux_loss_coef)
         # A mixture of experts' load-balancing loss over the real tokens (segment 0: padding), docs/moe.md.
-        h, _, router = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=segment_ids,
-                                           dropout_key=key, options=options, router_mask=batch["segment_ids"] > 0,
-                                           return_router_stats=True)  # fmt: skip
+        h, _, router = model.hidden_states(
+            batch["tokens"],
+            positions=batch["positions"],
+            segment_ids=segment_ids,
+            dropout_key=key,
+            options=options,
+            router_mask=batch["segment_ids"] > 0,
+            return_router_stats=True,
+        )
         logits = functools.partial(model.logits, options=options)
-        loss_sum, count = chunked_cross_entropy(logits, h, batch["targets"], chunk_size=chunk_size,
-                                                batch_shards=mesh_size(mesh))  # fmt: skip
+        loss_sum, count = chunked_cross_entropy(
+            logits, h, batch["targets"], chunk_size=chunk_size, batch_shards=mesh_size(mesh)
+        )
         if coef:  # summed per target token, so that the step's mean is cross-entropy + coef * aux
             loss_sum = loss_sum + coef * load_balancing_loss(router, model.config.moe.num_experts) * count
         return loss_sum, count
@@ -127,9 +146,19 @@ def make_train_step(
 
     def loss_and_grads(lora, base, micro, key):
         def fn(adapters):
-            return _loss(graphdef, adapters, base, micro, key, chunk_size=chunk_size, options=options,
-                         packed_rows=packed_rows, mesh=mesh, router_aux_loss_coef=router_aux_loss_coef,
-                         expert_parallel=expert_parallel)  # fmt: skip
+            return _loss(
+                graphdef,
+                adapters,
+                base,
+                micro,
+                key,
+                chunk_size=chunk_size,
+                options=options,
+                packed_rows=packed_rows,
+                mesh=mesh,
+                router_aux_loss_coef=router_aux_loss_coef,
+                expert_parallel=expert_parallel,
+            )
 
         (loss_sum, count), grads = jax.value_and_grad(fn, has_aux=True)(lora)
         return loss_sum, count, grads
@@ -168,8 +197,12 @@ def make_train_step(
     if shardings is None:
         return jax.jit(step, donate_argnums=(0,))
     s = shardings
-    return jax.jit(step, donate_argnums=(0,), in_shardings=(s.state, s.base, s.batch, s.replicated),
-                   out_shardings=(s.state, s.replicated))  # fmt: skip
+    return jax.jit(
+        step,
+        donate_argnums=(0,),
+        in_shardings=(s.state, s.base, s.batch, s.replicated),
+        out_shardings=(s.state, s.replicated),
+    )
 
 
 def make_eval_step(
@@ -187,8 +220,18 @@ def make_eval_step(
     expert_parallel = shardings is not None and shardings.expert_parallel
 
     def eval_step(lora, base, batch):
-        return _loss(graphdef, lora, base, batch, None, chunk_size=chunk_size, options=options,
-                     packed_rows=packed_rows, mesh=mesh, expert_parallel=expert_parallel)  # fmt: skip
+        return _loss(
+            graphdef,
+            lora,
+            base,
+            batch,
+            None,
+            chunk_size=chunk_size,
+            options=options,
+            packed_rows=packed_rows,
+            mesh=mesh,
+            expert_parallel=expert_parallel,
+        )
 
     if shardings is None:
         return jax.jit(eval_step)

@@ -94,14 +94,19 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if not self._in_steps:
-            raise TrainingStopped(f"stopped by {name} before training started; nothing was trained or changed "
-                                  "since the last checkpoint: run the same command again to resume",
-                                  signum)  # fmt: skip
+            raise TrainingStopped(
+                f"stopped by {name} before training started; nothing was trained or changed "
+                "since the last checkpoint: run the same command again to resume",
+                signum,
+            )
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # Ctrl-C twice: stop now
         self.signum = signum
-        print(f"\n{name}: stopping after this step (a checkpoint is saved; Ctrl-C again stops at once, without one)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"\n{name}: stopping after this step (a checkpoint is saved; Ctrl-C again stops at once, without one)",
+            file=sys.stderr,
+            flush=True,
+        )
         if self._service is not None and signum != signal.SIGTERM:
             signal.raise_signal(signal.SIGTERM)  # to JAX's preemption notifier, which tells every process
 
@@ -129,6 +134,8 @@ class StopSignals:
 
     def stopped(self, step: int, checkpoint: Any) -> TrainingStopped:
         """The error that ends a run stopped after `step`, its checkpoint saved at `checkpoint`."""
-        return TrainingStopped(f"stopped by {self.signal_name} after step {step}; checkpoint saved at {checkpoint}: "
-                               f"run the same command again to resume from step {step}",
-                               self.signum or signal.SIGTERM)  # fmt: skip
+        return TrainingStopped(
+            f"stopped by {self.signal_name} after step {step}; checkpoint saved at {checkpoint}: "
+            f"run the same command again to resume from step {step}",
+            self.signum or signal.SIGTERM,
+        )
