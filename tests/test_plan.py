@@ -4,13 +4,12 @@ cheapest checkpointing policy whose plan fits the memory budget."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from qlora_jax.cli import main as cli_main
 from qlora_jax.train.config import config_from_dict
 from qlora_jax.train.plan import REMAT_ORDER, choose_remat, longest_row, memory_budget, plan_memory
+from tests.models_util import config_only_model
 
 pytestmark = pytest.mark.slow
 
@@ -18,21 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """Only a config.json: planning reads nothing else."""
-    directory = tmp_path_factory.mktemp("plan_model")
-    hf = {
-        "model_type": "llama",
-        "vocab_size": 2048,
-        "hidden_size": 128,
-        "intermediate_size": 384,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    }
-    (directory / "config.json").write_text(json.dumps(hf))
-    return directory
+    return config_only_model(tmp_path_factory.mktemp("plan_model"))
 
 
 def _config(model_dir, *, remat="none", offload=False, length=256, batch=4, accum=1, quant="nf4", memory_budget=None):
