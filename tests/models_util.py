@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +38,3 @@ def make_tiny_model(family: str, directory: Path, *, seed: int = 0, **overrides)
     model = random_hf_model(family_config(family, **overrides), seed=seed)
     model.save_pretrained(directory)
     return model
-
-
-# The planner's small Llama (config.json only: planning reads nothing else), for tests/test_plan.py and
-# tests/test_gpu_plan.py.
-PLAN_MODEL = {
-    "model_type": "llama",
-    "vocab_size": 2048,
-    "hidden_size": 128,
-    "intermediate_size": 384,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "rope_theta": 10000.0,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-}
-
-
-def config_only_model(directory: Path, fields: dict[str, Any] = PLAN_MODEL) -> Path:
-    """`directory` holding only a config.json of `fields`."""
-    (directory / "config.json").write_text(json.dumps(fields))
-    return directory

@@ -11,7 +11,7 @@ from qlora_jax import gpu_target
 from qlora_jax.cli import main as cli_main
 from qlora_jax.train.config import config_from_dict
 from qlora_jax.train.plan import longest_row, memory_budget, plan_memory
-from tests.models_util import config_only_model
+from tests.families import config_only_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from qlora_jax.cli import main as cli_main
 from qlora_jax.train.config import config_from_dict
 from qlora_jax.train.plan import REMAT_ORDER, choose_remat, longest_row, memory_budget, plan_memory
-from tests.models_util import config_only_model
+from tests.families import config_only_model
 
 pytestmark = pytest.mark.slow
 

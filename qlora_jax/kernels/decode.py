@@ -243,17 +243,13 @@ def _stream(
         def body(step, acc):
             c_start, packed = load(step)
             w_hi, w_lo = (w.reshape(bn, nb * half) for w in weights(c_start, packed))
-            xe, xo = (x_columns(c_start, 0, 16, p).reshape(16, nb * half) for p in (0, 1))
+            xe, xo = (x_columns(c_start, 0, MAX_M, p).reshape(MAX_M, nb * half) for p in (0, 1))
             acc = acc + jnp.dot(xe, w_hi.T, preferred_element_type=jnp.float32, precision=precision)
             return acc + jnp.dot(xo, w_lo.T, preferred_element_type=jnp.float32, precision=precision)
 
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((16, bn), jnp.float32))  # [16, bn]
-        out = (
-            o_ref.at[pl.ds(0, 16), pl.ds(n_start, bn)]
-            if config.split_k == 1
-            else o_ref.at[split, pl.ds(0, 16), pl.ds(n_start, bn)]
-        )
-        x_rows = jnp.arange(16) < m
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((MAX_M, bn), jnp.float32))  # [16, bn]
+        out = o_ref.at[pl.ds(0, MAX_M), pl.ds(n_start, bn)]
+        x_rows = jnp.arange(MAX_M) < m
         plgpu.store(out, acc.astype(o_ref.dtype), mask=x_rows[:, None] & row_mask[None, :])
         return
 
@@ -275,11 +271,7 @@ def _stream(
     init = (tuple(jnp.zeros((bn, half), jnp.float32) for _ in range(m)), load(0))
     accs, _ = jax.lax.fori_loop(0, steps, body, init)
     for row, acc in enumerate(accs):  # one [bn, half] accumulator a row of x, reduced once
-        out = (
-            o_ref.at[pl.ds(row, 1), pl.ds(n_start, bn)]
-            if config.split_k == 1
-            else o_ref.at[split, pl.ds(row, 1), pl.ds(n_start, bn)]
-        )
+        out = o_ref.at[pl.ds(row, 1), pl.ds(n_start, bn)]
         plgpu.store(out, jnp.sum(acc, axis=1)[None, :].astype(o_ref.dtype), mask=row_mask[None, :])
 
 
@@ -367,9 +359,23 @@ def _call(
     kernel = functools.partial(
         _kernel, m=m, config=config, chunk=chunk, layouts=tuple(layouts), ref_counts=tuple(counts), x_dtype=x.dtype
     )
+    # x and y are seen by every program as blocks of MAX_M rows (all of K, all of N): the tensor-core path loads and
+    # stores 16 rows whatever M is. Rows past M are masked on the GPU (by the kernel, and since jax 0.12 also by
+    # Pallas' bounds mask) and padded in interpret mode; a ref slice past the array is an error since jax 0.12.
+    # With split_k > 1 each program sees its own split's [M, N] partial sums (the split axis squeezed).
+    whole = pl.BlockSpec()  # the array itself
+    x_spec = pl.BlockSpec((MAX_M, k // chunk, chunk // 2, 2), lambda tile, s: (0, 0, 0, 0))
+    out_specs = [
+        pl.BlockSpec((MAX_M, qt.shape[0]), lambda tile, s: (0, 0))
+        if split == 1
+        else pl.BlockSpec((pl.squeezed, MAX_M, qt.shape[0]), lambda tile, s: (s, 0, 0))
+        for qt in qts
+    ]
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shapes,
+        in_specs=[whole, x_spec, *[whole] * (len(tables) + len(arrays))],
+        out_specs=out_specs,
         grid=(sum(pl.cdiv(qt.shape[0], config.block_n) for qt in qts), split),
         compiler_params=common.compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
