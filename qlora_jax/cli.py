@@ -385,7 +385,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """A training run's checkpoint -> a PEFT adapter directory."""
-    from qlora_jax.train.export import export_run
+    from qlora_jax.train.run.export import export_run
 
     try:
         out = export_run(args.run_dir, args.output, step=args.step)

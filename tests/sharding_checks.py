@@ -26,8 +26,8 @@ from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig
 from qlora_jax.nn import QuantizedWeight
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize
 from qlora_jax.sharding import param_shardings
-from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.parallel import global_batch, place, step_shardings
+from qlora_jax.train.run.checkpoint import RunCheckpoints
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_train_step
 
 # The 16-token rows run as two query blocks: blocked attention under each mesh.

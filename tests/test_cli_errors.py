@@ -52,9 +52,9 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     from qlora_jax.convert.peft import save_peft_adapter
     from qlora_jax.lora import LoraConfig, apply_lora
     from qlora_jax.train.build import abstract_model
-    from qlora_jax.train.checkpoint import RunCheckpoints
     from qlora_jax.train.config import config_from_dict
     from qlora_jax.train.optim import make_optimizer
+    from qlora_jax.train.run.checkpoint import RunCheckpoints
     from qlora_jax.train.step import TrainState
     from tests.models_util import make_tiny_model
 
@@ -145,7 +145,7 @@ _SAVE_ON_A_FULL_DISK = """
 import sys
 import jax.numpy as jnp, numpy as np, optax
 from qlora_jax.errors import QloraJaxError
-from qlora_jax.train.checkpoint import RunCheckpoints
+from qlora_jax.train.run.checkpoint import RunCheckpoints
 from qlora_jax.train.step import TrainState
 lora = {"a": jnp.asarray(np.random.default_rng(0).normal(size=(256, 1024)), jnp.float32)}  # 3 MiB with AdamW's
 checkpoints = RunCheckpoints(sys.argv[1])

@@ -113,6 +113,28 @@ def test_the_graph_sees_lazy_imports(tmp_path):
     assert ("qlora_jax.cli", "qlora_jax.train.loop") in import_graph()
 
 
+# What a run does to its directory (`train.run`) imports train's step modules (config, data, optim, step, build),
+# never the other way round: within train's floor only the driver, which ties the two, reaches into it.
+RUN_PACKAGE = "qlora_jax.train.run"
+RUN_DRIVERS = ("qlora_jax.train.loop",)
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_train_steps_never_import_the_run_package():
+    wrong = [
+        f"{importer} -> {imported}"
+        for importer, imported in import_graph()
+        if _within(imported, RUN_PACKAGE)
+        and _within(importer, "qlora_jax.train")
+        and not _within(importer, RUN_PACKAGE)
+        and importer not in RUN_DRIVERS
+    ]
+    assert wrong == []
+
+
 # The modules of a training *run* (the driver, its setup and export, the planner, the command line); the library's
 # API (models, adapters, optimizer, step, converters) never needs the YAML schema.
 RUN_MODULES = (
@@ -120,11 +142,11 @@ RUN_MODULES = (
     "qlora_jax.train.build",
     "qlora_jax.train.loop",
     "qlora_jax.train.setup",
-    "qlora_jax.train.export",
+    "qlora_jax.train.run.export",
     "qlora_jax.train.parallel",
     "qlora_jax.train.plan",
-    "qlora_jax.train.resume",
-    "qlora_jax.train.run_dir",
+    "qlora_jax.train.run.resume",
+    "qlora_jax.train.run.run_dir",
     "qlora_jax.cli",
 )
 

@@ -79,7 +79,7 @@ def test_train_refuses_a_directory_that_is_not_its_own_and_changes_nothing(tmp_p
 
 def _finished_run(run: Path, *, checkpoints: bool) -> None:
     """What a finished run leaves (as far as deciding how to start is concerned)."""
-    from qlora_jax.train.run_dir import RUN_FORMAT
+    from qlora_jax.train.run.run_dir import RUN_FORMAT
 
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"format": RUN_FORMAT, "data": None}))
@@ -88,7 +88,7 @@ def _finished_run(run: Path, *, checkpoints: bool) -> None:
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_config.json").write_text("{}")
     if checkpoints:
-        from qlora_jax.train.checkpoint import RunCheckpoints
+        from qlora_jax.train.run.checkpoint import RunCheckpoints
 
         saver = RunCheckpoints(run / "checkpoints")
         saver.save(_state(1), {})
@@ -99,7 +99,7 @@ def test_a_finished_run_without_checkpoints_is_never_replaced_unasked(tmp_path):
     """Its checkpoints deleted to save space, a finished run trained again is refused (not restarted at step 0);
     with --overwrite it is replaced, but only once the inputs have been read (a missing model: still as it was);
     `train.resume: false` on a run with checkpoints says so too."""
-    from qlora_jax.train.run_dir import RunDirectory
+    from qlora_jax.train.run.run_dir import RunDirectory
 
     run = tmp_path / "run"
     _finished_run(run, checkpoints=False)

@@ -23,9 +23,9 @@ from qlora_jax import files
 from qlora_jax.cli import main as cli_main
 from qlora_jax.errors import InputError, QloraJaxError
 from qlora_jax.train.config import ConfigFieldError, config_from_dict, load_config
-from qlora_jax.train.divergence import DivergenceGuard, TrainingDiverged
-from qlora_jax.train.lock import LOCK_FILE, RunDirectoryLocked, RunLock
-from qlora_jax.train.resume import RESUMABLE_FIELDS, ResumeError, check_resumable, check_same_data, data_fingerprint
+from qlora_jax.train.run.divergence import DivergenceGuard, TrainingDiverged
+from qlora_jax.train.run.lock import LOCK_FILE, RunDirectoryLocked, RunLock
+from qlora_jax.train.run.resume import RESUMABLE_FIELDS, ResumeError, check_resumable, check_same_data, data_fingerprint
 from tests.families import write_one_block_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
 
 _HOLD = """
 import sys, time
-from qlora_jax.train.lock import RunLock
+from qlora_jax.train.run.lock import RunLock
 RunLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -130,7 +130,7 @@ def hook(event, args):  # counts every file-system change in `directory`; SIGKIL
         os.kill(os.getpid(), signal.SIGKILL)
 
 import jax.numpy as jnp, optax
-from qlora_jax.train.checkpoint import RunCheckpoints
+from qlora_jax.train.run.checkpoint import RunCheckpoints
 from qlora_jax.train.step import TrainState
 
 sys.addaudithook(hook)
@@ -159,7 +159,7 @@ def _check_restorable(directory: Path, capsys) -> list[int]:
     import jax.numpy as jnp
     import optax
 
-    from qlora_jax.train.checkpoint import RunCheckpoints, complete_steps
+    from qlora_jax.train.run.checkpoint import RunCheckpoints, complete_steps
     from qlora_jax.train.step import TrainState
 
     trash = directory / ".qlora_jax" / "trash"
@@ -240,7 +240,7 @@ def test_checkpoints_remove_only_what_they_wrote_and_leave_everything_else(tmp_p
     removed."""
     import orbax.checkpoint as ocp
 
-    from qlora_jax.train.checkpoint import CheckpointNotUsable, RunCheckpoints, complete_steps, foreign_entries
+    from qlora_jax.train.run.checkpoint import CheckpointNotUsable, RunCheckpoints, complete_steps, foreign_entries
 
     other = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
     other.save(1000, args=ocp.args.StandardSave({"w": np.ones(3)}))  # another program's orbax checkpoint
@@ -291,7 +291,7 @@ def test_checkpoints_remove_only_what_they_wrote_and_leave_everything_else(tmp_p
 
 
 def test_a_flipped_byte_in_a_checkpoint_is_named_not_restored(tmp_path):
-    from qlora_jax.train.checkpoint import CheckpointNotUsable, RunCheckpoints
+    from qlora_jax.train.run.checkpoint import CheckpointNotUsable, RunCheckpoints
 
     checkpoints = RunCheckpoints(tmp_path, keep=None)
     checkpoints.save(_state(5, 3.0), {"step": 5})

@@ -22,10 +22,10 @@ import pytest
 
 from qlora_jax.distributed import distributed_settings, local_rows
 from qlora_jax.mesh import make_mesh, mesh_shape
-from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.config import ConfigFieldError, config_from_dict
 from qlora_jax.train.loss import IGNORE_INDEX, chunked_cross_entropy, cross_entropy_reference
 from qlora_jax.train.parallel import configured_mesh
+from qlora_jax.train.run.checkpoint import RunCheckpoints
 from tests.tiny_smol import save_tiny_smol
 
 HERE = Path(__file__).resolve().parent

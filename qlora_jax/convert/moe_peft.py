@@ -29,7 +29,7 @@ from flax import nnx
 from qlora_jax.convert.moe_io import expert_modules
 from qlora_jax.errors import InputError
 from qlora_jax.lora import ExpertLoRA
-from qlora_jax.lora_targets import ModuleTargets
+from qlora_jax.lora.targets import ModuleTargets
 from qlora_jax.models.moe import QExperts
 from qlora_jax.models.moe_config import EXPERT_NAMES
 from qlora_jax.models.names import LAYERS

@@ -4,7 +4,7 @@ Keys follow PEFT: `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weigh
 ([out, r]) and, for DoRA, `.lora_magnitude_vector` ([out]). Our stacked layers are written one layer at a time,
 each at its own rank, and only the layers that have an adapter (docs/lora.md). The config's targeting fields
 (target_modules, exclude_modules, layers_to_transform, layers_pattern, rank_pattern, alpha_pattern) mean what
-they mean in PEFT both ways (`qlora_jax.lora_targets`), so PEFT rebuilds exactly the adapters we wrote, and we
+they mean in PEFT both ways (`qlora_jax.lora.targets`), so PEFT rebuilds exactly the adapters we wrote, and we
 load exactly the ones a PEFT adapter holds.
 """
 
@@ -41,7 +41,7 @@ from qlora_jax.errors import InputError
 from qlora_jax.files import output_error, staged_directory
 from qlora_jax.integrity import check_tensor, checksummed_metadata, stored_checksums
 from qlora_jax.lora import ExpertLoRA, LoRA, LoraConfig, apply_lora, target_layers
-from qlora_jax.lora_targets import converted_config_fields
+from qlora_jax.lora.targets import converted_config_fields
 from qlora_jax.models import DecoderLM
 from qlora_jax.models.moe import QExperts, TopKRouter
 from qlora_jax.models.names import hf_module_name, layer_name, module_name_from_hf, split_layer_name

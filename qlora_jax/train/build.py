@@ -18,7 +18,7 @@ from flax import nnx
 from qlora_jax.convert.hf import stored_quantization
 from qlora_jax.kernels import KernelOptions, autotune
 from qlora_jax.lora import apply_lora, target_layers
-from qlora_jax.lora_targets import ModuleTargets
+from qlora_jax.lora.targets import ModuleTargets
 from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig, read_model_config
 from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig

@@ -1,23 +1,26 @@
 """`train(config)`: load the 4-bit model, add adapters, stream batches, step, evaluate, checkpoint, resume, report.
 
-Everything a run writes goes to `train.output_dir` (run_dir.py lists it): `checkpoints/` (orbax, atomic),
+Everything a run writes goes to `train.output_dir` (run/run_dir.py lists it): `checkpoints/` (orbax, atomic),
 `metrics.jsonl` (one line per logged step and per evaluation), `loss.png`, `samples.json` (answers before and
 after), `config.json`, `run.json`, and the adapter in PEFT format (`adapter/`) at the end. Killed and started again
 with the same config, a run resumes from its last checkpoint and produces bit for bit the losses of an
 uninterrupted run. One process at a time trains in a directory; nothing in it is written before the config, the
 model and the data have been checked; a directory that is not one of our runs is refused, and a run is replaced
-only when asked (`overwrite`; run_dir.py); a diverging run stops before saving bad weights (divergence.py);
-SIGTERM or SIGINT stops the run after the current step with a checkpoint (stop.py).
+only when asked (`overwrite`; run/run_dir.py); a diverging run stops before saving bad weights
+(run/divergence.py); SIGTERM or SIGINT stops the run after the current step with a checkpoint (run/stop.py).
 
 With a `mesh` section the run spans devices (docs/scaling.md): weights, adapters and optimizer state are placed
 by `qlora_jax.sharding`'s rule, each process feeds its own devices' rows of every batch, checkpoints are written
 sharded, and only process 0 writes the other files. Multi-process runs start from the launcher's environment
-(`qlora_jax.distributed`), agree on their start (startup.py: one decision, one shared directory) and stop together.
+(`qlora_jax.distributed`), agree on their start (run/startup.py: one decision, one shared directory) and stop
+together.
 
-The parts, in the order `train` runs them: `started` (startup.py, run_dir.py: may this config start, resume or
-replace a run here?), `set_up` (setup.py: model, data, placement, steps), `_start` (resume from the last
-checkpoint, or report before training), `_run_steps` (the step loop: log, evaluate, check, save, stop on a
-signal), `_finish` (report after training, last checkpoint, loss curve) and `_export_adapter` (PEFT).
+This module is the driver: it ties train's step modules (setup.py, report.py, step.py) to what the run does to its
+directory (`qlora_jax.train.run`), which never imports it. The parts, in the order `train` runs them: `started`
+(run/startup.py, run/run_dir.py: may this config start, resume or replace a run here?), `set_up` (setup.py: model,
+data, placement, steps), `_start` (resume from the last checkpoint, or report before training), `_run_steps` (the
+step loop: log, evaluate, check, save, stop on a signal), `_finish` (report after training, last checkpoint, loss
+curve) and `_export_adapter` (PEFT).
 """
 
 from __future__ import annotations
@@ -34,9 +37,7 @@ from qlora_jax.distributed import initialize_from_environment, is_primary
 from qlora_jax.models import DecoderLM
 from qlora_jax.train import data as data_lib
 from qlora_jax.train.build import base_model_name
-from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.config import TrainConfig
-from qlora_jax.train.divergence import DivergenceGuard, TrainingDiverged
 from qlora_jax.train.report import (
     MetricsLog,
     batch_loss,
@@ -46,12 +47,14 @@ from qlora_jax.train.report import (
     report_after,
     report_before,
 )
-from qlora_jax.train.resume import ResumeError, data_fingerprint
-from qlora_jax.train.run_dir import RunDirectory
+from qlora_jax.train.run.checkpoint import RunCheckpoints
+from qlora_jax.train.run.divergence import DivergenceGuard, TrainingDiverged
+from qlora_jax.train.run.resume import ResumeError, data_fingerprint
+from qlora_jax.train.run.run_dir import RunDirectory
+from qlora_jax.train.run.startup import started
+from qlora_jax.train.run.stop import StopSignals, TrainingStopped
 from qlora_jax.train.setup import TrainingSetup, set_up
-from qlora_jax.train.startup import started
 from qlora_jax.train.step import TrainState
-from qlora_jax.train.stop import StopSignals, TrainingStopped
 
 __all__ = ["train", "TrainingDiverged", "TrainingStopped", "TrainResult"]
 

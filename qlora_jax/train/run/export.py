@@ -12,9 +12,9 @@ from flax import nnx
 from qlora_jax.convert.peft import save_peft_adapter
 from qlora_jax.files import check_output_directory, check_writable
 from qlora_jax.train.build import abstract_model, base_model_name
-from qlora_jax.train.checkpoint import CheckpointNotUsable, RunCheckpoints
 from qlora_jax.train.config import config_from_dict
 from qlora_jax.train.optim import make_optimizer
+from qlora_jax.train.run.checkpoint import CheckpointNotUsable, RunCheckpoints
 from qlora_jax.train.step import TrainState
 
 __all__ = ["export_run"]

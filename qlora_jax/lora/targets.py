@@ -35,19 +35,20 @@ from typing import Any
 
 from flax import nnx
 
+from qlora_jax.lora.config import LoraConfig
 from qlora_jax.models.moe import QExperts, TopKRouter
 from qlora_jax.models.moe_config import EXPERT_NAMES
 from qlora_jax.models.names import LAYERS, hf_module_name, is_stacked, layer_name
 from qlora_jax.nn import Embed, QLinear
 
-__all__ = ["ModuleTargets", "select_targets"]
+__all__ = ["ModuleTargets", "select_targets", "target_layers", "target_module_names", "converted_config_fields"]
 
 
 def _listed(names: tuple[str, ...], key: str) -> bool:
     return key in names or any(key.endswith("." + name) for name in names)
 
 
-def _layer_index(config: Any, key: str) -> int | None:
+def _layer_index(config: LoraConfig | _Converted, key: str) -> int | None:
     patterns = config.layers_pattern
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
@@ -58,7 +59,7 @@ def _layer_index(config: Any, key: str) -> int | None:
     return int(match.group("idx")) if match else None
 
 
-def _selects(config: Any, key: str, linear_names: frozenset[str]) -> bool:
+def _selects(config: LoraConfig | _Converted, key: str, linear_names: frozenset[str]) -> bool:
     """Whether PEFT would adapt the module named `key` (check_target_module_exists)."""
     exclude = config.exclude_modules
     if exclude and (re.fullmatch(exclude, key) if isinstance(exclude, str) else _listed(exclude, key)):
@@ -122,13 +123,13 @@ def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
 class _Converted:
     """The targeting fields of a LoraConfig after PEFT's transformers-5 conversion (`_convert_peft_config_moe`)."""
 
-    target_modules: Any
+    target_modules: str | tuple[str, ...]
     target_parameters: tuple[str, ...]
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
-    exclude_modules: Any
-    layers_to_transform: Any
-    layers_pattern: Any
+    exclude_modules: str | tuple[str, ...] | None
+    layers_to_transform: int | tuple[int, ...] | None
+    layers_pattern: str | tuple[str, ...] | None
     r: int
     lora_alpha: float
 
@@ -154,7 +155,7 @@ def _peft_names(model: nnx.Module, num_layers: int) -> tuple[list[str], list[str
     return modules, params
 
 
-def _converted(model: nnx.Module, config: Any, linear_names: frozenset[str]) -> _Converted:
+def _converted(model: nnx.Module, config: LoraConfig, linear_names: frozenset[str]) -> _Converted:
     """What PEFT's `convert_peft_config_for_transformers` makes of a config for a qwen3_moe or mixtral model.
 
     The router (`gate`) and the per-expert projections of transformers 4 (`gate_proj`/`up_proj`/`down_proj`,
@@ -168,7 +169,7 @@ def _converted(model: nnx.Module, config: Any, linear_names: frozenset[str]) -> 
     fused = {"gate_up_proj": (gate, up)}
     targets = config.target_modules
     rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
-    parameters = set(getattr(config, "target_parameters", None) or ())
+    parameters = set(config.target_parameters or ())
     if isinstance(targets, str):
         if targets.lower() == "all-linear":
             resolved = {name.rsplit(".", 1)[-1] for name in linear_names} | set(mapping)
@@ -216,7 +217,7 @@ def _converted(model: nnx.Module, config: Any, linear_names: frozenset[str]) -> 
     )
 
 
-def converted_config_fields(model: nnx.Module, config: Any) -> dict[str, Any]:
+def converted_config_fields(model: nnx.Module, config: LoraConfig) -> dict[str, Any]:
     """The targeting fields PEFT saves for this config and model (adapter_config.json): for a mixture of experts,
     after PEFT's transformers-5 conversion (target_modules, target_parameters, rank_pattern, alpha_pattern)."""
     if model.config.moe is None:
@@ -274,7 +275,7 @@ def _linear_names(keys: dict[str, list[tuple[str, int | None]]], modules: dict[s
     return frozenset(k for p, m in modules.items() if isinstance(m, QLinear) for k, _ in keys[p] if k != "lm_head")
 
 
-def select_targets(model: nnx.Module, config: Any) -> dict[str, ModuleTargets]:
+def select_targets(model: nnx.Module, config: LoraConfig) -> dict[str, ModuleTargets]:
     """{our module path: its adapters} for every linear module that gets at least one, by PEFT's rules above.
 
     Raises ValueError if nothing is selected, or if the selection names a module that is not a linear layer
@@ -285,15 +286,16 @@ def select_targets(model: nnx.Module, config: Any) -> dict[str, ModuleTargets]:
     keys = _module_keys(model, modules)
     linear_names = _linear_names(keys, modules)
     parameters = {}
+    view: LoraConfig | _Converted = config
     if model.config.moe is not None:  # PEFT's transformers-5 reading of a mixture of experts (above)
-        config = _converted(model, config, linear_names)
-        parameters = _parameter_targets(model, config)
-    elif getattr(config, "target_parameters", None):
+        view = _converted(model, config, linear_names)
+        parameters = _parameter_targets(model, view)
+    elif config.target_parameters:
         raise ValueError(
             "target_parameters adapt a mixture of experts' expert parameters and router (qwen3_moe, "
             f"mixtral); a {model.config.model_type} model has none: use target_modules"
         )
-    if getattr(model, "lm_head", True) is None and _selects(config, "lm_head", linear_names):
+    if getattr(model, "lm_head", True) is None and _selects(view, "lm_head", linear_names):
         raise ValueError(
             "target_modules selects lm_head, but this model ties its output head to model.embed_tokens "
             "(tie_word_embeddings): an adapter on a tied head is not supported here (PEFT would adapt it); "
@@ -301,7 +303,7 @@ def select_targets(model: nnx.Module, config: Any) -> dict[str, ModuleTargets]:
         )
     out = {}
     for path, module in modules.items():
-        chosen = {i: key for key, i in keys[path] if _selects(config, key, linear_names)}
+        chosen = {i: key for key, i in keys[path] if _selects(view, key, linear_names)}
         if not chosen:
             continue
         if not isinstance(module, QLinear):
@@ -312,13 +314,24 @@ def select_targets(model: nnx.Module, config: Any) -> dict[str, ModuleTargets]:
         ranks, alphas = [], []
         for _, i in keys[path]:
             key = chosen.get(i)
-            ranks.append(0 if key is None else int(_pattern_value(config.rank_pattern, key, config.r)))
-            alphas.append(0.0 if key is None else float(_pattern_value(config.alpha_pattern, key, config.lora_alpha)))
+            ranks.append(0 if key is None else int(_pattern_value(view.rank_pattern, key, view.r)))
+            alphas.append(0.0 if key is None else float(_pattern_value(view.alpha_pattern, key, view.lora_alpha)))
         out[path] = ModuleTargets(tuple(ranks), tuple(alphas), is_stacked(path))
     out.update(parameters)
     if not out:
         raise ValueError(
-            f"target_modules={config.target_modules!r} matches no linear layer of the model (PEFT's names, one per "
+            f"target_modules={view.target_modules!r} matches no linear layer of the model (PEFT's names, one per "
             f"layer: {hf_module_name(LAYERS, text_model)}.0.self_attn.q_proj, ..., lm_head)"
         )
     return out
+
+
+def target_layers(model: nnx.Module, config: LoraConfig) -> dict[str, ModuleTargets]:
+    """{module path (`model.layers.self_attn.q_proj`, `lm_head`): its per-layer ranks and alphas} of every linear
+    module that gets an adapter, by PEFT's rules (`select_targets`; raises ValueError)."""
+    return select_targets(model, config)
+
+
+def target_module_names(model: nnx.Module, config: LoraConfig) -> list[str]:
+    """The module paths (`model.layers.self_attn.q_proj`, per stacked module) that get an adapter on some layer."""
+    return list(target_layers(model, config))

@@ -35,10 +35,10 @@ from typing import Any
 from qlora_jax import files
 from qlora_jax.errors import QloraJaxError
 from qlora_jax.models import REMAT_POLICIES
-from qlora_jax.train.checkpoint import OURS, complete_steps
 from qlora_jax.train.config import TrainConfig
-from qlora_jax.train.lock import LOCK_FILE, RunLock
-from qlora_jax.train.resume import ResumeError, check_resumable, check_same_data, read_json
+from qlora_jax.train.run.checkpoint import OURS, complete_steps
+from qlora_jax.train.run.lock import LOCK_FILE, RunLock
+from qlora_jax.train.run.resume import ResumeError, check_resumable, check_same_data, read_json
 
 __all__ = ["RunDirectory", "RunStart", "NotARunDirectory", "RUN_FORMAT"]
 

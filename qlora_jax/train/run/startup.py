@@ -24,7 +24,7 @@ import jax
 
 from qlora_jax import distributed, files
 from qlora_jax.errors import QloraJaxError
-from qlora_jax.train.run_dir import RunDirectory, RunStart
+from qlora_jax.train.run.run_dir import RunDirectory, RunStart
 
 __all__ = ["started", "UnsharedRunDirectory"]
 
