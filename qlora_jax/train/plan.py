@@ -5,7 +5,12 @@ Activations depend on what XLA fuses, saves and schedules, so they are not guess
 compiled (abstract weights: nothing is allocated) for the model cut to 2 and to 4 layers, and XLA's temporary
 memory is extrapolated linearly in depth. The scan runs the same layer body for every layer, so each layer adds the
 same saved activations; the rest (one layer's backward working set, the logits chunk, gradients) does not grow with
-depth. `compare=True` also compiles the full-depth step and reports XLA's own figure beside the plan.
+depth. That holds where the step's device peak is in the layers' backward (where the saved activations are live),
+as it is for real models; on a tiny one the peak can lie elsewhere (XLA:GPU schedules the loss value's chunk
+loop, with its 32 MiB cuBLASLt workspace, after the backward), and then the per-layer figure is only what stays
+live there (the adapter gradients). `compare=True` also compiles the full-depth step and reports XLA's own figure
+beside the plan. Activations a policy keeps in pinned host memory ("offload", "full_offload": XLA:GPU puts them in
+host memory space S(5)) are XLA's host temporaries, extrapolated in depth the same way, and reported apart.
 
 The figures are for the backend the plan runs on (XLA:CPU buffer assignment differs from XLA:GPU), or, with
 `target="h100" | "h200"`, XLA:GPU's own for that GPU, compiled on this machine without one
@@ -117,7 +122,7 @@ class MemoryPlan:
     num_layers: int
     working_set: int  # one layer's backward, the logits chunk, gradients: does not grow with depth
     logits_chunk: int  # float32 [chunk, vocab]: the largest single temporary of the loss
-    host_activations: int  # activations offloaded to host by the "offload" remat policy
+    host_activations: int  # activations in pinned host memory ("offload" / "full_offload" remat policies)
     compiled: CompiledMemory | None = None  # XLA's analysis of the full step, if compared
     mesh: tuple[int, int] | None = None  # (data, fsdp): then every figure is per device
     remat: str = "full"  # the checkpointing policy planned
@@ -205,6 +210,8 @@ class MemoryPlan:
                 f"{'  XLA: arguments / outputs (aliased) / temporaries':<{width}}  {_size(c.arguments)} / "
                 f"{_size(c.outputs)} ({_size(c.aliased)}) / {_size(c.temporaries)}"
             )
+            if c.host_temporaries:
+                lines.append(f"{'  XLA: host temporaries (pinned host memory)':<{width}}  {_size(c.host_temporaries)}")
         if self.remat_choice is not None:
             lines.append(self.remat_choice.explain())
         return "\n".join(lines)
