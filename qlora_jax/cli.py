@@ -541,6 +541,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def drop_closed_loop_reports() -> None:
+    """Drops Python's reports of "Event loop is closed" raised in callbacks nobody can catch (sys.unraisablehook).
+
+    After orbax fails to write a checkpoint (a full disk), tensorstore finishes the writes still in flight and
+    calls back into orbax's asyncio loop, which the failure already closed; Python prints each such callback's
+    RuntimeError with a traceback, at a time of tensorstore's choosing. The command has already said what failed in
+    one line. The command line installs this for its own process; a library never touches the hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):  # main() may run many times in one process
+        return
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_reports = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command. What the user can fix (`qlora_jax.errors.QloraJaxError`: bad files, fields, lines; a
     locked, unresumable, diverged or stopped run) and what the system refuses (OSError: a missing file, no
@@ -549,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from qlora_jax.errors import QloraJaxError
 
     args = build_parser().parse_args(argv)
+    drop_closed_loop_reports()
     try:
         try:
             return args.run(args)

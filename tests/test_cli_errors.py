@@ -144,8 +144,10 @@ def test_a_full_disk_is_one_line_and_the_old_output_stays(tiny, tmp_path, comman
 _SAVE_ON_A_FULL_DISK = """
 import sys
 import jax.numpy as jnp, numpy as np, optax
+from qlora_jax.cli import drop_closed_loop_reports
 from qlora_jax.errors import QloraJaxError
 from qlora_jax.train.run.checkpoint import RunCheckpoints
+drop_closed_loop_reports()  # as the command line does: tensorstore's late callbacks into orbax's closed loop
 from qlora_jax.train.step import TrainState
 lora = {"a": jnp.asarray(np.random.default_rng(0).normal(size=(256, 1024)), jnp.float32)}  # 3 MiB with AdamW's
 checkpoints = RunCheckpoints(sys.argv[1])
