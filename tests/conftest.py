@@ -24,6 +24,7 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -54,3 +55,23 @@ def smol_dir(smollm2_gguf, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("smollm2-tokenizer")
     tok.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_gguf) -> Path:
+    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer (fast enough to train in a test)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    from tests.tiny_smol import save_tiny_smol
+
+    return save_tiny_smol(tmp_path_factory.mktemp("tiny_smol"), smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def h200() -> str:
+    """The name of the H200 target, for the deviceless GPU compile; skips with the reason where it is unavailable."""
+    from qlora_jax import gpu_target
+
+    if reason := gpu_target.deviceless_unavailable_reason():
+        pytest.skip(f"deviceless GPU compile unavailable: {reason}")
+    return "h200"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_jax import gpu_target
 from qlora_jax.models import ModelConfig
+from tests.helpers import launches_by_kind
 
 # Llama-shaped, GQA 4:1, small enough to compile in seconds and large enough that the weights, not the
 # per-token bookkeeping (sampling, float32 logits), dominate the bytes.
@@ -30,13 +30,6 @@ MAX_LAUNCHES_PER_LAYER = 13
 DECODE_KERNEL_CALLS_PER_LAYER = 4
 
 
-@pytest.fixture(scope="module")
-def h200():
-    if reason := gpu_target.deviceless_unavailable_reason():
-        pytest.skip(f"deviceless GPU compile unavailable: {reason}")
-    return "h200"
-
-
 @pytest.mark.deviceless
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 8])
@@ -46,7 +39,7 @@ def test_decoding_a_token_reads_the_weights_once(h200, batch):
     config = ModelConfig.from_hf_config(SMALL, source="test")
     budget = decode_budget(config, batch=batch, cache_length=128, target=h200, per_layer=batch == 1)
     assert budget.slice_copies == ()
-    kernels = budget.report.by_kind().get("__gpu$xla.gpu.triton", 0)
+    kernels = launches_by_kind(budget.report).get("__gpu$xla.gpu.triton", 0)
     assert kernels == DECODE_KERNEL_CALLS_PER_LAYER * config.num_layers
     if budget.launches_per_layer is not None:
         assert budget.launches_per_layer <= MAX_LAUNCHES_PER_LAYER, budget.report.table()
@@ -74,3 +67,4 @@ def test_the_xla_path_copies_each_layers_weights_before_dequantizing(h200):
     packed = [name for name, _ in budget.slice_copies if "packed" in name]
     assert len(packed) == 7 * config.num_layers  # every linear of every layer
     assert budget.bytes_ratio > 3
+
