@@ -68,3 +68,29 @@ def test_the_xla_path_copies_each_layers_weights_before_dequantizing(h200):
     assert len(packed) == 7 * config.num_layers  # every linear of every layer
     assert budget.bytes_ratio > 3
 
+
+def test_the_roofline_is_every_weight_once_one_embedding_row_a_sequence_and_the_cache():
+    """roofline_bytes on an abstract model (nothing compiled: runs anywhere): an untied table is read one row a
+    sequence, a tied one whole (it is the lm_head too); the KV cache is read whole."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qlora_jax.decode_budget import roofline_bytes
+    from qlora_jax.models import DecoderLM, KVCache
+    from qlora_jax.quant import QuantConfig
+
+    batch, length = 3, 128
+    for tied in (False, True):
+        config = ModelConfig.from_hf_config(SMALL | {"tie_word_embeddings": tied}, source="test")
+        model = nnx.eval_shape(
+            lambda config=config: DecoderLM(
+                config, quant=QuantConfig(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+            )
+        )
+        cache = jax.eval_shape(lambda config=config: KVCache.empty(config, batch, length, jnp.bfloat16))
+        stored = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+        table, row = 2048 * 1024 * 2, 1024 * 2  # bfloat16
+        kv = 2 * 2 * batch * length * 2 * (1024 // 8) * 2  # k and v: [layers, batch, length, kv heads, head dim]
+        expected = stored + kv if tied else stored - table + batch * row + kv
+        assert roofline_bytes(model, cache, batch) == expected, tied
