@@ -70,10 +70,6 @@ class DecodeBudget:
         """Bytes moved per token over the roofline's (1.0 is ideal)."""
         return self.bytes / self.roofline_bytes
 
-    def seconds_at_roofline(self, bandwidth: float) -> float:
-        """Seconds per token if the chip streamed this step's bytes at `bandwidth` bytes/s (a bound, not a time)."""
-        return self.bytes / bandwidth
-
 
 def _nbytes(tree: Any) -> int:
     return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))

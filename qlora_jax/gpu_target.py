@@ -320,11 +320,6 @@ class GpuMemory:
     alias_bytes: int
     temp_bytes: int
 
-    @property
-    def peak_bytes(self) -> int:
-        """Device memory the program needs while it runs: inputs, new outputs and temporaries."""
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-
     @classmethod
     def of(cls, compiled: Any) -> GpuMemory:
         stats = compiled.memory_analysis()

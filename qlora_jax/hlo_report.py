@@ -316,24 +316,10 @@ class LaunchReport:
         ]
         return LaunchReport(tuple(inside), self.trip_counts)
 
-    def loop_with_trip_count(self, trips: int) -> str:
-        """The while body that runs `trips` times (e.g. the layer scan, num_layers); ValueError if none or several."""
-        bodies = [body for body, n in self.trip_counts.items() if n == trips]
-        if len(bodies) != 1:
-            raise ValueError(f"expected one while loop of {trips} iterations, found {bodies or 'none'}")
-        return bodies[0]
-
     @property
     def slice_copies(self) -> tuple[Launch, ...]:
         """Launches that copy a slice of one of the program's parameters (a weight or cache, say)."""
         return tuple(launch for launch in self.launches if launch.slice_of)
-
-    def by_kind(self) -> dict[str, int]:
-        """Launches per kind (fusion kinds, custom call targets, copies)."""
-        out: dict[str, int] = {}
-        for launch in self.launches:
-            out[launch.kind] = out.get(launch.kind, 0) + launch.count
-        return out
 
     def table(self, limit: int = 40) -> str:
         """The heaviest launches as text lines: count, bytes read / written, kind, name and label."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 # bitsandbytes wraps its CPU ops in torch.compile; compiling every new shape costs more than the op itself.
@@ -23,6 +24,16 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_sessionfinish(session):
+    """With QLORA_JAX_IMPORTED_MODULES=FILE, appends the qlora_jax modules this test process imported to FILE (each
+    xdist worker does): `python -m tests.imported_modules FILE` lists the modules no test imported."""
+    if path := os.environ.get("QLORA_JAX_IMPORTED_MODULES"):
+        names = sorted(name for name in sys.modules if name.split(".")[0] == "qlora_jax")
+        with open(path, "a") as file:  # one write: the workers append to the same file
+            file.write("".join(f"{name}\n" for name in names))
+
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -54,3 +65,23 @@ def smol_dir(smollm2_gguf, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("smollm2-tokenizer")
     tok.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_gguf) -> Path:
+    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer (fast enough to train in a test)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    from tests.tiny_smol import save_tiny_smol
+
+    return save_tiny_smol(tmp_path_factory.mktemp("tiny_smol"), smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def h200() -> str:
+    """The name of the H200 target, for the deviceless GPU compile; skips with the reason where it is unavailable."""
+    from qlora_jax import gpu_target
+
+    if reason := gpu_target.deviceless_unavailable_reason():
+        pytest.skip(f"deviceless GPU compile unavailable: {reason}")
+    return "h200"

@@ -74,6 +74,20 @@ MOE_FAMILIES = {
     ),
     "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
 }
+# A tiny Gemma 3 image-text model (Gemma3ForConditionalGeneration): its text decoder and its vision tower.
+GEMMA3_TEXT = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=3,
+)
+GEMMA3_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+)
 # What a GGUF file's metadata carries back besides the shapes (llama.cpp writes these ids and the norm epsilon).
 SPECIAL_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 

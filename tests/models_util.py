@@ -12,7 +12,16 @@ from tests.families import COMMON, FAMILIES, SPECIAL_TOKENS, family_config
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-__all__ = ["COMMON", "FAMILIES", "SPECIAL_TOKENS", "family_config", "random_hf_model", "make_tiny_model"]
+__all__ = [
+    "COMMON",
+    "FAMILIES",
+    "SPECIAL_TOKENS",
+    "family_config",
+    "random_hf_model",
+    "make_tiny_model",
+    "load_hf_model",
+    "hf_logits",
+]
 
 
 def random_hf_model(fields: dict[str, Any], *, seed: int = 0):
@@ -38,3 +47,15 @@ def make_tiny_model(family: str, directory: Path, *, seed: int = 0, **overrides)
     model = random_hf_model(family_config(family, **overrides), seed=seed)
     model.save_pretrained(directory)
     return model
+
+
+def load_hf_model(directory: Path):
+    """The transformers causal LM saved in `directory`, in float32 and eval mode."""
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def hf_logits(model, tokens, **kwargs):
+    """`model`'s float32 logits for `tokens` (and array `kwargs`, e.g. attention_mask) as numpy, without grad."""
+    with torch.no_grad():
+        kwargs = {k: torch.tensor(v) for k, v in kwargs.items()}
+        return model(torch.tensor(tokens), **kwargs).logits.float().numpy()

@@ -24,7 +24,8 @@ from qlora_jax.convert.peft import (
 from qlora_jax.lora import LoraConfig, apply_lora, target_layers
 from qlora_jax.models.names import layer_name
 from qlora_jax.quant import QuantConfig
-from tests.models_util import make_tiny_model, torch, transformers
+from tests.helpers import assert_close
+from tests.models_util import hf_logits, load_hf_model, make_tiny_model, torch, transformers
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.oracle
@@ -36,15 +37,6 @@ def tiny(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     make_tiny_model(request.param, directory)
     return directory
-
-
-def _hf(directory):
-    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(torch.tensor(TOKENS)).logits.numpy()
 
 
 def _ours_with_adapter(directory, lora_config, quant=None, seed=3):
@@ -75,37 +67,38 @@ def test_peft_loads_our_adapter_and_computes_our_logits(tiny, tmp_path, lora_con
     save_peft_adapter(model, tmp_path / "adapter", lora_config, base_model_name_or_path=str(tiny))
     config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and config["r"] == lora_config.r and config["use_dora"] == lora_config.use_dora
-    peft_model = peft.PeftModel.from_pretrained(_hf(tiny), tmp_path / "adapter").eval()
-    theirs = _logits(peft_model)
+    peft_model = peft.PeftModel.from_pretrained(load_hf_model(tiny), tmp_path / "adapter").eval()
+    theirs = hf_logits(peft_model, TOKENS)
     ours = np.asarray(model(jnp.asarray(TOKENS)))
-    assert np.abs(theirs - _logits(_hf(tiny))).max() > 1e-3  # the adapter matters
-    np.testing.assert_allclose(ours, theirs, atol=2e-5 * np.abs(theirs).max())
+    assert np.abs(theirs - hf_logits(load_hf_model(tiny), TOKENS)).max() > 1e-3  # the adapter matters
+    assert_close(ours, theirs)
 
 
-def test_peft_to_ours_to_peft_round_trip_changes_nothing(tiny, tmp_path):
-    hf_model = _hf(tiny)
-    config = peft.LoraConfig(
-        r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM", use_rslora=True
-    )
+def _peft_round_trip(base_dir, tmp_path, peft_config) -> LoraConfig:
+    """A random PEFT adapter saved by PEFT loads here with PEFT's logits, and saved again from here (PEFT's config
+    as template) it is the same config and the same tensors, bit for bit. Returns the config read here."""
     torch.manual_seed(0)
-    peft_model = peft.get_peft_model(hf_model, config).eval()
+    peft_model = peft.get_peft_model(load_hf_model(base_dir), peft_config).eval()
     peft_model.save_pretrained(tmp_path / "theirs")
-    theirs = _logits(peft_model)
-
-    model, _ = load_pretrained(tiny, quantization=None, dtype=jnp.float32)
-    ours_config = load_peft_adapter(model, tmp_path / "theirs")
-    assert ours_config.r == 4 and ours_config.use_rslora
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), theirs, atol=2e-5 * np.abs(theirs).max())
-
+    model, _ = load_pretrained(base_dir, quantization=None, dtype=jnp.float32)
+    config = load_peft_adapter(model, tmp_path / "theirs")
+    assert_close(np.asarray(model(jnp.asarray(TOKENS))), hf_logits(peft_model, TOKENS))
     template = read_adapter_config_dict(tmp_path / "theirs")
-    save_peft_adapter(model, tmp_path / "again", ours_config, template=template)
+    save_peft_adapter(model, tmp_path / "again", config, template=template)
     assert read_adapter_config_dict(tmp_path / "again") == template
-    from safetensors.numpy import load_file
-
     before, after = load_file(tmp_path / "theirs" / ADAPTER_WEIGHTS), load_file(tmp_path / "again" / ADAPTER_WEIGHTS)
     assert before.keys() == after.keys()
     for key in before:
         np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    return config
+
+
+def test_peft_to_ours_to_peft_round_trip_changes_nothing(tiny, tmp_path):
+    config = peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM", use_rslora=True
+    )
+    ours_config = _peft_round_trip(tiny, tmp_path, config)
+    assert ours_config.r == 4 and ours_config.use_rslora
 
 
 @pytest.mark.parametrize("quant", [None, QuantConfig()], ids=["dense", "nf4"])
@@ -116,9 +109,9 @@ def test_merged_checkpoint_gives_our_unmerged_logits(tiny, tmp_path, quant, dora
     merge_and_save(model, tmp_path / "merged", dtype=jnp.float32)
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
-    merged = _hf(tmp_path / "merged")
+    merged = load_hf_model(tmp_path / "merged")
     ours = np.asarray(model(jnp.asarray(TOKENS)))
-    np.testing.assert_allclose(_logits(merged), ours, atol=2e-5 * np.abs(ours).max())
+    assert_close(hf_logits(merged, TOKENS), ours)
 
 
 def test_merged_and_requantized_loads_in_bitsandbytes(tiny, tmp_path):
@@ -129,7 +122,7 @@ def test_merged_and_requantized_loads_in_bitsandbytes(tiny, tmp_path):
     assert type(hf4.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     ours4, _ = load_pretrained(tmp_path / "merged4", dtype=jnp.float32)
     ours = np.asarray(ours4(jnp.asarray(TOKENS)))
-    np.testing.assert_allclose(_logits(hf4), ours, atol=2e-5 * np.abs(ours).max())
+    assert_close(hf_logits(hf4, TOKENS), ours)
     # 4-bit rounding away from the 16-bit merge, but close
     full = np.asarray(model(jnp.asarray(TOKENS)))
     assert np.abs(ours - full).max() < 0.2 * np.abs(full).max()
@@ -223,7 +216,7 @@ def _our_layout(model, config) -> dict[str, tuple[int, float]]:
 
 @pytest.mark.parametrize("kwargs", SELECTIONS.values(), ids=SELECTIONS.keys())
 def test_targets_ranks_and_alphas_select_what_peft_selects(tiny4, kwargs):
-    peft_model = peft.get_peft_model(_hf(tiny4), peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
+    peft_model = peft.get_peft_model(load_hf_model(tiny4), peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
     theirs = _peft_layout(peft_model)
     model, _ = load_pretrained(tiny4, quantization=None, dtype=jnp.float32)
     config = LoraConfig(**kwargs)
@@ -248,7 +241,7 @@ def test_selections_peft_refuses_or_we_cannot_adapt_are_errors(tiny4, kwargs, ou
         apply_lora(model, LoraConfig(**kwargs), rngs=nnx.Rngs(0))
     if "embed_tokens" not in str(kwargs):  # (PEFT adapts embeddings; we do not)
         with pytest.raises(ValueError):
-            peft.get_peft_model(_hf(tiny4), peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
+            peft.get_peft_model(load_hf_model(tiny4), peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
 
 
 def test_a_tied_head_in_target_modules_is_refused(tmp_path):
@@ -259,7 +252,7 @@ def test_a_tied_head_in_target_modules_is_refused(tmp_path):
         n.split(".")[-1]
         for n in _peft_layout(
             peft.get_peft_model(
-                _hf(tmp_path), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"])
+                load_hf_model(tmp_path), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"])
             )
         )
     } == {"q_proj", "lm_head"}
@@ -291,30 +284,17 @@ def test_peft_loads_our_per_layer_adapters_with_equal_logits(tiny4, tmp_path, na
     for key, value in written.items():
         if key.endswith("lora_A.weight"):
             assert value.shape[0] == layout[key.split(".lora_")[0].removeprefix("base_model.model.")][0]
-    peft_model = peft.PeftModel.from_pretrained(_hf(tiny4), tmp_path / "adapter").eval()
+    peft_model = peft.PeftModel.from_pretrained(load_hf_model(tiny4), tmp_path / "adapter").eval()
     assert _peft_layout(peft_model) == layout
-    theirs, ours = _logits(peft_model), np.asarray(model(jnp.asarray(TOKENS)))
-    assert np.abs(theirs - _logits(_hf(tiny4))).max() > 1e-3  # the adapter matters
-    np.testing.assert_allclose(ours, theirs, atol=2e-5 * np.abs(theirs).max())
+    theirs, ours = hf_logits(peft_model, TOKENS), np.asarray(model(jnp.asarray(TOKENS)))
+    assert np.abs(theirs - hf_logits(load_hf_model(tiny4), TOKENS)).max() > 1e-3  # the adapter matters
+    assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("name", ["regex-some-layers", "layers_pattern", "rank-alpha-patterns", "exclude-names"])
 def test_pefts_per_layer_adapters_load_here_and_round_trip(tiny4, tmp_path, name):
-    torch.manual_seed(0)
     peft_config = peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **SELECTIONS[name])
-    peft_model = peft.get_peft_model(_hf(tiny4), peft_config).eval()
-    peft_model.save_pretrained(tmp_path / "theirs")
-    model, _ = load_pretrained(tiny4, quantization=None, dtype=jnp.float32)
-    config = load_peft_adapter(model, tmp_path / "theirs")
-    theirs = _logits(peft_model)
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), theirs, atol=2e-5 * np.abs(theirs).max())
-    template = read_adapter_config_dict(tmp_path / "theirs")
-    save_peft_adapter(model, tmp_path / "again", config, template=template)
-    assert read_adapter_config_dict(tmp_path / "again") == template
-    before, after = load_file(tmp_path / "theirs" / ADAPTER_WEIGHTS), load_file(tmp_path / "again" / ADAPTER_WEIGHTS)
-    assert before.keys() == after.keys()
-    for key in before:
-        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    _peft_round_trip(tiny4, tmp_path, peft_config)
 
 
 def test_adapter_files_that_do_not_fit_their_config_are_refused(tiny4, tmp_path):
@@ -341,7 +321,7 @@ def test_adapter_files_that_do_not_fit_their_config_are_refused(tiny4, tmp_path)
 def test_bfloat16_adapters_load(tiny4, tmp_path):
     torch.manual_seed(0)
     peft_model = peft.get_peft_model(
-        _hf(tiny4), peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, target_modules=["q_proj"])
+        load_hf_model(tiny4), peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, target_modules=["q_proj"])
     )
     peft_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model, _ = load_pretrained(tiny4, quantization=None, dtype=jnp.float32)
@@ -357,7 +337,7 @@ def test_merged_per_layer_adapters_give_our_unmerged_logits(tiny4, tmp_path, qua
     model = _ours_with_adapter(tiny4, config, quant=quant)
     merge_and_save(model, tmp_path / "merged", dtype=jnp.float32)
     ours = np.asarray(model(jnp.asarray(TOKENS)))
-    np.testing.assert_allclose(_logits(_hf(tmp_path / "merged")), ours, atol=2e-5 * np.abs(ours).max())
+    assert_close(hf_logits(load_hf_model(tmp_path / "merged"), TOKENS), ours)
 
 
 def test_a_cut_abstract_model_keeps_the_adapter_layout_of_the_whole(tiny4):

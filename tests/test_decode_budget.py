@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_jax import gpu_target
 from qlora_jax.models import ModelConfig
+from tests.helpers import launches_by_kind
 
 # Llama-shaped, GQA 4:1, small enough to compile in seconds and large enough that the weights, not the
 # per-token bookkeeping (sampling, float32 logits), dominate the bytes.
@@ -30,13 +30,6 @@ MAX_LAUNCHES_PER_LAYER = 13
 DECODE_KERNEL_CALLS_PER_LAYER = 4
 
 
-@pytest.fixture(scope="module")
-def h200():
-    if reason := gpu_target.deviceless_unavailable_reason():
-        pytest.skip(f"deviceless GPU compile unavailable: {reason}")
-    return "h200"
-
-
 @pytest.mark.deviceless
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 8])
@@ -46,7 +39,7 @@ def test_decoding_a_token_reads_the_weights_once(h200, batch):
     config = ModelConfig.from_hf_config(SMALL, source="test")
     budget = decode_budget(config, batch=batch, cache_length=128, target=h200, per_layer=batch == 1)
     assert budget.slice_copies == ()
-    kernels = budget.report.by_kind().get("__gpu$xla.gpu.triton", 0)
+    kernels = launches_by_kind(budget.report).get("__gpu$xla.gpu.triton", 0)
     assert kernels == DECODE_KERNEL_CALLS_PER_LAYER * config.num_layers
     if budget.launches_per_layer is not None:
         assert budget.launches_per_layer <= MAX_LAUNCHES_PER_LAYER, budget.report.table()
@@ -74,3 +67,30 @@ def test_the_xla_path_copies_each_layers_weights_before_dequantizing(h200):
     packed = [name for name, _ in budget.slice_copies if "packed" in name]
     assert len(packed) == 7 * config.num_layers  # every linear of every layer
     assert budget.bytes_ratio > 3
+
+
+def test_the_roofline_is_every_weight_once_one_embedding_row_a_sequence_and_the_cache():
+    """roofline_bytes on an abstract model (nothing compiled: runs anywhere): an untied table is read one row a
+    sequence, a tied one whole (it is the lm_head too); the KV cache is read whole."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qlora_jax.decode_budget import roofline_bytes
+    from qlora_jax.models import DecoderLM, KVCache
+    from qlora_jax.quant import QuantConfig
+
+    batch, length = 3, 128
+    for tied in (False, True):
+        config = ModelConfig.from_hf_config(SMALL | {"tie_word_embeddings": tied}, source="test")
+        model = nnx.eval_shape(
+            lambda config=config: DecoderLM(
+                config, quant=QuantConfig(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+            )
+        )
+        cache = jax.eval_shape(lambda config=config: KVCache.empty(config, batch, length, jnp.bfloat16))
+        stored = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+        table, row = 2048 * 1024 * 2, 1024 * 2  # bfloat16
+        kv = 2 * 2 * batch * length * 2 * (1024 // 8) * 2  # k and v: [layers, batch, length, kv heads, head dim]
+        expected = stored + kv if tied else stored - table + batch * row + kv
+        assert roofline_bytes(model, cache, batch) == expected, tied

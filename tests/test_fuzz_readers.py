@@ -23,6 +23,7 @@ import yaml
 from tests.families import write_one_block_gguf
 from tests.fuzzing import Fuzzer, dumps, run
 
+pytestmark = pytest.mark.slow  # 10^4 inputs a reader: outside the fast subset (-m "not slow and not oracle")
 FUZZ_EXAMPLES = int(os.environ.get("QLORA_JAX_FUZZ_EXAMPLES", 10_000))
 SEED = int(os.environ.get("QLORA_JAX_FUZZ_SEED", 0))
 _names = itertools.count()

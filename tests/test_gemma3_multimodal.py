@@ -20,31 +20,20 @@ from qlora_jax.convert.merge import merge_and_save
 from qlora_jax.convert.peft import ADAPTER_WEIGHTS, load_peft_adapter, read_adapter_config_dict, save_peft_adapter
 from qlora_jax.lora import LoraConfig, apply_lora
 from qlora_jax.quant import QuantConfig
-from tests.models_util import torch, transformers
+from tests.families import GEMMA3_TEXT, GEMMA3_VISION
+from tests.helpers import assert_close
+from tests.models_util import hf_logits, torch, transformers
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.oracle
 TOKENS = np.random.default_rng(0).integers(1, 300, (2, 9))
-TEXT = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    sliding_window=3,
-)
-VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
-)
 
 
 @pytest.fixture(scope="module")
 def image_text(tmp_path_factory):
     """A random Gemma3ForConditionalGeneration saved by transformers (its norms randomized too)."""
     directory = tmp_path_factory.mktemp("gemma3_image_text")
-    config = transformers.Gemma3Config(text_config=TEXT, vision_config=VISION, mm_tokens_per_image=4)
+    config = transformers.Gemma3Config(text_config=GEMMA3_TEXT, vision_config=GEMMA3_VISION, mm_tokens_per_image=4)
     torch.manual_seed(0)
     model = transformers.Gemma3ForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -57,16 +46,6 @@ def image_text(tmp_path_factory):
 
 def _hf(directory):
     return transformers.Gemma3ForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(TOKENS)).logits.float().numpy()
-
-
-def _assert_close(ours, theirs, tol=2e-5):
-    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=tol * np.abs(theirs).max())
 
 
 def _ours_with_adapter(directory, lora_config, quantization=None):
@@ -118,9 +97,9 @@ def test_our_adapter_applies_in_peft_on_the_image_text_model(image_text, tmp_pat
     adapted = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A") and module.lora_A}
     assert adapted and all(".language_model." in name for name in adapted)
     assert {f"{name}.lora_A.weight" for name in adapted} == {k for k in keys if "lora_A" in k}  # every key used
-    theirs = _logits(peft_model)
-    assert np.abs(theirs - _logits(_hf(image_text))).max() > 1e-3
-    _assert_close(model(jnp.asarray(TOKENS)), theirs)
+    theirs = hf_logits(peft_model, TOKENS)
+    assert np.abs(theirs - hf_logits(_hf(image_text), TOKENS)).max() > 1e-3
+    assert_close(model(jnp.asarray(TOKENS)), theirs)
 
 
 def test_pefts_adapter_trained_on_the_image_text_model_loads(image_text, tmp_path, caplog):
@@ -130,7 +109,7 @@ def test_pefts_adapter_trained_on_the_image_text_model_loads(image_text, tmp_pat
     torch.manual_seed(0)
     peft_model = peft.get_peft_model(_hf(image_text), config).eval()
     peft_model.save_pretrained(tmp_path / "theirs")
-    theirs = _logits(peft_model)
+    theirs = hf_logits(peft_model, TOKENS)
     keys = load_file(tmp_path / "theirs" / ADAPTER_WEIGHTS).keys()
     assert any(".vision_tower." in k for k in keys)
 
@@ -140,7 +119,7 @@ def test_pefts_adapter_trained_on_the_image_text_model_loads(image_text, tmp_pat
     assert any(
         "adapter tensors of the vision tower / projector are not loaded" in r.getMessage() for r in caplog.records
     )
-    _assert_close(model(jnp.asarray(TOKENS)), theirs)
+    assert_close(model(jnp.asarray(TOKENS)), theirs)
 
     template = read_adapter_config_dict(tmp_path / "theirs")
     save_peft_adapter(model, tmp_path / "again", ours_config, template=template)
@@ -169,7 +148,7 @@ def test_merge_writes_the_image_text_model_back(image_text, tmp_path):
     for key in source:
         if not key.startswith("language_model."):
             np.testing.assert_array_equal(merged[key], source[key], err_msg=key)
-    _assert_close(_logits(_hf(tmp_path / "merged")), ours)
+    assert_close(hf_logits(_hf(tmp_path / "merged"), TOKENS), ours)
 
 
 def test_merge_without_its_checkpoint_says_it_writes_the_text_model(image_text, tmp_path, caplog):
@@ -179,7 +158,7 @@ def test_merge_without_its_checkpoint_says_it_writes_the_text_model(image_text, 
     assert any("writing a text-only Gemma3ForCausalLM" in r.getMessage() for r in caplog.records)
     assert json.loads((tmp_path / "text" / "config.json").read_text())["model_type"] == "gemma3_text"
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", dtype=torch.float32).eval()
-    _assert_close(_logits(hf), np.asarray(model(jnp.asarray(TOKENS))))
+    assert_close(hf_logits(hf, TOKENS), np.asarray(model(jnp.asarray(TOKENS))))
 
 
 def test_4bit_image_text_checkpoints_load_and_merge_as_stored(image_text, tmp_path):
@@ -196,10 +175,12 @@ def test_4bit_image_text_checkpoints_load_and_merge_as_stored(image_text, tmp_pa
     transformers.Gemma3ForConditionalGeneration.from_pretrained(
         image_text, quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
     ).save_pretrained(tmp_path / "4bit")
-    theirs = _logits(transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "4bit", device_map="cpu"))
+    theirs = hf_logits(
+        transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "4bit", device_map="cpu"), TOKENS
+    )
     model, _ = load_pretrained(tmp_path / "4bit", dtype=jnp.float32)
     assert model.model.layers.mlp.up_proj.is_quantized
-    _assert_close(model(jnp.asarray(TOKENS)), theirs, 1e-5)
+    assert_close(model(jnp.asarray(TOKENS)), theirs, 1e-5)
 
     def fc1(directory):
         hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(
@@ -216,17 +197,19 @@ def test_4bit_image_text_checkpoints_load_and_merge_as_stored(image_text, tmp_pa
         np.testing.assert_array_equal(merged[key], source[key], err_msg=key)
     hf, kind = fc1(tmp_path / "merged4")
     assert kind == "Linear4bit" and type(hf.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
-    _assert_close(_logits(hf), theirs, 2e-3)  # the merged layers quantized again from their dequantized values
+    assert_close(hf_logits(hf, TOKENS), theirs, 2e-3)  # the merged layers quantized again from their dequantized values
 
     merge_and_save(model, tmp_path / "merged16", dtype=jnp.float32, source=tmp_path / "4bit")
     hf, kind = fc1(tmp_path / "merged16")
     assert kind == "Linear" and "quantization_config" not in json.loads(
         (tmp_path / "merged16" / "config.json").read_text()
     )
-    _assert_close(_logits(hf), theirs, 1e-5)
+    assert_close(hf_logits(hf, TOKENS), theirs, 1e-5)
 
     from16 = _ours_with_adapter(image_text, LoraConfig(r=4, lora_alpha=8), quantization=QuantConfig())
     merge_and_save(from16, tmp_path / "from16", dtype=jnp.float32, quant=QuantConfig(), source=image_text)
     hf, kind = fc1(tmp_path / "from16")
     assert kind == "Linear"  # a 16-bit vision tower stays unquantized
-    _assert_close(load_pretrained(tmp_path / "from16", dtype=jnp.float32)[0](jnp.asarray(TOKENS)), _logits(hf), 1e-5)
+    assert_close(
+        load_pretrained(tmp_path / "from16", dtype=jnp.float32)[0](jnp.asarray(TOKENS)), hf_logits(hf, TOKENS), 1e-5
+    )

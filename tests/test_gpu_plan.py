@@ -61,13 +61,6 @@ def test_the_default_budget_of_a_target_is_what_jax_takes_of_its_memory(model_di
     assert memory_budget(_config(model_dir, memory_budget="8GiB"), target="h100") == (8 * 2**30, "train.memory_budget")
 
 
-@pytest.fixture(scope="module")
-def h200():
-    if reason := gpu_target.deviceless_unavailable_reason():
-        pytest.skip(f"deviceless GPU compile unavailable: {reason}")
-    return "h200"
-
-
 @pytest.mark.deviceless
 def test_plan_for_the_h200_is_xla_gpus_compile_of_the_run_step(model_dir, h200, tmp_path, capsys):
     plan = plan_memory(_config(model_dir, packing=True), compare=True, target=h200)

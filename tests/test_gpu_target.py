@@ -29,10 +29,9 @@ def test_an_unknown_target_names_the_choices():
 
 
 @pytest.fixture(scope="module")
-def h200():
-    if reason := gpu_target.deviceless_unavailable_reason():
-        pytest.skip(f"deviceless GPU compile unavailable: {reason}")
-    return gpu_target.load_target("h200")
+def h200(h200):
+    """conftest's h200 (skips where the deviceless compile is unavailable), loaded."""
+    return gpu_target.load_target(h200)
 
 
 @pytest.mark.deviceless

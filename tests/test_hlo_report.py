@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from qlora_jax.hlo_report import KERNEL_BYTES_KEY, launch_report, parse_hlo
+from tests.helpers import loop_with_trip_count
 
 HLO = r"""
 HloModule jit_step, entry_computation_layout={(u8[4,1024]{1,0}, bf16[4,8,16]{2,1,0})->bf16[4,8,16]{2,1,0}}
@@ -81,7 +82,7 @@ def test_parses_computations_shapes_and_the_entry():
 
 def test_launches_bytes_and_loops():
     report = launch_report(HLO)
-    body = report.loop_with_trip_count(4)
+    body = loop_with_trip_count(report, 4)
     assert report.trip_counts == {"body": 4}
     per_iteration = report.in_loop(body)
     by_name = {launch.name: launch for launch in per_iteration.launches}

@@ -13,6 +13,7 @@ from qlora_jax.kernels import KernelOptions, nf4_matmul, registry
 from qlora_jax.kernels.decode import decode_reference
 from qlora_jax.kernels.decode_mosaic import MosaicDecodeConfig, decode_mosaic, mosaic_unavailable_reason
 from qlora_jax.quant import quantize
+from tests.helpers import launches_by_kind
 
 UNAVAILABLE = mosaic_unavailable_reason()
 needs_mosaic = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
@@ -85,6 +86,6 @@ def test_compiles_for_sm90_and_reads_the_stack_in_place():
     layer = jax.ShapeDtypeStruct((), jnp.int32)
     compiled = gpu_target.compile_for_target(lambda x, s, i: decode_mosaic(x, s, i), x, stack, layer, target="h200")
     report = launch_report(compiled.as_text())
-    kinds = report.by_kind()
+    kinds = launches_by_kind(report)
     assert kinds.get("mosaic_gpu_v2") == 1, kinds
     assert not [launch for launch in report.slice_copies if "packed" in ",".join(launch.slice_of)]

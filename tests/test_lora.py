@@ -27,6 +27,7 @@ from qlora_jax.quant import QuantConfig, dequantize
 from qlora_jax.train.config import ConfigFieldError, load_config
 from qlora_jax.train.optim import OptimConfig, make_optimizer
 from qlora_jax.train.step import TrainState, make_train_step
+from tests.helpers import token_batch
 
 CONFIG = ModelConfig.from_hf_config(
     dict(
@@ -56,17 +57,6 @@ F32_NF4 = QuantConfig()
 
 def _model(quant=F32_NF4, dtype=jnp.float32, seed=0):
     return DecoderLM(CONFIG, quant=quant, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
-
-
-def _batch(accum=1, batch=2, length=8, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, 128, (accum, batch, length)).astype(np.int32)
-    return {
-        "tokens": jnp.asarray(tokens),
-        "targets": jnp.asarray(np.roll(tokens, -1, axis=-1)),
-        "positions": jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape),
-        "segment_ids": jnp.ones(tokens.shape, jnp.int32),
-    }
 
 
 @pytest.mark.parametrize(
@@ -239,7 +229,7 @@ def test_only_adapters_train_and_only_they_have_optimizer_state():
     step = make_train_step(graphdef, optimizer, chunk_size=8)
     losses = []
     for _ in range(3):
-        state, metrics = step(state, base, _batch(), jax.random.key(0))
+        state, metrics = step(state, base, token_batch(CONFIG.vocab_size, accum=1), jax.random.key(0))
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0]
     for before, after in zip(jax.tree.leaves(base_before), jax.tree.leaves(base), strict=True):
@@ -276,7 +266,7 @@ def test_lora_gradients_equal_a_float32_dense_reference():
 
         def loss(adapters):
             m = nnx.merge(graphdef, adapters, base)
-            logits = m(_batch()["tokens"][0])
+            logits = m(token_batch(CONFIG.vocab_size, accum=1)["tokens"][0])
             return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
         return jax.grad(loss)(lora)
@@ -355,7 +345,9 @@ def test_layers_without_adapters_and_rank_padding_stay_exactly_zero_through_trai
     def grads_of(adapters):
         def loss(a):
             m = nnx.merge(graphdef, a, base)
-            return jnp.mean(jax.nn.log_softmax(m(_batch()["tokens"][0]).astype(jnp.float32))[..., 0])
+            return jnp.mean(
+                jax.nn.log_softmax(m(token_batch(CONFIG.vocab_size, accum=1)["tokens"][0]).astype(jnp.float32))[..., 0]
+            )
 
         return nnx.to_flat_state(jax.grad(loss)(adapters))
 
@@ -364,7 +356,7 @@ def test_layers_without_adapters_and_rank_padding_stay_exactly_zero_through_trai
     assert not flat["model.layers.self_attn.q_proj.lora.lora_magnitude_vector"][0].any()
     assert flat["model.layers.self_attn.q_proj.lora.lora_magnitude_vector"][1].any()
     for _ in range(3):
-        state, _ = step(state, base, _batch(), jax.random.key(0))
+        state, _ = step(state, base, token_batch(CONFIG.vocab_size, accum=1), jax.random.key(0))
     after = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state.lora)}
     for module, r in (("q_proj", 4), ("v_proj", 2)):
         a, b = (

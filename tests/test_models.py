@@ -11,7 +11,9 @@ import pytest
 from qlora_jax.convert.hf import load_pretrained
 from qlora_jax.models import ComputeOptions
 from qlora_jax.quant import QuantConfig
-from tests.models_util import FAMILIES, make_tiny_model, torch, transformers
+from tests.families import GEMMA3_TEXT, GEMMA3_VISION
+from tests.helpers import assert_close, random_tokens
+from tests.models_util import FAMILIES, hf_logits, make_tiny_model, torch, transformers
 
 pytestmark = pytest.mark.oracle
 
@@ -26,58 +28,42 @@ def tiny(request, tmp_path_factory):
     return request.param, make_tiny_model(request.param, directory), directory
 
 
-def _tokens(batch=2, length=9, seed=0):
-    return np.random.default_rng(seed).integers(1, 96, (batch, length))
-
-
-def _hf_logits(model, tokens, **kwargs):
-    with torch.no_grad():
-        kwargs = {k: torch.tensor(v) for k, v in kwargs.items()}
-        return model(torch.tensor(tokens), **kwargs).logits.float().numpy()
-
-
-def _assert_close(ours, theirs, tol):
-    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-    scale = np.abs(theirs).max()
-    np.testing.assert_allclose(ours, theirs, atol=tol * scale, rtol=0)
-
-
 def test_float32_logits_match(tiny):
     family, hf_model, directory = tiny
     model, config = load_pretrained(directory, quantization=None, dtype=jnp.float32)
     assert config.model_type == FAMILIES[family]["model_type"]
-    tokens = _tokens()
-    _assert_close(model(jnp.asarray(tokens)), _hf_logits(hf_model, tokens), F32_TOL)
+    tokens = random_tokens()
+    assert_close(model(jnp.asarray(tokens)), hf_logits(hf_model, tokens), F32_TOL)
 
 
 def test_bfloat16_logits_match(tiny):
     _, hf_model, directory = tiny
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.bfloat16)
-    tokens = _tokens()
+    tokens = random_tokens()
     hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
-    _assert_close(model(jnp.asarray(tokens)), _hf_logits(hf_bf16, tokens), BF16_TOL)
+    assert_close(model(jnp.asarray(tokens)), hf_logits(hf_bf16, tokens), BF16_TOL)
 
 
 def test_left_padding_matches(tiny):
     """Padding keys are never attended to; positions count real tokens only, as transformers' generate does."""
     _, hf_model, directory = tiny
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
-    tokens = _tokens()
+    tokens = random_tokens()
     valid = np.ones(tokens.shape, bool)
     valid[0, :3] = False  # the first row is left-padded by 3
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
     ours = model.logits(
         model.hidden_states(jnp.asarray(tokens), positions=jnp.asarray(positions), valid=jnp.asarray(valid))[0]
     )
-    theirs = _hf_logits(hf_model, tokens, attention_mask=valid.astype(np.int64), position_ids=positions)
-    _assert_close(np.asarray(ours)[valid], theirs[valid], F32_TOL)
+    theirs = hf_logits(hf_model, tokens, attention_mask=valid.astype(np.int64), position_ids=positions)
+    assert_close(np.asarray(ours)[valid], theirs[valid], F32_TOL)
 
 
 def test_blocked_attention_matches(tiny):
     """Queries taken 4 at a time (the last block padded), with left padding: still transformers' logits."""
     _, hf_model, directory = tiny
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
-    tokens = _tokens(length=11)
+    tokens = random_tokens(length=11)
     valid = np.ones(tokens.shape, bool)
     valid[1, :2] = False
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
@@ -86,20 +72,20 @@ def test_blocked_attention_matches(tiny):
         jnp.asarray(tokens), positions=jnp.asarray(positions), valid=jnp.asarray(valid), options=options
     )
     ours = model.logits(h, options=options)
-    theirs = _hf_logits(hf_model, tokens, attention_mask=valid.astype(np.int64), position_ids=positions)
-    _assert_close(np.asarray(ours)[valid], theirs[valid], F32_TOL)
+    theirs = hf_logits(hf_model, tokens, attention_mask=valid.astype(np.int64), position_ids=positions)
+    assert_close(np.asarray(ours)[valid], theirs[valid], F32_TOL)
 
 
 def test_packed_segments_equal_separate_sequences(tiny):
     _, hf_model, directory = tiny
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
-    a, b = _tokens(1, 5, seed=1)[0], _tokens(1, 4, seed=2)[0]
+    a, b = random_tokens(1, 5, seed=1)[0], random_tokens(1, 4, seed=2)[0]
     packed = np.concatenate([a, b])[None]
     segments = np.array([[1] * 5 + [2] * 4])
     positions = np.array([list(range(5)) + list(range(4))])
     ours = np.asarray(model(jnp.asarray(packed), positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments)))
-    _assert_close(ours[0, :5], _hf_logits(hf_model, a[None])[0], F32_TOL)
-    _assert_close(ours[0, 5:], _hf_logits(hf_model, b[None])[0], F32_TOL)
+    assert_close(ours[0, :5], hf_logits(hf_model, a[None])[0], F32_TOL)
+    assert_close(ours[0, 5:], hf_logits(hf_model, b[None])[0], F32_TOL)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
@@ -115,42 +101,29 @@ def test_nf4_logits_match_transformers_bitsandbytes(family, tmp_path):
     hf_4bit = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
     ).eval()
-    tokens = _tokens()
-    theirs = _hf_logits(hf_4bit, tokens)
+    tokens = random_tokens()
+    theirs = hf_logits(hf_4bit, tokens)
     model, _ = load_pretrained(tmp_path, quantization=QuantConfig(), dtype=jnp.float32)
     assert model.model.layers.self_attn.q_proj.is_quantized
     assert model.lm_head is None or not model.lm_head.is_quantized  # kept in 16 bits, as bitsandbytes does
     # Same 4-bit codes; the double-quantization offset may differ from torch's mean in its last bit.
-    _assert_close(model(jnp.asarray(tokens)), theirs, 1e-4)
+    assert_close(model(jnp.asarray(tokens)), theirs, 1e-4)
 
     # A checkpoint transformers saved in 4 bits loads as stored (no re-quantization) and gives the same logits.
     hf_4bit.save_pretrained(tmp_path / "saved_4bit")
     prequantized, _ = load_pretrained(tmp_path / "saved_4bit", dtype=jnp.float32)
-    _assert_close(prequantized(jnp.asarray(tokens)), theirs, 1e-5)
+    assert_close(prequantized(jnp.asarray(tokens)), theirs, 1e-5)
 
 
 def test_gemma3_image_text_checkpoint_loads_its_text_decoder(tmp_path):
-    text = dict(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=3,
-    )
-    vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
-    )
-    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    config = transformers.Gemma3Config(text_config=GEMMA3_TEXT, vision_config=GEMMA3_VISION, mm_tokens_per_image=4)
     torch.manual_seed(0)
     hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()
     hf_model.save_pretrained(tmp_path)
     model, ours = load_pretrained(tmp_path, quantization=None, dtype=jnp.float32)
     assert ours.model_type == "gemma3_text" and ours.num_layers == 2
-    tokens = _tokens()
-    _assert_close(model(jnp.asarray(tokens)), _hf_logits(hf_model, tokens), F32_TOL)
+    tokens = random_tokens()
+    assert_close(model(jnp.asarray(tokens)), hf_logits(hf_model, tokens), F32_TOL)
 
 
 def test_a_frozen_dense_matmul_backward_is_autodiffs_without_a_float32_weight():

@@ -13,15 +13,12 @@ import pytest
 from qlora_jax.convert.gguf_export import save_gguf
 from qlora_jax.convert.hf import load_pretrained
 from qlora_jax.models.config_files import GGUFError
+from tests.helpers import random_tokens
 from tests.test_moe_models import make_tiny_moe
 
 pytestmark = pytest.mark.oracle
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-
-def _tokens():
-    return np.random.default_rng(0).integers(1, 96, (2, 9))
 
 
 def test_qwen3_moe_gguf_round_trip_and_transformers_reads_it(tmp_path):
@@ -38,12 +35,12 @@ def test_qwen3_moe_gguf_round_trip_and_transformers_reads_it(tmp_path):
     } <= names
     again, config = load_pretrained(path, quantization=None, dtype=jnp.float32)
     assert config.model_type == "qwen3_moe" and config.moe == model.config.moe
-    tokens = jnp.asarray(_tokens())
+    tokens = jnp.asarray(random_tokens())
     ours = np.asarray(model(tokens))
     np.testing.assert_array_equal(np.asarray(again(tokens)), ours)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", dtype=torch.float32).eval()
     with torch.no_grad():
-        theirs = hf(torch.tensor(_tokens())).logits.numpy()
+        theirs = hf(torch.tensor(random_tokens())).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=2e-5 * np.abs(ours).max(), rtol=0)
     nf4, _ = load_pretrained(path, dtype=jnp.float32)  # and NF4 experts from the file
     assert nf4.model.layers.mlp.experts.down_proj.is_quantized
@@ -58,7 +55,7 @@ def test_mixtral_gguf_round_trip(tmp_path):
     assert reader.fields["llama.expert_count"].contents() == 4
     again, config = load_pretrained(path, quantization=None, dtype=jnp.float32)
     assert config.model_type == "mixtral" and config.moe == model.config.moe
-    tokens = jnp.asarray(_tokens())
+    tokens = jnp.asarray(random_tokens())
     np.testing.assert_allclose(np.asarray(again(tokens)), np.asarray(model(tokens)), atol=1e-6, rtol=0)
 
 

@@ -22,6 +22,8 @@ from qlora_jax.quant import QuantConfig
 from qlora_jax.train.loss import IGNORE_INDEX
 from qlora_jax.train.step import _loss
 from tests.families import MOE_FAMILIES
+from tests.helpers import assert_close, random_tokens
+from tests.models_util import load_hf_model
 from tests.test_moe_models import make_tiny_moe
 
 torch = pytest.importorskip("torch")
@@ -37,19 +39,6 @@ def tiny(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     make_tiny_moe(request.param, directory)
     return request.param, directory
-
-
-def _hf(directory):
-    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-
-
-def _tokens(batch=2, length=9, seed=0):
-    return np.random.default_rng(seed).integers(1, 96, (batch, length))
-
-
-def _close(ours, theirs, tol=2e-5):
-    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-    np.testing.assert_allclose(ours, theirs, atol=tol * np.abs(theirs).max(), rtol=0)
 
 
 def _peft_selection(peft_model) -> dict[str, tuple[int, float]]:
@@ -99,7 +88,9 @@ def test_selection_equals_peft(tiny):
     for kwargs in _selections(family):
         config = LoraConfig(r=2, lora_alpha=4, **{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
         torch.manual_seed(0)
-        theirs = _peft_selection(peft.get_peft_model(_hf(directory), peft.LoraConfig(r=2, lora_alpha=4, **kwargs)))
+        theirs = _peft_selection(
+            peft.get_peft_model(load_hf_model(directory), peft.LoraConfig(r=2, lora_alpha=4, **kwargs))
+        )
         assert _our_selection(model, config) == theirs, kwargs
 
 
@@ -121,7 +112,9 @@ def test_refusals_name_the_reason(tiny):
 
 def _peft_model(directory, tmp_path, **kwargs):
     torch.manual_seed(0)
-    model = peft.get_peft_model(_hf(directory), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **kwargs))
+    model = peft.get_peft_model(
+        load_hf_model(directory), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **kwargs)
+    )
     model.eval()
     model.save_pretrained(tmp_path / "peft")
     return model
@@ -139,11 +132,11 @@ def test_peft_adapter_loads_with_peft_logits_and_round_trips(tiny, tmp_path):
     peft_model = _peft_model(directory, tmp_path, target_modules="all-linear")
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
     config = load_peft_adapter(model, tmp_path / "peft")
-    tokens = _tokens()
-    _close(model(jnp.asarray(tokens)), _peft_logits(peft_model, tokens))
+    tokens = random_tokens()
+    assert_close(model(jnp.asarray(tokens)), _peft_logits(peft_model, tokens))
     save_peft_adapter(model, tmp_path / "ours", config)
-    again = peft.PeftModel.from_pretrained(_hf(directory), tmp_path / "ours").eval()
-    _close(model(jnp.asarray(tokens)), _peft_logits(again, tokens))
+    again = peft.PeftModel.from_pretrained(load_hf_model(directory), tmp_path / "ours").eval()
+    assert_close(model(jnp.asarray(tokens)), _peft_logits(again, tokens))
     from safetensors.numpy import load_file
 
     theirs, ours = (
@@ -172,9 +165,9 @@ def test_our_adapter_loads_in_peft_with_our_logits(tiny, tmp_path):
     assert isinstance(model.model.layers.mlp.experts.down_proj.lora, ExpertLoRA)
     assert model.model.layers.mlp.experts.down_proj.lora.ranks == (3, 2)
     save_peft_adapter(model, tmp_path / "ours", config)
-    tokens = _tokens()
-    peft_model = peft.PeftModel.from_pretrained(_hf(directory), tmp_path / "ours").eval()
-    _close(model(jnp.asarray(tokens)), _peft_logits(peft_model, tokens))
+    tokens = random_tokens()
+    peft_model = peft.PeftModel.from_pretrained(load_hf_model(directory), tmp_path / "ours").eval()
+    assert_close(model(jnp.asarray(tokens)), _peft_logits(peft_model, tokens))
     trainable, _ = trainable_parameters(model, verbose=False)
     assert trainable == sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
 
@@ -216,12 +209,12 @@ def _per_expert_adapter(family, directory, out, r=2, alpha=4):
 def test_transformers_4_per_expert_adapter_loads_as_peft_loads_it(tiny, tmp_path):
     family, directory = tiny
     _per_expert_adapter(family, directory, tmp_path / "v4")
-    peft_model = peft.PeftModel.from_pretrained(_hf(directory), tmp_path / "v4").eval()
+    peft_model = peft.PeftModel.from_pretrained(load_hf_model(directory), tmp_path / "v4").eval()
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
     load_peft_adapter(model, tmp_path / "v4")
     assert model.model.layers.mlp.experts.gate_up_proj.lora.ranks == (4, 4)  # gate and up fused: rank 2 r
-    tokens = _tokens()
-    _close(model(jnp.asarray(tokens)), _peft_logits(peft_model, tokens), 1e-4)
+    tokens = random_tokens()
+    assert_close(model(jnp.asarray(tokens)), _peft_logits(peft_model, tokens), 1e-4)
 
 
 def test_bad_expert_adapters_are_refused(tiny, tmp_path):
@@ -249,19 +242,19 @@ def test_merged_model_loads_in_transformers_with_the_adapted_logits(tiny, tmp_pa
     experts and router 16-bit: transformers 5 + bitsandbytes' layout)."""
     family, directory = tiny
     peft_model = _peft_model(directory, tmp_path, target_modules="all-linear")
-    tokens = _tokens()
+    tokens = random_tokens()
     theirs = _peft_logits(peft_model, tokens)
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
     load_peft_adapter(model, tmp_path / "peft")
     merge_and_save(model, tmp_path / "merged", dtype=jnp.float32)
-    _close(_hf(tmp_path / "merged")(torch.tensor(tokens)).logits.detach().numpy(), theirs)
+    assert_close(load_hf_model(tmp_path / "merged")(torch.tensor(tokens)).logits.detach().numpy(), theirs)
     merge_and_save(model, tmp_path / "merged4", dtype=jnp.float32, quant=QuantConfig())
     four = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged4", device_map="cpu")
     assert type(four.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     ours4, _ = load_pretrained(tmp_path / "merged4", dtype=jnp.float32)  # its attention as written, experts NF4
     dense4, _ = load_pretrained(tmp_path / "merged4", quantization=None, dtype=jnp.float32)
     with torch.no_grad():
-        _close(four(torch.tensor(tokens)).logits.numpy(), dense4(jnp.asarray(tokens)), 1e-5)
+        assert_close(four(torch.tensor(tokens)).logits.numpy(), dense4(jnp.asarray(tokens)), 1e-5)
     assert ours4.model.layers.mlp.experts.gate_up_proj.is_quantized
 
 
@@ -283,7 +276,7 @@ def test_one_step_loss_and_lora_gradients_match_peft(tiny, tmp_path, aux):
     )
     peft_model.train()
     peft_model.save_pretrained(tmp_path / "adapter")
-    tokens = _tokens()
+    tokens = random_tokens()
     out = peft_model(torch.tensor(tokens), labels=torch.tensor(tokens))
     out.loss.backward()
     theirs = {n: p.grad.numpy() for n, p in peft_model.named_parameters() if p.requires_grad}

@@ -16,6 +16,7 @@ from qlora_jax.models import ModelConfig, UnsupportedModelError
 from qlora_jax.models.config import ConfigError
 from qlora_jax.quant import QuantConfig
 from tests.families import MOE_FAMILIES, family_config
+from tests.helpers import assert_close, random_tokens
 
 F32_TOL, BF16_TOL = 2e-5, 3e-2
 
@@ -82,10 +83,6 @@ def tiny(request, tmp_path_factory):
     return request.param, make_tiny_moe(request.param, directory), directory
 
 
-def _tokens(batch=2, length=9, seed=0):
-    return np.random.default_rng(seed).integers(1, 96, (batch, length))
-
-
 def _hf_logits(model, tokens, **kwargs):
     torch, _ = _hf()
     with torch.no_grad():
@@ -93,18 +90,13 @@ def _hf_logits(model, tokens, **kwargs):
         return model(torch.tensor(tokens), **kwargs).logits.float().numpy()
 
 
-def _assert_close(ours, theirs, tol):
-    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-    np.testing.assert_allclose(ours, theirs, atol=tol * np.abs(theirs).max(), rtol=0)
-
-
 @pytest.mark.oracle
 def test_float32_logits_match(tiny):
     family, hf_model, directory = tiny
     model, config = load_pretrained(directory, quantization=None, dtype=jnp.float32)
     assert config.model_type == MOE_FAMILIES[family]["model_type"] and config.moe is not None
-    tokens = _tokens()
-    _assert_close(model(jnp.asarray(tokens)), _hf_logits(hf_model, tokens), F32_TOL)
+    tokens = random_tokens()
+    assert_close(model(jnp.asarray(tokens)), _hf_logits(hf_model, tokens), F32_TOL)
 
 
 @pytest.mark.oracle
@@ -113,21 +105,21 @@ def test_bfloat16_logits_match(tiny):
     _, _, directory = tiny
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.bfloat16)
     hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
-    tokens = _tokens()
-    _assert_close(model(jnp.asarray(tokens)), _hf_logits(hf_bf16, tokens), BF16_TOL)
+    tokens = random_tokens()
+    assert_close(model(jnp.asarray(tokens)), _hf_logits(hf_bf16, tokens), BF16_TOL)
 
 
 @pytest.mark.oracle
 def test_left_padding_matches(tiny):
     _, hf_model, directory = tiny
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
-    tokens = _tokens()
+    tokens = random_tokens()
     valid = np.ones(tokens.shape, bool)
     valid[0, :3] = False
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
     h, _ = model.hidden_states(jnp.asarray(tokens), positions=jnp.asarray(positions), valid=jnp.asarray(valid))
     theirs = _hf_logits(hf_model, tokens, attention_mask=valid.astype(np.int64), position_ids=positions)
-    _assert_close(np.asarray(model.logits(h))[valid], theirs[valid], F32_TOL)
+    assert_close(np.asarray(model.logits(h))[valid], theirs[valid], F32_TOL)
 
 
 @pytest.mark.oracle
@@ -135,7 +127,7 @@ def test_fused_and_sharded_checkpoints_load_alike(tiny, tmp_path):
     """transformers 5's in-memory 3-D layout (`mlp.experts.gate_up_proj` [E, 2I, H]) as a checkpoint, and the
     per-expert layout in many small shards, give the same model."""
     family, hf_model, directory = tiny
-    tokens = _tokens()
+    tokens = random_tokens()
     theirs = _hf_logits(hf_model, tokens)
     fused = tmp_path / "fused"
     fused.mkdir()
@@ -144,12 +136,12 @@ def test_fused_and_sharded_checkpoints_load_alike(tiny, tmp_path):
     save_file(state, str(fused / "model.safetensors"))
     (fused / "config.json").write_text((directory / "config.json").read_text())
     model, _ = load_pretrained(fused, quantization=None, dtype=jnp.float32)
-    _assert_close(model(jnp.asarray(tokens)), theirs, F32_TOL)
+    assert_close(model(jnp.asarray(tokens)), theirs, F32_TOL)
     sharded = tmp_path / "sharded"
     files = save_pretrained(model, sharded, max_shard_size="20KB")
     assert len(files) > 3  # shards, index, config
     again, _ = load_pretrained(sharded, quantization=None, dtype=jnp.float32)
-    _assert_close(again(jnp.asarray(tokens)), theirs, F32_TOL)
+    assert_close(again(jnp.asarray(tokens)), theirs, F32_TOL)
 
 
 def _bnb_expert_checkpoint(directory, out, quant_type="nf4"):
@@ -206,8 +198,8 @@ def test_bitsandbytes_expert_checkpoint_is_copied_bit_for_bit(tiny, tmp_path):
     torch, transformers = _hf()
     save_pretrained(model, tmp_path / "dense", dequantize_weights=True)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
-    tokens = _tokens()
-    _assert_close(model(jnp.asarray(tokens)), _hf_logits(hf, tokens), F32_TOL)
+    tokens = random_tokens()
+    assert_close(model(jnp.asarray(tokens)), _hf_logits(hf, tokens), F32_TOL)
 
 
 @pytest.mark.oracle
@@ -217,8 +209,8 @@ def test_nf4_model_equals_its_dequantized_dense_model(tiny, tmp_path):
     assert nf4.model.layers.mlp.experts.gate_up_proj.is_quantized
     save_pretrained(nf4, tmp_path / "dense", dequantize_weights=True)
     dense, _ = load_pretrained(tmp_path / "dense", quantization=None, dtype=jnp.float32)
-    tokens = jnp.asarray(_tokens())
-    _assert_close(nf4(tokens), dense(tokens), 1e-6)
+    tokens = jnp.asarray(random_tokens())
+    assert_close(nf4(tokens), dense(tokens), 1e-6)
 
 
 @pytest.mark.oracle
@@ -241,10 +233,10 @@ def test_transformers_bitsandbytes_checkpoint_loads_with_nf4_experts(tiny, tmp_p
     assert model.model.layers.self_attn.q_proj.is_quantized and model.model.layers.mlp.experts.down_proj.is_quantized
     save_pretrained(model, tmp_path / "ours4")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours4", device_map="cpu")
-    tokens = _tokens()
+    tokens = random_tokens()
     dense, _ = load_pretrained(tmp_path / "hf4", quantization=None, dtype=jnp.float32)
     # attention is the same 4-bit tensor both sides; our experts are NF4 of transformers' 16-bit experts
-    _assert_close(_hf_logits(again, tokens), model(jnp.asarray(tokens)), 1e-5)
+    assert_close(_hf_logits(again, tokens), model(jnp.asarray(tokens)), 1e-5)
     assert np.abs(np.asarray(dense(jnp.asarray(tokens))) - _hf_logits(hf, tokens)).max() < 1e-4
 
 
@@ -294,8 +286,8 @@ def test_tied_experts_give_transformers_logits(tmp_path):
             layer.mlp.experts.down_proj[5] = layer.mlp.experts.down_proj[2]
     hf.save_pretrained(tmp_path / "tied")
     model, _ = load_pretrained(tmp_path / "tied", quantization=None, dtype=jnp.float32)
-    tokens = _tokens()
-    _assert_close(model(jnp.asarray(tokens)), _hf_logits(hf, tokens), F32_TOL)
+    tokens = random_tokens()
+    assert_close(model(jnp.asarray(tokens)), _hf_logits(hf, tokens), F32_TOL)
 
 
 def test_expert_checkpoint_errors_name_the_tensor(tmp_path):

@@ -17,17 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.tiny_smol import save_tiny_smol
-
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_gguf):
-    pytest.importorskip("transformers")
-    pytest.importorskip("torch")
-    return save_tiny_smol(tmp_path_factory.mktemp("tiny_smol"), smollm2_gguf)
 
 
 def _config(tmp_path: Path, model: Path, **train) -> Path:

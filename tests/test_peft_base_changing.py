@@ -22,7 +22,8 @@ from qlora_jax.convert.peft import (
     save_peft_adapter,
 )
 from qlora_jax.quant import QuantConfig
-from tests.models_util import make_tiny_model, torch, transformers
+from tests.helpers import assert_close
+from tests.models_util import hf_logits, load_hf_model, make_tiny_model, torch
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.oracle
@@ -43,22 +44,8 @@ def llama(tmp_path_factory):
     return directory
 
 
-def _hf(directory):
-    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(torch.tensor(TOKENS)).logits.numpy()
-
-
 def _ours(directory, quantization=None):
     return load_pretrained(directory, quantization=quantization, dtype=jnp.float32)[0]
-
-
-def _assert_close(ours, theirs, tol=2e-5):
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=tol * np.abs(theirs).max())
 
 
 def _trained_peft_adapter(base_dir, directory, **config):
@@ -66,7 +53,7 @@ def _trained_peft_adapter(base_dir, directory, **config):
     PEFT saves it; and the initial adapter saved beside it, as PEFT's conversion recipe asks. Returns the logits of
     the trained PEFT model."""
     fields = dict(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") | config
-    peft_model = peft.get_peft_model(_hf(base_dir), peft.LoraConfig(**fields)).eval()
+    peft_model = peft.get_peft_model(load_hf_model(base_dir), peft.LoraConfig(**fields)).eval()
     peft_model.peft_config["default"].init_lora_weights = True  # the initial adapter as plain LoRA (PEFT's recipe)
     peft_model.save_pretrained(directory / "initial")
     peft_model.peft_config["default"].init_lora_weights = fields.get("init_lora_weights", True)
@@ -76,7 +63,7 @@ def _trained_peft_adapter(base_dir, directory, **config):
             if "lora_" in name:
                 param.add_(torch.randn_like(param) * 0.05)
     peft_model.save_pretrained(directory / "adapter")
-    trained = _logits(peft_model)
+    trained = hf_logits(peft_model, TOKENS)
     if not (fields.get("use_rslora") and (fields.get("rank_pattern") or fields.get("alpha_pattern"))):  # PEFT: no
         peft_model.save_pretrained(
             directory / "converted", path_initial_model_for_weight_conversion=directory / "initial"
@@ -104,23 +91,25 @@ def test_base_changing_adapter_computes_pefts_logits(tiny, tmp_path, case):
     if "pattern" in case and tiny.name.startswith("phi3"):
         pytest.skip("the patterns name llama's projections; phi3 fuses them")
     trained = _trained_peft_adapter(tiny, tmp_path, **CASES[case])
-    reloaded = _logits(peft.PeftModel.from_pretrained(_hf(tiny), tmp_path / "adapter").eval())
-    _assert_close(reloaded, trained, 1e-5)  # PEFT rebuilds the changed base on load
-    assert np.abs(trained - _logits(_hf(tiny))).max() > 1e-2
+    reloaded = hf_logits(peft.PeftModel.from_pretrained(load_hf_model(tiny), tmp_path / "adapter").eval(), TOKENS)
+    assert_close(reloaded, trained, 1e-5)  # PEFT rebuilds the changed base on load
+    assert np.abs(trained - hf_logits(load_hf_model(tiny), TOKENS)).max() > 1e-2
 
     model = _ours(tiny)
     config = load_peft_adapter(model, tmp_path / "adapter")
     raw = read_adapter_config_dict(tmp_path / "adapter")
     assert config.r == 2 * raw["r"] and not model.model.layers.self_attn.o_proj.is_quantized
-    _assert_close(model(jnp.asarray(TOKENS)), trained)
+    assert_close(model(jnp.asarray(TOKENS)), trained)
 
     # written back (with its template, as a round trip does): the converted adapter, which PEFT applies unchanged
     save_peft_adapter(model, tmp_path / "ours", config, template=raw)
     written = read_adapter_config_dict(tmp_path / "ours")
     assert written["init_lora_weights"] is True and written["r"] == 2 * raw["r"]
-    _assert_close(_logits(peft.PeftModel.from_pretrained(_hf(tiny), tmp_path / "ours").eval()), trained)
+    assert_close(
+        hf_logits(peft.PeftModel.from_pretrained(load_hf_model(tiny), tmp_path / "ours").eval(), TOKENS), trained
+    )
     merge_and_save(model, tmp_path / "merged", dtype=jnp.float32)
-    _assert_close(_logits(_hf(tmp_path / "merged")), trained)
+    assert_close(hf_logits(load_hf_model(tmp_path / "merged"), TOKENS), trained)
 
 
 def test_pefts_converted_adapter_loads_as_plain_lora(tiny, tmp_path):
@@ -129,7 +118,7 @@ def test_pefts_converted_adapter_loads_as_plain_lora(tiny, tmp_path):
     assert converted["init_lora_weights"] is True and converted["r"] == 8
     model = _ours(tiny)
     load_peft_adapter(model, tmp_path / "converted")
-    _assert_close(model(jnp.asarray(TOKENS)), trained)
+    assert_close(model(jnp.asarray(TOKENS)), trained)
 
 
 @pytest.mark.parametrize("init", ["eva", "loftq", "orthogonal", "gaussian", False])
@@ -144,8 +133,9 @@ def test_inits_that_leave_the_base_load_as_plain_lora(llama, tmp_path, init):
     load_peft_adapter(model, tmp_path / "adapter")
     np.testing.assert_array_equal(np.asarray(model(jnp.asarray(TOKENS))), np.asarray(plain(jnp.asarray(TOKENS))))
     if init == "eva":  # PEFT loads it as it is, too
-        _assert_close(
-            model(jnp.asarray(TOKENS)), _logits(peft.PeftModel.from_pretrained(_hf(llama), tmp_path / "adapter"))
+        assert_close(
+            model(jnp.asarray(TOKENS)),
+            hf_logits(peft.PeftModel.from_pretrained(load_hf_model(llama), tmp_path / "adapter"), TOKENS),
         )
 
 

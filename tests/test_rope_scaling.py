@@ -14,7 +14,8 @@ from qlora_jax.generate import SamplingConfig, generate
 from qlora_jax.models import ConfigError, ModelConfig, UnsupportedModelError
 from qlora_jax.models.config import ROPE_TYPES
 from tests.families import family_config
-from tests.models_util import make_tiny_model, torch, transformers
+from tests.helpers import assert_close, random_tokens
+from tests.models_util import hf_logits, make_tiny_model, torch, transformers
 
 pytestmark = pytest.mark.oracle
 
@@ -99,20 +100,6 @@ def tiny(request, tmp_path_factory):
     return make_tiny_model(family, directory, **overrides), directory
 
 
-def _tokens(length, seed=0):
-    return np.random.default_rng(seed).integers(1, 96, (2, length))
-
-
-def _hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.float().numpy()
-
-
-def _assert_close(ours, theirs):
-    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-    np.testing.assert_allclose(ours, theirs, atol=F32_TOL * np.abs(theirs).max(), rtol=0)
-
-
 def test_every_rope_type_is_covered():
     covered = {CASES[case][1].get("rope_scaling", {}).get("rope_type") for case in CASES} | {"llama3", "default"}
     covered = {t for t in covered if t} | {"yarn"}  # qwen2's legacy "type"
@@ -128,9 +115,9 @@ def test_logits_match_transformers(tiny, length):
     """A fresh transformers model per call: its length-dependent frequencies follow this call's length."""
     hf_model, directory = tiny
     model, _ = load_pretrained(directory, quantization=None, dtype=jnp.float32)
-    tokens = _tokens(length)
+    tokens = random_tokens(length=length)
     fresh = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    _assert_close(model(jnp.asarray(tokens)), _hf_logits(fresh, tokens))
+    assert_close(model(jnp.asarray(tokens)), hf_logits(fresh, tokens), F32_TOL)
 
 
 @pytest.mark.parametrize("case", ["llama-dynamic", "phi3-longrope", "qwen2-yarn"])
@@ -141,7 +128,7 @@ def test_generation_across_the_threshold_matches_transformers(case, tmp_path):
     family, overrides = CASES[case]
     make_tiny_model(family, tmp_path, **overrides)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    prompt = _tokens(12, seed=3)[:1]
+    prompt = random_tokens(length=12, seed=3)[:1]
     with torch.no_grad():
         theirs = hf_model.generate(
             torch.tensor(prompt), max_new_tokens=18, do_sample=False, min_new_tokens=18, pad_token_id=0

@@ -28,7 +28,7 @@ from qlora_jax.lora import LoraConfig, apply_lora, trainable_parameters
 from qlora_jax.quant import QuantConfig
 from qlora_jax.tokenizer import TokenIdError
 from qlora_jax.tokens import TrainableTokens, resize_token_embeddings, trainable_row_modules
-from tests.models_util import make_tiny_model, torch, transformers
+from tests.models_util import hf_logits, load_hf_model, make_tiny_model, torch, transformers
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.oracle
@@ -50,15 +50,10 @@ def _ours(directory, quant=None):
 
 
 def _hf(directory, resize=True):
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model = load_hf_model(directory)
     if resize:
         model.resize_token_embeddings(NEW)
     return model
-
-
-def _logits(model, tokens=TOKENS):
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.numpy()
 
 
 def _trained(model, seed=0):
@@ -109,7 +104,7 @@ def test_resize_is_transformers_mean_resizing(tiny):
     # the old tokens' logits over the old vocabulary are untouched (the new rows differ by transformers' noise)
     old = np.array([[5, 17, 33, 2, 41]])
     np.testing.assert_allclose(
-        np.asarray(ours(jnp.asarray(old)))[..., :OLD], _logits(theirs, old)[..., :OLD], atol=1e-5
+        np.asarray(ours(jnp.asarray(old)))[..., :OLD], hf_logits(theirs, old)[..., :OLD], atol=1e-5
     )
 
 
@@ -128,14 +123,14 @@ def test_peft_loads_our_trained_tokens_with_our_logits(tiny, tmp_path):
         else:
             assert saved["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"].shape == (4, 64)
         peft_model = peft.PeftModel.from_pretrained(_hf(tiny), out).eval()
-        theirs = _logits(peft_model)
+        theirs = hf_logits(peft_model, TOKENS)
         ours = np.asarray(model(jnp.asarray(TOKENS)))
         np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
         # the merged checkpoint: transformers loads the resized, trained embedding without PEFT
         merge_and_save(model, tmp_path / f"m{k}", dtype=jnp.float32)
         merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"m{k}", dtype=torch.float32).eval()
         assert merged.config.vocab_size == NEW
-        np.testing.assert_allclose(_logits(merged), theirs, atol=1e-4 * np.abs(theirs).max())
+        np.testing.assert_allclose(hf_logits(merged, TOKENS), theirs, atol=1e-4 * np.abs(theirs).max())
 
 
 def test_peft_adapters_with_trained_tokens_load_here(tiny, tmp_path):
@@ -156,7 +151,7 @@ def test_peft_adapters_with_trained_tokens_load_here(tiny, tmp_path):
                 if param.requires_grad and "lora" not in name:
                     param.add_(torch.randn_like(param) * 0.1)
         peft_model.save_pretrained(tmp_path / f"p{k}")
-        theirs = _logits(peft_model.eval())
+        theirs = hf_logits(peft_model.eval(), TOKENS)
         model = _ours(tiny)
         config = load_peft_adapter(model, tmp_path / f"p{k}")
         assert config.modules_to_save == (tuple(extra["modules_to_save"]) if "modules_to_save" in extra else None)
@@ -314,5 +309,5 @@ def test_a_run_with_added_tokens_is_refused_then_trains_their_rows(tmp_path, smo
     ours, _ = load_pretrained(model_dir, quantization=None, dtype=jnp.float32)
     resize_token_embeddings(ours, 49153)
     load_peft_adapter(ours, adapter)
-    theirs = _logits(peft_model, tokens)
+    theirs = hf_logits(peft_model, tokens)
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(tokens))), theirs, atol=1e-4 * np.abs(theirs).max())

@@ -23,18 +23,9 @@ from qlora_jax.cli import main as cli_main
 from qlora_jax.train import build as train_build
 from qlora_jax.train.config import load_config
 from qlora_jax.train.loop import TrainingDiverged, train
-from tests.tiny_smol import save_tiny_smol
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_gguf):
-    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer (fast enough to train in a test)."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("torch")
-    return save_tiny_smol(tmp_path_factory.mktemp("tiny_smol"), smollm2_gguf)
 
 
 def _config(tmp_path, model_dir, **train_fields):

@@ -19,6 +19,7 @@ from qlora_jax.train.config import ConfigFieldError, load_config
 from qlora_jax.train.loss import IGNORE_INDEX, auto_chunk_size, chunked_cross_entropy, cross_entropy_reference
 from qlora_jax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from qlora_jax.train.step import TrainState, make_train_step
+from tests.helpers import token_batch
 
 CONFIG = ModelConfig.from_hf_config(
     dict(
@@ -32,19 +33,7 @@ CONFIG = ModelConfig.from_hf_config(
         rope_theta=10000.0,
     )
 )
-
-
-def _batch(accum=2, batch=2, length=8, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, 128, (accum, batch, length)).astype(np.int32)
-    targets = np.roll(tokens, -1, axis=-1)
-    targets[..., -1] = IGNORE_INDEX
-    return {
-        "tokens": jnp.asarray(tokens),
-        "targets": jnp.asarray(targets),
-        "positions": jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape),
-        "segment_ids": jnp.ones(tokens.shape, jnp.int32),
-    }
+VOCAB = CONFIG.vocab_size
 
 
 def _trainable(seed=0, dropout=0.0, dtype=jnp.bfloat16):
@@ -144,7 +133,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
     graphdef, lora, base = _trainable(dtype=jnp.float32)
     optimizer = optax.sgd(1.0)  # the update is the gradient itself
-    batch = _batch(accum=2, batch=2)
+    batch = token_batch(VOCAB, accum=2, rows=2)
     big = jax.tree.map(lambda x: x.reshape(1, 4, *x.shape[2:]), batch)
     results = []
     for b in (batch, big):
@@ -164,14 +153,14 @@ def test_remat_policies_give_the_same_gradients(remat):
     for policy in ("none", remat):
         state = TrainState.create(jax.tree.map(jnp.copy, lora), optimizer)
         step = make_train_step(graphdef, optimizer, chunk_size=16, options=ComputeOptions(remat=policy))
-        state, metrics = step(state, base, _batch(), jax.random.key(0))
+        state, metrics = step(state, base, token_batch(VOCAB), jax.random.key(0))
         losses[policy] = (float(metrics["loss"]), float(metrics["grad_norm"]))
     assert losses[remat] == pytest.approx(losses["none"], rel=1e-5)
 
 
 def _packed_batch():
     """Two rows: two packed examples and right padding; one example and right padding."""
-    batch = _batch(accum=1, batch=2, length=16)
+    batch = token_batch(VOCAB, accum=1, rows=2, length=16)
     segments = np.array([[[1] * 6 + [2] * 7 + [0] * 3, [1] * 11 + [0] * 5]], np.int32)
     positions = np.array([[list(range(6)) + list(range(7)) + [0] * 3, list(range(11)) + [0] * 5]], np.int32)
     targets = np.where(segments > 0, np.asarray(batch["targets"]), IGNORE_INDEX)
@@ -235,7 +224,7 @@ def test_offloaded_optimizer_state_lives_in_pinned_host_memory():
         step = make_train_step(graphdef, optimizer, chunk_size=16, offload_optimizer=offload)
         losses = []
         for _ in range(3):
-            state, metrics = step(state, base, _batch(), jax.random.key(0))
+            state, metrics = step(state, base, token_batch(VOCAB), jax.random.key(0))
             losses.append(float(metrics["loss"]))
             kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(state.opt_state)}
             assert kinds == ({"pinned_host"} if offload else {"device"})
@@ -249,7 +238,9 @@ def test_non_finite_loss_skips_the_update():
     poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan) if x.ndim else x, lora)
     state = TrainState.create(poisoned, optimizer)
     before = jax.tree.map(np.array, state)
-    state, metrics = make_train_step(graphdef, optimizer, chunk_size=16)(state, base, _batch(), jax.random.key(0))
+    state, metrics = make_train_step(graphdef, optimizer, chunk_size=16)(
+        state, base, token_batch(VOCAB), jax.random.key(0)
+    )
     assert not bool(metrics["finite"])
     for a, b in zip(jax.tree.leaves(before.lora), jax.tree.leaves(state.lora), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))  # nothing applied
@@ -334,7 +325,7 @@ def test_compute_options_are_what_the_step_compiles():
 
     graphdef, lora, base = _trainable()
     optimizer = optax.sgd(1e-2)
-    batch, key = _batch(accum=1), jax.random.key(0)
+    batch, key = token_batch(VOCAB, accum=1), jax.random.key(0)
     fused = ComputeOptions(remat="full", kernels=KernelOptions(impl="pallas", interpret=True))
     programs = {}
     for name, options in (("xla", ComputeOptions(remat="none")), ("fused", fused)):
