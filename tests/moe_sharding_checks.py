@@ -22,11 +22,12 @@ from flax import nnx
 from sharding_checks import shard_map_operands  # this directory's (the script's own) sibling
 
 from qlora_jax.lora import LoraConfig, apply_lora
-from qlora_jax.mesh import make_mesh
 from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig
+from qlora_jax.parallel.mesh import make_mesh
+from qlora_jax.parallel.placement import global_batch, place
 from qlora_jax.quant import QuantConfig
 from qlora_jax.sharding import param_shardings
-from qlora_jax.train.parallel import global_batch, place, step_shardings
+from qlora_jax.train.parallel import step_shardings
 from qlora_jax.train.step import TrainState, make_train_step
 
 OPTIONS = ComputeOptions(remat="full", attention_block=0)

@@ -19,15 +19,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qlora_jax.distributed import local_rows
 from qlora_jax.lora import AdapterScaling, LoraConfig, apply_lora
-from qlora_jax.mesh import make_mesh
 from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig
 from qlora_jax.nn import QuantizedWeight
+from qlora_jax.parallel.distributed import local_rows
+from qlora_jax.parallel.mesh import make_mesh
+from qlora_jax.parallel.placement import global_batch, place
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize
 from qlora_jax.sharding import param_shardings
 from qlora_jax.train.checkpoint import RunCheckpoints
-from qlora_jax.train.parallel import global_batch, place, step_shardings
+from qlora_jax.train.parallel import step_shardings
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_train_step
 
 # The 16-token rows run as two query blocks: blocked attention under each mesh.

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from qlora_jax.mesh import make_mesh
+from qlora_jax.parallel.mesh import make_mesh
 from qlora_jax.sharding import param_shardings
 
 HERE = Path(__file__).resolve().parent

@@ -20,8 +20,8 @@ import numpy as np
 import optax
 import pytest
 
-from qlora_jax.distributed import distributed_settings, local_rows
-from qlora_jax.mesh import BATCH_AXES, context_mesh, gathers_weights, make_mesh, mesh_shape
+from qlora_jax.parallel.distributed import distributed_settings, local_rows
+from qlora_jax.parallel.mesh import BATCH_AXES, context_mesh, gathers_weights, make_mesh, mesh_shape
 from qlora_jax.train.checkpoint import RunCheckpoints
 from qlora_jax.train.config import ConfigFieldError, config_from_dict
 from qlora_jax.train.loss import IGNORE_INDEX, chunked_cross_entropy, cross_entropy_reference

@@ -16,7 +16,6 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax.kernels import KernelOptions
-from qlora_jax.mesh import context_mesh, gathered
 from qlora_jax.models.attention import (
     ATTENTION_IMPLS,
     AttentionMasks,
@@ -30,6 +29,7 @@ from qlora_jax.models.config import ModelConfig
 from qlora_jax.models.moe import RouterStats, SparseMoeBlock
 from qlora_jax.models.names import LAYERS, hf_module_name, layer_name
 from qlora_jax.nn import Embed, QLinear, QuantizedWeight, RMSNorm, linears, read_in_place
+from qlora_jax.parallel.mesh import context_mesh, gathered
 from qlora_jax.quant import QuantConfig
 
 __all__ = ["ATTENTION_IMPLS", "ComputeOptions", "DecoderLM", "KVCache", "REMAT_POLICIES"]
@@ -61,8 +61,8 @@ class ComputeOptions:
       kernels: how 4-bit matmuls run (`qlora_jax.kernels.KernelOptions`).
       expert_parallel: a mixture of experts traced under a mesh with fsdp > 1 (`jax.set_mesh`) keeps its experts
         split by expert over `fsdp` and computes each where it is, the tokens gathered to it
-        (`qlora_jax.sharding.param_shardings(..., expert_parallel=True)` places them so; docs/moe.md). No effect
-        without such a mesh or on a dense model.
+        (`qlora_jax.sharding.param_shardings(..., expert_parallel=True)` places them so; docs/moe.md).
+        No effect without such a mesh or on a dense model.
 
     Raises ValueError for an unknown remat policy or attention implementation, or a negative attention_block.
     """

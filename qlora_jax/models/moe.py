@@ -33,10 +33,10 @@ from jax.sharding import PartitionSpec as P
 
 from qlora_jax.kernels import KernelOptions
 from qlora_jax.kernels.grouped import DEFAULT_TILE, grouped_frozen_matmul
-from qlora_jax.mesh import BATCH_AXES, FSDP, context_mesh, gathered, gathers_weights, mesh_size
 from qlora_jax.models.config import ModelConfig
 from qlora_jax.models.moe_config import MoeConfig
 from qlora_jax.nn import Frozen, QuantizedWeight
+from qlora_jax.parallel.mesh import BATCH_AXES, FSDP, context_mesh, gathered, gathers_weights, mesh_size
 from qlora_jax.quant import QUANT_BUFFERS, QuantConfig, QuantizedTensor, dequantize, quantize
 
 __all__ = ["QExperts", "TopKRouter", "Experts", "SparseMoeBlock", "RouterStats", "route", "load_balancing_loss"]
@@ -155,7 +155,7 @@ class QExperts(nnx.Module):
         if not gathers_weights():
             return grouped_frozen_matmul(x, self.weights(), group_sizes, tile=tile)
         # Under FSDP: gather inside a checkpoint, so the backward pass gathers again instead of keeping every
-        # layer's gathered experts alive (as `qlora_jax.mesh.gathered_matmul` does for a linear).
+        # layer's gathered experts alive (as `qlora_jax.parallel.mesh.gathered_matmul` does for a linear).
         return jax.checkpoint(lambda x, w: grouped_frozen_matmul(x, gathered(w), group_sizes, tile=tile))(
             x, self.weights(gather=False)
         )

@@ -10,9 +10,10 @@ only when asked (`overwrite`; run_dir.py); a diverging run stops before saving b
 SIGTERM or SIGINT stops the run after the current step with a checkpoint (stop.py).
 
 With a `mesh` section the run spans devices (docs/scaling.md): weights, adapters and optimizer state are placed
-by `qlora_jax.sharding`'s rule, each process feeds its own devices' rows of every batch, checkpoints are written
-sharded, and only process 0 writes the other files. Multi-process runs start from the launcher's environment
-(`qlora_jax.distributed`), agree on their start (startup.py: one decision, one shared directory) and stop together.
+by `qlora_jax.sharding`'s rule, each process feeds its own devices' rows of every batch, checkpoints are
+written sharded, and only process 0 writes the other files. Multi-process runs start from the launcher's environment
+(`qlora_jax.parallel.distributed`), agree on their start (startup.py: one decision, one shared directory) and stop
+together.
 
 The parts, in the order `train` runs them: `started` (startup.py, run_dir.py: may this config start, resume or
 replace a run here?), `set_up` (setup.py: model, data, placement, steps), `_start` (resume from the last
@@ -30,8 +31,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from qlora_jax.distributed import initialize_from_environment, is_primary
 from qlora_jax.models import DecoderLM
+from qlora_jax.parallel.distributed import initialize_from_environment, is_primary
 from qlora_jax.train import data as data_lib
 from qlora_jax.train.build import base_model_name
 from qlora_jax.train.checkpoint import RunCheckpoints

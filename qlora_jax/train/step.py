@@ -7,8 +7,8 @@
     state, metrics = step(state, base, batch, key)   # batch: tokens/targets/positions/segment_ids [accum, B, T]
 
 On a device mesh, pass `shardings` (`qlora_jax.train.parallel.step_shardings`): the step is compiled for them and
-its model traced under their mesh as JAX's context mesh (`qlora_jax.mesh.context_mesh`), so each layer's weights are
-gathered inside the layer scan and the 4-bit kernels run per device.
+its model traced under their mesh as JAX's context mesh (`qlora_jax.parallel.mesh.context_mesh`), so each layer's
+weights are gathered inside the layer scan and the 4-bit kernels run per device.
 
 Only `lora` (the adapters) and the optimizer state change; `base` (the frozen, mostly 4-bit weights) goes in
 unchanged and is never differentiated (its variables are not `nnx.LoRAParam`s, so `jax.grad` never sees them).
@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from qlora_jax.mesh import mesh_size
 from qlora_jax.models import ComputeOptions
 from qlora_jax.models.moe import load_balancing_loss
+from qlora_jax.parallel.mesh import mesh_size
 from qlora_jax.train.loss import chunked_cross_entropy
 from qlora_jax.train.optim import to_memory
 

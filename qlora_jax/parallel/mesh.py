@@ -95,15 +95,16 @@ def context_mesh() -> AbstractMesh | None:
     missing = [a for a in BATCH_AXES if a not in mesh.axis_names]
     if missing:
         raise ValueError(
-            f"qlora_jax computes on a mesh with axes {BATCH_AXES} (qlora_jax.mesh.make_mesh); the context mesh "
-            f"(jax.set_mesh) has axes {mesh.axis_names}"
+            f"qlora_jax computes on a mesh with axes {BATCH_AXES} (qlora_jax.parallel.mesh.make_mesh); the context "
+            f"mesh (jax.set_mesh) has axes {mesh.axis_names}"
         )
     if any(a in mesh.manual_axes for a in BATCH_AXES):
         return None
     if any(a in mesh.explicit_axes for a in BATCH_AXES):
         raise ValueError(
-            f"qlora_jax computes on a mesh whose axes {BATCH_AXES} are of type Auto (qlora_jax.mesh.make_mesh, or "
-            f"jax.make_mesh(..., axis_types=(AxisType.Auto,) * 2)); the context mesh's are {mesh.axis_types}"
+            f"qlora_jax computes on a mesh whose axes {BATCH_AXES} are of type Auto (qlora_jax.parallel.mesh."
+            f"make_mesh, or jax.make_mesh(..., axis_types=(AxisType.Auto,) * 2)); the context mesh's are "
+            f"{mesh.axis_types}"
         )
     return mesh
 
