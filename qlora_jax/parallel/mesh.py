@@ -7,8 +7,9 @@ The model is traced for the mesh of JAX's own context (`jax.set_mesh(mesh)` arou
 `qlora_jax.train.step` sets it inside its steps), the one jit sees and keys its cache on: nothing here keeps state
 of its own (`context_mesh`). Under it each weight is constrained to be replicated where it is used (`gathered`):
 XLA all-gathers each layer's slice inside the scan body, so no device ever holds more than its 1/M of the base
-model plus the layer in flight; the gradients of sharded adapters are reduce-scattered back. The 4-bit matmuls and
-flash attention (custom calls XLA cannot partition) run per device on their rows (`local_matmul`).
+model plus the layer in flight; the gradients of sharded adapters are reduce-scattered back. The 4-bit matmuls
+(custom calls XLA cannot partition) run per device on their rows (`local_matmul`; flash attention likewise, in
+`qlora_jax.models.attention`).
 How each array is placed is `qlora_jax.sharding`'s rule.
 """
 

@@ -145,7 +145,8 @@ def make_train_step(
     `options`: how the model computes (checkpointing, attention blocks, kernels), compiled into the step.
     With `offload_optimizer`, the optimizer state lives in pinned host memory and visits the device only here.
     `shardings` (a `qlora_jax.train.parallel.StepShardings`): compiled for that mesh placement, arguments and
-    the new state alike. `packed_rows=False` promises rows of one example each, right-padded (`pad_examples`):
+    the new state alike, the model traced under its mesh, `options.expert_parallel` the placement's
+    (`step_options`). `packed_rows=False` promises rows of one example each, right-padded (`pad_examples`):
     `segment_ids` is then not used (same loss and gradients; attention needs only its causal mask).
     `router_aux_loss_coef`: a mixture of experts' load-balancing loss weight (`router_aux_coefficient`; None: the
     model's config.json, as transformers).
