@@ -613,7 +613,7 @@ FAILED_TOGETHER_S = 30  # how long a failed process of several waits for the oth
 def _all_failed() -> bool:
     """Whether every process of the job fails (most errors are the same everywhere: bad data, a refused start,
     divergence); then they exit normally, together, and the job's coordination service ends cleanly."""
-    from qlora_jax.distributed import together
+    from qlora_jax.parallel.distributed import together
 
     return together("qlora_jax/failed", FAILED_TOGETHER_S)
 
@@ -626,7 +626,7 @@ def _multi_process() -> bool:
 def _distributed_failure(command: str, error: Exception) -> CommandFailed | None:
     if not _multi_process():
         return None
-    from qlora_jax.distributed import describe_failure
+    from qlora_jax.parallel.distributed import describe_failure
 
     message = describe_failure(error)
     return None if message is None else _fail(command, message)

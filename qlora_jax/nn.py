@@ -21,7 +21,7 @@ from flax import nnx
 from qlora_jax.kernels import KernelOptions, nf4_matmul, nf4_matmul_group
 from qlora_jax.kernels.decode import layer_of
 from qlora_jax.kernels.tune_model import LinearShape
-from qlora_jax.mesh import current_mesh, gathered, gathered_matmul
+from qlora_jax.parallel.mesh import context_mesh, gathered, gathered_matmul
 from qlora_jax.quant import QUANT_BUFFERS, QuantConfig, QuantizedTensor, dequantize, quantize
 
 __all__ = [
@@ -118,8 +118,8 @@ class QLinear(nnx.Module):
 
     def quantized_tensor(self, *, gather: bool = True) -> QuantizedTensor:
         """The 4-bit weight as a QuantizedTensor (its buffers may carry a leading layer axis: the whole stack when
-        read in place); traced under `qlora_jax.mesh.compute_mesh`, whole on every device (gathered just in time)
-        unless not `gather`."""
+        read in place); traced under a mesh (`qlora_jax.parallel.mesh.context_mesh`), whole on every device
+        (gathered just in time) unless not `gather`."""
         assert self.quant is not None, "this QLinear holds a dense weight"
         buffers = {name: (None if getattr(self, name) is None else getattr(self, name)[...]) for name in QUANT_BUFFERS}
         if gather:
@@ -185,12 +185,12 @@ def linears(
     """Each layer applied to the same x (q/k/v, gate/up), adapters included: what `layer(x)` gives for each, with
     the 4-bit bases multiplied by one `nf4_matmul_group` call (one decode-kernel launch where it is the choice).
 
-    The group needs 4-bit layers of one compute dtype, all stacked alike, and no mesh (under `compute_mesh` each
-    layer runs on its own, per device)."""
+    The group needs 4-bit layers of one compute dtype, all stacked alike, and no mesh (under one,
+    `qlora_jax.parallel.mesh.context_mesh`, each layer runs on its own, per device)."""
     grouped = (
         len(layers) > 1
         and all(layer.is_quantized for layer in layers)
-        and current_mesh() is None
+        and context_mesh() is None
         and len({layer.dtype for layer in layers}) == 1
         and len({layer.layer_index is None for layer in layers}) == 1
     )

@@ -1,6 +1,6 @@
 """The sharding rule for a QLoRA model: where each array of the model, its adapters and optimizer state lives.
 
-The mesh (axes `data` and `fsdp`) and the just-in-time gather inside a traced step are `qlora_jax.mesh`'s. The
+The mesh (axes `data` and `fsdp`) and the just-in-time gather inside a traced step are `qlora_jax.parallel.mesh`'s. The
 rule (`param_shardings`), for every array of the model, adapters and optimizer state:
 
 - The leading [num_layers] axis of the stacked layers (`qlora_jax.models.names.LAYERS`) is never split (the layer
@@ -30,8 +30,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qlora_jax.mesh import BATCH_AXES, FSDP, mesh_size, replicated
 from qlora_jax.models.names import is_stacked
+from qlora_jax.parallel.mesh import BATCH_AXES, FSDP, mesh_size, replicated
 from qlora_jax.quant import QUANT_BUFFERS
 
 __all__ = ["batch_sharding", "param_shardings", "optimizer_shardings", "shard_bytes"]

@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qlora_jax.mesh import gathered
 from qlora_jax.models import DecoderLM
 from qlora_jax.nn import Embed, QLinear
+from qlora_jax.parallel.mesh import gathered
 
 __all__ = [
     "EMBED",

@@ -9,6 +9,7 @@ SGD step of rate 1 (minus the gradient) on one device and on meshes with the exp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,12 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from sharding_checks import shard_map_operands  # this directory's (the script's own) sibling
 
 from qlora_jax.lora import LoraConfig, apply_lora
-from qlora_jax.mesh import make_mesh
 from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig
+from qlora_jax.parallel.mesh import make_mesh
+from qlora_jax.parallel.placement import global_batch, place
 from qlora_jax.quant import QuantConfig
-from qlora_jax.train.parallel import global_batch, place, step_shardings
+from qlora_jax.sharding import param_shardings
+from qlora_jax.train.parallel import step_shardings
 from qlora_jax.train.step import TrainState, make_train_step
 
 OPTIONS = ComputeOptions(remat="full", attention_block=0)
@@ -67,6 +71,33 @@ def _batch(accum=2, rows=8, length=8):
     return {"tokens": tokens, "targets": targets, "positions": positions, "segment_ids": np.ones_like(tokens)}
 
 
+def check_users_mesh(graphdef, lora, base, tokens) -> dict:
+    """The model called under a mesh set with `jax.set_mesh` (data 2 x fsdp 4, the experts placed by expert), with
+    and without `ComputeOptions(expert_parallel=True)`: how many shard_maps hold a device's own experts (4-bit
+    codes [experts / fsdp, parts, bytes] inside the layer scan) and the logits vs one device's."""
+
+    def forward(options):
+        return jax.jit(lambda lora, base, tokens: nnx.merge(graphdef, lora, base)(tokens, options=options))
+
+    reference = forward(OPTIONS)(lora, base, tokens)
+    mesh = make_mesh(2, 4)
+    lora, base = (place(tree, param_shardings(tree, mesh, expert_parallel=True)) for tree in (lora, base))
+    out = {}
+    with jax.set_mesh(mesh):
+        for name, options in (
+            ("expert_parallel", dataclasses.replace(OPTIONS, expert_parallel=True)),
+            ("not", OPTIONS),
+        ):
+            operands = shard_map_operands(forward(options).trace(lora, base, tokens).jaxpr.jaxpr, [])
+            local = [ops for ops in operands if any(a.dtype == jnp.uint8 and a.ndim == 3 for a in ops)]
+            out[name] = {
+                "expert_shard_maps": len(local),
+                "local_experts": sorted({a.shape[0] for ops in local for a in ops if a.dtype == jnp.uint8}),
+                "error": float(jnp.max(jnp.abs(forward(options)(lora, base, tokens) - reference))),
+            }
+    return out
+
+
 def main(out: Path) -> None:
     graphdef, lora, base = _split()
     optimizer = optax.sgd(1.0)
@@ -104,6 +135,7 @@ def main(out: Path) -> None:
             "packed_shard_shape": list(packed.addressable_shards[0].data.shape),
             "lora_spec": str(lora_a.sharding.spec),
         }
+    results["users_mesh"] = check_users_mesh(graphdef, lora, base, jnp.asarray(batch["tokens"][0]))
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -19,14 +19,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qlora_jax.distributed import local_rows
 from qlora_jax.lora import AdapterScaling, LoraConfig, apply_lora
-from qlora_jax.mesh import make_mesh
 from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig
 from qlora_jax.nn import QuantizedWeight
+from qlora_jax.parallel.distributed import local_rows
+from qlora_jax.parallel.mesh import make_mesh
+from qlora_jax.parallel.placement import global_batch, place
 from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize
 from qlora_jax.sharding import param_shardings
-from qlora_jax.train.parallel import global_batch, place, step_shardings
+from qlora_jax.train.parallel import step_shardings
 from qlora_jax.train.run.checkpoint import RunCheckpoints
 from qlora_jax.train.step import BATCH_FIELDS, TrainState, make_train_step
 
@@ -235,6 +236,61 @@ def check_memory() -> dict:
     return out
 
 
+def shard_map_operands(jaxpr, found: list) -> list:
+    """The per-device operand avals of every shard_map in `jaxpr` (a ClosedJaxpr's jaxpr), inner jaxprs (scan,
+    checkpoint, custom_vjp, pjit) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "shard_map":
+            found.append([v.aval for v in eqn.params["jaxpr"].invars])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr or a Jaxpr
+                if hasattr(inner, "eqns"):
+                    shard_map_operands(inner, found)
+    return found
+
+
+def check_context_mesh() -> dict:
+    """The model (2 layers of 4-bit linears with adapters) jitted once by its user and traced with and without a
+    mesh set by JAX's own API (`jax.set_mesh`): what shard_maps the trace holds (a 4-bit matmul's: one operand of
+    packed uint8 codes), each one's per-device row count, and the logits on the mesh vs one device."""
+    model_config = _model_config()
+    graphdef, lora, base = _split(model_config)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, HF["vocab_size"], (8, 16)), jnp.int32)
+
+    @jax.jit
+    def forward(lora, base, tokens):
+        return nnx.merge(graphdef, lora, base)(tokens, options=OPTIONS)
+
+    def matmuls(lora, base) -> list:
+        operands = shard_map_operands(forward.trace(lora, base, tokens).jaxpr.jaxpr, [])
+        return [ops for ops in operands if any(a.dtype == jnp.uint8 for a in ops)]
+
+    reference = forward(lora, base, tokens)
+    no_mesh = matmuls(lora, base)
+    mesh = make_mesh(2, 4)
+    lora = place(lora, param_shardings(lora, mesh))
+    base = place(base, param_shardings(base, mesh))
+    with jax.set_mesh(mesh):
+        on_mesh = matmuls(lora, base)
+        logits = forward(lora, base, tokens)
+    out_of_mesh = matmuls(lora, base)  # the same jitted function, the mesh context left again
+    # each matmul's largest uint8 operand: its packed codes (the others: absmax codes, 1 byte per 64 values)
+    packed = {max(int(np.prod(a.shape)) for a in ops if a.dtype == jnp.uint8) for ops in on_mesh}
+    return {
+        "no_mesh_matmuls": len(no_mesh),
+        "mesh_matmuls": len(on_mesh),
+        "after_mesh_matmuls": len(out_of_mesh),
+        "linears_per_layer": 7,
+        "row_counts": sorted({int(ops[0].shape[0]) for ops in on_mesh}),
+        "rows": int(tokens.shape[0]),
+        # one layer's codes, whole on each device: q/o 512 x 512, k/v 256 x 512, gate/up/down 1024 x 512 (2 a byte)
+        "packed_sizes": sorted(packed),
+        "max_error": float(jnp.max(jnp.abs(logits - reference))),
+        "logits_spec": str(logits.sharding.spec),
+    }
+
+
 def check_process_rows() -> dict:
     """Rows each of two (pretend) processes of 4 devices supplies, global_batch's round trip, and AdamW's state
     shardings (moments like their parameters, counts replicated)."""
@@ -348,6 +404,7 @@ def main() -> None:
         ("small_weights", check_small_weights_replicate),
         ("memory", check_memory),
         ("process_rows", check_process_rows),
+        ("context_mesh", check_context_mesh),
         ("plan", lambda: check_plan(out)),
     ]
     if len(sys.argv) > 2:

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from qlora_jax.mesh import make_mesh
+from qlora_jax.parallel.mesh import make_mesh
 from qlora_jax.sharding import param_shardings
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +48,15 @@ def test_each_device_holds_its_own_experts(results):
         assert mesh["packed_spec"] == "P(None, 'fsdp', None, None)" and mesh["lora_spec"] == mesh["packed_spec"]
         assert mesh["packed_shard_shape"][1] == 8 // devices  # experts a device holds: [layers, experts, parts, ..]
     assert results["meshes"]["fsdp8"]["packed_shard_shape"][1] == 8  # FSDP: blocks split (or whole), not experts
+
+
+@pytest.mark.slow
+def test_under_a_users_mesh_the_option_alone_chooses_expert_parallelism(results):
+    """`jax.set_mesh` gives the mesh, `ComputeOptions.expert_parallel` the choice: no state of qlora_jax's own."""
+    ep, gathered = results["users_mesh"]["expert_parallel"], results["users_mesh"]["not"]
+    assert ep["expert_shard_maps"] == 1 and ep["local_experts"] == [8 // 4]  # one MoE block in the layer scan
+    assert gathered["expert_shard_maps"] == 0
+    assert ep["error"] < 1e-5 and gathered["error"] < 1e-5
 
 
 def test_the_rule_finds_the_expert_axis_and_refuses_what_does_not_divide():

@@ -20,8 +20,8 @@ import numpy as np
 import optax
 import pytest
 
-from qlora_jax.distributed import distributed_settings, local_rows
-from qlora_jax.mesh import make_mesh, mesh_shape
+from qlora_jax.parallel.distributed import distributed_settings, local_rows
+from qlora_jax.parallel.mesh import BATCH_AXES, context_mesh, gathers_weights, make_mesh, mesh_shape
 from qlora_jax.train.config import ConfigFieldError, config_from_dict
 from qlora_jax.train.loss import IGNORE_INDEX, chunked_cross_entropy, cross_entropy_reference
 from qlora_jax.train.parallel import configured_mesh
@@ -49,6 +49,19 @@ def test_mesh_shape_fills_in_the_rest_and_rejects_what_does_not_fit():
     mesh = make_mesh(1, -1)  # this process has one device
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_the_mesh_is_jaxs_context_mesh_and_needs_auto_data_and_fsdp_axes():
+    assert context_mesh() is None
+    mesh = make_mesh(1, 1)
+    with jax.set_mesh(mesh):
+        assert context_mesh() == mesh.abstract_mesh and not gathers_weights()
+        assert jax.jit(lambda: jnp.int32(context_mesh() is not None))() == 1  # what jit traces under
+    assert context_mesh() is None
+    explicit = jax.make_mesh((1, 1), BATCH_AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    for other, match in ((explicit, "of type Auto"), (jax.make_mesh((1,), ("x",)), r"axes \('x',\)")):
+        with jax.set_mesh(other), pytest.raises(ValueError, match=match):
+            context_mesh()
 
 
 def _raw(**mesh):
@@ -208,6 +221,20 @@ def test_fsdp_never_keeps_more_than_the_layer_in_flight(eight_devices):
     per_layer = memory["none_fsdp8"]["base_per_layer"]
     assert memory["none_fsdp8"]["temp_per_layer"] - memory["none_single"]["temp_per_layer"] < 0.25 * per_layer
     assert memory["full_fsdp8"]["temp_per_layer"] < 0.25 * per_layer
+
+
+@pytest.mark.slow
+def test_a_users_mesh_set_with_jax_runs_the_4bit_matmuls_per_device(eight_devices):
+    """Called under `jax.set_mesh` (no qlora_jax context), the model's 4-bit matmuls run in shard_maps on each
+    device's rows, with each layer's codes whole; the same jitted function without a mesh traces none."""
+    _, results = eight_devices
+    ctx = results["context_mesh"]
+    assert ctx["no_mesh_matmuls"] == 0 and ctx["after_mesh_matmuls"] == 0
+    assert ctx["mesh_matmuls"] == ctx["linears_per_layer"]  # the layer scan's body: traced once for every layer
+    assert ctx["row_counts"] == [ctx["rows"] // 8]  # data 2 x fsdp 4: one row a device
+    assert ctx["packed_sizes"] == [256 * 512 // 2, 512 * 512 // 2, 1024 * 512 // 2]
+    assert ctx["max_error"] < 1e-5
+    assert ctx["logits_spec"] == "P(('data', 'fsdp'),)"
 
 
 @pytest.mark.slow

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qlora_jax.kernels.flash_attention import NO_WINDOW, flash_attention
-from qlora_jax.mesh import BATCH_AXES, current_mesh, mesh_size
 from qlora_jax.models.config import RopeConfig
+from qlora_jax.parallel.mesh import BATCH_AXES, context_mesh, mesh_size
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -259,11 +259,12 @@ class AttentionMasks:
 
 
 def _per_device_rows(fn, rows: tuple, shared: tuple) -> jax.Array:
-    """fn(*rows, *shared), each device running it on its own batch rows under `qlora_jax.mesh.compute_mesh`.
+    """fn(*rows, *shared), each device running it on its own batch rows under a mesh
+    (`qlora_jax.parallel.mesh.context_mesh`).
 
     XLA cannot partition a Pallas kernel (a custom call): left alone it would gather every device's rows and
     compute the whole batch everywhere. Outside a mesh, or when the rows do not divide, fn as is."""
-    mesh = current_mesh()
+    mesh = context_mesh()
     n = mesh_size(mesh)
     if mesh is None or n == 1 or rows[0].shape[0] % n:
         return fn(*rows, *shared)

@@ -16,7 +16,6 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax.kernels import KernelOptions
-from qlora_jax.mesh import current_mesh, gathered
 from qlora_jax.models.attention import (
     ATTENTION_IMPLS,
     AttentionMasks,
@@ -30,6 +29,7 @@ from qlora_jax.models.config import ModelConfig
 from qlora_jax.models.moe import RouterStats, SparseMoeBlock
 from qlora_jax.models.names import LAYERS, hf_module_name, layer_name
 from qlora_jax.nn import Embed, QLinear, QuantizedWeight, RMSNorm, linears, read_in_place
+from qlora_jax.parallel.mesh import context_mesh, gathered
 from qlora_jax.quant import QuantConfig
 
 __all__ = ["ATTENTION_IMPLS", "ComputeOptions", "DecoderLM", "KVCache", "REMAT_POLICIES"]
@@ -59,6 +59,10 @@ class ComputeOptions:
       attention_block: queries per block of the XLA attention (`attend`'s block_size): a longer sequence never
         holds its [heads, length, length] scores whole; 0 takes all queries at once. The flash paths need none.
       kernels: how 4-bit matmuls run (`qlora_jax.kernels.KernelOptions`).
+      expert_parallel: a mixture of experts traced under a mesh with fsdp > 1 (`jax.set_mesh`) keeps its experts
+        split by expert over `fsdp` and computes each where it is, the tokens gathered to it
+        (`qlora_jax.sharding.param_shardings(..., expert_parallel=True)` places them so; docs/moe.md).
+        No effect without such a mesh or on a dense model.
 
     Raises ValueError for an unknown remat policy or attention implementation, or a negative attention_block.
     """
@@ -67,6 +71,7 @@ class ComputeOptions:
     attention: str = "auto"
     attention_block: int = 512
     kernels: KernelOptions = KernelOptions()
+    expert_parallel: bool = False
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -458,7 +463,7 @@ class DecoderLM(nnx.Module):
         graphdef, layer_state = nnx.split(self.model.layers)
         # Decoding (a cache, no gradient) reads the stacked 4-bit weights in place: the layers get them whole and
         # each layer's matmuls take its index, so no layer's weights are sliced out (copied) before a kernel.
-        in_place = cache is not None and current_mesh() is None
+        in_place = cache is not None and context_mesh() is None
         stacked = ()
         if in_place:  # the linears' 4-bit buffers (a mixture of experts' stacked experts stay sliced per layer)
             linears = {path for path, m in nnx.iter_graph(self.model.layers) if isinstance(m, QLinear)}

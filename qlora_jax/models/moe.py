@@ -33,10 +33,10 @@ from jax.sharding import PartitionSpec as P
 
 from qlora_jax.kernels import KernelOptions
 from qlora_jax.kernels.grouped import DEFAULT_TILE, grouped_frozen_matmul
-from qlora_jax.mesh import BATCH_AXES, FSDP, compute_mesh, current_mesh, experts_sharded, gathered, gathers_weights
 from qlora_jax.models.config import ModelConfig
 from qlora_jax.models.moe_config import MoeConfig
 from qlora_jax.nn import Frozen, QuantizedWeight
+from qlora_jax.parallel.mesh import BATCH_AXES, FSDP, context_mesh, gathered, gathers_weights, mesh_size
 from qlora_jax.quant import QUANT_BUFFERS, QuantConfig, QuantizedTensor, dequantize, quantize
 
 __all__ = ["QExperts", "TopKRouter", "Experts", "SparseMoeBlock", "RouterStats", "route", "load_balancing_loss"]
@@ -155,7 +155,7 @@ class QExperts(nnx.Module):
         if not gathers_weights():
             return grouped_frozen_matmul(x, self.weights(), group_sizes, tile=tile)
         # Under FSDP: gather inside a checkpoint, so the backward pass gathers again instead of keeping every
-        # layer's gathered experts alive (as `qlora_jax.mesh.gathered_matmul` does for a linear).
+        # layer's gathered experts alive (as `qlora_jax.parallel.mesh.gathered_matmul` does for a linear).
         return jax.checkpoint(lambda x, w: grouped_frozen_matmul(x, gathered(w), group_sizes, tile=tile))(
             x, self.weights(gather=False)
         )
@@ -256,14 +256,16 @@ class SparseMoeBlock(nnx.Module):
         self, x: jax.Array, *, options: Any, dropout_key: jax.Array | None = None, router_mask: jax.Array | None = None
     ) -> tuple[jax.Array, RouterStats]:
         """x [B, T, H] -> (out [B, T, H], this layer's RouterStats); `router_mask` [B, T] (False: left out of the
-        statistics, as transformers leaves out padding); `options`: a ComputeOptions (its kernels)."""
+        statistics, as transformers leaves out padding); `options`: a ComputeOptions (its kernels; expert_parallel,
+        under a mesh with fsdp > 1: the experts computed where they are, `_expert_parallel`)."""
         moe = self.moe
         b, t, h = x.shape
         x2 = x.reshape(b * t, h)
         logits = self.gate(x2, kernels=options.kernels, dropout_key=dropout_key)  # [N, E]
         probs, top_e, top_w = route(logits, moe)
-        if experts_sharded():
-            out = _expert_parallel(self.experts, x2, top_e, top_w)
+        mesh = context_mesh()
+        if options.expert_parallel and mesh_size(mesh, FSDP) > 1:
+            out = _expert_parallel(self.experts, x2, top_e, top_w, mesh)
         else:
             out = _dispatch(self.experts, x2, top_e, top_w, moe.num_experts)
         flat = top_e.reshape(-1)
@@ -294,11 +296,12 @@ def _dispatch(
     return jnp.zeros_like(x).at[token].add(contributions)
 
 
-def _expert_parallel(experts: Experts, x: jax.Array, top_e: jax.Array, top_w: jax.Array) -> jax.Array:
+def _expert_parallel(
+    experts: Experts, x: jax.Array, top_e: jax.Array, top_w: jax.Array, mesh: jax.sharding.AbstractMesh
+) -> jax.Array:
     """`_dispatch` with the experts split over the mesh's fsdp axis (expert axis 0 of every expert array, their
     adapters' too): each device gathers its fsdp group's rows, computes its own experts' share for all of them,
     and a reduce-scatter sums the shares back onto each device's rows. No expert weight moves."""
-    mesh = current_mesh()
     devices = mesh.shape[FSDP]
     graphdef, state = nnx.split(experts)
     num_experts = experts.down_proj.num_experts
@@ -309,11 +312,11 @@ def _expert_parallel(experts: Experts, x: jax.Array, top_e: jax.Array, top_w: ja
     rows = P(BATCH_AXES)
 
     def body(x, top_e, top_w, state):
-        with compute_mesh(None):  # inside: this device's arrays as they are, no gather
-            gather = functools.partial(jax.lax.all_gather, axis_name=FSDP, axis=0, tiled=True)
-            first = jax.lax.axis_index(FSDP) * local_experts
-            out = _dispatch(nnx.merge(graphdef, state), gather(x), gather(top_e), gather(top_w), local_experts, first)
-            return jax.lax.psum_scatter(out, FSDP, scatter_dimension=0, tiled=True)
+        # inside, the mesh's axes are manual (`context_mesh()` is None): this device's arrays as they are, no gather
+        gather = functools.partial(jax.lax.all_gather, axis_name=FSDP, axis=0, tiled=True)
+        first = jax.lax.axis_index(FSDP) * local_experts
+        out = _dispatch(nnx.merge(graphdef, state), gather(x), gather(top_e), gather(top_w), local_experts, first)
+        return jax.lax.psum_scatter(out, FSDP, scatter_dimension=0, tiled=True)
 
     call = jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, specs), out_specs=rows, check_vma=False)
     return call(x, top_e, top_w, state)

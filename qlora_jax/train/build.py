@@ -25,7 +25,7 @@ from qlora_jax.quant import QuantConfig
 from qlora_jax.train.config import TrainConfig, resolve_package_path
 from qlora_jax.train.loss import auto_chunk_size
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
-from qlora_jax.train.step import make_eval_step, make_train_step
+from qlora_jax.train.step import make_eval_step, make_train_step, step_options
 
 __all__ = [
     "Steps",
@@ -98,7 +98,7 @@ def make_steps(
     (`run_optimizer`); `shardings`: the mesh placement (`train.parallel.step_shardings`) or None; `target`: the GPU
     the kernel and attention choices are made for, when it is not this machine's (a deviceless plan)."""
     t = config.train
-    options = compute_options(config, target=target)
+    options = step_options(compute_options(config, target=target), shardings)  # what the steps compile in
     chunk_size = t.loss_chunk_size or auto_chunk_size(vocab_size)
     train_step = make_train_step(
         graphdef,

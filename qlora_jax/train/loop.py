@@ -12,7 +12,7 @@ only when asked (`overwrite`; run/run_dir.py); a diverging run stops before savi
 With a `mesh` section the run spans devices (docs/scaling.md): weights, adapters and optimizer state are placed
 by `qlora_jax.sharding`'s rule, each process feeds its own devices' rows of every batch, checkpoints are written
 sharded, and only process 0 writes the other files. Multi-process runs start from the launcher's environment
-(`qlora_jax.distributed`), agree on their start (run/startup.py: one decision, one shared directory) and stop
+(`qlora_jax.parallel.distributed`), agree on their start (run/startup.py: one decision, one shared directory) and stop
 together.
 
 This module is the driver: it ties train's step modules (setup.py, report.py, step.py) to what the run does to its
@@ -33,8 +33,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from qlora_jax.distributed import initialize_from_environment, is_primary
 from qlora_jax.models import DecoderLM
+from qlora_jax.parallel.distributed import initialize_from_environment, is_primary
 from qlora_jax.train import data as data_lib
 from qlora_jax.train.build import base_model_name
 from qlora_jax.train.config import TrainConfig

@@ -1,4 +1,4 @@
-"""A run on a device mesh: where the train state, the base weights and the batches live, and how they get there.
+"""A run on a device mesh: where the train state, the base weights and the batches live.
 
     mesh = make_mesh(data=2, fsdp=4)
     shardings = step_shardings(mesh, lora, base, optimizer, dq_blocksize=256)
@@ -7,7 +7,9 @@
     step = make_train_step(graphdef, optimizer, shardings=shardings)
     state, metrics = step(state, base, global_batch(host_batch, shardings.batch), key)
 
-The sharding rule itself is `qlora_jax.sharding` (documented there and in docs/scaling.md).
+The sharding rule itself is `qlora_jax.sharding` (documented there and in docs/scaling.md); `place` and
+`global_batch` (how the arrays get there) are `qlora_jax.parallel.placement`'s. What stays here needs the train
+package: a run config's mesh (`configured_mesh`) and the shardings of a `TrainState` (`step_shardings`).
 """
 
 from __future__ import annotations
@@ -16,17 +18,15 @@ import dataclasses
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from qlora_jax.distributed import local_rows
-from qlora_jax.mesh import make_mesh, replicated
+from qlora_jax.parallel.mesh import make_mesh, replicated
 from qlora_jax.sharding import batch_sharding, optimizer_shardings, param_shardings
 from qlora_jax.train.config import ConfigFieldError, TrainConfig, check_batch_divides
 from qlora_jax.train.step import TrainState
 
-__all__ = ["StepShardings", "configured_mesh", "step_shardings", "place", "global_batch"]
+__all__ = ["StepShardings", "configured_mesh", "step_shardings"]
 
 
 def configured_mesh(config: TrainConfig) -> Mesh | None:
@@ -88,28 +88,3 @@ def step_shardings(
         replicated(mesh),
         expert_parallel,
     )
-
-
-def _put(x: Any, sharding: NamedSharding) -> jax.Array:
-    if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
-    host = np.asarray(x)  # every process holds the whole array; each fills its own devices' shards
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-def place(tree: Any, shardings: Any) -> Any:
-    """`tree`'s arrays moved to their shardings (on every process of a multi-process run)."""
-    return jax.tree.map(_put, tree, shardings)
-
-
-def global_batch(arrays: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Global arrays from the host batch every process holds: each process hands over only the rows of its own
-    devices (`jax.make_array_from_process_local_data`); rows are split along the sharding's batch axis."""
-    axis = next(i for i, names in enumerate(sharding.spec) if names is not None)
-    out = {}
-    for name, array in arrays.items():
-        indices = sharding.addressable_devices_indices_map(array.shape).values()
-        rows = local_rows(indices, axis, array.shape[axis])
-        local = array[(slice(None),) * axis + (rows,)]
-        out[name] = jax.make_array_from_process_local_data(sharding, local, array.shape)
-    return out

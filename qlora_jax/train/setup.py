@@ -19,13 +19,14 @@ from flax import nnx
 from qlora_jax.convert.hf import load_pretrained
 from qlora_jax.lora import apply_lora, loftq_initialize
 from qlora_jax.models import ComputeOptions, DecoderLM, read_model_config
+from qlora_jax.parallel.placement import global_batch, place
 from qlora_jax.tokenizer import check_token_ids, load_tokenizer
 from qlora_jax.tokens import resize_token_embeddings
 from qlora_jax.train import data as data_lib
 from qlora_jax.train.build import make_steps, quant_config, run_optimizer, run_vocab_size
 from qlora_jax.train.config import TrainConfig, resolve_package_path
 from qlora_jax.train.loss import IGNORE_INDEX
-from qlora_jax.train.parallel import StepShardings, configured_mesh, global_batch, place, step_shardings
+from qlora_jax.train.parallel import StepShardings, configured_mesh, step_shardings
 from qlora_jax.train.plan import resolve_remat
 from qlora_jax.train.step import BATCH_FIELDS, TrainState
 

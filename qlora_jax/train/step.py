@@ -7,7 +7,8 @@
     state, metrics = step(state, base, batch, key)   # batch: tokens/targets/positions/segment_ids [accum, B, T]
 
 On a device mesh, pass `shardings` (`qlora_jax.train.parallel.step_shardings`): the step is compiled for them and
-traced under `qlora_jax.mesh.compute_mesh`, so each layer's weights are gathered inside the layer scan.
+its model traced under their mesh as JAX's context mesh (`qlora_jax.parallel.mesh.context_mesh`), so each layer's
+weights are gathered inside the layer scan and the 4-bit kernels run per device.
 
 Only `lora` (the adapters) and the optimizer state change; `base` (the frozen, mostly 4-bit weights) goes in
 unchanged and is never differentiated (its variables are not `nnx.LoRAParam`s, so `jax.grad` never sees them).
@@ -15,6 +16,7 @@ unchanged and is never differentiated (its variables are not `nnx.LoRAParam`s, s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -25,13 +27,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from qlora_jax.mesh import compute_mesh, mesh_size
 from qlora_jax.models import ComputeOptions
 from qlora_jax.models.moe import load_balancing_loss
+from qlora_jax.parallel.mesh import mesh_size
 from qlora_jax.train.loss import chunked_cross_entropy
 from qlora_jax.train.optim import to_memory
 
-__all__ = ["TrainState", "make_train_step", "make_eval_step", "router_aux_coefficient", "BATCH_FIELDS"]
+__all__ = ["TrainState", "make_train_step", "make_eval_step", "step_options", "router_aux_coefficient", "BATCH_FIELDS"]
 
 BATCH_FIELDS = ("tokens", "targets", "positions", "segment_ids")
 
@@ -74,6 +76,14 @@ def router_aux_coefficient(model_config: Any, override: float | None = None) -> 
     return moe.router_aux_loss_coef if moe.output_router_logits else 0.0
 
 
+def step_options(options: ComputeOptions, shardings: Any) -> ComputeOptions:
+    """`options` as a step placed by `shardings` (a StepShardings or None) computes: a mixture of experts runs
+    expert-parallel exactly where the placement splits its experts by expert (`shardings.expert_parallel`)."""
+    if shardings is None:
+        return options
+    return dataclasses.replace(options, expert_parallel=shardings.expert_parallel)
+
+
 def _loss(
     graphdef,
     lora,
@@ -86,11 +96,11 @@ def _loss(
     packed_rows: bool,
     mesh=None,
     router_aux_loss_coef: float | None = None,
-    expert_parallel: bool = False,
 ):
-    # trace-time: weights gathered where used (a mixture of experts' experts computed where they are, expert
-    # parallel), kernels per device
-    with compute_mesh(mesh, expert_parallel=expert_parallel):
+    # Traced for the mesh as JAX's context mesh (jit's arguments carry their shardings, not a context): weights
+    # gathered where used, kernels per device; without one, whatever context the caller set.
+    on_mesh = contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+    with on_mesh:
         model = nnx.merge(graphdef, lora, base)
         # Unpacked rows are one example then right padding: causal attention alone gives every target token the
         # same value (no real token attends a later padding token), and lets attention take cuDNN's causal mask.
@@ -135,13 +145,14 @@ def make_train_step(
     `options`: how the model computes (checkpointing, attention blocks, kernels), compiled into the step.
     With `offload_optimizer`, the optimizer state lives in pinned host memory and visits the device only here.
     `shardings` (a `qlora_jax.train.parallel.StepShardings`): compiled for that mesh placement, arguments and
-    the new state alike. `packed_rows=False` promises rows of one example each, right-padded (`pad_examples`):
+    the new state alike, the model traced under its mesh, `options.expert_parallel` the placement's
+    (`step_options`). `packed_rows=False` promises rows of one example each, right-padded (`pad_examples`):
     `segment_ids` is then not used (same loss and gradients; attention needs only its causal mask).
     `router_aux_loss_coef`: a mixture of experts' load-balancing loss weight (`router_aux_coefficient`; None: the
     model's config.json, as transformers).
     """
     mesh = None if shardings is None else shardings.mesh
-    expert_parallel = shardings is not None and shardings.expert_parallel
+    options = step_options(options, shardings)
     opt_shardings = None if shardings is None else shardings.state.opt_state
 
     def loss_and_grads(lora, base, micro, key):
@@ -157,7 +168,6 @@ def make_train_step(
                 packed_rows=packed_rows,
                 mesh=mesh,
                 router_aux_loss_coef=router_aux_loss_coef,
-                expert_parallel=expert_parallel,
             )
 
         (loss_sum, count), grads = jax.value_and_grad(fn, has_aux=True)(lora)
@@ -217,7 +227,7 @@ def make_eval_step(
     `options`, `shardings` and `packed_rows` as for `make_train_step` (with shardings, B must divide by the mesh's
     data x fsdp devices)."""
     mesh = None if shardings is None else shardings.mesh
-    expert_parallel = shardings is not None and shardings.expert_parallel
+    options = step_options(options, shardings)
 
     def eval_step(lora, base, batch):
         return _loss(
@@ -230,7 +240,6 @@ def make_eval_step(
             options=options,
             packed_rows=packed_rows,
             mesh=mesh,
-            expert_parallel=expert_parallel,
         )
 
     if shardings is None:

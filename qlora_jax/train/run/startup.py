@@ -4,12 +4,12 @@ With one process, `started` holds the run directory's lock and yields its decisi
 
 With several, process 0 alone checks and locks the directory and decides (resume, start, replace), then writes a
 probe file into it; it publishes the decision (or its error) in the job's key-value store
-(`qlora_jax.distributed.publish`). Every other process waits for that word, raises process 0's error if there is
-one, and otherwise reports whether it sees the probe with the right content in its own `train.output_dir`. Every
-process then reads every report: if any process does not see the probe, the directory is not shared (each host
-has its own, or a path names another directory), and every process stops with the same message naming the
-processes and hosts that do not see it, before anything is loaded: such a run would otherwise hang at its first
-checkpoint, whose shards every process writes into the one directory.
+(`qlora_jax.parallel.distributed.publish`). Every other process waits for that word, raises process 0's error if
+there is one, and otherwise reports whether it sees the probe with the right content in its own
+`train.output_dir`. Every process then reads every report: if any process does not see the probe, the directory is
+not shared (each host has its own, or a path names another directory), and every process stops with the same
+message naming the processes and hosts that do not see it, before anything is loaded: such a run would otherwise
+hang at its first checkpoint, whose shards every process writes into the one directory.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterator
 
 import jax
 
-from qlora_jax import distributed, files
+from qlora_jax import files
 from qlora_jax.errors import QloraJaxError
+from qlora_jax.parallel import distributed
 from qlora_jax.train.run.run_dir import RunDirectory, RunStart
 
 __all__ = ["started", "UnsharedRunDirectory"]

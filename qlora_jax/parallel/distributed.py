@@ -193,7 +193,7 @@ def local_rows(indices: Iterable[tuple[slice, ...]], axis: int, size: int) -> sl
 
     `indices` are the index tuples of the process's devices (`sharding.addressable_devices_indices_map(shape)`);
     devices replicating the same rows repeat them. A process must own one contiguous run (true of meshes built by
-    `qlora_jax.mesh.make_mesh`, whose devices are ordered by process).
+    `qlora_jax.parallel.mesh.make_mesh`, whose devices are ordered by process).
     """
     spans = sorted({(s.start or 0, size if s.stop is None else s.stop) for s in (ix[axis] for ix in indices)})
     if not spans:

@@ -3,22 +3,24 @@
 A mesh has two axes: `data` (pure data parallelism: weights replicated) and `fsdp` (fully sharded data
 parallelism: weights split M ways, gathered one layer at a time). Batches are split over both (data x fsdp rows).
 
-Inside a jitted step traced under `compute_mesh(mesh)`, each weight is constrained to be replicated where it is
-used (`gathered`): XLA all-gathers each layer's slice inside the scan body, so no device ever holds more than
-its 1/M of the base model plus the layer in flight; the gradients of sharded adapters are reduce-scattered back.
+The model is traced for the mesh of JAX's own context (`jax.set_mesh(mesh)` around a call or a jitted function;
+`qlora_jax.train.step` sets it inside its steps), the one jit sees and keys its cache on: nothing here keeps state
+of its own (`context_mesh`). Under it each weight is constrained to be replicated where it is used (`gathered`):
+XLA all-gathers each layer's slice inside the scan body, so no device ever holds more than its 1/M of the base
+model plus the layer in flight; the gradients of sharded adapters are reduce-scattered back. The 4-bit matmuls
+(custom calls XLA cannot partition) run per device on their rows (`local_matmul`; flash attention likewise, in
+`qlora_jax.models.attention`).
 How each array is placed is `qlora_jax.sharding`'s rule.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 __all__ = [
@@ -29,9 +31,7 @@ __all__ = [
     "make_mesh",
     "mesh_size",
     "replicated",
-    "compute_mesh",
-    "current_mesh",
-    "experts_sharded",
+    "context_mesh",
     "gathered",
     "gathers_weights",
     "gathered_matmul",
@@ -70,7 +70,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, *, devices: list[Any] | None = None
     return jax.make_mesh(shape, BATCH_AXES, axis_types=auto, devices=devices)
 
 
-def mesh_size(mesh: Mesh | None, axis: str | tuple[str, ...] = BATCH_AXES) -> int:
+def mesh_size(mesh: Mesh | AbstractMesh | None, axis: str | tuple[str, ...] = BATCH_AXES) -> int:
     """Devices along `axis` (or the product over several axes); 1 without a mesh."""
     if mesh is None:
         return 1
@@ -82,43 +82,46 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-_context = threading.local()
+def context_mesh() -> AbstractMesh | None:
+    """The mesh the model is traced for: JAX's context mesh (`jax.set_mesh`, or `use_abstract_mesh` inside a
+    traced function; what jit keys its cache on), or None without one or inside a `shard_map` over the batch axes
+    (there each device's arrays are its own: nothing to gather, nothing to split).
 
-
-@contextlib.contextmanager
-def compute_mesh(mesh: Mesh | None, *, expert_parallel: bool = False) -> Iterator[None]:
-    """Traces the model for `mesh`: weights gathered where used, 4-bit matmuls run per device on their rows.
-    `expert_parallel`: a mixture of experts' experts stay split over `fsdp` and compute where they are
-    (`experts_sharded`; docs/moe.md)."""
-    previous = getattr(_context, "mesh", None), getattr(_context, "expert_parallel", False)
-    _context.mesh, _context.expert_parallel = mesh, expert_parallel
-    try:
-        yield
-    finally:
-        _context.mesh, _context.expert_parallel = previous
-
-
-def current_mesh() -> Mesh | None:
-    return getattr(_context, "mesh", None)
-
-
-def experts_sharded() -> bool:
-    """Whether a mixture of experts traced now runs expert-parallel (under `compute_mesh(..., expert_parallel=True)`
-    with fsdp > 1): each device computes its own experts for the tokens of its fsdp group."""
-    return getattr(_context, "expert_parallel", False) and mesh_size(current_mesh(), FSDP) > 1
+    Raises ValueError for a context mesh without the axes `data` and `fsdp`, or with either of Explicit type
+    (`make_mesh` makes them Auto: sharding propagation by XLA, which the model relies on).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    missing = [a for a in BATCH_AXES if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(
+            f"qlora_jax computes on a mesh with axes {BATCH_AXES} (qlora_jax.parallel.mesh.make_mesh); the context "
+            f"mesh (jax.set_mesh) has axes {mesh.axis_names}"
+        )
+    if any(a in mesh.manual_axes for a in BATCH_AXES):
+        return None
+    if any(a in mesh.explicit_axes for a in BATCH_AXES):
+        raise ValueError(
+            f"qlora_jax computes on a mesh whose axes {BATCH_AXES} are of type Auto (qlora_jax.parallel.mesh."
+            f"make_mesh, or jax.make_mesh(..., axis_types=(AxisType.Auto,) * 2)); the context mesh's are "
+            f"{mesh.axis_types}"
+        )
+    return mesh
 
 
 def gathers_weights() -> bool:
-    """Whether weights traced now are gathered (under `compute_mesh` with fsdp > 1)."""
-    return mesh_size(current_mesh(), FSDP) > 1
+    """Whether weights traced now are gathered (under a context mesh with fsdp > 1)."""
+    return mesh_size(context_mesh(), FSDP) > 1
 
 
 def gathered(x: Any) -> Any:
     """x (an array or a pytree) constrained to be whole on every device: an all-gather of an fsdp-sharded weight,
-    just in time; unchanged outside `compute_mesh` or when nothing is sharded."""
-    if x is None or not gathers_weights():
+    just in time; unchanged without a context mesh (`context_mesh`) or when nothing is sharded."""
+    mesh = context_mesh()
+    if x is None or mesh_size(mesh, FSDP) == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, replicated(current_mesh()))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
 
 
 def gathered_matmul(fn: Callable[..., jax.Array], x: jax.Array, weight: Any) -> jax.Array:
@@ -137,10 +140,10 @@ def local_matmul(fn: Callable[..., jax.Array], x: jax.Array, weight: Any) -> jax
     """fn(x, weight) run per device on its rows of x (axis 0, split over data x fsdp), with the weight whole.
 
     XLA cannot partition a Pallas kernel (a custom call): left to itself it would gather every device's rows and
-    compute the whole batch everywhere. Under `compute_mesh`, `shard_map` makes each device run the kernel on
-    its own rows. Outside it, or when the rows do not divide, fn(x, weight) as is.
+    compute the whole batch everywhere. Under a context mesh (`context_mesh`), `shard_map` makes each device run
+    the kernel on its own rows. Without one, or when the rows do not divide, fn(x, weight) as is.
     """
-    mesh = current_mesh()
+    mesh = context_mesh()
     n = mesh_size(mesh)
     if mesh is None or n == 1 or x.ndim < 2 or x.shape[0] % n:
         return fn(x, weight)
