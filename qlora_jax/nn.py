@@ -21,7 +21,7 @@ from flax import nnx
 from qlora_jax.kernels import KernelOptions, nf4_matmul, nf4_matmul_group
 from qlora_jax.kernels.decode import layer_of
 from qlora_jax.kernels.tune_model import LinearShape
-from qlora_jax.parallel.mesh import context_mesh, gathered, gathered_matmul
+from qlora_jax.parallel.mesh import context_mesh, gathered, gathered_matmul, mesh_size
 from qlora_jax.quant import QUANT_BUFFERS, QuantConfig, QuantizedTensor, dequantize, quantize
 
 __all__ = [
@@ -185,12 +185,12 @@ def linears(
     """Each layer applied to the same x (q/k/v, gate/up), adapters included: what `layer(x)` gives for each, with
     the 4-bit bases multiplied by one `nf4_matmul_group` call (one decode-kernel launch where it is the choice).
 
-    The group needs 4-bit layers of one compute dtype, all stacked alike, and no mesh (under one,
+    The group needs 4-bit layers of one compute dtype, all stacked alike, and one device (under a mesh of more,
     `qlora_jax.parallel.mesh.context_mesh`, each layer runs on its own, per device)."""
     grouped = (
         len(layers) > 1
         and all(layer.is_quantized for layer in layers)
-        and context_mesh() is None
+        and mesh_size(context_mesh()) == 1
         and len({layer.dtype for layer in layers}) == 1
         and len({layer.layer_index is None for layer in layers}) == 1
     )

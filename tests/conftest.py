@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # bitsandbytes wraps its CPU ops in torch.compile; compiling every new shape costs more than the op itself.
@@ -15,15 +19,85 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the variable only skips the plugin's version check, and is left alone where a GPU driver is present.
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+# One XLA compilation cache for the whole run, on disk: the test processes (xdist workers) and the `qlora-jax`
+# commands the tests start (each compiling the same tiny model's step) compile a program once between them. Set by
+# the first process to load this file (xdist's controller, before it starts the workers), removed at its end; a
+# cache the caller chose is left alone.
+_OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_COMPILATION_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qlora-jax-tests-xla-cache-")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+
+def _bitsandbytes_reference_on_cpu(_module) -> None:
+    """bitsandbytes as the format's oracle on every CPU: its reference 4-bit dequantization (what its CUDA kernel
+    computes) instead of the native CPU kernel, and Linear4bit without its CPU inference layout.
+
+    On CPUs with AVX-512, bitsandbytes 0.50's native `dequantize_4bit` treats each row as its own run of blocks: a
+    blocksize that does not divide the row (576 columns in blocks of 128) decodes other scales than the format
+    has. On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode repacks the weight with bfloat16 absmax (a
+    lossy fast path). Both make the oracle depend on the machine CI happens to get.
+    """
+    import torch
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute, _get_4bit_code
+    from bitsandbytes.nn import modules
+
+    def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):  # bitsandbytes' "default" kernel
+        A = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+        code = _get_4bit_code(quant_type, A.device)
+        return _dequantize_4bit_compute(A.reshape(-1), absmax, code, blocksize, shape, dtype)
+
+    torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
+    modules.has_avx512bf16 = lambda: False
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `then(module)` once the top-level package `name` has been imported (by any test, at any time)."""
+
+    def __init__(self, name: str, then) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then(module):
+            exec_module(module)
+            self.then(module)
+
+        spec.loader.exec_module = exec_then
+        return spec
+
+
+sys.meta_path.insert(0, _AfterImport("bitsandbytes", _bitsandbytes_reference_on_cpu))
 
 settings.register_profile(
     "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.register_profile("dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_unconfigure(config):
+    if _OWN_COMPILATION_CACHE and not hasattr(config, "workerinput"):  # the process that made it
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """After each test file, drops jax's compiled programs: each holds memory mappings of its machine code, and a
+    worker that keeps every program of a whole run exceeds the kernel's limit (vm.max_map_count, 65,530; about
+    13,000 after tests/test_kernels.py alone), where XLA's compiler crashes with a segmentation fault."""
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+        gc.collect()
 
 
 def pytest_sessionfinish(session):

@@ -524,6 +524,18 @@ def test_truncated_real_file(tmp_path, smollm2_gguf):
         read_gguf(cut)
 
 
+def test_an_array_longer_than_the_file_is_refused_at_once(tmp_path):
+    """A metadata array that claims 2^40 one-byte elements in a 64-byte file: gguf's reader alone would loop over
+    them reading nothing (minutes to years); ours stops at the end of the file."""
+    key = b"general.tags"
+    header = b"GGUF" + np.array([3], "<u4").tobytes() + np.array([0, 1, len(key)], "<u8").tobytes() + key
+    array = np.array([gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8], "<u4").tobytes()
+    path = tmp_path / "long-array.gguf"
+    path.write_bytes(header + array + np.array([2**40], "<u8").tobytes() + bytes(8))
+    with pytest.raises(GGUFError, match=r"long-array\.gguf.*run past the end of the file"):
+        read_gguf(path)
+
+
 def test_unsupported_architecture(tmp_path):
     path = write_gguf(tmp_path / "bert.gguf", "bert", minimal_metadata("bert"), skeleton())
     with pytest.raises(GGUFError, match=r"bert\.gguf.*'bert'.*llama, qwen2, qwen3, gemma2, gemma3, phi3"):

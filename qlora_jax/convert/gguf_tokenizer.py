@@ -20,7 +20,7 @@ import gguf
 from gguf import TokenType
 
 from qlora_jax.models import ModelConfig
-from qlora_jax.models.config_files import GGUFError
+from qlora_jax.models.config_files import GGUFError, open_gguf
 from qlora_jax.models.generation_config import GGUF_END_KEYS
 
 __all__ = ["add_tokenizer", "add_end_ids", "end_ids", "tokenizer_kind"]
@@ -113,9 +113,9 @@ def _add_special_ids(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
 def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path, vocab_size: int) -> None:
     """Every `tokenizer.*` field of another GGUF file, with its stored type (strings as their raw bytes)."""
     try:
-        reader = gguf.GGUFReader(source)
-    except (OSError, ValueError, KeyError, IndexError, TypeError, OverflowError) as e:
-        raise GGUFError(f"{source}: cannot read the tokenizer GGUF: {e}") from e
+        reader = open_gguf(source)
+    except GGUFError as e:
+        raise GGUFError(f"{source}: cannot read the tokenizer GGUF: {e.__cause__ or e}") from e
     fields = {key: field for key, field in reader.fields.items() if key.startswith("tokenizer.")}
     tokens = fields.get(gguf.Keys.Tokenizer.LIST)
     if tokens is None:

@@ -14,6 +14,7 @@ import jax
 from jax import export
 
 from qlora_jax import gpu_target
+from qlora_jax.parallel.mesh import BATCH_AXES
 
 __all__ = ["export_for_cuda"]
 
@@ -29,9 +30,11 @@ def export_for_cuda(fn: Callable[..., Any], *args: Any, target: str = gpu_target
     checks = [export.DisabledSafetyCheck.custom_call(target) for target in _TRITON_TARGETS + _CUDNN_TARGETS]
     context: contextlib.AbstractContextManager = contextlib.nullcontext()
     if jax.default_backend() != "gpu":
-        # Newer jax asks the device for its compute capability while lowering; name an abstract one.
+        # Newer jax asks the device for its compute capability while lowering; name an abstract one, on a mesh of
+        # that one GPU with the axes the model computes on (`parallel.mesh.context_mesh` accepts it: one device).
         facts = gpu_target.device_facts(target)
         device = jax.sharding.AbstractDevice(device_kind=facts.device_kind, num_cores=facts.sm_count, platform="gpu")
-        context = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device))
+        one_gpu = jax.sharding.AbstractMesh((1,) * len(BATCH_AXES), BATCH_AXES, abstract_device=device)
+        context = jax.sharding.use_abstract_mesh(one_gpu)
     with context:
         return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)

@@ -112,11 +112,29 @@ def is_gguf(path: str | os.PathLike) -> bool:
         return f.read(4) == b"GGUF"
 
 
+class _BoundedGGUFReader(gguf.GGUFReader):
+    """gguf's reader, refusing a read that runs past the end of the file.
+
+    gguf's own `_get` returns a shorter (often empty) array there, and a metadata array that claims 2^40 elements
+    of a scalar type then loops 2^40 times over nothing: a corrupt 743-byte file kept it busy for minutes (found by
+    tests/test_fuzz_readers.py). Raises ValueError instead, which `open_gguf` reports as a corrupt file.
+    """
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        if int(offset) + np.dtype(dtype).itemsize * int(count) > len(self.data):
+            raise ValueError(
+                f"{int(count)} value(s) of {np.dtype(dtype)} at byte {int(offset)} run past the end of the file "
+                f"({len(self.data)} bytes)"
+            )
+        return super()._get(offset, dtype, count, override_order)
+
+
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
-    """A memory-mapped GGUFReader of `path`; GGUFError naming the file if it cannot be read."""
+    """A memory-mapped GGUFReader of `path`; GGUFError naming the file if it cannot be read, is truncated, or is
+    corrupt (any value that runs past the end of the file included)."""
     path = pathlib.Path(path)
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _BoundedGGUFReader(path)
     except OSError as e:
         raise GGUFError(f"{path}: cannot read: {e}") from e
     # GGUFReader checks the magic and version, and otherwise fails with whatever numpy raises when a length or an

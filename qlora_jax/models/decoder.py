@@ -29,7 +29,7 @@ from qlora_jax.models.config import ModelConfig
 from qlora_jax.models.moe import RouterStats, SparseMoeBlock
 from qlora_jax.models.names import LAYERS, hf_module_name, layer_name
 from qlora_jax.nn import Embed, QLinear, QuantizedWeight, RMSNorm, linears, read_in_place
-from qlora_jax.parallel.mesh import context_mesh, gathered
+from qlora_jax.parallel.mesh import context_mesh, gathered, mesh_size
 from qlora_jax.quant import QuantConfig
 
 __all__ = ["ATTENTION_IMPLS", "ComputeOptions", "DecoderLM", "KVCache", "REMAT_POLICIES"]
@@ -463,7 +463,7 @@ class DecoderLM(nnx.Module):
         graphdef, layer_state = nnx.split(self.model.layers)
         # Decoding (a cache, no gradient) reads the stacked 4-bit weights in place: the layers get them whole and
         # each layer's matmuls take its index, so no layer's weights are sliced out (copied) before a kernel.
-        in_place = cache is not None and context_mesh() is None
+        in_place = cache is not None and mesh_size(context_mesh()) == 1
         stacked = ()
         if in_place:  # the linears' 4-bit buffers (a mixture of experts' stacked experts stay sliced per layer)
             linears = {path for path, m in nnx.iter_graph(self.model.layers) if isinstance(m, QLinear)}

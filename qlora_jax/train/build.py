@@ -20,6 +20,7 @@ from qlora_jax.kernels import KernelOptions, autotune
 from qlora_jax.lora import apply_lora, target_layers
 from qlora_jax.lora.targets import ModuleTargets
 from qlora_jax.models import ComputeOptions, DecoderLM, ModelConfig, read_model_config
+from qlora_jax.models.config_files import open_gguf
 from qlora_jax.nn import QLinear
 from qlora_jax.quant import QuantConfig
 from qlora_jax.train.config import TrainConfig, resolve_package_path
@@ -200,9 +201,7 @@ def base_model_name(config: TrainConfig) -> str:
 def _gguf_source_repository(path: str) -> str | None:
     """The Hub repository ("org/name") a GGUF file says it was converted from, if it says so. (Not the
     `general.base_model.*` keys: those name the model this one was fine-tuned from, not this model.)"""
-    import gguf
-
-    fields = gguf.GGUFReader(path).fields
+    fields = open_gguf(path).fields
     for key in ("general.source.huggingface.repository", "general.source.repo_url"):
         if key in fields:
             value = str(fields[key].contents()).strip()
